@@ -1,0 +1,258 @@
+-- mailshot.campaign: the campaign description and its runner.
+--
+-- A campaign reads recipients from a CSV file as a stream, renders each message, and either
+-- writes it to an outbox (dry run, the default) or hands it to the campaign's `send` function,
+-- up to `concurrency` at once.  Every recipient ends up in the report: sent, failed (with the
+-- server's words), skipped (with the reason) or, in a dry run, written.
+
+local core = require "mailshot.core"
+local csv = require "mailshot.csv"
+local template = require "mailshot.template"
+local mime = require "mailshot.mime"
+
+local M = {}
+local Campaign = {}
+Campaign.__index = Campaign
+
+local FIELDS = {
+  recipients = "string", delimiter = "string", from = "any", reply_to = "any", subject = "any",
+  text = "any", html = "any", attachments = "table", headers = "table", send = "function",
+  filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
+  email_field = "string", name = "string", cc = "any",
+}
+
+local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
+
+local function resolve(base, path)
+  if not base or path:sub(1, 1) == "/" then return path end
+  return base .. "/" .. path
+end
+M.resolve = resolve
+
+-- A template-able value: a string (compiled once), a template, or a function of the row.
+local function compile(value, name, helpers)
+  if value == nil or type(value) == "function" or template.is_template(value) then return value end
+  if type(value) == "string" then return template.new(value, { name = name, helpers = helpers }) end
+  error(("campaign: '%s' must be a string, a template or a function of the row"):format(name), 3)
+end
+
+--- Check a campaign definition (programmer mistakes raise here, before anything is read).
+function M.new(def)
+  if type(def) ~= "table" then error("mailshot.campaign: expected a table", 3) end
+  for k, v in pairs(def) do
+    local want = FIELDS[k]
+    if not want then error(("mailshot.campaign: unknown option '%s'"):format(tostring(k)), 3) end
+    if want ~= "any" and type(v) ~= want then
+      error(("mailshot.campaign: option '%s' must be a %s"):format(k, want), 3)
+    end
+  end
+  if not def.recipients then error("mailshot.campaign: 'recipients' (a CSV file) is required", 3) end
+  if not def.from then error("mailshot.campaign: 'from' is required", 3) end
+  if not def.text and not def.html then error("mailshot.campaign: 'text' or 'html' is required", 3) end
+  local c = setmetatable({}, Campaign)
+  for k, v in pairs(def) do c[k] = v end
+  c.base_dir = template.base_dir
+  c.recipients_path = resolve(c.base_dir, def.recipients)
+  c.concurrency = math.floor(def.concurrency or 8)
+  if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
+  c.email_field = def.email_field or "email"
+  c.tpl = {}
+  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html" } do
+    c.tpl[k] = compile(def[k], k, def.helpers)
+  end
+  c.header_tpl = {}
+  for name, value in pairs(def.headers or {}) do c.header_tpl[name] = compile(value, "headers." .. name, def.helpers) end
+  return c
+end
+
+function M.is_campaign(x) return getmetatable(x) == Campaign end
+
+-- Rendering --------------------------------------------------------------------------------
+
+local function render(c, key, tpl, row, label, html)
+  if tpl == nil then return nil end
+  if type(tpl) == "function" then
+    local ok, v, err = pcall(tpl, row)
+    if not ok then return nil, ("%s: %s"):format(key, v) end
+    if v == nil and err then return nil, ("%s: %s"):format(key, err) end
+    return v ~= nil and tostring(v) or nil
+  end
+  return tpl:render(row, { html = html, row_label = label, helpers = c.helpers })
+end
+
+--- Render one row into { data = RFC 5322 text, from = envelope sender, to = {address}, ... }
+--- or nil, reason.
+function Campaign:message(row, line)
+  local label = ("%s line %d"):format(self.recipients, line)
+  local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit }
+  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html" } do
+    local v, err = render(self, k, self.tpl[k], row, label, k == "html")
+    if err then return nil, err end
+    m[k] = v
+  end
+  if next(self.header_tpl) then
+    m.headers = {}
+    for name, tpl in pairs(self.header_tpl) do
+      local v, err = render(self, "headers." .. name, tpl, row, label, false)
+      if err then return nil, err end
+      m.headers[name] = v
+    end
+  end
+  local data, info = mime.build(m)
+  if not data then return nil, info end
+  return {
+    data = data, from = info.envelope_from, to = info.recipients, message_id = info.message_id,
+    row = row, line = line, email = row[self.email_field],
+  }
+end
+
+-- The report -------------------------------------------------------------------------------
+
+local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "response" }
+
+local function csv_field(v)
+  v = v == nil and "" or tostring(v)
+  if v:find('[",\r\n]') or v:find("^%s") or v:find("%s$") then return '"' .. v:gsub('"', '""') .. '"' end
+  return v
+end
+
+local Report = {}
+Report.__index = Report
+
+local function open_report(path)
+  local f, err = io.open(path, "w")
+  if not f then return nil, ("report %s: %s"):format(path, err) end
+  f:setvbuf("full", 65536)
+  f:write(table.concat(REPORT_COLUMNS, ","), "\r\n")
+  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0 } }, Report)
+end
+
+function Report:add(r)
+  self.counts[r.status] = self.counts[r.status] + 1
+  local out = {}
+  for i, k in ipairs(REPORT_COLUMNS) do out[i] = csv_field(r[k]) end
+  self.f:write(table.concat(out, ","), "\r\n")
+end
+
+function Report:close() self.f:close() end
+
+-- The runner -------------------------------------------------------------------------------
+
+local function safe_name(s)
+  return (tostring(s or "x"):gsub("[^%w@%.%-_+]", "_"):sub(1, 80))
+end
+
+local function one_line(s)
+  return (tostring(s or ""):gsub("[\r\n]+", " "))
+end
+
+-- Deliver (or write) one message and return its report row.
+local function process(c, opts, row, line)
+  local email = row[c.email_field]
+  local rep = { line = line, email = email }
+  local ok, why = mime.valid_address(email or "")
+  if not email or email == "" then
+    rep.status, rep.response = "skipped", ("no '%s' value"):format(c.email_field)
+    return rep
+  elseif not ok then
+    rep.status, rep.response = "skipped", "invalid email address: " .. tostring(why)
+    return rep
+  end
+  if c.filter then
+    local keep, reason = c.filter(row)
+    if not keep then rep.status, rep.response = "skipped", reason or "filtered out"; return rep end
+  end
+  local msg, err = c:message(row, line)
+  if not msg then rep.status, rep.stage, rep.response = "failed", "render", err; return rep end
+  if opts.dry then
+    local path = ("%s/%06d-%s.eml"):format(opts.outbox, line, safe_name(email))
+    local f, ferr = io.open(path, "wb")
+    if not f then rep.status, rep.stage, rep.response = "failed", "write", ferr; return rep end
+    f:write(msg.data)
+    f:close()
+    rep.status, rep.response = "written", path
+    return rep
+  end
+  local res = c.send(msg, row)
+  if type(res) ~= "table" then
+    rep.status, rep.stage, rep.response = "failed", "send", "send function returned " .. tostring(res)
+    return rep
+  end
+  rep.status = res.ok and "sent" or "failed"
+  rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
+  rep.response = one_line(res.message)
+  return rep
+end
+
+--- Run the campaign.  opts: dry (bool), outbox (dir), report (path), concurrency, quiet, limit.
+--- Returns the counts table, or nil, err when the run could not start.
+function Campaign:run(opts)
+  if not opts.dry and not self.send then return nil, "the campaign has no 'send' function: it can only be run as a dry run" end
+  local reader, err = csv.open(self.recipients_path, { delimiter = self.delimiter })
+  if not reader then return nil, err end
+  local header = reader:header()
+  local has_email = false
+  for _, h in ipairs(header) do has_email = has_email or h == self.email_field end
+  if not has_email then
+    reader:close()
+    return nil, ("%s: no '%s' column (columns: %s)"):format(self.recipients_path, self.email_field, table.concat(header, ", "))
+  end
+  if opts.dry then
+    local ok, merr = os.execute(("mkdir -p '%s'"):format(opts.outbox:gsub("'", "'\\''")))
+    if not ok then reader:close(); return nil, "cannot create outbox " .. opts.outbox .. ": " .. tostring(merr) end
+  end
+  local report, rerr = open_report(opts.report)
+  if not report then reader:close(); return nil, rerr end
+  local started, seen, limit = core.now(), 0, opts.limit
+
+  -- The one shared source of rows: tasks take the next row in turn (the loop is one thread).
+  local function next_row()
+    while true do
+      if limit and seen >= limit then return nil end
+      local row, line, msg = reader:read()
+      if row then seen = seen + 1; return row, line end
+      if row == nil then
+        if msg then io.stderr:write("mailshot: ", self.recipients_path, ": ", msg, "\n") end
+        return nil
+      end
+      seen = seen + 1
+      report:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.recipients, line, msg) }
+    end
+  end
+
+  local script_error_shown = false
+  local workers = opts.dry and 1 or (opts.concurrency or self.concurrency)
+  local running, main = workers, core.current()
+  local failure
+  local function worker()
+    local ok, e = xpcall(function()
+      while not failure do
+        local row, line = next_row()
+        if not row then break end
+        local ok, rep = xpcall(process, debug.traceback, self, opts, row, line)
+        if not ok then
+          -- an error in the campaign's own code (send, filter, a template function) costs this
+          -- recipient, not the run; it is shown once on stderr with its traceback
+          if not script_error_shown then io.stderr:write("mailshot: ", tostring(rep), "\n"); script_error_shown = true end
+          rep = { line = line, email = row[self.email_field], status = "failed", stage = "script",
+                  response = one_line(tostring(rep):match("^[^\n]*")) }
+        end
+        report:add(rep)
+      end
+    end, debug.traceback)
+    if not ok then failure = failure or e end
+    running = running - 1
+    if running == 0 then core.wake(main) end
+  end
+  for _ = 1, workers do core.spawn(worker) end
+  core.suspend()
+  reader:close()
+  report:close()
+  if failure then error(failure, 0) end
+  local counts = report.counts
+  counts.total = seen
+  counts.seconds = core.now() - started
+  return counts
+end
+
+return M

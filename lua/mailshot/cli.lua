@@ -1,0 +1,304 @@
+-- mailshot.cli: the command line.  main(...) gets argv (without the program name) and returns
+-- the exit status: 0 success, 1 something failed (a message, a check), 2 usage or script error.
+
+local mailshot = require "mailshot"
+local campaign = require "mailshot.campaign"
+
+local M = {}
+
+local HELP = [[
+Usage: mailshot COMMAND [OPTIONS]
+
+Send personalized mail campaigns written in Lua, through an SMTP relay.
+
+Commands:
+  run SCRIPT       run a campaign script; a dry run (messages written to an outbox) unless --send
+  preview SCRIPT   print one rendered message of a campaign
+  check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
+  exec FILE [ARG]  run a Lua file with the mailshot runtime (tasks, relays, CSV, templates)
+  help [COMMAND]   show this help, or a command's
+
+Global options:
+  -h, --help       show help (also: mailshot COMMAND --help)
+  -V, --version    print the version
+  --lua-path DIR   (first argument only) load the Lua modules from DIR instead of the copy
+                   built into the binary; the environment variable MAILSHOT_LUA_PATH does the same
+
+Passwords are never taken from the command line: campaign scripts read them from the
+environment (os.getenv) or a file; `check` reads MAILSHOT_PASSWORD or --password-file.
+Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
+]]
+
+local COMMAND_HELP = {
+  run = [[
+Usage: mailshot run SCRIPT [--send] [--outbox DIR] [--report FILE] [--concurrency N] [--limit N] [--quiet]
+
+Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
+found relative to the script's folder.
+
+  --send            send for real through the campaign's `send` function (default: dry run)
+  --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
+  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,response
+                    (default: NAME-report.csv in the current folder, NAME being the script's)
+  --concurrency N   messages in flight at once (default: the campaign's, else 8)
+  --limit N         stop after N recipient rows
+  --quiet           no summary line
+
+Status values: sent, failed (with the server's words), skipped (with the reason), written
+(dry run).  Exit status 0 only if no message failed.
+]],
+  preview = [[
+Usage: mailshot preview SCRIPT [--row N]
+
+Render the message for the Nth recipient row (default 1) and print it as sent, headers and all.
+Nothing is sent and nothing is written.
+]],
+  check = [[
+Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
+                      [--insecure] [--helo NAME] [--timeout SECONDS] [--verbose]
+
+Test an SMTP relay the way a campaign would use it: connect, read the greeting, EHLO, upgrade
+to TLS, authenticate, QUIT.  Prints the greeting, capabilities, TLS version, cipher and
+certificate subject, and whether AUTH succeeded.  Exit 0 only when all of it worked; otherwise
+a one-line reason with the server's own words.
+
+  --tls MODE           starttls (default), tls (implicit TLS, port 465) or none
+  --user USER          authenticate as USER; the password comes from the environment variable
+                       MAILSHOT_PASSWORD or from --password-file, never from the command line
+  --password-file F    read the password from the first line of F
+  --ca-file FILE       trust this CA certificate in addition to the system's
+  --insecure           do not verify the server's certificate (explicit opt-out)
+  --helo NAME          the name to give in EHLO (default: this machine's host name)
+  --timeout SECONDS    for each step (default 30)
+  --verbose            print the SMTP dialogue (the password is masked)
+]],
+  exec = [[
+Usage: mailshot exec FILE [ARGS...]
+
+Run a Lua file with the mailshot runtime: it runs as a task, so it may use relays, sleep,
+spawn and the CSV reader.  The global `arg` holds ARGS (arg[0] is FILE).  An integer
+returned by the file becomes the exit status.
+]],
+}
+
+local function say(...) io.stdout:write(...); io.stdout:write("\n") end
+local function complain(...) io.stderr:write("mailshot: ", ...); io.stderr:write("\n") end
+
+-- Parse "--name value", "--name=value" and flags; `spec` maps option names to "flag" or "value".
+local function parse(args, spec, command)
+  local opts, pos = {}, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" or a == "--help" then opts.help = true
+    elseif a:sub(1, 2) == "--" then
+      local name, value = a:match("^%-%-([^=]+)=(.*)$")
+      name = name or a:sub(3)
+      local kind = spec[name]
+      if not kind then return nil, ("%s: unknown option --%s (see mailshot %s --help)"):format(command, name, command) end
+      if kind == "flag" then
+        if value then return nil, ("%s: --%s takes no value"):format(command, name) end
+        opts[name] = true
+      else
+        if not value then
+          i = i + 1
+          value = args[i]
+          if not value then return nil, ("%s: --%s needs a value"):format(command, name) end
+        end
+        opts[name] = value
+      end
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+local function positive_int(v, name)
+  local n = tonumber(v)
+  if not n or n < 1 or n ~= math.floor(n) then return nil, ("--%s must be a positive integer"):format(name) end
+  return n
+end
+
+-- Load a campaign script: its folder becomes the base for the files it names.
+local function load_campaign(path)
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  mailshot.template.base_dir = dir
+  mailshot.mime.base_dir = dir
+  local env = setmetatable({}, { __index = _G })
+  local chunk, err = loadfile(path, "t", env)
+  if not chunk then return nil, err end
+  local ok, c = xpcall(chunk, function(e) return debug.traceback(tostring(e), 2) end)
+  if not ok then return nil, c end
+  if not campaign.is_campaign(c) then
+    return nil, path .. ": the script must end with `return mailshot.campaign { ... }`"
+  end
+  c.name = c.name or path:match("([^/]+)%.lua$") or path:match("([^/]+)$")
+  return c
+end
+
+local commands = {}
+
+function commands.run(args)
+  local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
+                                  limit = "value", quiet = "flag" }, "run")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
+  if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
+  local run = { dry = not opts.send, outbox = opts.outbox or "outbox", quiet = opts.quiet }
+  local err
+  if opts.concurrency then run.concurrency, err = positive_int(opts.concurrency, "concurrency") end
+  if not err and opts.limit then run.limit, err = positive_int(opts.limit, "limit") end
+  if err then complain("run: ", err); return 2 end
+  local c
+  c, err = load_campaign(pos[1])
+  if not c then complain(err); return 2 end
+  run.report = opts.report or (c.name .. "-report.csv")
+  local counts
+  counts, err = c:run(run)
+  mailshot.close_relays()
+  if not counts then complain(err); return 2 end
+  if not opts.quiet then
+    local done = counts.sent + counts.failed + counts.written
+    say(("mailshot: %s: %d recipients: %s%d failed, %d skipped in %.1f s (%.0f msg/s); report: %s%s"):format(
+      c.name, counts.total,
+      run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
+      counts.failed, counts.skipped, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
+      run.dry and " (dry run: nothing was sent; add --send)" or ""))
+  end
+  return counts.failed == 0 and 0 or 1
+end
+
+function commands.preview(args)
+  local opts, pos = parse(args, { row = "value" }, "preview")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.preview); return 0 end
+  if #pos ~= 1 then complain("preview: expected one campaign script"); return 2 end
+  local want, err = 1, nil
+  if opts.row then want, err = positive_int(opts.row, "row") end
+  if not want then complain("preview: ", err); return 2 end
+  local c
+  c, err = load_campaign(pos[1])
+  if not c then complain(err); return 2 end
+  local reader
+  reader, err = mailshot.csv.open(c.recipients_path, { delimiter = c.delimiter })
+  if not reader then complain(err); return 2 end
+  local n = 0
+  while true do
+    local row, line, msg = reader:read()
+    if row == nil then
+      reader:close()
+      complain(("preview: %s has only %d recipient rows"):format(c.recipients, n))
+      return 2
+    end
+    if row then
+      n = n + 1
+      if n == want then
+        reader:close()
+        local m, merr = c:message(row, line)
+        if not m then complain(merr); return 1 end
+        io.stdout:write(m.data)
+        return 0
+      end
+    elseif msg then
+      complain(("%s line %d: %s"):format(c.recipients, line, msg))
+    end
+  end
+end
+
+local function check_password(opts)
+  if opts["password-file"] then
+    local f, err = io.open(opts["password-file"], "r")
+    if not f then return nil, "--password-file: " .. err end
+    local line = f:read("l") or ""
+    f:close()
+    return line
+  end
+  local p = os.getenv("MAILSHOT_PASSWORD")
+  if not p then return nil, "--user needs a password: set MAILSHOT_PASSWORD or use --password-file" end
+  return p
+end
+
+function commands.check(args)
+  local opts, pos = parse(args, { tls = "value", user = "value", ["password-file"] = "value", ["ca-file"] = "value",
+                                  insecure = "flag", helo = "value", timeout = "value", verbose = "flag",
+                                  password = "value" }, "check")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.check); return 0 end
+  if opts.password then
+    complain("check: passwords are not taken from the command line (they would show in ps and shell history); ",
+             "set MAILSHOT_PASSWORD or use --password-file")
+    return 2
+  end
+  if #pos ~= 1 then complain("check: expected HOST:PORT (see mailshot check --help)"); return 2 end
+  local o = { server = pos[1], tls = opts.tls or "starttls", user = opts.user, ca_file = opts["ca-file"],
+              verify = not opts.insecure, helo = opts.helo, timeout = tonumber(opts.timeout or 30),
+              trace = opts.verbose or nil }
+  if not o.timeout then complain("check: --timeout must be a number"); return 2 end
+  if o.user then
+    local p, err = check_password(opts)
+    if not p then complain("check: ", err); return 2 end
+    o.password = p
+  end
+  local ok, relay = pcall(mailshot.relay, o)
+  if not ok then complain("check: ", tostring(relay):gsub("^mailshot%.relay: ", "")); return 2 end
+  local r = relay:check()
+  relay:close()
+  local function row(k, v) say(("%-13s %s"):format(k, v)) end
+  row("server", ("%s:%s%s"):format(r.server, r.port, r.address and r.address ~= r.server and (" (" .. r.address .. ")") or ""))
+  if r.greeting then row("greeting", "220 " .. r.greeting:gsub("\n", " / ")) end
+  if r.greeting then row("esmtp", r.esmtp and "yes" or "no (HELO only)") end
+  if r.capabilities and #r.capabilities > 0 then row("capabilities", table.concat(r.capabilities, " ")) end
+  if r.tls then
+    row("tls", ("%s, %s"):format(r.tls.version, r.tls.cipher))
+    row("certificate", ("%s (%s)"):format(r.tls.subject, r.tls.verified and "verified" or "NOT verified: --insecure"))
+  elseif r.ok then
+    row("tls", "none: the connection is not encrypted")
+  end
+  if r.auth then
+    row("auth", ("%s as %s%s"):format(r.auth.ok and "succeeded" or "failed", r.auth.user,
+      r.auth.mechanism and (" (" .. r.auth.mechanism .. ")") or ""))
+  end
+  if r.ok then
+    say("result        OK: the relay is ready to send")
+    return 0
+  end
+  local words = r.code ~= 0 and (r.code .. (r.enhanced and (" " .. r.enhanced) or "") .. " " .. r.message) or r.message
+  say(("result        FAILED at %s: %s"):format(r.stage, words:gsub("\n", " / ")))
+  return 1
+end
+
+function commands.exec(args)
+  if args[1] == "--help" or args[1] == "-h" or not args[1] then
+    io.stdout:write(COMMAND_HELP.exec)
+    return args[1] and 0 or 2
+  end
+  local path = args[1]
+  local chunk, err = loadfile(path)
+  if not chunk then complain(err); return 2 end
+  local a = { [0] = path }
+  for i = 2, #args do a[i - 1] = args[i] end
+  _G.arg = a
+  local ok, ret = xpcall(chunk, function(e) return debug.traceback(tostring(e), 2) end, table.unpack(a))
+  mailshot.close_relays()
+  if not ok then complain(ret); return 1 end
+  return math.type(ret) == "integer" and ret or 0
+end
+
+function M.main(...)
+  local args = { ... }
+  local cmd = args[1]
+  if cmd == nil or cmd == "-h" or cmd == "--help" then io.stdout:write(HELP); return cmd and 0 or 2 end
+  if cmd == "-V" or cmd == "--version" then say("mailshot ", mailshot.version); return 0 end
+  if cmd == "help" then
+    local what = args[2]
+    io.stdout:write(what and COMMAND_HELP[what] or HELP)
+    return 0
+  end
+  local f = commands[cmd]
+  if not f then complain("unknown command '", cmd, "' (see mailshot --help)"); return 2 end
+  return f(table.move(args, 2, #args, 1, {}))
+end
+
+return M

@@ -1,0 +1,498 @@
+/* l_smtp.c - Lua binding of the SMTP client: module "mailshot.smtp", object "mailshot.relay".
+ *
+ *   relay = smtp.relay{ server = "host:port", tls = "starttls"|"tls"|"none", user=, password=,
+ *                       ca_file=, verify=true, helo=, timeout=60, max_connections=8,
+ *                       allow_plaintext_auth=false, source=, trace=false }
+ *   result = relay:send{ from = "a@x", to = "b@y" | {...}, data = "RFC 5322 text" }
+ *   info   = relay:check()
+ *   relay:close()
+ *
+ * A relay owns a pool of sessions shared by every task: send() takes an idle session, opens a
+ * new one while under max_connections, or waits its turn.  The operations (send_op) are plain C
+ * structs owned by the relay, so a Lua-side collection order at exit can never leave a session
+ * pointing at freed memory. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "smtp.h"
+#include "task.h"
+#include "tls.h"
+
+#define RELAY_MT "mailshot.relay"
+
+typedef enum { OP_SEND, OP_CHECK } op_kind;
+
+typedef struct send_op {
+  struct send_op *next;     /* every op of the relay */
+  struct send_op *qnext;    /* waiting queue */
+  struct relay *relay;
+  lua_State *co;
+  smtp_txn *txn;
+  smtp_conn *conn;
+  op_kind kind;
+} send_op;
+
+typedef struct relay {
+  smtp_config cfg;
+  loop *loop;
+  smtp_conn **conns;        /* every pooled session, busy or idle */
+  int nconns, capconns, max_connections;
+  send_op *ops;             /* every operation in progress or waiting */
+  send_op *queue_head, *queue_tail;   /* sends waiting for a session (chained by qnext) */
+  smtp_conn *extra[64];     /* sessions outside the pool: check() and closing ones */
+  int nextra;
+  lua_State *closer;        /* task waiting in close() */
+  int closing_count, closed;
+} relay;
+
+/* ---------------- pool bookkeeping ---------------- */
+
+static void op_unlink(relay *r, send_op *op) {
+  for (send_op **p = &r->ops; *p; p = &(*p)->next)
+    if (*p == op) { *p = op->next; break; }
+}
+
+static void op_free(send_op *op) {
+  smtp_txn_free(op->txn);
+  free(op);
+}
+
+static void pool_remove(relay *r, smtp_conn *c) {
+  for (int i = 0; i < r->nconns; i++)
+    if (r->conns[i] == c) { r->conns[i] = r->conns[--r->nconns]; return; }
+}
+
+static int pool_add(relay *r, smtp_conn *c) {
+  if (r->nconns == r->capconns) {
+    int n = r->capconns ? r->capconns * 2 : 8;
+    smtp_conn **p = realloc(r->conns, (size_t)n * sizeof *p);
+    if (!p) return -1;
+    r->conns = p;
+    r->capconns = n;
+  }
+  r->conns[r->nconns++] = c;
+  return 0;
+}
+
+static void extra_remove(relay *r, smtp_conn *c) {
+  for (int i = 0; i < r->nextra; i++)
+    if (r->extra[i] == c) { r->extra[i] = r->extra[--r->nextra]; return; }
+}
+
+/* ---------------- results to Lua ---------------- */
+
+static void set_str(lua_State *L, const char *k, const char *v) {
+  lua_pushstring(L, v ? v : "");
+  lua_setfield(L, -2, k);
+}
+static void set_int(lua_State *L, const char *k, lua_Integer v) { lua_pushinteger(L, v); lua_setfield(L, -2, k); }
+static void set_bool(lua_State *L, const char *k, int v) { lua_pushboolean(L, v); lua_setfield(L, -2, k); }
+
+static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *txn) {
+  lua_createtable(L, 0, 9);
+  set_bool(L, "ok", res->ok);
+  set_int(L, "code", res->code);
+  if (res->enhanced[0]) set_str(L, "enhanced", res->enhanced);
+  set_str(L, "message", res->message);
+  set_bool(L, "temporary", !res->ok && res->temporary);
+  if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
+  if (txn && txn->nrcpt > 1) {
+    set_int(L, "accepted", res->accepted);
+    lua_createtable(L, txn->nrcpt, 0);
+    for (int i = 0; i < txn->nrcpt; i++) {
+      const smtp_rcpt *rc = &txn->rcpt[i];
+      lua_createtable(L, 0, 5);
+      set_str(L, "address", rc->address);
+      set_bool(L, "ok", rc->code >= 200 && rc->code < 300);
+      set_int(L, "code", rc->code);
+      if (rc->enhanced[0]) set_str(L, "enhanced", rc->enhanced);
+      set_str(L, "message", rc->text);
+      lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "recipients");
+  }
+}
+
+static void push_words(lua_State *L, const char *s) {
+  lua_newtable(L);
+  int n = 0;
+  while (s && *s) {
+    while (*s == ' ') s++;
+    const char *e = s;
+    while (*e && *e != ' ') e++;
+    if (e > s) { lua_pushlstring(L, s, (size_t)(e - s)); lua_rawseti(L, -2, ++n); }
+    s = e;
+  }
+}
+
+static void push_check(lua_State *L, smtp_conn *c, const relay *r) {
+  const smtp_result *res = smtp_conn_result(c);
+  smtp_info in;
+  smtp_conn_info(c, &in);
+  push_result(L, res, NULL);
+  set_str(L, "server", r->cfg.host);
+  set_str(L, "port", r->cfg.port);
+  if (in.peer[0]) set_str(L, "address", in.peer);
+  if (in.greeting) set_str(L, "greeting", in.greeting);
+  set_bool(L, "esmtp", in.ehlo);
+  push_words(L, in.caps->names);
+  lua_setfield(L, -2, "capabilities");
+  if (in.tls) {
+    lua_createtable(L, 0, 4);
+    set_str(L, "version", in.tls_version);
+    set_str(L, "cipher", in.tls_cipher);
+    set_str(L, "subject", in.tls_subject);
+    set_bool(L, "verified", in.tls_verified);
+    lua_setfield(L, -2, "tls");
+  }
+  if (r->cfg.user) {
+    lua_createtable(L, 0, 3);
+    set_str(L, "user", r->cfg.user);
+    set_bool(L, "ok", in.authenticated);
+    if (in.auth_mech) set_str(L, "mechanism", in.auth_mech);
+    lua_setfield(L, -2, "auth");
+  }
+}
+
+/* ---------------- driving sessions ---------------- */
+
+static void on_send_done(smtp_conn *c, void *ud);
+static void start_op(relay *r, send_op *op, smtp_conn *c);
+
+static void quit_done(smtp_conn *c, void *ud) {
+  relay *r = ud;
+  extra_remove(r, c);
+  smtp_conn_free(c);
+  if (r->closer && --r->closing_count == 0) {
+    lua_State *co = r->closer;
+    r->closer = NULL;
+    task_wake(co, 0);
+  }
+}
+
+/* Politely end a session that is outside the pool; abrupt when there is no room to track it. */
+static void quit_extra(relay *r, smtp_conn *c) {
+  if (smtp_conn_ready(c) && r->nextra < (int)(sizeof r->extra / sizeof r->extra[0])) {
+    r->extra[r->nextra++] = c;
+    if (smtp_conn_quit(c, quit_done, r) == 0) { if (r->closer) r->closing_count++; return; }
+    extra_remove(r, c);
+  }
+  smtp_conn_free(c);
+}
+
+static send_op *queue_pop(relay *r) {
+  send_op *op = r->queue_head;
+  if (op) {
+    r->queue_head = op->qnext;
+    if (!r->queue_head) r->queue_tail = NULL;
+    op->qnext = NULL;
+  }
+  return op;
+}
+
+static void queue_push(relay *r, send_op *op) {
+  op->conn = NULL;
+  op->qnext = NULL;
+  if (r->queue_tail) r->queue_tail->qnext = op; else r->queue_head = op;
+  r->queue_tail = op;
+}
+
+/* A session is free (ready) or gone: give it, or a new one, to the next waiting send. */
+static void next_waiter(relay *r, smtp_conn *c) {
+  if (c && !smtp_conn_ready(c)) { pool_remove(r, c); smtp_conn_free(c); c = NULL; }
+  if (!r->queue_head) return;
+  if (!c && r->nconns < r->max_connections) {
+    c = smtp_conn_new(r->loop, &r->cfg);
+    if (c && pool_add(r, c) < 0) { smtp_conn_free(c); c = NULL; }
+  }
+  if (c) start_op(r, queue_pop(r), c);
+}
+
+static void on_send_done(smtp_conn *c, void *ud) {
+  send_op *op = ud;
+  relay *r = op->relay;
+  lua_State *co = op->co;
+  if (lua_checkstack(co, 8)) {
+    push_result(co, smtp_conn_result(c), op->txn);
+    task_wake(co, 1);
+  } else {
+    task_wake(co, 0);   /* cannot happen with a sane stack; the caller sees nil */
+  }
+  op_unlink(r, op);
+  op_free(op);
+  next_waiter(r, c);
+}
+
+static void start_op(relay *r, send_op *op, smtp_conn *c) {
+  op->conn = c;
+  if (smtp_conn_send(c, op->txn, on_send_done, op) < 0) {
+    /* the session was not in a state to send: treat as a fresh failure of that session */
+    pool_remove(r, c);
+    smtp_conn_free(c);
+    queue_push(r, op);
+    next_waiter(r, NULL);
+  }
+}
+
+static void on_check_done(smtp_conn *c, void *ud) {
+  send_op *op = ud;
+  relay *r = op->relay;
+  lua_State *co = op->co;
+  if (lua_checkstack(co, 8)) { push_check(co, c, r); task_wake(co, 1); } else task_wake(co, 0);
+  op_unlink(r, op);
+  op_free(op);
+  extra_remove(r, c);
+  quit_extra(r, c);
+}
+
+/* ---------------- Lua methods ---------------- */
+
+static relay *check_relay(lua_State *L) {
+  relay *r = luaL_checkudata(L, 1, RELAY_MT);
+  if (r->closed) luaL_error(L, "attempt to use a closed relay");
+  return r;
+}
+
+static const char *field_str(lua_State *L, int t, const char *k, const char *def) {
+  int ty = lua_getfield(L, t, k);
+  const char *v = def;
+  if (ty == LUA_TSTRING) v = lua_tostring(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "option '%s' must be a string", k);
+  lua_pop(L, 1);
+  return v;   /* still anchored in the options table */
+}
+
+static int field_bool(lua_State *L, int t, const char *k, int def) {
+  int ty = lua_getfield(L, t, k);
+  int v = ty == LUA_TNIL ? def : lua_toboolean(L, -1);
+  if (ty != LUA_TNIL && ty != LUA_TBOOLEAN) luaL_error(L, "option '%s' must be a boolean", k);
+  lua_pop(L, 1);
+  return v;
+}
+
+static lua_Number field_num(lua_State *L, int t, const char *k, lua_Number def) {
+  int ty = lua_getfield(L, t, k);
+  lua_Number v = def;
+  if (ty == LUA_TNUMBER) v = lua_tonumber(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "option '%s' must be a number", k);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void default_helo(char *buf, size_t len) {
+  char host[256];
+  if (gethostname(host, sizeof host) != 0 || !host[0]) snprintf(host, sizeof host, "localhost");
+  host[sizeof host - 1] = '\0';
+  snprintf(buf, len, "%s", host);
+}
+
+static char *dup_secret(lua_State *L, const char *s) {
+  if (!s) return NULL;
+  char *d = strdup(s);
+  if (!d) luaL_error(L, "out of memory");
+  return d;
+}
+
+/* smtp.relay(opts) -> relay */
+static int l_relay_new(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  relay *r = lua_newuserdatauv(L, sizeof *r, 0);
+  memset(r, 0, sizeof *r);
+  r->closed = 1;                         /* "closed" until fully built: __gc then has nothing to undo */
+  luaL_setmetatable(L, RELAY_MT);
+  smtp_config *cfg = &r->cfg;
+  const char *tls = field_str(L, 1, "tls", "starttls");
+  if (!strcmp(tls, "starttls")) cfg->tls = SMTP_TLS_STARTTLS;
+  else if (!strcmp(tls, "tls") || !strcmp(tls, "ssl")) cfg->tls = SMTP_TLS_IMPLICIT;
+  else if (!strcmp(tls, "none")) cfg->tls = SMTP_TLS_NONE;
+  else if (!strcmp(tls, "opportunistic")) cfg->tls = SMTP_TLS_OPPORTUNISTIC;
+  else return luaL_error(L, "option 'tls' must be \"starttls\", \"tls\" or \"none\" (got \"%s\")", tls);
+  const char *server = field_str(L, 1, "server", NULL);
+  if (!server) return luaL_error(L, "option 'server' (\"host:port\") is required");
+  const char *defport = cfg->tls == SMTP_TLS_IMPLICIT ? "465" : cfg->tls == SMTP_TLS_STARTTLS ? "587" : "25";
+  if (net_split_hostport(server, cfg->host, sizeof cfg->host, cfg->port, sizeof cfg->port, defport) < 0)
+    return luaL_error(L, "option 'server': \"%s\" is not host:port", server);
+  cfg->verify = field_bool(L, 1, "verify", 1);
+  cfg->allow_plaintext_auth = field_bool(L, 1, "allow_plaintext_auth", 0);
+  lua_Number timeout = field_num(L, 1, "timeout", 60);
+  luaL_argcheck(L, timeout > 0 && timeout <= 3600, 1, "timeout must be in (0, 3600] seconds");
+  cfg->timeout_ms = (int)(timeout * 1000);
+  lua_Number maxc = field_num(L, 1, "max_connections", 8);
+  luaL_argcheck(L, maxc >= 1 && maxc <= 10000, 1, "max_connections must be in [1, 10000]");
+  r->max_connections = (int)maxc;
+  const char *helo = field_str(L, 1, "helo", NULL);
+  if (helo) snprintf(cfg->helo, sizeof cfg->helo, "%s", helo); else default_helo(cfg->helo, sizeof cfg->helo);
+  for (const char *p = cfg->helo; *p; p++)
+    if ((unsigned char)*p <= ' ' || *p == 0x7f) return luaL_error(L, "option 'helo' must be one word");
+  const char *source = field_str(L, 1, "source", NULL);
+  if (source) snprintf(cfg->source, sizeof cfg->source, "%s", source);
+  const char *addr = field_str(L, 1, "address", NULL);   /* connect here, keep server's name for TLS */
+  if (addr) snprintf(cfg->connect_addr, sizeof cfg->connect_addr, "%s", addr);
+  if (field_bool(L, 1, "trace", 0)) cfg->trace = stderr;
+  const char *user = field_str(L, 1, "user", NULL);
+  const char *password = field_str(L, 1, "password", NULL);
+  if (user && *user && !password) return luaL_error(L, "option 'user' is set but 'password' is not");
+  char err[300];
+  cfg->ssl_ctx = tls_client_ctx(cfg->verify, field_str(L, 1, "ca_file", NULL), err, sizeof err);
+  if (!cfg->ssl_ctx) { lua_pushnil(L); lua_pushstring(L, err); return 2; }
+  cfg->user = user && *user ? dup_secret(L, user) : NULL;
+  cfg->password = cfg->user ? dup_secret(L, password) : NULL;
+  r->loop = task_loop(L);
+  r->closed = 0;
+  return 1;
+}
+
+static int table_len_strings(lua_State *L, int idx, const char **out, int max) {
+  int n = (int)luaL_len(L, idx);
+  luaL_argcheck(L, n >= 1 && n <= max, 2, "'to' must list 1 to 1000 addresses");
+  for (int i = 0; i < n; i++) {
+    lua_rawgeti(L, idx, i + 1);
+    out[i] = lua_tostring(L, -1);
+    if (!out[i]) luaL_error(L, "'to'[%d] must be a string", i + 1);
+    lua_pop(L, 1);   /* still referenced by the table */
+  }
+  return n;
+}
+
+static void push_refusal(lua_State *L, const char *stage, const char *msg) {
+  smtp_result res = { 0 };
+  res.stage = stage;
+  snprintf(res.message, sizeof res.message, "%s", msg);
+  push_result(L, &res, NULL);
+}
+
+/* relay:send{ from=, to=, data= } -> result */
+static int l_relay_send(lua_State *L) {
+  relay *r = check_relay(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_getfield(L, 2, "from");
+  const char *from = luaL_optstring(L, -1, "");
+  lua_getfield(L, 2, "data");
+  size_t len;
+  const char *data = lua_tolstring(L, -1, &len);
+  if (!data) return luaL_error(L, "message field 'data' must be a string");
+  const char *to[1000];
+  int nto;
+  int ty = lua_getfield(L, 2, "to");
+  if (ty == LUA_TSTRING) { to[0] = lua_tostring(L, -1); nto = 1; }
+  else if (ty == LUA_TTABLE) nto = table_len_strings(L, lua_gettop(L), to, 1000);
+  else return luaL_error(L, "message field 'to' must be a string or a list of strings");
+  char err[300];
+  smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, err, sizeof err);
+  if (!txn) {
+    /* a bad envelope is this message's permanent failure, decided before any network */
+    push_refusal(L, strstr(err, "sender") ? "mail" : "rcpt", err);
+    return 1;
+  }
+  send_op *op = calloc(1, sizeof *op);
+  if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
+  op->relay = r;
+  op->co = L;
+  op->txn = txn;
+  op->kind = OP_SEND;
+  op->next = r->ops;
+  r->ops = op;
+  if (!lua_isyieldable(L)) { op_unlink(r, op); op_free(op); return task_suspend(L); /* raises */ }
+  smtp_conn *c = NULL;
+  for (int i = 0; i < r->nconns && !c; i++) if (smtp_conn_ready(r->conns[i])) c = r->conns[i];
+  if (!c && r->nconns < r->max_connections) {
+    c = smtp_conn_new(r->loop, &r->cfg);
+    if (!c || pool_add(r, c) < 0) { smtp_conn_free(c); op_unlink(r, op); op_free(op); return luaL_error(L, "out of memory"); }
+  }
+  if (c) start_op(r, op, c); else queue_push(r, op);
+  return task_suspend(L);
+}
+
+/* relay:check() -> info: connect, greet, TLS, AUTH on a fresh session, then QUIT */
+static int l_relay_check(lua_State *L) {
+  relay *r = check_relay(L);
+  if (r->nextra >= (int)(sizeof r->extra / sizeof r->extra[0])) return luaL_error(L, "too many checks at once");
+  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  send_op *op = calloc(1, sizeof *op);
+  smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
+  if (!op || !c) { free(op); smtp_conn_free(c); return luaL_error(L, "out of memory"); }
+  op->relay = r;
+  op->co = L;
+  op->kind = OP_CHECK;
+  op->conn = c;
+  op->next = r->ops;
+  r->ops = op;
+  r->extra[r->nextra++] = c;
+  smtp_conn_open(c, on_check_done, op);
+  return task_suspend(L);
+}
+
+/* relay:close(): QUIT idle sessions and wait (bounded by the timeout) for them to end */
+static int l_relay_close(lua_State *L) {
+  relay *r = luaL_checkudata(L, 1, RELAY_MT);
+  if (r->closed) return 0;
+  int yieldable = lua_isyieldable(L);
+  if (yieldable) r->closer = L;
+  for (int i = r->nconns - 1; i >= 0; i--) {
+    smtp_conn *c = r->conns[i];
+    if (!smtp_conn_ready(c)) continue;
+    pool_remove(r, c);
+    quit_extra(r, c);
+  }
+  if (yieldable && r->closing_count > 0) return task_suspend(L);
+  r->closer = NULL;
+  return 0;
+}
+
+static int l_relay_stats(lua_State *L) {
+  relay *r = check_relay(L);
+  int idle = 0, waiting = 0;
+  for (int i = 0; i < r->nconns; i++) idle += smtp_conn_ready(r->conns[i]);
+  for (send_op *op = r->queue_head; op; op = op->qnext) waiting++;
+  lua_createtable(L, 0, 3);
+  set_int(L, "connections", r->nconns);
+  set_int(L, "idle", idle);
+  set_int(L, "waiting", waiting);
+  return 1;
+}
+
+static int l_relay_gc(lua_State *L) {
+  relay *r = luaL_checkudata(L, 1, RELAY_MT);
+  for (int i = 0; i < r->nconns; i++) smtp_conn_free(r->conns[i]);
+  for (int i = 0; i < r->nextra; i++) smtp_conn_free(r->extra[i]);
+  r->nconns = r->nextra = 0;
+  free(r->conns);
+  r->conns = NULL;
+  while (r->ops) { send_op *op = r->ops; r->ops = op->next; op_free(op); }
+  r->queue_head = r->queue_tail = NULL;
+  if (r->cfg.password) { explicit_bzero(r->cfg.password, strlen(r->cfg.password)); free(r->cfg.password); }
+  free(r->cfg.user);
+  r->cfg.user = r->cfg.password = NULL;
+  if (r->cfg.ssl_ctx) SSL_CTX_free(r->cfg.ssl_ctx);
+  r->cfg.ssl_ctx = NULL;
+  r->closed = 1;
+  return 0;
+}
+
+static int l_relay_tostring(lua_State *L) {
+  relay *r = luaL_checkudata(L, 1, RELAY_MT);
+  if (r->closed) lua_pushliteral(L, "relay (closed)");
+  else lua_pushfstring(L, "relay (%s:%s)", r->cfg.host, r->cfg.port);
+  return 1;
+}
+
+int luaopen_mailshot_smtp(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    { "send", l_relay_send }, { "check", l_relay_check }, { "close", l_relay_close },
+    { "stats", l_relay_stats }, { NULL, NULL }
+  };
+  static const luaL_Reg meta[] = {
+    { "__gc", l_relay_gc }, { "__close", l_relay_gc }, { "__tostring", l_relay_tostring }, { NULL, NULL }
+  };
+  static const luaL_Reg funcs[] = { { "relay", l_relay_new }, { NULL, NULL } };
+  luaL_newmetatable(L, RELAY_MT);
+  luaL_setfuncs(L, meta, 0);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  return 1;
+}

@@ -1,0 +1,93 @@
+/* main.c - the mailshot program: a Lua 5.4 state with the C modules, the Lua library carried
+ * inside the binary, and one event loop.  The command line itself is handled in Lua
+ * (lua/mailshot/cli.lua) so that commands stay as easy to change as campaigns.
+ *
+ * MAILSHOT_LUA_PATH=DIR (or --lua-path DIR as the first argument) loads the Lua modules from a
+ * source tree instead of the embedded copy, for development. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loop.h"
+#include "task.h"
+
+extern const struct { const char *name, *path; const char *src; size_t len; } mailshot_lua_modules[];
+
+int luaopen_mailshot_smtp(lua_State *L);
+int luaopen_mailshot_csv(lua_State *L);
+
+/* package.preload loader for an embedded module; upvalue = its index in mailshot_lua_modules */
+static int load_embedded(lua_State *L) {
+  int i = (int)lua_tointeger(L, lua_upvalueindex(1));
+  char chunkname[300];
+  snprintf(chunkname, sizeof chunkname, "@%s", mailshot_lua_modules[i].path);
+  if (luaL_loadbuffer(L, mailshot_lua_modules[i].src, mailshot_lua_modules[i].len, chunkname) != LUA_OK)
+    return lua_error(L);
+  lua_pushstring(L, mailshot_lua_modules[i].name);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+static void preload(lua_State *L, const char *name, lua_CFunction f) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, f);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 1);
+}
+
+static void setup_modules(lua_State *L, const char *lua_path) {
+  preload(L, "mailshot.core", luaopen_mailshot_core);
+  preload(L, "mailshot.smtp", luaopen_mailshot_smtp);
+  preload(L, "mailshot.csv", luaopen_mailshot_csv);
+  if (lua_path) {
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", lua_path, lua_path);
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+    return;
+  }
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  for (int i = 0; mailshot_lua_modules[i].name; i++) {
+    lua_pushinteger(L, i);
+    lua_pushcclosure(L, load_embedded, 1);
+    lua_setfield(L, -2, mailshot_lua_modules[i].name);
+  }
+  lua_pop(L, 1);
+}
+
+int main(int argc, char **argv) {
+  signal(SIGPIPE, SIG_IGN);   /* a peer that hangs up must give EPIPE, not kill the run (OpenSSL writes too) */
+  const char *lua_path = getenv("MAILSHOT_LUA_PATH");
+  int first = 1;
+  if (argc > 2 && strcmp(argv[1], "--lua-path") == 0) { lua_path = argv[2]; first = 3; }
+  if (lua_path && !*lua_path) lua_path = NULL;
+
+  loop *lp = loop_new();
+  lua_State *L = luaL_newstate();
+  if (!lp || !L) { fprintf(stderr, "mailshot: out of memory\n"); return 70; }
+  sched *s = sched_new(L, lp);
+  if (!s) { fprintf(stderr, "mailshot: out of memory\n"); return 70; }
+  luaL_openlibs(L);
+  setup_modules(L, lua_path);
+
+  /* the main task is a Lua function (not a C one) so that everything under it may yield */
+  if (luaL_loadstring(L, "return require('mailshot.cli').main(...)") != LUA_OK) {
+    fprintf(stderr, "mailshot: %s\n", lua_tostring(L, -1));
+    return 70;
+  }
+  for (int i = first; i < argc; i++) lua_pushstring(L, argv[i]);
+  task_spawn(L, argc - first);
+  lua_State *main_task = lua_tothread(L, -1);
+  int status = sched_run_main(s, main_task) == 0 ? sched_exit_status(s) : 1;
+
+  lua_close(L);               /* collects relays, readers, timers: they detach from the loop */
+  sched_free(s);
+  loop_free(lp);
+  return status;
+}

@@ -1,0 +1,739 @@
+/* smtp.c - SMTP client session state machine (RFC 5321, 3207, 8314, 4954, 2920).  See smtp.h.
+ *
+ * Shape: enter a state by sending its command (send_cmd), wait for its reply, and decide in
+ * on_reply() what comes next.  Replies are parsed once, by smtp_reply_parse(); the failure class
+ * comes from smtp_reply_class().  Pipelined transactions (RFC 2920) send MAIL, every RCPT and
+ * DATA in one write and then take the replies in order, counted by txn_replied. */
+#include "smtp.h"
+#include "net.h"
+#include "tls.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+typedef enum {
+  ST_NEW, ST_CONNECT, ST_HANDSHAKE, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS,
+  ST_AUTH_PLAIN, ST_AUTH_LOGIN, ST_AUTH_USER, ST_AUTH_PASS,
+  ST_READY, ST_TXN, ST_BODY, ST_RSET, ST_QUIT, ST_DEAD
+} smtp_state;
+
+static const char *state_names[] = {
+  "new", "connect", "tls", "greeting", "ehlo", "helo", "starttls",
+  "auth", "auth", "auth", "auth", "ready", "mail", "message", "rset", "quit", "dead"
+};
+
+enum { OP_NONE, OP_OPEN, OP_SEND, OP_QUIT };
+
+#define IN_MAX (2 * SMTP_REPLY_BYTES_MAX)   /* a reply plus what pipelining may queue behind it */
+
+struct smtp_conn {
+  loop *loop;
+  const smtp_config *cfg;
+  net_stream s;
+  smtp_state state;
+  int op;
+  smtp_done_fn *fn;
+  void *ud;
+  smtp_txn *txn;
+  loop_timer timer;
+  smtp_buf out;
+  size_t out_off;
+  char *in;
+  size_t inlen;
+  smtp_reply reply;
+  smtp_caps caps;
+  smtp_result res;
+  struct addrinfo *addrs, *next_addr;
+  char connect_err[256];
+  char *greeting, *ehlo_text;
+  int ehlo_ok, tls_on, authenticated, handshake_after_starttls;
+  const char *auth_mech;
+  int txn_replied, mail_ok, body_abort;
+  int busy, free_pending, watched, messages;
+  char peer[64];
+};
+
+const char *smtp_strstate(const smtp_conn *c) { return state_names[c->state]; }
+
+/* ---------------- transactions ---------------- */
+
+static int has_8bit(const char *s) { return smtp_data_has_8bit(s, strlen(s)); }
+
+smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
+                       char *err, size_t errlen) {
+  char why[160];
+  if (!smtp_addr_ok(from, strlen(from), 1, why, sizeof why)) {
+    snprintf(err, errlen, "invalid sender address: %s", why);
+    return NULL;
+  }
+  if (nto < 1) { snprintf(err, errlen, "no recipient"); return NULL; }
+  for (int i = 0; i < nto; i++)
+    if (!smtp_addr_ok(to[i], strlen(to[i]), 0, why, sizeof why)) {
+      snprintf(err, errlen, "invalid recipient address: %s", why);
+      return NULL;
+    }
+  smtp_txn *t = calloc(1, sizeof *t);
+  if (!t) goto nomem;
+  t->from = strdup(from);
+  t->rcpt = calloc((size_t)nto, sizeof *t->rcpt);
+  if (!t->from || !t->rcpt) goto nomem;
+  t->nrcpt = nto;
+  t->utf8 = has_8bit(from);
+  for (int i = 0; i < nto; i++) {
+    if (!(t->rcpt[i].address = strdup(to[i]))) goto nomem;
+    t->utf8 |= has_8bit(to[i]);
+  }
+  if (smtp_dot_stuff(&t->data, msg, len) < 0) goto nomem;
+  t->size = len;
+  t->eightbit = smtp_data_has_8bit(msg, len);
+  return t;
+nomem:
+  smtp_txn_free(t);
+  snprintf(err, errlen, "out of memory");
+  return NULL;
+}
+
+void smtp_txn_free(smtp_txn *t) {
+  if (!t) return;
+  free(t->from);
+  if (t->rcpt)
+    for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].address); free(t->rcpt[i].text); }
+  free(t->rcpt);
+  smtp_buf_free(&t->data);
+  free(t);
+}
+
+/* ---------------- plumbing ---------------- */
+
+static void on_io(loop *l, int fd, int events, void *data);
+static void on_timeout(loop *l, void *data);
+static void flush(smtp_conn *c);
+static void read_input(smtp_conn *c);
+
+static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
+  if (!c->cfg->trace) return;
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(c->cfg->trace, "%s %s ", c->peer[0] ? c->peer : c->cfg->host, dir);
+  vfprintf(c->cfg->trace, fmt, ap);
+  fputc('\n', c->cfg->trace);
+  va_end(ap);
+}
+
+static int is_waiting(smtp_state st) { return st != ST_NEW && st != ST_DEAD; }
+
+/* Keep the fd's watch mask in line with what the session waits for. */
+static void update_watch(smtp_conn *c) {
+  if (c->s.fd < 0) return;
+  int mask = 0;
+  if (c->state == ST_CONNECT) mask = LOOP_WRITE;
+  else if (is_waiting(c->state)) {
+    mask = LOOP_READ;
+    if (c->out_off < c->out.len) mask |= LOOP_WRITE;
+  }
+  if (loop_watch(c->loop, c->s.fd, mask, on_io, c) == 0) c->watched = 1;
+}
+
+static void arm_timer(smtp_conn *c) { loop_timer_start(c->loop, &c->timer, (uint64_t)c->cfg->timeout_ms); }
+
+static void close_socket(smtp_conn *c) {
+  loop_timer_stop(c->loop, &c->timer);
+  if (c->s.fd >= 0 && c->watched) loop_unwatch(c->loop, c->s.fd);
+  c->watched = 0;
+  net_close(&c->s);
+  c->state = ST_DEAD;
+}
+
+/* End the current operation: exactly one call of its callback. */
+static void finish(smtp_conn *c) {
+  int op = c->op;
+  c->op = OP_NONE;
+  if (c->state == ST_READY) loop_timer_stop(c->loop, &c->timer);
+  if (op != OP_NONE && c->fn) c->fn(c, c->ud);
+}
+
+static void set_result(smtp_conn *c, const char *stage, int temporary, int code, const char *enh,
+                       const char *msg) {
+  c->res.ok = 0;
+  c->res.stage = stage;
+  c->res.temporary = temporary;
+  c->res.code = code;
+  snprintf(c->res.enhanced, sizeof c->res.enhanced, "%s", enh ? enh : "");
+  snprintf(c->res.message, sizeof c->res.message, "%s", msg ? msg : "");
+}
+
+static void set_result_reply(smtp_conn *c, const char *stage) {
+  set_result(c, stage, smtp_reply_class(&c->reply) != SMTP_CLASS_PERMANENT, c->reply.code,
+             c->reply.enhanced, c->reply.text);
+}
+
+/* The session is over: close and report. */
+static void fail(smtp_conn *c, const char *stage, int temporary, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  set_result(c, stage, temporary, 0, "", msg);
+  trace(c, "!!", "%s: %s", stage, msg);
+  close_socket(c);
+  finish(c);
+}
+
+static void fail_reply(smtp_conn *c, const char *stage) {
+  set_result_reply(c, stage);
+  close_socket(c);
+  finish(c);
+}
+
+static void send_raw(smtp_conn *c, const char *p, size_t n) {
+  if (smtp_buf_append(&c->out, p, n) < 0) { fail(c, state_names[c->state], 1, "out of memory"); return; }
+}
+
+/* Queue one command line; `shown` replaces it in the trace (for AUTH). */
+static void send_cmd(smtp_conn *c, const char *shown, const char *fmt, ...) {
+  char line[1100];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(line, sizeof line - 2, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (size_t)n >= sizeof line - 2) { fail(c, state_names[c->state], 0, "command too long"); return; }
+  trace(c, ">", "%s", shown ? shown : line);
+  memcpy(line + n, "\r\n", 2);
+  send_raw(c, line, (size_t)n + 2);
+}
+
+/* ---------------- connecting ---------------- */
+
+static void try_connect(smtp_conn *c) {
+  while (c->next_addr) {
+    struct addrinfo *ai = c->next_addr;
+    c->next_addr = ai->ai_next;
+    net_addr_str(ai->ai_addr, c->peer, sizeof c->peer);
+    int fd = net_connect_start(ai->ai_addr, ai->ai_addrlen, c->cfg->source[0] ? c->cfg->source : NULL,
+                               c->connect_err, sizeof c->connect_err);
+    if (fd < 0) continue;
+    c->s.fd = fd;
+    c->state = ST_CONNECT;
+    arm_timer(c);
+    update_watch(c);
+    return;
+  }
+  fail(c, "connect", 1, "cannot connect to %s:%s: %s", c->cfg->host, c->cfg->port,
+       c->connect_err[0] ? c->connect_err : "no address");
+}
+
+static void start_handshake(smtp_conn *c) {
+  if (tls_begin(&c->s, c->cfg->ssl_ctx, c->cfg->host, c->cfg->verify) < 0) {
+    fail(c, "tls", 0, "%s", c->s.err);
+    return;
+  }
+  c->state = ST_HANDSHAKE;
+  arm_timer(c);
+}
+
+static void on_connected(smtp_conn *c) {
+  if (net_connect_finish(c->s.fd, c->connect_err, sizeof c->connect_err) < 0) {
+    loop_unwatch(c->loop, c->s.fd);
+    c->watched = 0;
+    net_close(&c->s);
+    try_connect(c);                  /* the next address, if any */
+    return;
+  }
+  trace(c, "--", "connected to %s port %s", c->peer, c->cfg->port);
+  if (c->cfg->tls == SMTP_TLS_IMPLICIT) { start_handshake(c); return; }
+  c->state = ST_GREETING;
+  arm_timer(c);
+}
+
+static void send_ehlo(smtp_conn *c) {
+  c->state = ST_EHLO;
+  send_cmd(c, NULL, "EHLO %s", c->cfg->helo);
+}
+
+static void on_handshake(smtp_conn *c) {
+  int want = 0;
+  int r = tls_handshake(&c->s, &want);
+  if (r == NET_AGAIN) {
+    if (loop_watch(c->loop, c->s.fd, want == LOOP_WRITE ? LOOP_WRITE : LOOP_READ, on_io, c) < 0)
+      fail(c, "tls", 1, "epoll: %s", strerror(errno));
+    return;
+  }
+  if (r < 0) {
+    /* a certificate that does not check out will not check out on retry either */
+    int temporary = strstr(c->s.err, "certificate") == NULL;
+    fail(c, "tls", temporary, "%s", c->s.err);
+    return;
+  }
+  c->tls_on = 1;
+  char v[32], ciph[96], subj[512];
+  tls_describe(&c->s, v, sizeof v, ciph, sizeof ciph, subj, sizeof subj);
+  trace(c, "--", "TLS %s %s, peer %s%s", v, ciph, subj, c->s.tls_verified ? " (verified)" : " (not verified)");
+  if (c->handshake_after_starttls) {
+    memset(&c->caps, 0, sizeof c->caps);   /* RFC 3207 §4.2: forget what we knew, EHLO again */
+    send_ehlo(c);
+  } else {
+    c->state = ST_GREETING;
+    arm_timer(c);
+    read_input(c);                          /* the greeting may already sit in OpenSSL's buffer */
+  }
+}
+
+/* ---------------- after EHLO: TLS, AUTH, ready ---------------- */
+
+static void ready(smtp_conn *c);
+static void start_txn(smtp_conn *c);
+
+static void start_auth(smtp_conn *c) {
+  const smtp_config *cfg = c->cfg;
+  if (!cfg->user || !*cfg->user) { ready(c); return; }
+  if (!c->tls_on && !cfg->allow_plaintext_auth) {
+    fail(c, "auth", 0, "refusing to send the password over an unencrypted connection "
+                       "(use TLS, or set allow_plaintext_auth = true)");
+    return;
+  }
+  if (!c->ehlo_ok || !c->caps.auth[0]) { fail(c, "auth", 0, "the server does not offer AUTH"); return; }
+  smtp_buf b = { 0 }, raw = { 0 };
+  if (c->caps.auth_plain) {
+    /* RFC 4616: authzid NUL authcid NUL passwd, sent as the initial response (RFC 4954 §4) */
+    int e = smtp_buf_append(&raw, "", 1) | smtp_buf_append(&raw, cfg->user, strlen(cfg->user)) |
+            smtp_buf_append(&raw, "", 1) |
+            smtp_buf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
+            smtp_base64_encode(&b, raw.data, raw.len);
+    if (e) { fail(c, "auth", 1, "out of memory"); goto out; }
+    c->auth_mech = "PLAIN";
+    c->state = ST_AUTH_PLAIN;
+    send_cmd(c, "AUTH PLAIN ********", "AUTH PLAIN %s", b.data);
+  } else if (c->caps.auth_login) {
+    c->auth_mech = "LOGIN";
+    c->state = ST_AUTH_LOGIN;
+    send_cmd(c, NULL, "AUTH LOGIN");
+  } else {
+    fail(c, "auth", 0, "no AUTH mechanism in common (the server offers: %s; mailshot speaks PLAIN and LOGIN)",
+         c->caps.auth);
+  }
+out:
+  if (raw.data) { explicit_bzero(raw.data, raw.len); smtp_buf_free(&raw); }
+  if (b.data) { explicit_bzero(b.data, b.len); smtp_buf_free(&b); }
+}
+
+static void after_ehlo(smtp_conn *c) {
+  smtp_tls_mode m = c->cfg->tls;
+  if (!c->tls_on && (m == SMTP_TLS_STARTTLS || (m == SMTP_TLS_OPPORTUNISTIC && c->caps.starttls))) {
+    if (!c->caps.starttls) {
+      /* never a silent downgrade: the user asked for TLS */
+      fail(c, "starttls", 0, "the server does not offer STARTTLS; refusing to continue in plaintext "
+                             "(tls = \"none\" allows it)");
+      return;
+    }
+    c->state = ST_STARTTLS;
+    send_cmd(c, NULL, "STARTTLS");
+    return;
+  }
+  start_auth(c);
+}
+
+static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next) {
+  smtp_buf b = { 0 };
+  if (smtp_base64_encode(&b, secret, strlen(secret)) < 0) { fail(c, "auth", 1, "out of memory"); return; }
+  c->state = next;
+  send_cmd(c, "********", "%s", b.data);
+  explicit_bzero(b.data, b.len);
+  smtp_buf_free(&b);
+}
+
+static void ready(smtp_conn *c) {
+  c->state = ST_READY;
+  loop_timer_stop(c->loop, &c->timer);
+  if (c->op == OP_SEND) { start_txn(c); return; }
+  c->res.ok = 1;
+  c->res.code = 0;
+  c->res.stage = "ready";
+  finish(c);
+}
+
+/* ---------------- transactions ---------------- */
+
+static void send_rcpt(smtp_conn *c, int i) { send_cmd(c, NULL, "RCPT TO:<%s>", c->txn->rcpt[i].address); }
+
+static void start_txn(smtp_conn *c) {
+  smtp_txn *t = c->txn;
+  memset(&c->res, 0, sizeof c->res);
+  if (c->caps.size_present && c->caps.size && t->size > c->caps.size) {
+    set_result(c, "mail", 0, 552, "5.3.4", "");
+    snprintf(c->res.message, sizeof c->res.message, "message of %zu bytes exceeds the server's limit of %llu (SIZE)",
+             t->size, c->caps.size);
+    finish(c);
+    return;
+  }
+  if (t->eightbit && !c->caps.eightbitmime) {
+    set_result(c, "mail", 0, 0, "", "the message has 8-bit content and the server does not offer 8BITMIME "
+                                     "(build it with eightbit = false)");
+    finish(c);
+    return;
+  }
+  if (t->utf8 && !c->caps.smtputf8) {
+    set_result(c, "mail", 0, 0, "", "a non-ASCII address needs SMTPUTF8, which the server does not offer");
+    finish(c);
+    return;
+  }
+  char params[96] = "";
+  int n = 0;
+  if (c->caps.size_present) n += snprintf(params + n, sizeof params - (size_t)n, " SIZE=%zu", t->size);
+  if (t->eightbit) n += snprintf(params + n, sizeof params - (size_t)n, " BODY=8BITMIME");
+  if (t->utf8) snprintf(params + n, sizeof params - (size_t)n, " SMTPUTF8");
+  for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].text); t->rcpt[i].text = NULL; t->rcpt[i].code = 0; }
+  c->state = ST_TXN;
+  c->txn_replied = 0;
+  c->mail_ok = 0;
+  c->body_abort = 0;
+  c->res.accepted = 0;
+  send_cmd(c, NULL, "MAIL FROM:<%s>%s", t->from, params);
+  if (c->caps.pipelining) {              /* RFC 2920 §3.1: DATA may end the pipelined group */
+    for (int i = 0; i < t->nrcpt; i++) send_rcpt(c, i);
+    send_cmd(c, NULL, "DATA");
+  }
+  arm_timer(c);
+  flush(c);
+}
+
+static void send_rset(smtp_conn *c) {
+  c->state = ST_RSET;
+  send_cmd(c, NULL, "RSET");
+}
+
+/* The transaction failed before the message went: keep the first reason, reset, report. */
+static void txn_failed(smtp_conn *c) { send_rset(c); }
+
+static void on_txn_reply(smtp_conn *c) {
+  smtp_txn *t = c->txn;
+  int i = c->txn_replied++;
+  int ok = c->reply.code >= 200 && c->reply.code < 400;
+  int pipelined = c->caps.pipelining;
+  if (i == 0) {                                     /* MAIL */
+    c->mail_ok = ok;
+    if (!ok) { set_result_reply(c, "mail"); if (!pipelined) txn_failed(c); }
+    else if (!pipelined) send_rcpt(c, 0);
+    return;
+  }
+  if (i <= t->nrcpt) {                              /* RCPT */
+    smtp_rcpt *r = &t->rcpt[i - 1];
+    r->code = c->reply.code;
+    snprintf(r->enhanced, sizeof r->enhanced, "%s", c->reply.enhanced);
+    free(r->text);
+    r->text = strdup(c->reply.text);
+    if (ok && c->mail_ok) c->res.accepted++;
+    else if (c->mail_ok && c->res.stage == NULL) set_result_reply(c, "rcpt");   /* first refusal */
+    if (pipelined) return;
+    if (i < t->nrcpt) send_rcpt(c, i);
+    else if (c->res.accepted == 0) txn_failed(c);
+    else send_cmd(c, NULL, "DATA");
+    return;
+  }
+  /* DATA */
+  if (c->reply.code == 354) {
+    c->state = ST_BODY;
+    if (c->mail_ok && c->res.accepted > 0) {
+      trace(c, ">", "[message: %zu bytes]", t->data.len);
+      send_raw(c, t->data.data, t->data.len);
+    } else {
+      /* RFC 2920 §3.1: a server may say 354 though every RCPT failed: send an empty message
+       * end so the session stays in step, and report the earlier refusal */
+      c->body_abort = 1;
+      send_raw(c, ".\r\n", 3);
+    }
+    return;
+  }
+  if (c->mail_ok && c->res.accepted > 0) set_result_reply(c, "data");
+  txn_failed(c);
+}
+
+static void on_body_reply(smtp_conn *c) {
+  if (c->body_abort) { send_rset(c); return; }
+  if (c->reply.code >= 200 && c->reply.code < 300) {
+    int accepted = c->res.accepted;
+    set_result_reply(c, "message");
+    c->res.ok = 1;
+    c->res.temporary = 0;
+    c->res.accepted = accepted;
+    c->messages++;
+  } else {
+    int accepted = c->res.accepted;
+    set_result_reply(c, "message");
+    c->res.accepted = accepted;
+  }
+  c->state = ST_READY;
+  finish(c);
+}
+
+/* ---------------- replies ---------------- */
+
+static void on_reply(smtp_conn *c) {
+  int code = c->reply.code;
+  int ok2 = code >= 200 && code < 300;
+  switch (c->state) {
+  case ST_GREETING:
+    if (code != 220) { fail_reply(c, "greeting"); return; }
+    free(c->greeting);
+    c->greeting = strdup(c->reply.text);
+    send_ehlo(c);
+    return;
+  case ST_EHLO:
+    if (ok2) {
+      c->ehlo_ok = 1;
+      smtp_caps_parse(&c->reply, &c->caps);
+      free(c->ehlo_text);
+      c->ehlo_text = strdup(c->reply.text);
+      after_ehlo(c);
+    } else if (code >= 500 && code != 554 && !c->tls_on) {   /* an old server: fall back to HELO */
+      c->state = ST_HELO;
+      send_cmd(c, NULL, "HELO %s", c->cfg->helo);
+    } else fail_reply(c, "ehlo");
+    return;
+  case ST_HELO:
+    if (!ok2) { fail_reply(c, "helo"); return; }
+    c->ehlo_ok = 0;
+    memset(&c->caps, 0, sizeof c->caps);
+    after_ehlo(c);
+    return;
+  case ST_STARTTLS:
+    if (code != 220) {
+      if (c->cfg->tls == SMTP_TLS_OPPORTUNISTIC && code < 500 && code != 421) { start_auth(c); return; }
+      fail_reply(c, "starttls");
+      return;
+    }
+    c->handshake_after_starttls = 1;
+    start_handshake(c);
+    return;
+  case ST_AUTH_PLAIN: case ST_AUTH_PASS:
+    if (code != 235) { fail_reply(c, "auth"); return; }
+    c->authenticated = 1;
+    ready(c);
+    return;
+  case ST_AUTH_LOGIN:
+    if (code != 334) { fail_reply(c, "auth"); return; }
+    send_login_secret(c, c->cfg->user, ST_AUTH_USER);
+    return;
+  case ST_AUTH_USER:
+    if (code != 334) { fail_reply(c, "auth"); return; }
+    send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
+    return;
+  case ST_TXN: on_txn_reply(c); return;
+  case ST_BODY: on_body_reply(c); return;
+  case ST_RSET:
+    if (!ok2) { close_socket(c); finish(c); return; }   /* keep the transaction's own result */
+    c->state = ST_READY;
+    finish(c);
+    return;
+  case ST_QUIT:
+    close_socket(c);
+    c->res.ok = 1;
+    finish(c);
+    return;
+  case ST_READY:
+    /* unsolicited: typically "421 idle timeout" before the server hangs up */
+    trace(c, "--", "unsolicited reply while idle; closing");
+    close_socket(c);
+    return;
+  default:
+    fail(c, state_names[c->state], 1, "unexpected reply in state %s", state_names[c->state]);
+    return;
+  }
+}
+
+/* 421 (RFC 5321 §3.8) in any state: the server is closing the channel. */
+static int closing_reply(smtp_conn *c) {
+  if (c->reply.code != 421 || c->state == ST_QUIT) return 0;
+  const char *stage = state_names[c->state];
+  if (c->state == ST_TXN) stage = c->txn_replied == 0 ? "mail" : c->txn_replied <= c->txn->nrcpt ? "rcpt" : "data";
+  if (c->state == ST_READY) { close_socket(c); return 1; }
+  /* a 421 after some recipients got their reply keeps the first refusal if there was one */
+  if (c->state == ST_RSET && c->res.stage) { close_socket(c); finish(c); return 1; }
+  fail_reply(c, stage);
+  return 1;
+}
+
+static void process_input(smtp_conn *c) {
+  size_t off = 0;
+  char err[160];
+  while (off < c->inlen && c->state != ST_DEAD && !c->free_pending) {
+    int r = smtp_reply_parse(c->in + off, c->inlen - off, c->caps.enhancedstatuscodes, &c->reply, err, sizeof err);
+    if (r == 0) break;
+    if (r < 0) { fail(c, state_names[c->state], 1, "protocol error: %s", err); return; }
+    off += (size_t)r;
+    trace(c, "<", "%d%s%s %s", c->reply.code, c->reply.enhanced[0] ? " " : "", c->reply.enhanced, c->reply.text);
+    if (closing_reply(c)) return;
+    smtp_state before = c->state;
+    on_reply(c);
+    if (before == ST_STARTTLS && c->state == ST_HANDSHAKE) {
+      /* CVE-2011-0411: bytes after the STARTTLS reply were sent in plaintext before TLS and
+       * must never be read as replies inside the TLS session */
+      if (off < c->inlen) trace(c, "--", "discarded %zu bytes sent before the TLS handshake", c->inlen - off);
+      c->inlen = 0;
+      return;
+    }
+  }
+  if (c->state == ST_DEAD) return;
+  memmove(c->in, c->in + off, c->inlen - off);
+  c->inlen -= off;
+}
+
+static void read_input(smtp_conn *c) {
+  for (;;) {
+    if (c->inlen == IN_MAX) { fail(c, state_names[c->state], 1, "protocol error: reply too long"); return; }
+    int want = 0;
+    ssize_t n = net_read(&c->s, c->in + c->inlen, IN_MAX - c->inlen, &want);
+    if (n == NET_AGAIN) return;
+    if (n == NET_EOF || n == NET_ERR) {
+      if (c->state == ST_READY) { close_socket(c); return; }   /* idle session dropped: fine */
+      if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); return; }
+      fail(c, state_names[c->state], 1, "connection %s by the server while waiting for the %s reply",
+           n == NET_EOF ? "closed" : c->s.err, state_names[c->state]);
+      return;
+    }
+    c->inlen += (size_t)n;
+    process_input(c);
+    if (c->state == ST_DEAD || c->free_pending || c->state == ST_HANDSHAKE) return;
+    if (c->state != ST_READY) arm_timer(c);   /* progress: the next reply gets a full timeout */
+  }
+}
+
+static void flush(smtp_conn *c) {
+  while (c->out_off < c->out.len) {
+    int want = 0;
+    ssize_t n = net_write(&c->s, c->out.data + c->out_off, c->out.len - c->out_off, &want);
+    if (n == NET_AGAIN) break;
+    if (n <= 0) {
+      fail(c, state_names[c->state], 1, "connection lost while sending: %s", n == 0 ? "closed" : c->s.err);
+      return;
+    }
+    c->out_off += (size_t)n;
+  }
+  if (c->out_off == c->out.len) { c->out.len = 0; c->out_off = 0; }
+}
+
+static void on_io(loop *l, int fd, int events, void *data) {
+  smtp_conn *c = data;
+  c->busy++;
+  if (c->state == ST_CONNECT) on_connected(c);
+  else if (c->state != ST_HANDSHAKE) {
+    if (c->out_off < c->out.len) flush(c);
+    if (c->state != ST_DEAD && !c->free_pending) read_input(c);
+  }
+  if (c->state == ST_HANDSHAKE && !c->free_pending) on_handshake(c);
+  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE && c->out_off < c->out.len) flush(c);
+  c->busy--;
+  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
+  if (c->state != ST_HANDSHAKE) update_watch(c);
+}
+
+static void on_timeout(loop *l, void *data) {
+  smtp_conn *c = data;
+  c->busy++;
+  const char *st = state_names[c->state];
+  if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); }
+  else fail(c, st, 1, "timed out after %d s waiting for the %s reply", c->cfg->timeout_ms / 1000, st);
+  c->busy--;
+  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+}
+
+/* ---------------- public ---------------- */
+
+smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg) {
+  smtp_conn *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  c->in = malloc(IN_MAX);
+  if (!c->in) { free(c); return NULL; }
+  c->loop = lp;
+  c->cfg = cfg;
+  c->s.fd = -1;
+  loop_timer_init(&c->timer, on_timeout, c);
+  return c;
+}
+
+void smtp_conn_free(smtp_conn *c) {
+  if (!c) return;
+  if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
+  close_socket(c);
+  if (c->addrs) freeaddrinfo(c->addrs);
+  smtp_buf_free(&c->out);
+  free(c->in);
+  free(c->greeting);
+  free(c->ehlo_text);
+  free(c);
+}
+
+static int begin(smtp_conn *c, int op, smtp_done_fn *fn, void *ud) {
+  if (c->op != OP_NONE) return -1;
+  c->op = op;
+  c->fn = fn;
+  c->ud = ud;
+  memset(&c->res, 0, sizeof c->res);
+  return 0;
+}
+
+static void open_connection(smtp_conn *c) {
+  char err[256];
+  const char *target = c->cfg->connect_addr[0] ? c->cfg->connect_addr : c->cfg->host;
+  if (net_resolve(target, c->cfg->port, &c->addrs, err, sizeof err) < 0) {
+    fail(c, "connect", 1, "%s", err);
+    return;
+  }
+  c->next_addr = c->addrs;
+  try_connect(c);
+}
+
+int smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud) {
+  if (c->state != ST_NEW || begin(c, OP_OPEN, fn, ud) < 0) return -1;
+  c->busy++;
+  open_connection(c);
+  c->busy--;
+  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+  return 0;
+}
+
+int smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_done_fn *fn, void *ud) {
+  if ((c->state != ST_NEW && c->state != ST_READY) || begin(c, OP_SEND, fn, ud) < 0) return -1;
+  c->txn = txn;
+  c->busy++;
+  if (c->state == ST_NEW) open_connection(c);
+  else start_txn(c);
+  c->busy--;
+  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return 0; }
+  if (c->state != ST_DEAD) update_watch(c);
+  return 0;
+}
+
+int smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud) {
+  if (c->state != ST_READY || begin(c, OP_QUIT, fn, ud) < 0) return -1;
+  c->state = ST_QUIT;
+  send_cmd(c, NULL, "QUIT");
+  arm_timer(c);
+  flush(c);
+  if (c->state != ST_DEAD) update_watch(c);
+  return 0;
+}
+
+int smtp_conn_ready(const smtp_conn *c) { return c->state == ST_READY && c->op == OP_NONE; }
+int smtp_conn_dead(const smtp_conn *c) { return c->state == ST_DEAD; }
+const smtp_result *smtp_conn_result(const smtp_conn *c) { return &c->res; }
+
+void smtp_conn_info(smtp_conn *c, smtp_info *info) {
+  memset(info, 0, sizeof *info);
+  info->greeting = c->greeting;
+  info->caps = &c->caps;
+  info->ehlo = c->ehlo_ok;
+  info->ehlo_text = c->ehlo_text;
+  info->tls = c->tls_on;
+  info->tls_verified = c->tls_on && c->s.tls_verified;
+  if (c->s.ssl)
+    tls_describe(&c->s, info->tls_version, sizeof info->tls_version, info->tls_cipher, sizeof info->tls_cipher,
+                 info->tls_subject, sizeof info->tls_subject);
+  info->authenticated = c->authenticated;
+  info->auth_mech = c->auth_mech;
+  snprintf(info->peer, sizeof info->peer, "%s", c->peer);
+  info->messages = c->messages;
+}

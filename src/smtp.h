@@ -1,0 +1,109 @@
+/* smtp.h - the SMTP client session: one connection to one server, as a state machine driven by
+ * the event loop (OpenSMTPD's mta_session in spirit).
+ *
+ * A session connects, reads the greeting, says EHLO (HELO when EHLO is refused), upgrades with
+ * STARTTLS or starts with TLS, authenticates, and then carries transactions one after the other
+ * on the same connection.  Every operation ends with exactly one call of its done callback; the
+ * outcome is in smtp_conn_result().  Every wait is bounded by the configured timeout. */
+#ifndef MAILSHOT_SMTP_H
+#define MAILSHOT_SMTP_H
+#include <stdio.h>
+#include <openssl/ssl.h>
+#include "loop.h"
+#include "smtp_proto.h"
+
+typedef enum {
+  SMTP_TLS_NONE,          /* plaintext only */
+  SMTP_TLS_STARTTLS,      /* RFC 3207: upgrade, and fail if the server does not offer it */
+  SMTP_TLS_IMPLICIT,      /* RFC 8314: TLS from the first byte */
+  SMTP_TLS_OPPORTUNISTIC  /* STARTTLS when offered, plaintext otherwise (direct delivery) */
+} smtp_tls_mode;
+
+/* What a session needs to know; owned by the caller (a relay) and outliving its sessions. */
+typedef struct smtp_config {
+  char host[256];          /* name or address literal: for TLS name checks and SNI */
+  char port[8];
+  char connect_addr[64];   /* when set, connect here instead of resolving host */
+  char source[64];         /* local address to bind, or "" */
+  smtp_tls_mode tls;
+  int verify;              /* check certificate chain and name */
+  SSL_CTX *ssl_ctx;        /* made from verify + ca_file by the owner */
+  char *user, *password;   /* AUTH when user is set; password is wiped on free by the owner */
+  int allow_plaintext_auth;
+  char helo[256];          /* our name for EHLO/HELO */
+  int timeout_ms;          /* every single wait: connect, handshake, each reply */
+  FILE *trace;             /* dialogue log (AUTH masked), or NULL */
+} smtp_config;
+
+/* Per-recipient outcome of RCPT TO. */
+typedef struct {
+  char *address;
+  int code;
+  char enhanced[16];
+  char *text;
+} smtp_rcpt;
+
+/* One message: envelope and the DATA bytes already dot-stuffed (smtp_txn_new does that). */
+typedef struct smtp_txn {
+  char *from;
+  smtp_rcpt *rcpt;
+  int nrcpt;
+  smtp_buf data;           /* CRLF, dot-stuffed, ends with ".\r\n" */
+  size_t size;             /* size of the message as given (for SIZE=) */
+  int eightbit, utf8;      /* body has 8-bit bytes / envelope has non-ASCII */
+} smtp_txn;
+
+/* Build a transaction: addresses are checked against injection here, before any network.
+ * Returns NULL with a reason in err for a bad envelope or out of memory. */
+smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
+                       char *err, size_t errlen);
+void smtp_txn_free(smtp_txn *t);
+
+typedef struct smtp_result {
+  int ok;                  /* the operation succeeded */
+  int temporary;           /* a failure worth retrying later (4xx, network, timeout) */
+  int code;                /* the server's reply code, 0 when no reply (network, timeout) */
+  char enhanced[16];
+  const char *stage;       /* "connect","tls","greeting","ehlo","helo","starttls","auth","mail",
+                              "rcpt","data","message","rset","quit" */
+  char message[SMTP_REPLY_TEXT_MAX];
+  int accepted;            /* recipients accepted */
+} smtp_result;
+
+typedef struct smtp_conn smtp_conn;
+typedef void smtp_done_fn(smtp_conn *c, void *ud);
+
+smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg);
+/* Abrupt close (no QUIT).  Safe to call from inside a done callback: freeing is deferred. */
+void smtp_conn_free(smtp_conn *c);
+
+/* Connect up to the point where MAIL may be sent (greeting, EHLO, TLS, AUTH). */
+int  smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud);
+/* Send one transaction; opens first if the session is new.  txn stays the caller's. */
+int  smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_done_fn *fn, void *ud);
+/* Polite end: QUIT, wait (bounded) for the reply, close. */
+int  smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud);
+
+int  smtp_conn_ready(const smtp_conn *c);    /* open, idle, and reusable */
+int  smtp_conn_dead(const smtp_conn *c);     /* closed or failed: free it */
+const smtp_result *smtp_conn_result(const smtp_conn *c);
+
+/* What the session learnt, for `mailshot check` and the logs. */
+typedef struct smtp_info {
+  const char *greeting;    /* text of the 220 greeting */
+  const smtp_caps *caps;
+  int ehlo;                /* 1 = EHLO, 0 = fell back to HELO */
+  const char *ehlo_text;   /* the EHLO reply as received */
+  int tls;                 /* running over TLS */
+  int tls_verified;
+  char tls_version[32], tls_cipher[96], tls_subject[512];
+  int authenticated;
+  const char *auth_mech;
+  char peer[64];           /* address connected to */
+  int messages;            /* transactions completed on this connection */
+} smtp_info;
+void smtp_conn_info(smtp_conn *c, smtp_info *info);
+
+const char *smtp_strstate(const smtp_conn *c);
+
+#endif

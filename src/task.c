@@ -1,0 +1,234 @@
+/* task.c - coroutine scheduler over the loop.  See task.h. */
+#include "task.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct { lua_State *co; int nargs; } ready_entry;
+
+struct sched {
+  lua_State *L;          /* main state */
+  loop *loop;
+  ready_entry *ready;    /* ring buffer of tasks to resume */
+  size_t head, count, cap;
+  int suspending;        /* set by task_suspend right before it yields */
+  lua_State *main_task;
+  int main_done, main_failed, main_status;
+};
+
+#define TASKS_KEY "mailshot.tasks"   /* registry table: thread -> true while it lives */
+
+sched *sched_of(lua_State *L) { return *(sched **)lua_getextraspace(L); }
+loop *task_loop(lua_State *L) { return sched_of(L)->loop; }
+
+static void ready_push(sched *s, lua_State *co, int nargs) {
+  if (s->count == s->cap) {
+    size_t n = s->cap ? s->cap * 2 : 256;
+    ready_entry *p = malloc(n * sizeof *p);
+    if (!p) abort();   /* losing a wake-up would hang a task forever */
+    for (size_t i = 0; i < s->count; i++) p[i] = s->ready[(s->head + i) % s->cap];
+    free(s->ready);
+    s->ready = p;
+    s->head = 0;
+    s->cap = n;
+  }
+  s->ready[(s->head + s->count++) % s->cap] = (ready_entry){ co, nargs };
+  loop_wake(s->loop);
+}
+
+static void anchor(lua_State *L, lua_State *co, int on) {
+  lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  if (on) lua_pushboolean(L, 1); else lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+static void report_error(sched *s, lua_State *co) {
+  const char *msg = lua_tostring(co, -1);
+  luaL_traceback(s->L, co, msg ? msg : "(error object is not a string)", 0);
+  fprintf(stderr, "mailshot: %s\n", lua_tostring(s->L, -1));
+  lua_pop(s->L, 1);
+}
+
+static void resume_one(sched *s, lua_State *co, int nargs) {
+  int nres = 0;
+  s->suspending = 0;
+  int st = lua_resume(co, s->L, nargs, &nres);
+  if (st == LUA_YIELD) {
+    lua_pop(co, nres);
+    /* a plain coroutine.yield() at a task's top level: let the others run, then continue */
+    if (!s->suspending) ready_push(s, co, 0);
+    return;
+  }
+  if (st != LUA_OK) {
+    if (co == s->main_task) {
+      /* the main task's error is the program's error: print it without a C-level traceback twice */
+      report_error(s, co);
+      s->main_failed = 1;
+    } else {
+      report_error(s, co);
+    }
+  }
+  if (co == s->main_task) {
+    s->main_done = 1;
+    /* the main task returns the exit status: an integer, true (0) or false/nil (1 when it failed) */
+    if (st == LUA_OK) s->main_status = nres == 0 || lua_isnil(co, -nres) ? 0
+                        : lua_isinteger(co, -nres) ? (int)lua_tointeger(co, -nres)
+                        : lua_toboolean(co, -nres) ? 0 : 1;
+    loop_stop(s->loop);
+  }
+  lua_settop(co, 0);
+  anchor(s->L, co, 0);
+}
+
+/* The idle hook: resume what is ready; tasks woken meanwhile wait for the next turn so that
+ * I/O callbacks get their chance between rounds. */
+static void run_ready(loop *l, void *data) {
+  sched *s = data;
+  size_t n = s->count;
+  while (n-- > 0 && s->count > 0) {
+    ready_entry e = s->ready[s->head];
+    s->head = (s->head + 1) % s->cap;
+    s->count--;
+    resume_one(s, e.co, e.nargs);
+    if (s->main_done) return;
+  }
+  if (s->count) loop_wake(l);
+}
+
+sched *sched_new(lua_State *L, loop *lp) {
+  sched *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->L = L;
+  s->loop = lp;
+  *(sched **)lua_getextraspace(L) = s;
+  lua_newtable(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+  loop_set_idle(lp, run_ready, s);
+  return s;
+}
+
+void sched_free(sched *s) {
+  if (!s) return;
+  free(s->ready);
+  free(s);
+}
+
+void task_spawn(lua_State *L, int nargs) {
+  sched *s = sched_of(L);
+  lua_State *co = lua_newthread(L);          /* fn args... co */
+  lua_insert(L, -(nargs + 2));               /* co fn args... */
+  lua_xmove(L, co, nargs + 1);               /* co */
+  anchor(L, co, 1);
+  ready_push(s, co, nargs);
+}
+
+int task_suspend(lua_State *L) {
+  if (!lua_isyieldable(L))
+    return luaL_error(L, "this call waits on the network or a timer and must run inside a task "
+                         "(mailshot.spawn), not in the main chunk or a C boundary");
+  sched_of(L)->suspending = 1;
+  return lua_yield(L, 0);
+}
+
+void task_wake(lua_State *co, int nresults) { ready_push(sched_of(co), co, nresults); }
+
+int sched_exit_status(const sched *s) { return s->main_status; }
+
+int sched_run_main(sched *s, lua_State *main_task) {
+  s->main_task = main_task;
+  s->main_done = s->main_failed = 0;
+  while (!s->main_done) {
+    int r = loop_run(s->loop);
+    if (r < 0) { perror("mailshot: epoll_wait"); return -1; }
+    if (r == 1 && !s->main_done) {
+      fprintf(stderr, "mailshot: internal error: every task waits and nothing can wake them\n");
+      return -1;
+    }
+  }
+  return s->main_failed ? -1 : 0;
+}
+
+/* ---------------- Lua module mailshot.core ---------------- */
+
+/* mailshot.core.spawn(fn, ...) -> thread */
+static int core_spawn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  task_spawn(L, lua_gettop(L) - 1);
+  return 1;
+}
+
+typedef struct { loop_timer timer; lua_State *co; loop *loop; } sleeper;
+
+static void sleeper_fire(loop *l, void *data) {
+  sleeper *z = data;
+  lua_State *co = z->co;
+  z->co = NULL;
+  task_wake(co, 0);
+}
+
+static int sleeper_gc(lua_State *L) {
+  sleeper *z = luaL_checkudata(L, 1, "mailshot.sleeper");
+  if (z->loop) loop_timer_stop(z->loop, &z->timer);
+  return 0;
+}
+
+/* mailshot.core.sleep(seconds): suspends the task; 0 still lets the other tasks run */
+static int core_sleep(lua_State *L) {
+  lua_Number sec = luaL_checknumber(L, 1);
+  luaL_argcheck(L, sec >= 0 && sec < 1e9, 1, "seconds must be between 0 and 1e9");
+  sleeper *z = lua_newuserdatauv(L, sizeof *z, 0);   /* stays on our stack: anchored while we sleep */
+  z->co = L;
+  z->loop = task_loop(L);
+  loop_timer_init(&z->timer, sleeper_fire, z);
+  if (luaL_newmetatable(L, "mailshot.sleeper")) {
+    lua_pushcfunction(L, sleeper_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  loop_timer_start(z->loop, &z->timer, (uint64_t)(sec * 1000.0 + 0.5));
+  return task_suspend(L);
+}
+
+/* mailshot.core.suspend(): park the running task until someone calls core.wake(it, ...);
+ * returns the values given to wake.  The building block for join, semaphores and queues in Lua. */
+static int core_suspend(lua_State *L) { return task_suspend(L); }
+
+/* mailshot.core.wake(thread, ...): queue a suspended task with values. */
+static int core_wake(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argcheck(L, co != L && lua_status(co) == LUA_YIELD, 1, "task is not suspended");
+  int n = lua_gettop(L) - 1;
+  if (!lua_checkstack(co, n + 1)) return luaL_error(L, "stack overflow waking a task");
+  lua_xmove(L, co, n);
+  task_wake(co, n);
+  return 0;
+}
+
+/* mailshot.core.now(): monotonic seconds (float), for rates and durations */
+static int core_now(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)loop_clock_ms() / 1000.0);
+  return 1;
+}
+
+/* mailshot.core.current(): the running thread and whether it is a task */
+static int core_current(lua_State *L) {
+  int ismain = lua_pushthread(L);
+  lua_pushboolean(L, !ismain && lua_isyieldable(L));
+  return 2;
+}
+
+int luaopen_mailshot_core(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    { "spawn", core_spawn }, { "sleep", core_sleep }, { "suspend", core_suspend },
+    { "wake", core_wake }, { "now", core_now }, { "current", core_current }, { NULL, NULL }
+  };
+  luaL_newlib(L, funcs);
+  return 1;
+}
