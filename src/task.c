@@ -131,7 +131,16 @@ void task_spawn(lua_State *L, int nargs) {
 int task_suspend(lua_State *L) {
   if (!lua_isyieldable(L))
     return luaL_error(L, "this call waits on the network or a timer and must run inside a task "
-                         "(mailshot.spawn), not in the main chunk or a C boundary");
+                         "(mailshot.spawn), not in the main chunk or across a C call (table.sort, gsub...)");
+  /* a coroutine of the user's own would get our yield and then be resumed by the scheduler
+   * behind its owner's back: refuse */
+  lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+  lua_pushthread(L);
+  int is_task = lua_rawget(L, -2) != LUA_TNIL;
+  lua_pop(L, 2);
+  if (!is_task)
+    return luaL_error(L, "this call waits on the network or a timer and must run in a task "
+                         "(mailshot.spawn), not in a coroutine of your own");
   sched_of(L)->suspending = 1;
   return lua_yield(L, 0);
 }

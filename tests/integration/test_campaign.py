@@ -1,0 +1,258 @@
+"""`mailshot run`: campaigns over CSV lists, dry and sent through a real aiosmtpd relay."""
+import os
+import shutil
+import unittest
+
+from tests.integration.harness import (MailshotTestCase, REPO_ROOT, free_port, make_cert, read_report,
+                                       write_csv)
+
+PW = "campaign-pw"
+EXAMPLE = os.path.join(REPO_ROOT, "scripts", "examples", "newsletter")
+
+
+class CampaignTests(MailshotTestCase):
+    def example_copy(self, rows, header=("email", "first_name")):
+        """The example campaign, unchanged, in a temp folder beside a generated recipients.csv."""
+        d = self.path("campaign")
+        os.makedirs(d)
+        for f in ("campaign.lua", "body.txt", "body.html"):
+            shutil.copy(os.path.join(EXAMPLE, f), d)
+        write_csv(os.path.join(d, "recipients.csv"), list(header), rows)
+        return os.path.join(d, "campaign.lua")
+
+    def relay_env(self, srv, password=PW, tls="starttls"):
+        cert, _ = make_cert(self.tmp)
+        return {"SMTP_SERVER": srv.address, "SMTP_TLS": tls, "SMTP_USER": "news",
+                "SMTP_PASSWORD": password, "SMTP_CA_FILE": cert}
+
+    def test_example_sends_1000_personalized_messages_over_starttls_and_auth(self):
+        rows = [[f"user{i}@example.com", f"Name{i}"] for i in range(1000)]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, require_starttls=True, auth={"news": PW}, auth_required=True)
+        # run from another folder: files are found next to the script
+        p = self.run_mailshot("run", script, "--send", "--report", self.path("report.csv"),
+                              env=self.relay_env(srv), timeout=300)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr[-3000:])
+        self.assertIn("1000 sent, 0 failed, 0 skipped", p.stdout)
+        report = read_report(self.path("report.csv"))
+        self.assertEqual(len(report), 1000)
+        self.assertEqual({r["status"] for r in report}, {"sent"})
+        self.assertEqual(sorted(r["email"] for r in report), sorted(r[0] for r in rows))
+        self.assertTrue(all(r["code"] == "250" for r in report))
+        msgs = srv.messages()
+        self.assertEqual(len(msgs), 1000)
+        by_rcpt = {m["rcpt_tos"][0]: m for m in msgs}
+        self.assertEqual(set(by_rcpt), {r[0] for r in rows})
+        m = by_rcpt["user17@example.com"]
+        self.assertEqual(m["mail_from"], "news@acme.example")
+        self.assertTrue(m["tls"])
+        self.assertEqual(m["auth_user"], "news")
+        self.assertEqual(str(m["msg"]["Subject"]), "Hello Name17")
+        self.assertEqual(m["msg"].get_content_type(), "multipart/alternative")
+        text = m["msg"].get_body(("plain",)).get_content()
+        html = m["msg"].get_body(("html",)).get_content()
+        self.assertIn("Hello Name17,", text)
+        self.assertIn("<p>Hello Name17,</p>", html)
+        raw = m["raw"]
+        self.assertNotIn(b"\n", raw.replace(b"\r\n", b""), "bare LF in the message")
+        # connections were reused: far fewer sessions than messages
+        self.assertLessEqual(len(srv.connections()), 8)
+        self.assertNotIn(PW, p.stdout + p.stderr + open(self.path("report.csv")).read())
+
+    def test_550_on_one_recipient_leaves_the_others_sent(self):
+        rows = [["a@example.com", "A"], ["bad@example.com", "B"], ["c@example.com", "C"]]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW},
+                               reject_rcpt=[("bad@", 550, "5.1.1 No such user here")])
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        self.assertEqual(rep["a@example.com"]["status"], "sent")
+        self.assertEqual(rep["c@example.com"]["status"], "sent")
+        bad = rep["bad@example.com"]
+        self.assertEqual((bad["status"], bad["code"], bad["enhanced"], bad["stage"]), ("failed", "550", "5.1.1", "rcpt"))
+        self.assertIn("No such user here", bad["response"])
+        self.assertEqual(sorted(m["rcpt_tos"][0] for m in srv.messages()), ["a@example.com", "c@example.com"])
+        # the failed transaction was reset on the same connection, no "503 sender already specified"
+        self.assertIn("RSET", srv.commands())
+        self.assertNotIn("503", srv.stderr())
+
+    def test_server_down_fails_every_recipient_as_temporary_connect_errors(self):
+        script = self.example_copy([["a@example.com", "A"], ["b@example.com", "B"]])
+        env = {"SMTP_SERVER": f"127.0.0.1:{free_port()}", "SMTP_TLS": "starttls"}
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=env)
+        self.assertEqual(p.returncode, 1)
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual(len(rep), 2)
+        for r in rep:
+            self.assertEqual((r["status"], r["stage"]), ("failed", "connect"))
+            self.assertIn("Connection refused", r["response"])
+
+    def test_greeting_421_fails_with_the_servers_words(self):
+        script = self.example_copy([["a@example.com", "A"]])
+        srv = self.start_smtpd(greeting_code=421, greeting_text="4.7.0 Too many connections")
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 1)
+        r = read_report(self.path("r.csv"))[0]
+        self.assertEqual((r["status"], r["code"], r["stage"]), ("failed", "421", "greeting"))
+        self.assertIn("Too many connections", r["response"])
+
+    def test_wrong_password_fails_every_message_at_auth(self):
+        script = self.example_copy([["a@example.com", "A"]])
+        srv = self.start_smtpd(tls=True, auth={"news": PW})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv, password="nope"))
+        self.assertEqual(p.returncode, 1)
+        r = read_report(self.path("r.csv"))[0]
+        self.assertEqual((r["status"], r["code"], r["stage"]), ("failed", "535", "auth"))
+        self.assertEqual(srv.message_count(), 0)
+
+    def test_csv_value_cannot_add_a_header_or_a_recipient(self):
+        evil = "Eve\r\nBcc: victim@example.net\r\nX-Evil: 1"
+        rows = [["target@example.com", evil]]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        (m,) = srv.messages()
+        self.assertEqual(m["rcpt_tos"], ["target@example.com"])
+        msg = m["msg"]
+        self.assertIsNone(msg["Bcc"])
+        self.assertIsNone(msg["X-Evil"])
+        self.assertEqual(msg.defects, [])
+        self.assertIn("Bcc: victim@example.net", str(msg["Subject"]))   # kept as text, on one line
+        self.assertEqual(len([k for k in msg.keys() if k.lower() == "subject"]), 1)
+
+    def test_envelope_injection_in_the_email_column_is_skipped(self):
+        rows = [['"x\r\nRCPT TO:<y@example.net>"@example.com', "X"], ["a@b@example.com", "Y"], ["ok@example.com", "Z"]]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual([r["status"] for r in sorted(rep, key=lambda r: int(r["line"]))], ["skipped", "skipped", "sent"])
+        self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["ok@example.com"]])
+        self.assertNotIn("RCPT TO:<y@example.net>", "\n".join(srv.log_lines()))
+
+    def test_starttls_response_injection_is_discarded(self):
+        # CVE-2011-0411: the server appends "250 injected" to its STARTTLS reply in plaintext
+        script = self.example_copy([["a@example.com", "A"], ["b@example.com", "B"]])
+        srv = self.start_smtpd(starttls_inject=True, auth={"news": PW})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(srv.message_count(), 2)
+        self.assertEqual({r["status"] for r in read_report(self.path("r.csv"))}, {"sent"})
+
+    def test_helo_fallback_and_no_pipelining(self):
+        script = self.example_copy([["a@example.com", "A"], ["b@example.com", "B"]])
+        srv = self.start_smtpd(no_ehlo=True)
+        env = {"SMTP_SERVER": srv.address, "SMTP_TLS": "none"}
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=env)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("HELO", srv.commands())
+        self.assertEqual(srv.message_count(), 2)
+
+    def test_pipelining_groups_mail_rcpt_data_when_offered(self):
+        script = self.example_copy([["a@example.com", "A"]])
+        srv = self.start_smtpd(tls=True, auth={"news": PW})
+        self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        entries = [e for e in srv.log_entries() if e["line"].split(" ")[0].upper() in ("MAIL", "RCPT")]
+        self.assertTrue(entries and all(e["pipelined"] for e in entries), entries)
+        srv2 = self.start_smtpd(tls=True, auth={"news": PW}, no_pipelining=True, reject_unauth_pipelining=True)
+        p = self.run_mailshot("run", script, "--send", "--report", "r2.csv", env=self.relay_env(srv2))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(srv2.message_count(), 1)
+
+    def test_dot_stuffing_and_line_endings_survive_the_trip(self):
+        d = self.path("c")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email"], [["a@example.com"]])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write('local mailshot = require "mailshot"\n'
+                    'local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none" }\n'
+                    'return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subject = "dots",\n'
+                    '  text = ".leading dot\\n.\\n..two\\nend", send = function(m) return relay:send(m) end }\n')
+        srv = self.start_smtpd()
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--report", "r.csv",
+                              env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        (m,) = srv.messages()
+        self.assertEqual(m["msg"].get_content().replace("\r\n", "\n").rstrip("\n"), ".leading dot\n.\n..two\nend")
+
+    def test_dry_run_writes_parseable_messages_and_sends_nothing(self):
+        script = self.example_copy([["a@example.com", "Ann"], ["b@example.com", "Bo"]])
+        p = self.run_mailshot("run", script, "--outbox", "out", "--report", "r.csv",
+                              env={"SMTP_SERVER": f"127.0.0.1:{free_port()}"})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("2 written to out", p.stdout)
+        self.assertIn("dry run", p.stdout)
+        files = sorted(os.listdir(self.path("out")))
+        self.assertEqual(files, ["000002-a@example.com.eml", "000003-b@example.com.eml"])
+        import email
+        import email.policy
+        with open(self.path("out", files[0]), "rb") as f:
+            msg = email.message_from_binary_file(f, policy=email.policy.default)
+        self.assertEqual(str(msg["Subject"]), "Hello Ann")
+        self.assertEqual(str(msg["To"]), "a@example.com")
+        for h in ("Date", "Message-ID", "MIME-Version", "From"):
+            self.assertIsNotNone(msg[h], h)
+        self.assertEqual({r["status"] for r in read_report(self.path("r.csv"))}, {"written"})
+
+    def test_bad_rows_are_reported_with_line_numbers_and_the_run_goes_on(self):
+        d = self.path("c")
+        os.makedirs(d)
+        shutil.copy(os.path.join(EXAMPLE, "campaign.lua"), d)
+        shutil.copy(os.path.join(EXAMPLE, "body.txt"), d)
+        shutil.copy(os.path.join(EXAMPLE, "body.html"), d)
+        with open(os.path.join(d, "recipients.csv"), "w") as f:
+            f.write("email,first_name\n"
+                    "ok1@example.com,One\n"
+                    "not-an-address,Two\n"
+                    "ok3@example.com,\"Multi\nline\"\n"
+                    "broken@example.com,\"unterminated\n"
+                    "ok5@example.com,Five,extra\n"
+                    "missing@example.com,\n"
+                    "ok7@example.com,Seven\n")
+        p = self.run_mailshot("run", os.path.join(d, "campaign.lua"), "--outbox", "out", "--report", "r.csv")
+        rep = {int(r["line"]): r for r in read_report(self.path("r.csv"))}
+        self.assertEqual(rep[2]["status"], "written")
+        self.assertEqual(rep[3]["status"], "skipped")
+        self.assertIn("invalid email address", rep[3]["response"])
+        self.assertEqual(rep[4]["status"], "written")            # quoted newline: one row on lines 4-5
+        self.assertEqual(rep[max(rep)]["email"], "ok7@example.com")
+        self.assertEqual(rep[max(rep)]["status"], "written")
+        missing = [r for r in rep.values() if r["email"] == "missing@example.com"]
+        self.assertEqual(len(missing), 1)
+        self.assertEqual(missing[0]["status"], "failed")
+        self.assertIn('"first_name"', missing[0]["response"])
+        self.assertIn("template subject", missing[0]["response"])   # the first template that needs it
+        self.assertIn("recipients.csv line", missing[0]["response"])
+        self.assertEqual(p.returncode, 1)
+
+    def test_preview_prints_one_message(self):
+        script = self.example_copy([["a@example.com", "Ann"], ["b@example.com", "Bo"]])
+        p = self.run_mailshot("preview", script, "--row", "2")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("Subject: Hello Bo", p.stdout)
+        self.assertIn("To: b@example.com", p.stdout)
+        p = self.run_mailshot("preview", script, "--row", "3")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("only 2 recipient rows", p.stderr)
+
+    def test_script_errors_are_reported_with_file_and_line_before_anything_is_sent(self):
+        d = self.path("c")
+        os.makedirs(d)
+        with open(os.path.join(d, "bad.lua"), "w") as f:
+            f.write('local mailshot = require "mailshot"\nreturn mailshot.campaign {\n  recipients = "x.csv",\n  text = mailshot.template.file "nope.txt",\n}\n')
+        p = self.run_mailshot("run", os.path.join(d, "bad.lua"), "--send")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("nope.txt", p.stderr)
+        self.assertIn("bad.lua:4", p.stderr)
+        with open(os.path.join(d, "syntax.lua"), "w") as f:
+            f.write('local x = \nreturn {\n')
+        p = self.run_mailshot("run", os.path.join(d, "syntax.lua"))
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("syntax.lua:", p.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

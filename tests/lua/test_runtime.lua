@@ -1,0 +1,102 @@
+-- test_runtime.lua - tasks on the event loop: spawn, join, sleep, suspend/wake, errors, relay
+-- option checking.  Run by `mailshot exec` (it runs as a task itself).
+local mailshot = require "mailshot"
+local core = mailshot.core
+
+local passed, failed = 0, 0
+local function case(name, fn)
+  local ok, err = pcall(fn)
+  if ok then passed = passed + 1 else failed = failed + 1; print("FAIL " .. name .. ": " .. tostring(err)) end
+end
+local function checkerr(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching " .. pattern)
+  assert(tostring(err):find(pattern), ("error %q does not match %q"):format(tostring(err), pattern))
+end
+
+case("sleeping tasks wake in deadline order, concurrently", function()
+  local order, t0 = {}, mailshot.now()
+  local tasks = {}
+  for _, d in ipairs { 0.06, 0.02, 0.04 } do
+    tasks[#tasks + 1] = mailshot.spawn(function() mailshot.sleep(d); order[#order + 1] = d end)
+  end
+  for _, t in ipairs(tasks) do assert(t:join()) end
+  assert(order[1] == 0.02 and order[2] == 0.04 and order[3] == 0.06, table.concat(order, ","))
+  local took = mailshot.now() - t0
+  assert(took < 0.5, "the sleeps ran one after the other: " .. took)   -- generous: 0.06 if concurrent
+end)
+
+case("join returns the task's results", function()
+  local t = mailshot.spawn(function(a, b) return a + b, "x" end, 2, 3)
+  local ok, sum, x = t:join()
+  assert(ok == true and sum == 5 and x == "x")
+  local ok2, s2 = t:join()                       -- joining a finished task again
+  assert(ok2 and s2 == 5)
+end)
+
+case("an error in a task comes back from join, the runtime goes on", function()
+  local t = mailshot.spawn(function() error("boom") end)
+  local ok, err = t:join()
+  assert(ok == nil and err:find("boom"), tostring(err))
+end)
+
+case("sleep(0) lets the other tasks run", function()
+  local log = {}
+  local a = mailshot.spawn(function() for i = 1, 3 do log[#log + 1] = "a" .. i; mailshot.sleep(0) end end)
+  local b = mailshot.spawn(function() for i = 1, 3 do log[#log + 1] = "b" .. i; mailshot.sleep(0) end end)
+  a:join(); b:join()
+  assert(table.concat(log, " ") == "a1 b1 a2 b2 a3 b3", table.concat(log, " "))
+end)
+
+case("suspend and wake pass values", function()
+  local me = core.current()
+  mailshot.spawn(function() core.wake(me, "hello", 42) end)
+  local s, n = core.suspend()
+  assert(s == "hello" and n == 42)
+end)
+
+case("10,000 tasks run at once", function()
+  local n, tasks = 0, {}
+  for i = 1, 10000 do tasks[i] = mailshot.spawn(function() mailshot.sleep(0.001); n = n + 1 end) end
+  for i = 1, 10000 do tasks[i]:join() end
+  assert(n == 10000)
+end)
+
+case("waiting outside a task is refused with a clear error", function()
+  local co = coroutine.create(function() return pcall(mailshot.sleep, 0) end)
+  local _, ok, err = coroutine.resume(co)
+  assert(ok == false and err:find("coroutine of your own"), tostring(err))
+  checkerr("must run inside a task", function() return table.sort({ 2, 1 }, function() mailshot.sleep(0) end) end)
+end)
+
+case("relay options are checked when the relay is made", function()
+  checkerr("'server'", mailshot.relay, {})
+  checkerr("not host:port", mailshot.relay, { server = "example.com:notaport" })
+  checkerr("'tls' must be", mailshot.relay, { server = "127.0.0.1:25", tls = "maybe" })
+  checkerr("'password' is not", mailshot.relay, { server = "127.0.0.1:25", user = "u" })
+  checkerr("timeout", mailshot.relay, { server = "127.0.0.1:25", timeout = -1 })
+  checkerr("helo", mailshot.relay, { server = "127.0.0.1:25", helo = "two words" })
+  local r = mailshot.relay { server = "127.0.0.1:2525", tls = "none" }
+  assert(tostring(r) == "relay (127.0.0.1:2525)", tostring(r))
+  r:close()
+end)
+
+case("a bad envelope is refused before any network", function()
+  local r = mailshot.relay { server = "127.0.0.1:9", tls = "none" }
+  local res = r:send { from = "a@example.com", to = "x\r\nRCPT TO:<y@example.com>", data = "Subject: x\r\n\r\n" }
+  assert(res.ok == false and res.stage == "rcpt" and res.temporary == false, res.message)
+  assert(res.message:find("CR or LF"), res.message)
+  res = r:send { from = "a@b@example.com", to = "x@example.com", data = "" }
+  assert(res.ok == false and res.stage == "mail", res.message)
+  assert(r:stats().connections == 0)
+end)
+
+case("a closed port is a temporary connect failure", function()
+  local r = mailshot.relay { server = "127.0.0.1:9", tls = "none", timeout = 5 }
+  local res = r:send { from = "a@example.com", to = "x@example.com", data = "Subject: x\r\n\r\nhi\r\n" }
+  assert(res.ok == false and res.stage == "connect" and res.temporary == true, res.message)
+  assert(res.message:find("refused"), res.message)
+end)
+
+print(("test_runtime.lua: %d passed, %d failed"):format(passed, failed))
+return failed == 0 and 0 or 1
