@@ -137,6 +137,11 @@ static ssize_t tls_result(net_stream *s, int r, int *want) {
   case SSL_ERROR_WANT_READ:  *want = LOOP_READ;  return NET_AGAIN;
   case SSL_ERROR_WANT_WRITE: *want = LOOP_WRITE; return NET_AGAIN;
   case SSL_ERROR_ZERO_RETURN: return NET_EOF;
+  case SSL_ERROR_SSL:
+    /* a peer that closes without close_notify: an end of stream like any other for SMTP,
+     * where the protocol itself says when a message is complete */
+    if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) { ERR_clear_error(); return NET_EOF; }
+    /* fall through */
   default:
     tls_error(s, e);
     return NET_ERR;

@@ -58,6 +58,13 @@ struct smtp_conn {
 
 const char *smtp_strstate(const smtp_conn *c) { return state_names[c->state]; }
 
+/* The stage a failure is reported at: inside a (pipelined) transaction, the command whose
+ * reply we wait for. */
+static const char *stage_of(const smtp_conn *c) {
+  if (c->state != ST_TXN || !c->txn) return state_names[c->state];
+  return c->txn_replied == 0 ? "mail" : c->txn_replied <= c->txn->nrcpt ? "rcpt" : "data";
+}
+
 /* ---------------- transactions ---------------- */
 
 static int has_8bit(const char *s) { return smtp_data_has_8bit(s, strlen(s)); }
@@ -190,7 +197,7 @@ static void fail_reply(smtp_conn *c, const char *stage) {
 }
 
 static void send_raw(smtp_conn *c, const char *p, size_t n) {
-  if (smtp_buf_append(&c->out, p, n) < 0) { fail(c, state_names[c->state], 1, "out of memory"); return; }
+  if (smtp_buf_append(&c->out, p, n) < 0) { fail(c, stage_of(c), 1, "out of memory"); return; }
 }
 
 /* Queue one command line; `shown` replaces it in the trace (for AUTH). */
@@ -200,7 +207,7 @@ static void send_cmd(smtp_conn *c, const char *shown, const char *fmt, ...) {
   va_start(ap, fmt);
   int n = vsnprintf(line, sizeof line - 2, fmt, ap);
   va_end(ap);
-  if (n < 0 || (size_t)n >= sizeof line - 2) { fail(c, state_names[c->state], 0, "command too long"); return; }
+  if (n < 0 || (size_t)n >= sizeof line - 2) { fail(c, stage_of(c), 0, "command too long"); return; }
   trace(c, ">", "%s", shown ? shown : line);
   memcpy(line + n, "\r\n", 2);
   send_raw(c, line, (size_t)n + 2);
@@ -539,7 +546,7 @@ static void on_reply(smtp_conn *c) {
     close_socket(c);
     return;
   default:
-    fail(c, state_names[c->state], 1, "unexpected reply in state %s", state_names[c->state]);
+    fail(c, stage_of(c), 1, "unexpected reply in state %s", stage_of(c));
     return;
   }
 }
@@ -547,8 +554,7 @@ static void on_reply(smtp_conn *c) {
 /* 421 (RFC 5321 §3.8) in any state: the server is closing the channel. */
 static int closing_reply(smtp_conn *c) {
   if (c->reply.code != 421 || c->state == ST_QUIT) return 0;
-  const char *stage = state_names[c->state];
-  if (c->state == ST_TXN) stage = c->txn_replied == 0 ? "mail" : c->txn_replied <= c->txn->nrcpt ? "rcpt" : "data";
+  const char *stage = stage_of(c);
   if (c->state == ST_READY) { close_socket(c); return 1; }
   /* a 421 after some recipients got their reply keeps the first refusal if there was one */
   if (c->state == ST_RSET && c->res.stage) { close_socket(c); finish(c); return 1; }
@@ -562,7 +568,7 @@ static void process_input(smtp_conn *c) {
   while (off < c->inlen && c->state != ST_DEAD && !c->free_pending) {
     int r = smtp_reply_parse(c->in + off, c->inlen - off, c->caps.enhancedstatuscodes, &c->reply, err, sizeof err);
     if (r == 0) break;
-    if (r < 0) { fail(c, state_names[c->state], 1, "protocol error: %s", err); return; }
+    if (r < 0) { fail(c, stage_of(c), 1, "protocol error: %s", err); return; }
     off += (size_t)r;
     trace(c, "<", "%d%s%s %s", c->reply.code, c->reply.enhanced[0] ? " " : "", c->reply.enhanced, c->reply.text);
     if (closing_reply(c)) return;
@@ -583,15 +589,19 @@ static void process_input(smtp_conn *c) {
 
 static void read_input(smtp_conn *c) {
   for (;;) {
-    if (c->inlen == IN_MAX) { fail(c, state_names[c->state], 1, "protocol error: reply too long"); return; }
+    if (c->inlen == IN_MAX) { fail(c, stage_of(c), 1, "protocol error: reply too long"); return; }
     int want = 0;
     ssize_t n = net_read(&c->s, c->in + c->inlen, IN_MAX - c->inlen, &want);
     if (n == NET_AGAIN) return;
     if (n == NET_EOF || n == NET_ERR) {
       if (c->state == ST_READY) { close_socket(c); return; }   /* idle session dropped: fine */
       if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); return; }
-      fail(c, state_names[c->state], 1, "connection %s by the server while waiting for the %s reply",
-           n == NET_EOF ? "closed" : c->s.err, state_names[c->state]);
+      if (n == NET_EOF)
+        fail(c, stage_of(c), 1, "connection closed by the server while waiting for the %s reply",
+             stage_of(c));
+      else
+        fail(c, stage_of(c), 1, "connection lost while waiting for the %s reply: %s",
+             stage_of(c), c->s.err);
       return;
     }
     c->inlen += (size_t)n;
@@ -607,7 +617,7 @@ static void flush(smtp_conn *c) {
     ssize_t n = net_write(&c->s, c->out.data + c->out_off, c->out.len - c->out_off, &want);
     if (n == NET_AGAIN) break;
     if (n <= 0) {
-      fail(c, state_names[c->state], 1, "connection lost while sending: %s", n == 0 ? "closed" : c->s.err);
+      fail(c, stage_of(c), 1, "connection lost while sending: %s", n == 0 ? "closed" : c->s.err);
       return;
     }
     c->out_off += (size_t)n;
@@ -633,7 +643,7 @@ static void on_io(loop *l, int fd, int events, void *data) {
 static void on_timeout(loop *l, void *data) {
   smtp_conn *c = data;
   c->busy++;
-  const char *st = state_names[c->state];
+  const char *st = stage_of(c);
   if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); }
   else fail(c, st, 1, "timed out after %d s waiting for the %s reply", c->cfg->timeout_ms / 1000, st);
   c->busy--;

@@ -57,7 +57,8 @@ class CampaignTests(MailshotTestCase):
         self.assertNotIn(b"\n", raw.replace(b"\r\n", b""), "bare LF in the message")
         # connections were reused: far fewer sessions than messages
         self.assertLessEqual(srv.connections(), 8)
-        self.assertNotIn(PW, p.stdout + p.stderr + open(self.path("report.csv")).read())
+        with open(self.path("report.csv")) as f:
+            self.assertNotIn(PW, p.stdout + p.stderr + f.read())
 
     def test_550_on_one_recipient_leaves_the_others_sent(self):
         rows = [["a@example.com", "A"], ["bad@example.com", "B"], ["c@example.com", "C"]]
@@ -229,6 +230,50 @@ class CampaignTests(MailshotTestCase):
         self.assertIn('template subject: field "first_name" is missing in recipients.csv line 8', missing["response"])
         self.assertIn("3 written to out, 1 failed, 4 skipped", p.stdout)
         self.assertEqual(p.returncode, 1)
+
+    def test_filter_attachment_helpers_headers_and_semicolon_list(self):
+        d = self.path("c")
+        os.makedirs(os.path.join(d, "files"))
+        with open(os.path.join(d, "list.csv"), "w", encoding="utf-8") as f:
+            f.write("\ufeffemail;name;plan\na@example.com;zoé;gold\nb@example.com;bob;free\n")
+        pdf = bytes(range(256)) * 40
+        with open(os.path.join(d, "files", "offer.pdf"), "wb") as f:
+            f.write(pdf)
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write("""
+local mailshot = require "mailshot"
+return mailshot.campaign {
+  recipients = "list.csv", delimiter = ";",
+  from = "Shop <shop@example.org>",
+  subject = "{{ shout(name) }}, your {{plan}} offer",
+  text = "Hi {{ capitalize(name) }}",
+  html = "<p>Hi {{name}} &amp; co</p>",
+  headers = { ["X-Plan"] = "{{plan}}" },
+  attachments = { { path = "files/offer.pdf" } },
+  helpers = { shout = function(s) return s:upper() end },
+  filter = function(row) if row.plan == "free" then return false, "free plan: no offer" end return true end,
+}
+""")
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--outbox", "out", "--report", "r.csv")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        self.assertEqual((rep["b@example.com"]["status"], rep["b@example.com"]["response"]), ("skipped", "free plan: no offer"))
+        self.assertEqual(rep["a@example.com"]["status"], "written")
+        import email
+        import email.policy
+        with open(rep["a@example.com"]["response"] if os.path.isabs(rep["a@example.com"]["response"])
+                  else self.path(rep["a@example.com"]["response"]), "rb") as f:
+            msg = email.message_from_binary_file(f, policy=email.policy.default)
+        self.assertEqual(str(msg["Subject"]), "ZOé, your gold offer")   # upper() is ASCII-only, as documented
+        self.assertEqual(str(msg["X-Plan"]), "gold")
+        self.assertEqual(msg.get_content_type(), "multipart/mixed")
+        atts = list(msg.iter_attachments())
+        self.assertEqual(len(atts), 1)
+        self.assertEqual(atts[0].get_filename(), "offer.pdf")
+        self.assertEqual(atts[0].get_content_type(), "application/pdf")
+        self.assertEqual(atts[0].get_content(), pdf)
+        self.assertEqual(msg.get_body(("plain",)).get_content().strip(), "Hi Zoé")
+        self.assertEqual(msg.defects, [])
 
     def test_preview_prints_one_message(self):
         script = self.example_copy([["a@example.com", "Ann"], ["b@example.com", "Bo"]])

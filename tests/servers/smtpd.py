@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
                    help="accept these credentials for AUTH PLAIN/LOGIN (repeatable)")
     p.add_argument("--auth-required", action="store_true", help="530 for MAIL/RCPT/DATA before AUTH")
+    p.add_argument("--auth-exclude", action="append", default=[], metavar="MECHANISM",
+                   help="do not offer this AUTH mechanism (e.g. PLAIN, to make clients use LOGIN)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--auth-require-tls", dest="auth_require_tls", action="store_true", default=None,
                    help="AUTH only after TLS (default when TLS is offered)")
@@ -538,6 +540,7 @@ async def serve(opts):
             auth_required=opts.auth_required,
             auth_require_tls=opts.auth_require_tls,
             authenticator=make_authenticator(opts.users),
+            auth_exclude_mechanism=opts.auth_exclude,
             timeout=opts.timeout,
         )
 

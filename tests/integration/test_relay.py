@@ -1,0 +1,118 @@
+"""relay:send details against a real server: AUTH LOGIN, SIZE, 8BITMIME, timeouts, several recipients.
+Each test is a small Lua file run by `mailshot exec`, which prints the result fields it got."""
+import json
+import os
+import unittest
+
+from tests.integration.harness import MailshotTestCase, make_cert
+
+PW = "relay-pw"
+
+SEND = r'''
+local mailshot = require "mailshot"
+local relay = mailshot.relay {
+  server = os.getenv "SMTP_SERVER", tls = os.getenv "SMTP_TLS" or "starttls", ca_file = os.getenv "SMTP_CA_FILE",
+  user = os.getenv "SMTP_USER", password = os.getenv "SMTP_PASSWORD", timeout = tonumber(os.getenv "TIMEOUT" or "10"),
+}
+local to = {}
+for a in (os.getenv "TO" or "rcpt@example.com"):gmatch("[^,]+") do to[#to + 1] = a end
+local data = os.getenv "DATA" or "Subject: test\r\n\r\nhello\r\n"
+local r = relay:send { from = "sender@example.org", to = #to == 1 and to[1] or to, data = data }
+local function esc(s) return '"' .. tostring(s):gsub('[%c"\\]', function(c) return ("\\u%04x"):format(c:byte()) end) .. '"' end
+local parts = {}
+for _, k in ipairs { "ok", "code", "enhanced", "message", "temporary", "stage", "accepted" } do
+  local v = r[k]
+  if v ~= nil then parts[#parts + 1] = esc(k) .. ":" .. (type(v) == "string" and esc(v) or tostring(v)) end
+end
+if r.recipients then
+  local rs = {}
+  for _, x in ipairs(r.recipients) do rs[#rs + 1] = ('{"address":%s,"ok":%s,"code":%d}'):format(esc(x.address), tostring(x.ok), x.code) end
+  parts[#parts + 1] = '"recipients":[' .. table.concat(rs, ",") .. "]"
+end
+print("{" .. table.concat(parts, ",") .. "}")
+'''
+
+
+class RelayTests(MailshotTestCase):
+    def send(self, srv, **env):
+        script = self.path("send.lua")
+        with open(script, "w") as f:
+            f.write(SEND)
+        cert, _ = make_cert(self.tmp)
+        e = {"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert}
+        e.update(env)
+        p = self.run_mailshot("exec", script, env=e)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def test_auth_login_when_plain_is_not_offered(self):
+        srv = self.start_smtpd(tls=True, auth={"u": PW}, auth_exclude=["PLAIN"])
+        r = self.send(srv, SMTP_USER="u", SMTP_PASSWORD=PW)
+        self.assertTrue(r["ok"], r)
+        (m,) = srv.messages()
+        self.assertEqual(m["auth_user"], "u")
+        self.assertIn("AUTH LOGIN", "\n".join(srv.log_lines()))
+
+    def test_message_over_the_servers_size_limit_fails_before_data(self):
+        srv = self.start_smtpd(size=1000, tls=True)
+        r = self.send(srv, DATA="Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 30)
+        self.assertEqual((r["ok"], r["stage"], r["code"], r["temporary"]), (False, "mail", 552, False), r)
+        self.assertIn("exceeds the server's limit of 1000", r["message"])
+        self.assertNotIn("MAIL", srv.commands())
+        small = self.send(srv)
+        self.assertTrue(small["ok"], small)
+        self.assertTrue(any("SIZE=" in o for o in srv.messages()[0]["mail_options"]))
+
+    def test_8bit_message_declares_8bitmime_and_fails_clearly_without_it(self):
+        data = "Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGrüße\r\n"
+        srv = self.start_smtpd(tls=True)
+        r = self.send(srv, DATA=data)
+        self.assertTrue(r["ok"], r)
+        self.assertIn("BODY=8BITMIME", srv.messages()[0]["mail_options"])
+        self.assertIn("Grüße".encode(), srv.messages()[0]["raw"])
+        srv2 = self.start_smtpd(tls=True, no_8bitmime=True)
+        r = self.send(srv2, DATA=data)
+        self.assertEqual((r["ok"], r["stage"], r["temporary"]), (False, "mail", False), r)
+        self.assertIn("8BITMIME", r["message"])
+        self.assertEqual(srv2.message_count(), 0)
+
+    def test_a_stalled_server_costs_a_timeout_not_a_hang(self):
+        srv = self.start_smtpd(tls=True, delay=["RCPT:5"])
+        r = self.send(srv, TIMEOUT="1")
+        self.assertEqual((r["ok"], r["temporary"], r["code"]), (False, True, 0), r)
+        self.assertIn("timed out after 1 s", r["message"])
+        self.assertIn(r["stage"], ("mail", "rcpt"))
+
+    def test_several_recipients_one_refused(self):
+        srv = self.start_smtpd(tls=True, reject_rcpt=[("no@", 550, "5.1.1 unknown")])
+        r = self.send(srv, TO="a@example.com,no@example.com,b@example.com")
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(r["accepted"], 2)
+        self.assertEqual([(x["address"], x["ok"], x["code"]) for x in r["recipients"]],
+                         [("a@example.com", True, 250), ("no@example.com", False, 550), ("b@example.com", True, 250)])
+        (m,) = srv.messages()
+        self.assertEqual(m["rcpt_tos"], ["a@example.com", "b@example.com"])
+
+    def test_all_recipients_refused_with_pipelining_reports_the_refusal(self):
+        srv = self.start_smtpd(tls=True, reject_rcpt=[("no@", 550, "5.1.1 unknown user")])
+        r = self.send(srv, TO="no@example.com")
+        self.assertEqual((r["ok"], r["stage"], r["code"], r["enhanced"]), (False, "rcpt", 550, "5.1.1"), r)
+        self.assertIn("unknown user", r["message"])
+        self.assertEqual(srv.message_count(), 0)
+
+    def test_data_refused_after_the_dot(self):
+        srv = self.start_smtpd(tls=True, reject_data_from=[("sender@", 554, "5.7.1 spam detected")])
+        r = self.send(srv)
+        self.assertEqual((r["ok"], r["stage"], r["code"], r["temporary"]), (False, "message", 554, False), r)
+        self.assertIn("spam detected", r["message"])
+
+    def test_server_dropping_the_connection_mid_session_is_temporary(self):
+        srv = self.start_smtpd(tls=True, disconnect_on=["DATA"])
+        r = self.send(srv)
+        self.assertEqual((r["ok"], r["temporary"]), (False, True), r)
+        self.assertIn("closed by the server while waiting for the data reply", r["message"])
+        self.assertEqual(r["stage"], "data")
+
+
+if __name__ == "__main__":
+    unittest.main()
