@@ -20,6 +20,11 @@ Typical test:
 
 Every server a test starts is killed (process group, SIGTERM then SIGKILL) when the test ends,
 pass or fail.  Servers listen on 127.0.0.1 (or the 127.0.0.x given as host=) only.
+
+DNS (direct delivery): self.start_dns(zone={...}) runs dnsmasq with a test zone (see start_dnsmasq),
+self.start_silent_dns() a server that never answers (rcode="SERVFAIL": one that always fails),
+dns_query(address, name, qtype) is a tiny client, and self.start_smtpd_many(["127.0.0.2",
+"127.0.0.3"]) starts several SMTP servers ("MX hosts") sharing one port.
 """
 
 import atexit
@@ -410,6 +415,665 @@ def start_smtpd(workdir, host="127.0.0.1", port=0, maildir=None, ready_timeout=R
     return srv
 
 
+# --------------------------------------------------------------------------- DNS: tiny client
+
+DNSMASQ = os.environ.get("DNSMASQ", "/usr/sbin/dnsmasq")
+
+QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28,
+          "SRV": 33, "ANY": 255}
+QTYPE_NAMES = {v: k for k, v in QTYPES.items()}
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+class DnsReply:
+    """A parsed DNS response (see dns_query_full)."""
+
+    def __init__(self, id, flags, rcode, question, answers, authority, additional, raw):
+        self.id = id
+        self.flags = flags
+        self.rcode = rcode                # "NOERROR", "NXDOMAIN", ... ("RCODE<n>" if unknown)
+        self.question = question          # [(qtype_name, name)]
+        self.answers = answers            # [(type_name, owner, ttl, data)]
+        self.authority = authority
+        self.additional = additional
+        self.raw = raw
+
+    @property
+    def aa(self):
+        return bool(self.flags & 0x0400)
+
+    @property
+    def tc(self):
+        return bool(self.flags & 0x0200)
+
+    def __repr__(self):
+        return (f"<DnsReply {self.rcode} an={self.answers} ns={self.authority} "
+                f"ar={self.additional}>")
+
+
+def _parse_address(address, default_port=53):
+    """'127.0.0.1:53', '[::1]:53', '::1', ('127.0.0.1', 53) -> (host, port)."""
+    if isinstance(address, (tuple, list)):
+        return address[0], int(address[1])
+    address = str(address)
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if address.count(":") == 1:
+        host, _, port = address.partition(":")
+        return host, int(port)
+    return address, default_port
+
+
+def _format_address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def dns_encode_name(name):
+    import struct
+    name = name.rstrip(".")
+    out = b""
+    if name:
+        for label in name.split("."):
+            b = label.encode("idna") if not label.isascii() else label.encode("ascii")
+            if not 0 < len(b) < 64:
+                raise ValueError(f"bad label in {name!r}")
+            out += struct.pack("B", len(b)) + b
+    return out + b"\0"
+
+
+def dns_build_query(name, qtype, qid=None, rd=True):
+    """Bytes of a one-question query (class IN). qtype: 'MX' or a number."""
+    import random
+    import struct
+    if qid is None:
+        qid = random.randrange(65536)
+    qt = QTYPES[qtype.upper()] if isinstance(qtype, str) else int(qtype)
+    header = struct.pack("!HHHHHH", qid, 0x0100 if rd else 0, 1, 0, 0, 0)
+    return header + dns_encode_name(name) + struct.pack("!HH", qt, 1)
+
+
+def _read_name(msg, off):
+    """(name, offset after the name) with compression; the root is returned as '.'."""
+    labels = []
+    end = None
+    seen = 0
+    while True:
+        if off >= len(msg):
+            raise ValueError("name runs past the end of the message")
+        n = msg[off]
+        if n & 0xC0 == 0xC0:
+            if end is None:
+                end = off + 2
+            off = ((n & 0x3F) << 8) | msg[off + 1]
+            seen += 1
+            if seen > 64:
+                raise ValueError("compression loop")
+            continue
+        if n & 0xC0:
+            raise ValueError("bad label type")
+        off += 1
+        if n == 0:
+            break
+        labels.append(msg[off:off + n].decode("ascii", "replace"))
+        off += n
+    return (".".join(labels) if labels else "."), (end if end is not None else off)
+
+
+def _parse_rdata(msg, rtype, off, rdlen):
+    import socket
+    import struct
+    rd = msg[off:off + rdlen]
+    if rtype == 1 and rdlen == 4:
+        return socket.inet_ntop(socket.AF_INET, rd)
+    if rtype == 28 and rdlen == 16:
+        return socket.inet_ntop(socket.AF_INET6, rd)
+    if rtype == 15:
+        return struct.unpack("!H", rd[:2])[0], _read_name(msg, off + 2)[0]
+    if rtype in (2, 5, 12):
+        return _read_name(msg, off)[0]
+    if rtype == 16:
+        parts, i = [], 0
+        while i < len(rd):
+            n = rd[i]
+            parts.append(rd[i + 1:i + 1 + n].decode("utf-8", "replace"))
+            i += 1 + n
+        return "".join(parts)
+    if rtype == 6:
+        mname, o = _read_name(msg, off)
+        rname, o = _read_name(msg, o)
+        return (mname, rname) + struct.unpack("!IIIII", msg[o:o + 20])
+    if rtype == 33:
+        prio, weight, port = struct.unpack("!HHH", rd[:6])
+        return prio, weight, port, _read_name(msg, off + 6)[0]
+    return rd
+
+
+def dns_parse_message(msg):
+    """Parse a DNS message (bytes) into a DnsReply."""
+    import struct
+    if len(msg) < 12:
+        raise ValueError(f"short DNS message ({len(msg)} bytes)")
+    qid, flags, qd, an, ns, ar = struct.unpack("!HHHHHH", msg[:12])
+    off = 12
+    question = []
+    for _ in range(qd):
+        name, off = _read_name(msg, off)
+        qt, _qc = struct.unpack("!HH", msg[off:off + 4])
+        off += 4
+        question.append((QTYPE_NAMES.get(qt, str(qt)), name))
+    sections = []
+    for count in (an, ns, ar):
+        recs = []
+        for _ in range(count):
+            name, off = _read_name(msg, off)
+            rtype, _rclass, ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
+            off += 10
+            if rtype != 41:  # skip OPT pseudo-records
+                recs.append((QTYPE_NAMES.get(rtype, str(rtype)), name, ttl,
+                             _parse_rdata(msg, rtype, off, rdlen)))
+            off += rdlen
+        sections.append(recs)
+    rc = flags & 0xF
+    return DnsReply(qid, flags, RCODES.get(rc, f"RCODE{rc}"), question, *sections, raw=msg)
+
+
+def _recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("DNS server closed the TCP connection")
+        buf += chunk
+    return buf
+
+
+def dns_query_full(address, name, qtype, timeout=2.0, tcp=False):
+    """Send one query to address ('IP:PORT', '[::1]:PORT' or (ip, port)); return a DnsReply.
+
+    UDP by default, retried over TCP if the reply is truncated.  Raises TimeoutError (socket.timeout)
+    if nothing answers within timeout seconds.  Replies with another id are ignored."""
+    import random
+    import socket
+    import struct
+    host, port = _parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    qid = random.randrange(65536)
+    query = dns_build_query(name, qtype, qid)
+    deadline = time.monotonic() + timeout
+    if tcp:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect((host, port))
+            s.sendall(struct.pack("!H", len(query)) + query)
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            (n,) = struct.unpack("!H", _recv_exact(s, 2))
+            return dns_parse_message(_recv_exact(s, n))
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        s.send(query)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"no DNS reply from {address} within {timeout}s")
+            s.settimeout(left)
+            data = s.recv(65535)   # ConnectionRefusedError if nothing listens on the port
+            if len(data) >= 2 and struct.unpack("!H", data[:2])[0] == qid:
+                break
+    reply = dns_parse_message(data)
+    if reply.tc:
+        return dns_query_full(address, name, qtype, max(0.1, deadline - time.monotonic()), tcp=True)
+    return reply
+
+
+def dns_query(address, name, qtype, timeout=2.0, tcp=False):
+    """(rcode, answers) for one query; answers are the answer-section records of type qtype:
+        MX   -> (preference, host, ttl)   host without trailing dot; a null MX is (0, '.', ttl)
+        A    -> (ip, ttl)    AAAA -> (ip, ttl)  (ip as socket.inet_ntop prints it: '::1')
+        TXT  -> (text, ttl)  (character-strings concatenated)
+        other types -> (data, ttl)
+    rcode is a string: 'NOERROR', 'NXDOMAIN', 'SERVFAIL', 'REFUSED', ...
+    NODATA is ('NOERROR', []).  Raises TimeoutError if no reply (see dns_query_full)."""
+    reply = dns_query_full(address, name, qtype, timeout=timeout, tcp=tcp)
+    want = qtype.upper() if isinstance(qtype, str) else QTYPE_NAMES.get(qtype, str(qtype))
+    out = []
+    for rtype, _owner, ttl, data in reply.answers:
+        if rtype != want:
+            continue
+        if rtype == "MX":
+            out.append((data[0], data[1], ttl))
+        else:
+            out.append((data, ttl))
+    return reply.rcode, out
+
+
+# --------------------------------------------------------------------------- DNS: dnsmasq
+
+_QUERY_LOG_RE = None
+PROBE_NAME = "harness-probe.invalid"    # readiness probe; hidden from DnsServer.queries()
+
+
+def free_common_port(hosts=("127.0.0.1",), tcp=True, udp=False, attempts=50):
+    """A port number that is free (bindable) for TCP and/or UDP on every host in hosts."""
+    import socket
+    last = None
+    for _ in range(attempts):
+        socks = []
+        try:
+            port = 0
+            for h in hosts:
+                fam = socket.AF_INET6 if ":" in h else socket.AF_INET
+                kinds = ([socket.SOCK_STREAM] if tcp else []) + ([socket.SOCK_DGRAM] if udp else [])
+                for kind in kinds:
+                    s = socket.socket(fam, kind)
+                    socks.append(s)
+                    s.bind((h, port))
+                    port = s.getsockname()[1]
+            return port
+        except OSError as e:
+            last = e
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no port free on all of {hosts}: {last}")
+
+
+class DnsServer:
+    """A running dnsmasq serving a test zone (see start_dnsmasq)."""
+
+    def __init__(self, proc, host, port, workdir, log_path, stderr_path, argv, zone):
+        self.proc = proc
+        self.pid = proc.pid
+        self.host = host
+        self.port = port
+        self.workdir = workdir
+        self.log_path = log_path
+        self.stderr_path = stderr_path
+        self.argv = argv
+        self.zone = zone
+        self._query_offset = 0
+
+    def __repr__(self):
+        return f"<DnsServer {self.address} pid={self.pid}>"
+
+    @property
+    def address(self):
+        """'127.0.0.1:PORT' ('[::1]:PORT' for IPv6), the form c-ares' *_ports_csv takes."""
+        return _format_address(self.host, self.port)
+
+    def log_text(self):
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self):
+        try:
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _all_queries(self):
+        import re
+        global _QUERY_LOG_RE
+        if _QUERY_LOG_RE is None:
+            _QUERY_LOG_RE = re.compile(r"\bquery\[([^\]]+)\] (\S+) from (\S+)")
+        out = []
+        for ln in self.log_text().splitlines():
+            m = _QUERY_LOG_RE.search(ln)
+            if m and m.group(2).rstrip(".").lower() != PROBE_NAME:
+                out.append((m.group(1), m.group(2)))
+        return out
+
+    def queries(self):
+        """[(qtype, name)] received since start (or the last reset_queries()), in order, e.g.
+        [('MX', 'a.test'), ('A', 'mx1.a.test')].  Unknown types appear as 'type=NN'.
+        The harness' readiness probe is not listed."""
+        return self._all_queries()[self._query_offset:]
+
+    def reset_queries(self):
+        """Forget the queries seen so far (queries() then lists only later ones)."""
+        self._query_offset = len(self._all_queries())
+
+    def wait_for_queries(self, n, timeout=5.0):
+        """Wait until queries() has at least n entries; return it."""
+        wait_for(lambda: len(self.queries()) >= n, timeout,
+                 what=f"{n} DNS queries at {self.address} (have {self.queries()})")
+        return self.queries()
+
+    def query(self, name, qtype, **kw):
+        """dns_query against this server."""
+        return dns_query(self.address, name, qtype, **kw)
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """Stop dnsmasq (SIGTERM, then SIGKILL after a grace period). Idempotent."""
+        _kill_group(self.proc)
+        return self.proc.returncode
+
+
+def _conf_quote(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _txt_chunks(text):
+    """Split text into character-strings of at most 255 bytes (UTF-8)."""
+    out, cur = [], ""
+    for ch in text:
+        if len((cur + ch).encode("utf-8")) > 255:
+            out.append(cur)
+            cur = ""
+        cur += ch
+    out.append(cur)
+    return out
+
+
+def dnsmasq_zone_conf(zone):
+    """dnsmasq configuration-file lines for a zone dict (see start_dnsmasq)."""
+    zone = dict(zone or {})
+    lines = []
+    ttl = zone.pop("ttl", 300)
+    if ttl is not None:
+        lines.append(f"local-ttl={int(ttl)}")
+    for d in zone.pop("local", ("test", "example", "invalid")):
+        lines.append(f"local=/{d.strip('.')}/")
+    for dom, addr in zone.pop("forward", ()):
+        h, p = _parse_address(addr)
+        lines.append(f"server=/{dom.strip('.')}/{h}#{p}")
+    for dom, host, pref in zone.pop("mx", ()):
+        lines.append(f"mx-host={dom},{host.rstrip('.') or '.'},{int(pref)}")
+    for dom in zone.pop("null_mx", ()):
+        lines.append(f"mx-host={dom},.,0")
+    for key in ("a", "aaaa"):
+        for rec in zone.pop(key, ()):
+            name, ips = rec[0], rec[1]
+            rttl = f",{int(rec[2])}" if len(rec) > 2 and rec[2] is not None else ""
+            for ip in ([ips] if isinstance(ips, str) else ips):
+                lines.append(f"host-record={name},{ip}{rttl}")
+    for name, text in zone.pop("txt", ()):
+        texts = [text] if isinstance(text, str) else list(text)
+        chunks = [c for t in texts for c in _txt_chunks(t)]
+        lines.append(f"txt-record={name}," + ",".join(_conf_quote(c) for c in chunks))
+    for alias, target in zone.pop("cname", ()):
+        lines.append(f"cname={alias},{target}")
+    if zone.get("extra_args") is not None:
+        zone.pop("extra_args")
+    if zone:
+        raise ValueError(f"unknown zone keys: {sorted(zone)}")
+    return lines
+
+
+def start_dnsmasq(workdir, zone=None, port=0, host="127.0.0.1", ready_timeout=READY_TIMEOUT,
+                  extra_args=(), attempts=8):
+    """Start dnsmasq on host:port serving zone; return a DnsServer once it answers a query.
+
+    zone (dict, every key optional; written to workdir/dnsmasq-zone.conf):
+      "mx":      [(domain, host, preference), ...]          mx-host=domain,host,pref
+      "null_mx": [domain, ...]                               mx-host=domain,.,0  (RFC 7505)
+      "a":       [(name, "127.0.0.2"[, ttl]), ...]           host-record=name,ip[,ttl]
+      "aaaa":    [(name, "::1"[, ttl]), ...]                 (ip may also be a list of ips)
+      "txt":     [(name, "text" or ["str1", "str2"]), ...]   txt-record=name,"text"  (any text;
+                          strings over 255 bytes are split into several character-strings)
+      "cname":   [(alias, target), ...]                      cname= (target must be local data)
+      "forward": [(domain, "IP:PORT"), ...]                  server=/domain/IP#PORT: queries for
+                          names under domain go to that server (e.g. a SilentDnsServer, or one
+                          started with rcode="SERVFAIL")
+      "ttl":     300      local-ttl: TTL of every answer from local data (default here 300;
+                          dnsmasq's own default is 0).  A 3rd element of an "a"/"aaaa" tuple
+                          overrides it for that record (MX/TXT/CNAME always use local-ttl).
+      "local":   ("test", "example", "invalid")  local=/d/: domains answered from local data only:
+                          a name there with no record at all -> NXDOMAIN; a name with some record
+                          but none of the asked type -> NODATA (NOERROR, empty answer, no SOA).
+                          Names outside these domains without a record of the asked type get
+                          REFUSED (there is no upstream).
+      "extra_args": [...]  more dnsmasq command-line options, verbatim (same as extra_args=).
+    port=0 picks a port free for UDP and TCP (retried if dnsmasq then fails to bind it).
+    dnsmasq runs with --no-daemon (no fork, no pid file, no privilege drop: works as root and as
+    non-root), in its own process group, logging queries to workdir/dnsmasq-PORT.log.
+    The caller must stop() it (MailshotTestCase.start_dns does that for you)."""
+    os.makedirs(workdir, exist_ok=True)
+    conf_path = os.path.join(workdir, "dnsmasq-zone.conf")
+    with open(conf_path, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in dnsmasq_zone_conf(zone)))
+    extra = list((zone or {}).get("extra_args", ())) + list(extra_args)
+    last_err = ""
+    argv = []
+    for _ in range(attempts if port == 0 else 1):
+        p = port or free_common_port((host,), tcp=True, udp=True)
+        log_path = os.path.join(workdir, f"dnsmasq-{p}.log")
+        stderr_path = os.path.join(workdir, f"dnsmasq-{p}.stderr")
+        argv = [DNSMASQ, "--no-daemon", f"--conf-file={conf_path}", "--pid-file=",
+                "--bind-interfaces", f"--listen-address={host}", f"--port={p}",
+                "--no-resolv", "--no-hosts", "--no-poll",
+                "--log-queries", f"--log-facility={log_path}", *extra]
+        with open(stderr_path, "wb") as errf:
+            proc = subprocess.Popen(argv, stdout=errf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir)
+        srv = DnsServer(proc, host, p, workdir, log_path, stderr_path, argv, zone)
+        deadline = time.monotonic() + ready_timeout
+        while proc.poll() is None:
+            try:
+                dns_query(srv.address, PROBE_NAME, "A", timeout=0.2)
+                return srv
+            except OSError:      # timeout, or connection refused while not yet bound
+                pass
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        srv.stop()
+        last_err = srv.stderr()
+        if "in use" not in last_err.lower():
+            break
+    with open(conf_path, encoding="utf-8") as f:
+        conf = f.read()
+    raise AssertionError(f"dnsmasq did not come up on {_format_address(host, port)}\n"
+                         f"argv: {argv}\n--- {conf_path} ---\n{conf}--- output ---\n{last_err}")
+
+
+# --------------------------------------------------------------------------- DNS: silent server
+
+def _dns_error_reply(query, rcode):
+    """A reply to query (bytes) with no records and the given rcode ('SERVFAIL' or a number)."""
+    import struct
+    rc = rcode if isinstance(rcode, int) else {v: k for k, v in RCODES.items()}[rcode.upper()]
+    _qid, qflags, qd = struct.unpack("!HHH", query[:6])
+    end = 12
+    if qd:
+        end = _read_name(query, 12)[1] + 4
+    flags = 0x8000 | (qflags & 0x7900) | 0x0080 | (rc & 0xF)   # QR, opcode+RD copied, RA
+    return query[:2] + struct.pack("!HHHHH", flags, 1 if qd else 0, 0, 0, 0) + query[12:end]
+
+
+class SilentDnsServer:
+    """Receives DNS queries over UDP and TCP and never answers (a background thread).
+
+    With rcode="SERVFAIL" (or "REFUSED", 2, ...) it answers every query at once with that rcode
+    and no records instead of staying silent."""
+
+    def __init__(self, host="127.0.0.1", port=0, rcode=None):
+        import socket
+        self.host = host
+        self.rcode = rcode
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        last = None
+        for _ in range(20 if port == 0 else 1):
+            p = port or free_common_port((host,), tcp=True, udp=True)
+            u = socket.socket(fam, socket.SOCK_DGRAM)
+            t = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                u.bind((host, p))
+                t.bind((host, p))
+                t.listen(16)
+                break
+            except OSError as e:
+                last = e
+                u.close()
+                t.close()
+        else:
+            raise RuntimeError(f"silent DNS server cannot bind {host}:{port}: {last}")
+        self.port = p
+        self._udp, self._tcp = u, t
+        self._lock = threading.Lock()
+        self._queries = []          # (transport, qtype, name)
+        self._conns = {}
+        self._tcp_connections = 0
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name=f"silent-dns-{p}", daemon=True)
+        self._thread.start()
+
+    def __repr__(self):
+        return f"<SilentDnsServer {self.address}>"
+
+    @property
+    def address(self):
+        return _format_address(self.host, self.port)
+
+    def _record(self, transport, data):
+        """Note one query; return the reply bytes to send (None: stay silent)."""
+        import struct
+        reply = None
+        try:
+            q = dns_parse_message(data).question
+            qtype, name = q[0] if q else ("?", "?")
+            if self.rcode is not None:
+                reply = _dns_error_reply(data, self.rcode)
+        except (ValueError, IndexError, UnicodeError, struct.error):
+            qtype, name = "?", "?"
+        with self._lock:
+            self._queries.append((transport, qtype, name))
+        return reply
+
+    def _run(self):
+        import struct
+        sel = selectors.DefaultSelector()
+        sel.register(self._udp, selectors.EVENT_READ, "udp")
+        sel.register(self._tcp, selectors.EVENT_READ, "listen")
+        sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    kind = key.data
+                    if kind == "stop":
+                        return
+                    if kind == "udp":
+                        try:
+                            data, peer = self._udp.recvfrom(65535)
+                        except OSError:
+                            continue
+                        reply = self._record("udp", data)
+                        if reply is not None:
+                            with contextlib.suppress(OSError):
+                                self._udp.sendto(reply, peer)
+                    elif kind == "listen":
+                        try:
+                            c, _ = self._tcp.accept()
+                        except OSError:
+                            continue
+                        c.setblocking(False)
+                        self._conns[c] = b""
+                        with self._lock:
+                            self._tcp_connections += 1
+                        sel.register(c, selectors.EVENT_READ, "conn")
+                    else:
+                        c = key.fileobj
+                        try:
+                            chunk = c.recv(65535)
+                        except OSError:
+                            chunk = b""
+                        if not chunk:
+                            sel.unregister(c)
+                            c.close()
+                            self._conns.pop(c, None)
+                            continue
+                        buf = self._conns[c] + chunk
+                        while len(buf) >= 2:
+                            (n,) = struct.unpack("!H", buf[:2])
+                            if len(buf) < 2 + n:
+                                break
+                            reply = self._record("tcp", buf[2:2 + n])
+                            buf = buf[2 + n:]
+                            if reply is not None:
+                                c.setblocking(True)
+                                with contextlib.suppress(OSError):
+                                    c.sendall(struct.pack("!H", len(reply)) + reply)
+                                c.setblocking(False)
+                        self._conns[c] = buf
+        finally:
+            for c in list(self._conns):
+                c.close()
+            self._conns.clear()
+            sel.close()
+
+    def queries(self):
+        """[(qtype, name)] received so far (UDP and TCP), in order."""
+        with self._lock:
+            return [(qt, n) for _t, qt, n in self._queries]
+
+    def queries_received(self, transport=None):
+        """Number of DNS queries received (transport: None for all, 'udp' or 'tcp')."""
+        with self._lock:
+            return sum(1 for t, _qt, _n in self._queries if transport in (None, t))
+
+    def tcp_connections(self):
+        with self._lock:
+            return self._tcp_connections
+
+    def wait_for_queries(self, n, timeout=5.0):
+        wait_for(lambda: self.queries_received() >= n, timeout,
+                 what=f"{n} queries at silent DNS {self.address}")
+        return self.queries()
+
+    def running(self):
+        return self._thread.is_alive()
+
+    def stop(self):
+        """Stop the thread and close the sockets. Idempotent."""
+        if self._stop_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
+            self._thread.join(5)
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._stop_w = None
+            self._udp.close()
+            self._tcp.close()
+
+
+def start_silent_dns(host="127.0.0.1", port=0, rcode=None):
+    """A SilentDnsServer on host:port (port 0: free for UDP and TCP). Caller must stop() it.
+    rcode="SERVFAIL" makes it answer every query with that rcode instead of staying silent."""
+    return SilentDnsServer(host, port, rcode)
+
+
+# --------------------------------------------------------------------------- several SMTP servers
+
+def start_smtpd_many(workdir, hosts, port=0, attempts=5, **options):
+    """Start one smtpd per host in hosts (e.g. 127.0.0.2, 127.0.0.3), all on the same port.
+
+    Returns (servers, port).  port=0 picks one free on all hosts (retried if taken meanwhile).
+    Options as for start_smtpd (each server gets its own maildir).  On failure every server
+    started here is stopped."""
+    hosts = list(hosts)
+    last = None
+    for _ in range(attempts if port == 0 else 1):
+        p = port or free_common_port(hosts, tcp=True)
+        servers = []
+        try:
+            for h in hosts:
+                servers.append(start_smtpd(workdir, host=h, port=p, **options))
+            return servers, p
+        except AssertionError as e:
+            last = e
+            for s in servers:
+                s.stop()
+    raise AssertionError(f"could not start smtpd on {hosts} with one port: {last}")
+
+
 # --------------------------------------------------------------------------- TestCase
 
 class MailshotTestCase(unittest.TestCase):
@@ -447,6 +1111,28 @@ class MailshotTestCase(unittest.TestCase):
         """Start a test SMTP server (see harness.start_smtpd for options); returns SmtpServer."""
         srv = start_smtpd(self.tmp, secrets=self._secrets, **options)
         self._servers.append(srv)
+        return srv
+
+    def start_smtpd_many(self, hosts, **options):
+        """Start one test SMTP server per host, all on the same port (harness.start_smtpd_many).
+        Returns (servers, port); the servers die with the test."""
+        servers, port = start_smtpd_many(self.tmp, hosts, secrets=self._secrets, **options)
+        self._servers.extend(servers)
+        return servers, port
+
+    def start_dns(self, zone=None, **kw):
+        """Start dnsmasq serving zone (see harness.start_dnsmasq); returns DnsServer.
+        It runs in self.tmp/dns-N and dies with the test."""
+        n = sum(1 for s in self._servers if isinstance(s, DnsServer))
+        srv = start_dnsmasq(os.path.join(self.tmp, f"dns-{n}"), zone, **kw)
+        self._servers.append(srv)
+        return srv
+
+    def start_silent_dns(self, **kw):
+        """A DNS server that receives queries and never answers (SilentDnsServer: .address,
+        .queries_received(), .stop()); stopped when the test ends."""
+        srv = start_silent_dns(**kw)
+        self.addCleanup(srv.stop)
         return srv
 
     def add_secret(self, secret):
