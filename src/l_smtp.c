@@ -99,6 +99,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   set_str(L, "message", res->message);
   set_bool(L, "temporary", !res->ok && res->temporary);
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
+  set_str(L, "via", "relay");
   if (txn && txn->nrcpt > 1) {
     set_int(L, "accepted", res->accepted);
     lua_createtable(L, txn->nrcpt, 0);

@@ -108,7 +108,7 @@ end
 
 -- The report -------------------------------------------------------------------------------
 
-local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "response" }
+local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
 
 local function csv_field(v)
   v = v == nil and "" or tostring(v)
@@ -180,6 +180,7 @@ local function process(c, opts, row, line)
   end
   rep.status = res.ok and "sent" or "failed"
   rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
+  rep.via, rep.mx = res.via, res.mx
   rep.response = one_line(res.message)
   return rep
 end

@@ -15,6 +15,7 @@ Commands:
   run SCRIPT       run a campaign script; a dry run (messages written to an outbox) unless --send
   preview SCRIPT   print one rendered message of a campaign
   check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
+  mx DOMAIN        show a domain's mail servers in the order direct delivery tries them
   exec FILE [ARG]  run a Lua file with the mailshot runtime (tasks, relays, CSV, templates)
   help [COMMAND]   show this help, or a command's
 
@@ -30,7 +31,7 @@ Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
 ]]
 
 local COMMAND_HELP = {
-  run = [[
+  run = [=[
 Usage: mailshot run SCRIPT [--send] [--outbox DIR] [--report FILE] [--concurrency N] [--limit N] [--quiet]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
@@ -46,14 +47,14 @@ found relative to the script's folder.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run).  Exit status 0 only if no message failed.
-]],
-  preview = [[
+]=],
+  preview = [=[
 Usage: mailshot preview SCRIPT [--row N]
 
 Render the message for the Nth recipient row (default 1) and print it as sent, headers and all.
 Nothing is sent and nothing is written.
-]],
-  check = [[
+]=],
+  check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
                       [--insecure] [--helo NAME] [--timeout SECONDS] [--verbose]
 
@@ -71,14 +72,27 @@ a one-line reason with the server's own words.
   --helo NAME          the name to give in EHLO (default: this machine's host name)
   --timeout SECONDS    for each step (default 30)
   --verbose            print the SMTP dialogue (the password is masked)
-]],
-  exec = [[
+]=],
+  mx = [=[
+Usage: mailshot mx DOMAIN [--dns IP[:PORT]] [--timeout SECONDS]
+
+Look up DOMAIN's MX hosts and their addresses (IPv6 first, then IPv4) and print them in the
+order direct delivery tries them (preference order; equal preferences are shuffled on each
+run).  Says so plainly for a null MX (the domain accepts no mail), a domain without MX
+records (mail goes to its own address), a domain that does not exist, or no answer.
+Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
+
+  --dns IP[:PORT]      ask this DNS server instead of the system's resolvers (several:
+                       separate them with commas, e.g. 127.0.0.1:5353,[::1]:5353)
+  --timeout SECONDS    per DNS try (default 3; two tries per server)
+]=],
+  exec = [=[
 Usage: mailshot exec FILE [ARGS...]
 
 Run a Lua file with the mailshot runtime: it runs as a task, so it may use relays, sleep,
 spawn and the CSV reader.  The global `arg` holds ARGS (arg[0] is FILE).  An integer
 returned by the file becomes the exit status.
-]],
+]=],
 }
 
 local function say(...) io.stdout:write(...); io.stdout:write("\n") end
@@ -267,6 +281,48 @@ function commands.check(args)
   local words = r.code ~= 0 and (r.code .. (r.enhanced and (" " .. r.enhanced) or "") .. " " .. r.message) or r.message
   say(("result        FAILED at %s: %s"):format(r.stage, words:gsub("\n", " / ")))
   return 1
+end
+
+function commands.mx(args)
+  local opts, pos = parse(args, { dns = "value", timeout = "value" }, "mx")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.mx); return 0 end
+  if #pos ~= 1 then complain("mx: expected one domain (see mailshot mx --help)"); return 2 end
+  local servers
+  if opts.dns then
+    servers = {}
+    for s in opts.dns:gmatch("[^,%s]+") do servers[#servers + 1] = s end
+  end
+  local timeout = tonumber(opts.timeout or 3)
+  if not timeout or timeout <= 0 then complain("mx: --timeout must be a positive number"); return 2 end
+  local domain = pos[1]
+  local ok, plan, err, kind = pcall(mailshot.dns.plan, domain, { server = servers, timeout = timeout })
+  if not ok then complain("mx: ", tostring(plan)); return 2 end
+  if not plan then
+    local what = {
+      nullmx = "null MX: this domain accepts no mail (RFC 7505)",
+      nxdomain = "the domain does not exist (NXDOMAIN)",
+      nodata = "no MX records and no address: mail cannot be delivered",
+      timeout = "no answer from the DNS server (timeout)",
+      servfail = "the DNS server failed (SERVFAIL): try again later",
+      refused = "the DNS server refused the query",
+    }
+    say(("%s: %s"):format(domain, what[kind] or err))
+    if what[kind] and err then say("  (" .. err .. ")") end
+    return 1
+  end
+  if plan[1].implicit then
+    say(("%s: no MX records; mail goes to the domain's own address (implicit MX, RFC 5321 section 5.1)"):format(domain))
+  else
+    say(("%s: %d MX host%s, tried in this order:"):format(domain, #plan, #plan == 1 and "" or "s"))
+  end
+  local deliverable = false
+  for _, h in ipairs(plan) do
+    local addrs = #h.addresses > 0 and table.concat(h.addresses, " ") or ("(" .. (h.error or "no address") .. ")")
+    deliverable = deliverable or #h.addresses > 0
+    say(("  %5d  %-30s %s"):format(h.preference, h.host, addrs))
+  end
+  return deliverable and 0 or 1
 end
 
 function commands.exec(args)

@@ -16,7 +16,10 @@ local M = {
   template = require "mailshot.template",
   mime = require "mailshot.mime",
   csv = require "mailshot.csv",
+  dns = require "mailshot.dns",
+  idna = require "mailshot.idna",
 }
+local direct = require "mailshot.direct"
 
 -- Tasks ------------------------------------------------------------------------------------
 
@@ -83,9 +86,84 @@ function M.relay(opts)
   return relay
 end
 
---- Close every relay made so far (QUIT their idle sessions).  The runner calls it at the end.
+local directs = setmetatable({}, { __mode = "k" })
+
+--- Close every relay and direct sender made so far (QUIT their idle sessions).  The runner
+--- calls it at the end of a run.
 function M.close_relays()
   for r in pairs(relays) do r:close() end
+  for d in pairs(directs) do d:close() end
+end
+
+-- Direct delivery and fallback rules ---------------------------------------------------------
+
+--- A direct sender (see the README): `sender:send(msg)` delivers to the recipient domain's MX hosts.
+function M.direct_sender(opts)
+  local d = direct.new(opts)
+  directs[d] = true
+  return d
+end
+
+local direct_by_options = {}
+
+-- A stable key for an options table, so that mailshot.direct(msg, opts) with equal options
+-- shares one sender (and so its DNS cache and sessions).
+local function options_key(opts)
+  local keys = {}
+  for k, v in pairs(opts) do keys[#keys + 1] = tostring(k) .. "=" .. (type(v) == "table" and table.concat(v, ",") or tostring(v)) end
+  table.sort(keys)
+  return table.concat(keys, ";")
+end
+
+--- Deliver one message directly: mailshot.direct(msg, { dns = "IP[:PORT]", ... }) -> result
+function M.direct(msg, opts)
+  opts = opts or {}
+  local key = options_key(opts)
+  local d = direct_by_options[key]
+  if not d then d = M.direct_sender(opts); direct_by_options[key] = d end
+  return d:send(msg)
+end
+
+-- Stages where nothing was said about the recipient: another path may well succeed.
+local NO_VERDICT = { connect = true, tls = true, greeting = true, ehlo = true, helo = true, starttls = true,
+                     auth = true, dns = true }
+
+--- The default fallback condition: a temporary failure, or a failure before the server said
+--- anything about the message.  Never after a 5xx to MAIL, RCPT or the message itself.
+function M.should_fall_back(result)
+  if result.ok then return false end
+  if result.dns == "nxdomain" or result.dns == "nullmx" then return false end
+  return result.temporary == true or NO_VERDICT[result.stage] == true
+end
+
+local function call_sender(sender, msg, row)
+  if type(sender) == "function" then return sender(msg, row) end
+  return sender:send(msg, row)
+end
+
+--- Try senders in order: mailshot.fallback{ relay, mailshot.direct_sender{ dns = "..." } }
+--- (the brief's "relay, then direct on error"), or the other way round.  A sender is a relay,
+--- a direct sender, anything with :send(msg), or a function(msg, row).  opts.when(result)
+--- decides whether to try the next one (default mailshot.should_fall_back).  The result is
+--- the last sender's, with `fallback` listing every try { via, ok, code, message }.
+function M.fallback(senders, opts)
+  if type(senders) ~= "table" or #senders < 1 then error("mailshot.fallback: expected a list of senders", 2) end
+  for i, s in ipairs(senders) do
+    if type(s) ~= "function" and not (type(s) == "table" or type(s) == "userdata") then
+      error(("mailshot.fallback: sender %d is not a function or an object with :send"):format(i), 2)
+    end
+  end
+  local when = (opts and opts.when) or M.should_fall_back
+  return function(msg, row)
+    local tries, result = {}, nil
+    for i, s in ipairs(senders) do
+      result = call_sender(s, msg, row)
+      tries[#tries + 1] = { via = result.via, ok = result.ok, code = result.code, message = result.message }
+      if result.ok or i == #senders or not when(result) then break end
+    end
+    result.fallback = tries
+    return result
+  end
 end
 
 -- Campaigns --------------------------------------------------------------------------------

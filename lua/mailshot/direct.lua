@@ -1,0 +1,172 @@
+-- mailshot.direct: delivery straight to each recipient domain's mail servers (RFC 5321 §5).
+--
+-- For a message: look the domain's MX hosts up (mailshot.dns.plan: preference order, equal
+-- preferences shuffled, IPv6 then IPv4 addresses, implicit MX, null MX), then try them in turn.
+-- A host that refuses the connection, times out, or answers 4xx/5xx before the transaction
+-- (greeting, EHLO, TLS) is skipped for the next one; once a host has answered MAIL, RCPT or DATA,
+-- its answer is the outcome (a 5xx is permanent; a 4xx is temporary and is not tried elsewhere,
+-- as MTAs do).  Sessions to a host are pooled (one relay object per host and address), and a
+-- domain gets at most `max_per_domain` connections at a time.
+
+local core = require "mailshot.core"
+local smtp = require "mailshot.smtp"
+local dns = require "mailshot.dns"
+local idna = require "mailshot.idna"
+
+local M = {}
+local Direct = {}
+Direct.__index = Direct
+
+local TLS_MODES = {
+  opportunistic = { tls = "opportunistic", verify = false },   -- STARTTLS when offered, unverified, as MTAs do
+  require = { tls = "starttls", verify = false },             -- fail without TLS
+  verify = { tls = "starttls", verify = true },               -- TLS with a certificate valid for the MX name
+  none = { tls = "none", verify = false },
+}
+
+-- Stages where the host never took part in a transaction: try the next one.
+local BEFORE_TRANSACTION = { connect = true, tls = true, greeting = true, ehlo = true, helo = true, starttls = true }
+
+local OPTIONS = { dns = true, helo = true, port = true, source = true, timeout = true, tls = true,
+                  max_per_domain = true, ca_file = true, dns_timeout = true, trace = true }
+
+--- A direct sender: `sender:send(msg)` -> result (a relay's result plus via, mx, address, attempts).
+function M.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("mailshot.direct_sender: expected a table of options", 3) end
+  for k in pairs(opts) do
+    if not OPTIONS[k] then error(("mailshot.direct_sender: unknown option '%s'"):format(tostring(k)), 3) end
+  end
+  local mode = TLS_MODES[opts.tls or "opportunistic"]
+  if not mode then error("mailshot.direct_sender: tls must be \"opportunistic\", \"require\", \"verify\" or \"none\"", 3) end
+  local port = math.tointeger(opts.port or 25)
+  if not port or port < 1 or port > 65535 then error("mailshot.direct_sender: port must be 1..65535", 3) end
+  return setmetatable({
+    via = "direct",
+    opts = opts,
+    mode = mode,
+    port = port,
+    dns_opts = { server = opts.dns, timeout = opts.dns_timeout },
+    max_per_domain = opts.max_per_domain or 2,
+    pools = {},        -- "host|address|tls" -> relay
+    domains = {},      -- domain -> { active = n, waiting = { threads } }
+  }, Direct)
+end
+
+function Direct:pool(host, address, mode)
+  local key = host .. "|" .. address .. "|" .. mode.tls
+  local relay = self.pools[key]
+  if not relay then
+    local server = host:find(":", 1, true) and ("[" .. host .. "]") or host
+    local err
+    relay, err = smtp.relay {
+      server = server .. ":" .. self.port, address = address, tls = mode.tls, verify = mode.verify,
+      ca_file = self.opts.ca_file, helo = self.opts.helo, timeout = self.opts.timeout or 60,
+      source = self.opts.source, max_connections = self.max_per_domain, trace = self.opts.trace,
+    }
+    if not relay then error("direct delivery: " .. err, 0) end
+    self.pools[key] = relay
+  end
+  return relay
+end
+
+-- Per-domain connection cap: a counting semaphore over core.suspend/wake.
+function Direct:acquire(domain)
+  local d = self.domains[domain]
+  if not d then d = { active = 0, waiting = {} }; self.domains[domain] = d end
+  if d.active >= self.max_per_domain then
+    d.waiting[#d.waiting + 1] = core.current()
+    core.suspend()          -- the releaser hands its slot over: active stays the same
+  else
+    d.active = d.active + 1
+  end
+end
+
+function Direct:release(domain)
+  local d = self.domains[domain]
+  local next_task = table.remove(d.waiting, 1)
+  if next_task then core.wake(next_task) else d.active = d.active - 1 end
+end
+
+local function recipients_of(msg)
+  local to = msg.to
+  if type(to) == "string" then return { to } end
+  if type(to) ~= "table" or #to == 0 then error("direct delivery: msg.to must be an address or a list", 3) end
+  return to
+end
+
+local function failure(message, temporary, stage, extra)
+  local r = { ok = false, code = 0, message = message, temporary = temporary, stage = stage, via = "direct", attempts = {} }
+  for k, v in pairs(extra or {}) do r[k] = v end
+  return r
+end
+
+-- Try one host address; with opportunistic TLS a failed handshake is retried in plaintext,
+-- as MTAs do (a broken TLS stack should not stop the mail).
+function Direct:try(msg, host, address, attempts)
+  local r = self:pool(host, address, self.mode):send(msg)
+  attempts[#attempts + 1] = { host = host, address = address, ok = r.ok, code = r.code, enhanced = r.enhanced,
+                              message = r.message, stage = r.stage }
+  if not r.ok and r.stage == "tls" and self.mode.tls == "opportunistic" then
+    r = self:pool(host, address, TLS_MODES.none):send(msg)
+    attempts[#attempts + 1] = { host = host, address = address, ok = r.ok, code = r.code, enhanced = r.enhanced,
+                                message = r.message, stage = r.stage, plaintext = true }
+  end
+  return r
+end
+
+--- Deliver msg ({ from, to, data }) to the recipient domain's mail servers.
+function Direct:send(msg)
+  local rcpts = recipients_of(msg)
+  local domain
+  for _, a in ipairs(rcpts) do
+    local d, err = idna.address_domain_ascii(a)
+    if not d then return failure(("invalid recipient %s: %s"):format(a, err), false, "rcpt") end
+    if domain and d ~= domain then
+      return failure("direct delivery takes one recipient domain per message (" .. domain .. ", " .. d .. ")", false, "rcpt")
+    end
+    domain = d
+  end
+  local plan, err, kind = dns.plan(domain, self.dns_opts)
+  if not plan then
+    local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
+    return failure(err, not permanent, "dns", { dns = kind, domain = domain })
+  end
+  self:acquire(domain)
+  local ok, result = pcall(function()
+    local attempts, last = {}, nil
+    for _, h in ipairs(plan) do
+      if h.error then
+        attempts[#attempts + 1] = { host = h.host, ok = false, code = 0, message = h.error, stage = "dns" }
+      end
+      for _, address in ipairs(h.addresses) do
+        local r = self:try(msg, h.host, address, attempts)
+        last = r
+        r.mx, r.address = h.host, address
+        if r.ok or not (BEFORE_TRANSACTION[r.stage] or (r.code == 0 and r.temporary) or r.code == 421) then
+          r.via, r.attempts, r.domain = "direct", attempts, domain
+          return r
+        end
+      end
+    end
+    -- every host failed before a transaction: worth another try later
+    local r = last or failure(("no mail server of %s could be reached"):format(domain), true, "connect")
+    r.ok, r.temporary, r.via, r.attempts, r.domain = false, true, "direct", attempts, domain
+    r.mx, r.address = nil, nil
+    if #plan > 1 or #(plan[1].addresses) > 1 then
+      r.message = ("all %d mail servers of %s failed; last: %s"):format(#attempts, domain, r.message or "?")
+    end
+    return r
+  end)
+  self:release(domain)
+  if not ok then error(result, 0) end
+  return result
+end
+
+--- QUIT the pooled sessions.
+function Direct:close()
+  for _, relay in pairs(self.pools) do relay:close() end
+end
+
+M.Direct = Direct
+return M

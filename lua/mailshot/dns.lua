@@ -1,0 +1,203 @@
+-- mailshot.dns: MX, A, AAAA and TXT lookups for direct delivery, on the event loop (c-ares).
+--
+-- Answers are cached for their TTL within a run, and concurrent lookups of the same name share
+-- one query, so a list with 100,000 gmail.com addresses asks for gmail.com's MX once.  IDN
+-- domains are looked up in their A-label (punycode) form.
+
+local core = require "mailshot.core"
+local resolver = require "mailshot.resolver"
+local idna = require "mailshot.idna"
+
+local M = {
+  negative_ttl = 300,   -- seconds an NXDOMAIN/NODATA answer is kept (no SOA minimum is read)
+  failure_ttl = 30,     -- seconds a timeout or SERVFAIL is kept, so one dead server is not asked per recipient
+  max_ttl = 86400,
+  stats = { queries = 0, cache_hits = 0, shared = 0 },
+}
+
+local resolvers = {}   -- server list ("" = system configuration) -> resolver
+local cache = {}       -- "TYPE name @servers" -> { expires, records|false, kind, msg }
+local pending = {}     -- same key -> list of tasks waiting for the query in flight
+
+-- "IP", "IP:PORT", "[v6]:PORT", "v6", or a list of those -> the c-ares csv form
+local function server_list(server)
+  if server == nil or server == "" then return "" end
+  local list = type(server) == "table" and server or { server }
+  local out = {}
+  for i, s in ipairs(list) do
+    if type(s) ~= "string" then error("dns: server must be a string or a list of strings", 4) end
+    local ok = s:match("^%d+%.%d+%.%d+%.%d+$") or s:match("^%d+%.%d+%.%d+%.%d+:%d+$")
+      or s:match("^%[[%x:%.]+%]:%d+$") or s:match("^[%x:]+$")
+    if not ok then error(("dns: server %q is not IP[:PORT]"):format(s), 4) end
+    out[i] = s
+  end
+  return table.concat(out, ",")
+end
+
+local function get_resolver(servers, opts)
+  local key = servers .. "|" .. tostring(opts.timeout or "") .. "|" .. tostring(opts.tries or "")
+  local r = resolvers[key]
+  if not r then
+    local err
+    r, err = resolver.new { servers = servers ~= "" and servers or nil, timeout = opts.timeout, tries = opts.tries }
+    if not r then return nil, err end
+    resolvers[key] = r
+  end
+  return r
+end
+
+-- One cached, shared lookup: records | nil, kind, message
+local function lookup(name, qtype, opts)
+  opts = opts or {}
+  local servers = server_list(opts.server)
+  local key = qtype .. " " .. name .. " @" .. servers
+  local now = core.now()
+  local c = cache[key]
+  if c and c.expires > now then
+    M.stats.cache_hits = M.stats.cache_hits + 1
+    return c.records or nil, c.kind, c.msg
+  end
+  local waiting = pending[key]
+  if waiting then
+    M.stats.shared = M.stats.shared + 1
+    waiting[#waiting + 1] = core.current()
+    return core.suspend()
+  end
+  local r, err = get_resolver(servers, opts)
+  if not r then return nil, "error", err end
+  waiting = {}
+  pending[key] = waiting
+  M.stats.queries = M.stats.queries + 1
+  local records, kind, msg = r:query(name, qtype)
+  local ttl
+  if records then
+    ttl = M.max_ttl
+    for _, rec in ipairs(records) do ttl = math.min(ttl, rec.ttl) end
+  else
+    ttl = (kind == "nxdomain" or kind == "nodata") and M.negative_ttl or M.failure_ttl
+  end
+  cache[key] = { expires = core.now() + ttl, records = records or false, kind = kind, msg = msg }
+  pending[key] = nil
+  for _, co in ipairs(waiting) do core.wake(co, records, kind, msg) end
+  return records, kind, msg
+end
+
+local function ascii_name(domain)
+  if type(domain) ~= "string" then error("dns: expected a domain name", 3) end
+  local ascii, err = idna.to_ascii(domain)
+  if not ascii then return nil, ("invalid domain %q: %s"):format(domain, err) end
+  return ascii
+end
+
+local function describe(kind, name, msg)
+  if kind == "nxdomain" then return ("%s does not exist (NXDOMAIN)"):format(name) end
+  if kind == "nodata" then return ("%s has no such record"):format(name) end
+  if kind == "timeout" then return ("no answer from the DNS server for %s (%s)"):format(name, msg) end
+  if kind == "servfail" then return ("the DNS server failed to answer for %s (SERVFAIL)"):format(name) end
+  if kind == "refused" then return ("the DNS server refused to answer for %s"):format(name) end
+  return ("DNS lookup of %s failed: %s"):format(name, msg)
+end
+
+--- MX hosts of a domain sorted by preference: { {host, preference, ttl}, ... }
+--- or nil, message, kind (nxdomain, nodata, nullmx, timeout, servfail, refused, error).
+function M.mx(domain, opts)
+  local name, err = ascii_name(domain)
+  if not name then return nil, err, "error" end
+  local records, kind, msg = lookup(name, "MX", opts)
+  if not records then return nil, describe(kind, name, msg), kind end
+  local list = {}
+  for _, r in ipairs(records) do
+    if r.host ~= "" then list[#list + 1] = { host = r.host:lower(), preference = r.preference, ttl = r.ttl } end
+  end
+  if #list == 0 then   -- RFC 7505: a single MX of "." says the domain accepts no mail
+    return nil, ("%s has a null MX: it accepts no mail (RFC 7505)"):format(name), "nullmx"
+  end
+  table.sort(list, function(a, b)
+    if a.preference ~= b.preference then return a.preference < b.preference end
+    return a.host < b.host
+  end)
+  return list
+end
+
+local function addresses(qtype)
+  return function(name, opts)
+    local ascii, err = ascii_name(name)
+    if not ascii then return nil, err, "error" end
+    local records, kind, msg = lookup(ascii, qtype, opts)
+    if not records then return nil, describe(kind, ascii, msg), kind end
+    local list = {}
+    for i, r in ipairs(records) do list[i] = { address = r.address, ttl = r.ttl } end
+    return list
+  end
+end
+
+--- IPv4 / IPv6 addresses: { {address, ttl}, ... } or nil, message, kind.
+M.a = addresses("A")
+M.aaaa = addresses("AAAA")
+
+--- TXT records (character-strings joined): { {text, ttl}, ... } or nil, message, kind.
+function M.txt(name, opts)
+  local ascii, err = ascii_name(name)
+  if not ascii then return nil, err, "error" end
+  local records, kind, msg = lookup(ascii, "TXT", opts)
+  if not records then return nil, describe(kind, ascii, msg), kind end
+  return records
+end
+
+-- Fisher-Yates over each run of equal preferences (RFC 5321 §5.1: spread the load).
+local function shuffle_equal(list)
+  local i = 1
+  while i <= #list do
+    local j = i
+    while j < #list and list[j + 1].preference == list[i].preference do j = j + 1 end
+    for k = j, i + 1, -1 do
+      local r = math.random(i, k)
+      list[k], list[r] = list[r], list[k]
+    end
+    i = j + 1
+  end
+end
+
+--- The direct sender's plan for a domain (RFC 5321 §5.1): hosts in the order they are tried,
+--- each with its addresses (IPv6 first, then IPv4).
+---   { { host, preference, implicit, addresses = { "::1", "127.0.0.2" }, error = "..." }, ... }
+--- or nil, message, kind when the domain cannot receive mail or the lookup failed.
+--- No MX records means the domain's own addresses (an implicit MX).
+function M.plan(domain, opts)
+  opts = opts or {}
+  local name, err = ascii_name(domain)
+  if not name then return nil, err, "error" end
+  local hosts, msg, kind = M.mx(name, opts)
+  if not hosts then
+    if kind ~= "nodata" then return nil, msg, kind end
+    hosts = { { host = name, preference = 0, implicit = true } }
+  else
+    shuffle_equal(hosts)
+  end
+  local families = opts.families or { "aaaa", "a" }
+  for _, h in ipairs(hosts) do
+    h.addresses = {}
+    local problems = {}
+    for _, fam in ipairs(families) do
+      local list, aerr, akind = M[fam](h.host, opts)
+      if list then
+        for _, a in ipairs(list) do h.addresses[#h.addresses + 1] = a.address end
+      elseif akind ~= "nodata" then
+        problems[#problems + 1] = aerr
+      end
+    end
+    if #h.addresses == 0 then
+      h.error = #problems > 0 and table.concat(problems, "; ") or ("%s has no address"):format(h.host)
+      h.error_kind = "noaddress"
+    end
+  end
+  if hosts[1].implicit and #hosts[1].addresses == 0 then
+    return nil, ("%s has neither MX nor address records"):format(name), "nodata"
+  end
+  return hosts
+end
+
+--- Forget every cached answer (the next lookups ask again).
+function M.flush() cache = {} end
+
+return M
