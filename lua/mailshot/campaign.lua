@@ -9,6 +9,7 @@ local core = require "mailshot.core"
 local csv = require "mailshot.csv"
 local template = require "mailshot.template"
 local mime = require "mailshot.mime"
+local idna = require "mailshot.idna"
 
 local M = {}
 local Campaign = {}
@@ -150,6 +151,13 @@ end
 local function process(c, opts, row, line)
   local email = row[c.email_field]
   local rep = { line = line, email = email }
+  if email and email:find("[\128-\255]") then
+    -- an IDN domain goes out in its A-label form (xn--...), which every server takes; a
+    -- non-ASCII local part would need SMTPUTF8 and is refused by the check below
+    local localpart, domain = idna.split_address(email)
+    local ascii = domain and not localpart:find("[\128-\255]") and idna.to_ascii(domain)
+    if ascii then email = localpart .. "@" .. ascii; row[c.email_field] = email end
+  end
   local ok, why = mime.valid_address(email or "")
   if not email or email == "" then
     rep.status, rep.response = "skipped", ("no '%s' value"):format(c.email_field)

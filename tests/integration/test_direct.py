@@ -65,7 +65,7 @@ class DirectTests(MailshotTestCase):
                    ("dead.test", "mx1.dead.test", 10), ("dead.test", "mx2.dead.test", 20),
                    ("busy.test", "mx1.busy.test", 5), ("busy.test", "mx2.busy.test", 50),
                    ("picky.test", "mx.picky.test", 10), ("tls.test", "mx.tls.test", 10),
-                   ("alldead.test", "mx.alldead.test", 10)],
+                   ("alldead.test", "mx.alldead.test", 10), ("xn--bcher-kva.test", "mx1.a.test", 10)],
             "a": [("mx1.a.test", "127.0.0.3"), ("mx2.a.test", "127.0.0.2"),
                   ("mx1.dead.test", "127.0.0.9"), ("mx2.dead.test", "127.0.0.3"),
                   ("mx1.busy.test", "127.0.0.5"), ("mx2.busy.test", "127.0.0.2"),
@@ -190,6 +190,10 @@ class DirectTests(MailshotTestCase):
         p = mx("nope.test")
         self.assertEqual(p.returncode, 1)
         self.assertIn("the domain does not exist (NXDOMAIN)", p.stdout)
+        p = mx("BÜCHER.test")                      # an IDN domain is looked up in its A-label form
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("mx1.a.test", p.stdout)
+        self.assertIn(("MX", "xn--bcher-kva.test"), self.dns.queries())
         silent = self.start_silent_dns()
         p = mx("a.test", silent.address)
         self.assertEqual(p.returncode, 1)
