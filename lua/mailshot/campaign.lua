@@ -17,7 +17,7 @@ Campaign.__index = Campaign
 
 local FIELDS = {
   recipients = "string", delimiter = "string", from = "any", reply_to = "any", subject = "any",
-  text = "any", html = "any", attachments = "table", headers = "table", send = "function",
+  text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any",
 }
@@ -50,6 +50,13 @@ function M.new(def)
   if not def.recipients then error("mailshot.campaign: 'recipients' (a CSV file) is required", 3) end
   if not def.from then error("mailshot.campaign: 'from' is required", 3) end
   if not def.text and not def.html then error("mailshot.campaign: 'text' or 'html' is required", 3) end
+  local send = def.send
+  if send ~= nil and type(send) ~= "function" then
+    local ok, method = pcall(function() return send.send end)
+    if not ok or type(method) ~= "function" then
+      error("mailshot.campaign: 'send' must be a function(msg, row) or an object with a :send(msg) method", 3)
+    end
+  end
   local c = setmetatable({}, Campaign)
   for k, v in pairs(def) do c[k] = v end
   c.base_dir = template.base_dir
@@ -181,7 +188,8 @@ local function process(c, opts, row, line)
     rep.status, rep.response = "written", path
     return rep
   end
-  local res = c.send(msg, row)
+  local res
+  if type(c.send) == "function" then res = c.send(msg, row) else res = c.send:send(msg, row) end
   if type(res) ~= "table" then
     rep.status, rep.stage, rep.response = "failed", "send", "send function returned " .. tostring(res)
     return rep
