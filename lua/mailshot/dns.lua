@@ -19,10 +19,15 @@ local resolvers = {}   -- server list ("" = system configuration) -> resolver
 local cache = {}       -- "TYPE name @servers" -> { expires, records|false, kind, msg }
 local pending = {}     -- same key -> list of tasks waiting for the query in flight
 
--- "IP", "IP:PORT", "[v6]:PORT", "v6", or a list of those -> the c-ares csv form
+-- "IP", "IP:PORT", "[v6]:PORT", "v6", a list of those, or the same separated by commas
+-- -> the c-ares csv form
 local function server_list(server)
   if server == nil or server == "" then return "" end
-  local list = type(server) == "table" and server or { server }
+  local list = server
+  if type(server) == "string" then
+    list = {}
+    for s in server:gmatch("[^,%s]+") do list[#list + 1] = s end
+  end
   local out = {}
   for i, s in ipairs(list) do
     if type(s) ~= "string" then error("dns: server must be a string or a list of strings", 4) end

@@ -171,6 +171,22 @@ class DirectTests(MailshotTestCase):
         self.assertFalse(res["w3@tls.test"]["ok"])
         self.assertIn("certificate verification failed", res["w3@tls.test"]["message"])
 
+    def test_ipv6_addresses_come_first_and_a_dns_server_list_is_tried_in_turn(self):
+        v6 = self.start_smtpd(host="::1", port=self.port)
+        dns = self.start_dns({"mx": [("six.test", "mx.six.test", 10)],
+                              "a": [("mx.six.test", "127.0.0.2")], "aaaa": [("mx.six.test", "::1")]})
+        silent = self.start_silent_dns()
+        # the first server never answers: c-ares moves on to the second
+        r = self.send(["s@six.test"], DNS=f"{silent.address},{dns.address}")["s@six.test"]
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(r["address"], "::1")
+        self.assertEqual([m["rcpt_tos"][0] for m in v6.messages()], ["s@six.test"])
+        self.assertGreaterEqual(silent.queries_received(), 1)
+        v6.stop()                                   # IPv6 gone: the IPv4 address of the same host is next
+        r = self.send(["t@six.test"], DNS=dns.address)["t@six.test"]
+        self.assertTrue(r["ok"], r)
+        self.assertEqual([a[1] for a in r["attempts"]], ["::1", "127.0.0.2"])
+
     def test_mx_command_says_what_it_found(self):
         def mx(domain, dns=None):
             return self.run_mailshot("mx", domain, "--dns", dns or self.dns.address, "--timeout", "0.5")

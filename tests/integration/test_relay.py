@@ -13,6 +13,7 @@ local mailshot = require "mailshot"
 local relay = mailshot.relay {
   server = os.getenv "SMTP_SERVER", tls = os.getenv "SMTP_TLS" or "starttls", ca_file = os.getenv "SMTP_CA_FILE",
   user = os.getenv "SMTP_USER", password = os.getenv "SMTP_PASSWORD", timeout = tonumber(os.getenv "TIMEOUT" or "10"),
+  source = os.getenv "SOURCE",
 }
 local to = {}
 for a in (os.getenv "TO" or "rcpt@example.com"):gmatch("[^,]+") do to[#to + 1] = a end
@@ -82,6 +83,12 @@ class RelayTests(MailshotTestCase):
         self.assertEqual((r["ok"], r["temporary"], r["code"]), (False, True, 0), r)
         self.assertIn("timed out after 1 s", r["message"])
         self.assertIn(r["stage"], ("mail", "rcpt"))
+
+    def test_source_address_is_the_one_the_server_sees(self):
+        srv = self.start_smtpd(tls=True)
+        r = self.send(srv, SOURCE="127.0.0.5")
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(srv.messages()[0]["peer"][0], "127.0.0.5")
 
     def test_several_recipients_one_refused(self):
         srv = self.start_smtpd(tls=True, reject_rcpt=[("no@", 550, "5.1.1 unknown")])
