@@ -160,7 +160,7 @@ static void push_check(lua_State *L, smtp_conn *c, const relay *r) {
 
 /* ---------------- driving sessions ---------------- */
 
-static void on_send_done(smtp_conn *c, void *ud);
+static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud);
 static void start_op(relay *r, send_op *op, smtp_conn *c);
 
 static void quit_done(smtp_conn *c, void *ud) {
@@ -201,23 +201,24 @@ static void queue_push(relay *r, send_op *op) {
   r->queue_tail = op;
 }
 
-/* A session is free (ready) or gone: give it, or a new one, to the next waiting send. */
+/* A session finished a transaction or is gone: give it (or a new one, within
+ * max_connections) to the sends waiting their turn. */
 static void next_waiter(relay *r, smtp_conn *c) {
-  if (c && !smtp_conn_ready(c)) { pool_remove(r, c); smtp_conn_free(c); c = NULL; }
-  if (!r->queue_head) return;
-  if (!c && r->nconns < r->max_connections) {
-    c = smtp_conn_new(r->loop, &r->cfg);
-    if (c && pool_add(r, c) < 0) { smtp_conn_free(c); c = NULL; }
+  if (c && smtp_conn_dead(c)) { pool_remove(r, c); smtp_conn_free(c); c = NULL; }
+  while (r->queue_head && c && smtp_conn_can_take(c)) start_op(r, queue_pop(r), c);
+  while (r->queue_head && r->nconns < r->max_connections) {
+    smtp_conn *fresh = smtp_conn_new(r->loop, &r->cfg);
+    if (!fresh || pool_add(r, fresh) < 0) { smtp_conn_free(fresh); return; }
+    start_op(r, queue_pop(r), fresh);
   }
-  if (c) start_op(r, queue_pop(r), c);
 }
 
-static void on_send_done(smtp_conn *c, void *ud) {
+static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
   lua_State *co = op->co;
   if (lua_checkstack(co, 8)) {
-    push_result(co, smtp_conn_result(c), op->txn);
+    push_result(co, &t->res, t);
     task_wake(co, 1);
   } else {
     task_wake(co, 0);   /* cannot happen with a sane stack; the caller sees nil */
@@ -230,12 +231,30 @@ static void on_send_done(smtp_conn *c, void *ud) {
 static void start_op(relay *r, send_op *op, smtp_conn *c) {
   op->conn = c;
   if (smtp_conn_send(c, op->txn, on_send_done, op) < 0) {
-    /* the session was not in a state to send: treat as a fresh failure of that session */
-    pool_remove(r, c);
-    smtp_conn_free(c);
-    queue_push(r, op);
-    next_waiter(r, NULL);
+    /* the session cannot take it after all: back to the head of the line */
+    op->qnext = r->queue_head;
+    r->queue_head = op;
+    if (!r->queue_tail) r->queue_tail = op;
   }
+}
+
+/* The session for a new send: an idle one, a new one while under max_connections, then one
+ * that can pipeline it behind the message it carries; NULL: wait in line. */
+static smtp_conn *pick_session(relay *r) {
+  smtp_conn *pipelined = NULL;
+  for (int i = 0; i < r->nconns; i++) {
+    smtp_conn *c = r->conns[i];
+    if (smtp_conn_ready(c)) return c;
+    if (!pipelined && smtp_conn_can_take(c)) pipelined = c;
+  }
+  for (int i = r->nconns - 1; i >= 0; i--)
+    if (smtp_conn_dead(r->conns[i])) { smtp_conn *d = r->conns[i]; pool_remove(r, d); smtp_conn_free(d); }
+  if (r->nconns < r->max_connections) {
+    smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
+    if (c && pool_add(r, c) == 0) return c;
+    smtp_conn_free(c);
+  }
+  return pipelined;
 }
 
 static void on_check_done(smtp_conn *c, void *ud) {
@@ -321,6 +340,15 @@ static int l_relay_new(lua_State *L) {
   lua_Number timeout = field_num(L, 1, "timeout", 60);
   luaL_argcheck(L, timeout > 0 && timeout <= 3600, 1, "timeout must be in (0, 3600] seconds");
   cfg->timeout_ms = (int)(timeout * 1000);
+  lua_Number idle = field_num(L, 1, "idle_timeout", 60);
+  luaL_argcheck(L, idle >= 0 && idle <= 3600, 1, "idle_timeout must be in [0, 3600] seconds");
+  cfg->idle_timeout_ms = (int)(idle * 1000);
+  lua_Number maxm = field_num(L, 1, "max_messages_per_connection", 0);
+  luaL_argcheck(L, maxm >= 0 && maxm <= 1e9, 1, "max_messages_per_connection must be >= 0");
+  cfg->max_messages = (int)maxm;
+  lua_Number depth = field_num(L, 1, "pipeline_depth", 2);
+  luaL_argcheck(L, depth >= 0 && depth <= 4, 1, "pipeline_depth must be 0 (no pipelining), 1, 2, 3 or 4");
+  cfg->pipeline_depth = (int)depth;
   lua_Number maxc = field_num(L, 1, "max_connections", 8);
   luaL_argcheck(L, maxc >= 1 && maxc <= 10000, 1, "max_connections must be in [1, 10000]");
   r->max_connections = (int)maxc;
@@ -397,12 +425,7 @@ static int l_relay_send(lua_State *L) {
   op->next = r->ops;
   r->ops = op;
   if (!lua_isyieldable(L)) { op_unlink(r, op); op_free(op); return task_suspend(L); /* raises */ }
-  smtp_conn *c = NULL;
-  for (int i = 0; i < r->nconns && !c; i++) if (smtp_conn_ready(r->conns[i])) c = r->conns[i];
-  if (!c && r->nconns < r->max_connections) {
-    c = smtp_conn_new(r->loop, &r->cfg);
-    if (!c || pool_add(r, c) < 0) { smtp_conn_free(c); op_unlink(r, op); op_free(op); return luaL_error(L, "out of memory"); }
-  }
+  smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
   if (c) start_op(r, op, c); else queue_push(r, op);
   return task_suspend(L);
 }

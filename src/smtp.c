@@ -1,9 +1,12 @@
 /* smtp.c - SMTP client session state machine (RFC 5321, 3207, 8314, 4954, 2920).  See smtp.h.
  *
- * Shape: enter a state by sending its command (send_cmd), wait for its reply, and decide in
- * on_reply() what comes next.  Replies are parsed once, by smtp_reply_parse(); the failure class
- * comes from smtp_reply_class().  Pipelined transactions (RFC 2920) send MAIL, every RCPT and
- * DATA in one write and then take the replies in order, counted by txn_replied. */
+ * Shape: the session's own states (connect, greeting, EHLO, STARTTLS, AUTH) advance in
+ * on_reply(); once READY, transactions flow through a queue of awaited replies (expect_reply):
+ * each command sent pushes what its reply will answer, each reply pops one.  With PIPELINING
+ * (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the next message's commands
+ * go out right behind the previous message's final dot, so a message costs about one round
+ * trip.  Replies are parsed once, by smtp_reply_parse(); the failure class comes from
+ * smtp_reply_class(). */
 #include "smtp.h"
 #include "net.h"
 #include "tls.h"
@@ -17,27 +20,40 @@
 typedef enum {
   ST_NEW, ST_CONNECT, ST_HANDSHAKE, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS,
   ST_AUTH_PLAIN, ST_AUTH_LOGIN, ST_AUTH_USER, ST_AUTH_PASS,
-  ST_READY, ST_TXN, ST_BODY, ST_RSET, ST_QUIT, ST_DEAD
+  ST_READY, ST_QUIT, ST_DEAD
 } smtp_state;
 
 static const char *state_names[] = {
   "new", "connect", "tls", "greeting", "ehlo", "helo", "starttls",
-  "auth", "auth", "auth", "auth", "ready", "mail", "message", "rset", "quit", "dead"
+  "auth", "auth", "auth", "auth", "ready", "quit", "dead"
 };
 
-enum { OP_NONE, OP_OPEN, OP_SEND, OP_QUIT };
+enum { OP_NONE, OP_OPEN, OP_QUIT };
+
+/* Transaction phases */
+enum { T_QUEUED, T_CMDS, T_BODY, T_DONE };
+
+/* What the next reply answers, in the order the commands went out (RFC 2920 §3.1: replies
+ * come in the order of the commands). */
+typedef enum { EXP_MAIL, EXP_RCPT, EXP_DATA, EXP_DOT, EXP_RSET } exp_kind;
+typedef struct { exp_kind kind; smtp_txn *t; } expect;
+static const char *exp_stage[] = { "mail", "rcpt", "data", "message", "rset" };
 
 #define IN_MAX (2 * SMTP_REPLY_BYTES_MAX)   /* a reply plus what pipelining may queue behind it */
+#define PIPE_MAX 4                          /* transactions one session holds at most */
 
 struct smtp_conn {
   loop *loop;
   const smtp_config *cfg;
   net_stream s;
   smtp_state state;
-  int op;
+  int op;                       /* open/quit operation in progress, with its callback */
   smtp_done_fn *fn;
   void *ud;
-  smtp_txn *txn;
+  smtp_txn *q[PIPE_MAX];        /* transactions held, oldest first */
+  int nq;
+  expect *exp;                  /* replies awaited: exp[exp_head .. exp_len) */
+  size_t exp_head, exp_len, exp_cap;
   loop_timer timer;
   smtp_buf out;
   size_t out_off;
@@ -45,24 +61,24 @@ struct smtp_conn {
   size_t inlen;
   smtp_reply reply;
   smtp_caps caps;
-  smtp_result res;
+  smtp_result res;              /* the session's own outcome (open, or why it died) */
   struct addrinfo *addrs, *next_addr;
   char connect_err[256];
   char *greeting, *ehlo_text;
-  int ehlo_ok, tls_on, authenticated, handshake_after_starttls;
+  int ehlo_ok, tls_on, authenticated, handshake_after_starttls, retiring;
   const char *auth_mech;
-  int txn_replied, mail_ok, body_abort;
   int busy, free_pending, watched, messages;
   char peer[64];
 };
 
 const char *smtp_strstate(const smtp_conn *c) { return state_names[c->state]; }
 
-/* The stage a failure is reported at: inside a (pipelined) transaction, the command whose
- * reply we wait for. */
+static int exp_pending(const smtp_conn *c) { return c->exp_len > c->exp_head; }
+
+/* The stage a failure of the session is reported at: the command whose reply we wait for. */
 static const char *stage_of(const smtp_conn *c) {
-  if (c->state != ST_TXN || !c->txn) return state_names[c->state];
-  return c->txn_replied == 0 ? "mail" : c->txn_replied <= c->txn->nrcpt ? "rcpt" : "data";
+  if (c->state != ST_READY || !exp_pending(c)) return state_names[c->state];
+  return exp_stage[c->exp[c->exp_head].kind];
 }
 
 /* ---------------- transactions ---------------- */
@@ -119,6 +135,7 @@ static void on_io(loop *l, int fd, int events, void *data);
 static void on_timeout(loop *l, void *data);
 static void flush(smtp_conn *c);
 static void read_input(smtp_conn *c);
+static void pump(smtp_conn *c);
 
 static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
   if (!c->cfg->trace) return;
@@ -146,58 +163,109 @@ static void update_watch(smtp_conn *c) {
 
 static void arm_timer(smtp_conn *c) { loop_timer_start(c->loop, &c->timer, (uint64_t)c->cfg->timeout_ms); }
 
+/* In READY: the reply timeout while replies are awaited, else the idle timeout. */
+static void arm_ready_timer(smtp_conn *c) {
+  if (exp_pending(c)) arm_timer(c);
+  else if (c->cfg->idle_timeout_ms > 0) loop_timer_start(c->loop, &c->timer, (uint64_t)c->cfg->idle_timeout_ms);
+  else loop_timer_stop(c->loop, &c->timer);
+}
+
 static void close_socket(smtp_conn *c) {
   loop_timer_stop(c->loop, &c->timer);
   if (c->s.fd >= 0 && c->watched) loop_unwatch(c->loop, c->s.fd);
   c->watched = 0;
   net_close(&c->s);
   c->state = ST_DEAD;
+  c->exp_head = c->exp_len = 0;
 }
 
-/* End the current operation: exactly one call of its callback. */
+/* End the open/quit operation: exactly one call of its callback. */
 static void finish(smtp_conn *c) {
   int op = c->op;
   c->op = OP_NONE;
-  if (c->state == ST_READY) loop_timer_stop(c->loop, &c->timer);
   if (op != OP_NONE && c->fn) c->fn(c, c->ud);
 }
 
-static void set_result(smtp_conn *c, const char *stage, int temporary, int code, const char *enh,
-                       const char *msg) {
-  c->res.ok = 0;
-  c->res.stage = stage;
-  c->res.temporary = temporary;
-  c->res.code = code;
-  snprintf(c->res.enhanced, sizeof c->res.enhanced, "%s", enh ? enh : "");
-  snprintf(c->res.message, sizeof c->res.message, "%s", msg ? msg : "");
+static void set_result(smtp_result *r, const char *stage, int temporary, int code, const char *enh, const char *msg) {
+  int accepted = r->accepted;
+  memset(r, 0, sizeof *r);
+  r->stage = stage;
+  r->temporary = temporary;
+  r->code = code;
+  r->accepted = accepted;
+  snprintf(r->enhanced, sizeof r->enhanced, "%s", enh ? enh : "");
+  snprintf(r->message, sizeof r->message, "%s", msg ? msg : "");
 }
 
-static void set_result_reply(smtp_conn *c, const char *stage) {
-  set_result(c, stage, smtp_reply_class(&c->reply) != SMTP_CLASS_PERMANENT, c->reply.code,
+static void set_result_reply(smtp_conn *c, smtp_result *r, const char *stage) {
+  set_result(r, stage, smtp_reply_class(&c->reply) != SMTP_CLASS_PERMANENT, c->reply.code,
              c->reply.enhanced, c->reply.text);
 }
 
-/* The session is over: close and report. */
+/* The transaction is over: take it off the session, then tell its owner (who may hand the
+ * session a new one from the callback). */
+static void txn_done(smtp_conn *c, smtp_txn *t) {
+  for (int i = 0; i < c->nq; i++)
+    if (c->q[i] == t) {
+      memmove(&c->q[i], &c->q[i + 1], (size_t)(c->nq - i - 1) * sizeof c->q[0]);
+      c->nq--;
+      break;
+    }
+  t->phase = T_DONE;
+  if (t->res.ok) c->messages++;
+  if (t->fn) t->fn(c, t, t->ud);
+}
+
+/* Where a transaction stood when its session died. */
+static const char *txn_stage(const smtp_conn *c, const smtp_txn *t) {
+  switch (t->phase) {
+  case T_QUEUED: return "mail";
+  case T_CMDS: return !t->mail_ok && t->rcpt_replied == 0 ? "mail" : t->rcpt_replied < t->nrcpt ? "rcpt" : "data";
+  default: return "message";
+  }
+}
+
+/* The session died (c->res says why): every transaction it held fails with that reason,
+ * then the open/quit operation ends. */
+static void fail_all(smtp_conn *c, int queued_get_session_stage) {
+  smtp_txn *held[PIPE_MAX];
+  int n = c->nq;
+  memcpy(held, c->q, (size_t)n * sizeof held[0]);
+  for (int i = 0; i < n; i++) {
+    smtp_txn *t = held[i];
+    if (t->phase == T_DONE) continue;
+    if (!t->res.stage) {
+      const char *stage = t->phase == T_QUEUED && queued_get_session_stage ? c->res.stage : txn_stage(c, t);
+      set_result(&t->res, stage, c->res.temporary, c->res.code, c->res.enhanced, c->res.message);
+    }
+    t->res.ok = 0;
+    txn_done(c, t);
+  }
+  finish(c);
+}
+
 static void fail(smtp_conn *c, const char *stage, int temporary, const char *fmt, ...) {
   char msg[512];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
-  set_result(c, stage, temporary, 0, "", msg);
+  int established = c->state == ST_READY;
+  set_result(&c->res, stage, temporary, 0, "", msg);
   trace(c, "!!", "%s: %s", stage, msg);
   close_socket(c);
-  finish(c);
+  fail_all(c, !established);
 }
 
 static void fail_reply(smtp_conn *c, const char *stage) {
-  set_result_reply(c, stage);
+  int established = c->state == ST_READY;
+  set_result_reply(c, &c->res, stage);
   close_socket(c);
-  finish(c);
+  fail_all(c, !established);
 }
 
 static void send_raw(smtp_conn *c, const char *p, size_t n) {
-  if (smtp_buf_append(&c->out, p, n) < 0) { fail(c, stage_of(c), 1, "out of memory"); return; }
+  if (smtp_buf_append(&c->out, p, n) < 0) fail(c, stage_of(c), 1, "out of memory");
 }
 
 /* Queue one command line; `shown` replaces it in the trace (for AUTH). */
@@ -211,6 +279,24 @@ static void send_cmd(smtp_conn *c, const char *shown, const char *fmt, ...) {
   trace(c, ">", "%s", shown ? shown : line);
   memcpy(line + n, "\r\n", 2);
   send_raw(c, line, (size_t)n + 2);
+}
+
+static void expect_reply(smtp_conn *c, exp_kind kind, smtp_txn *t) {
+  if (c->exp_head == c->exp_len) c->exp_head = c->exp_len = 0;
+  if (c->exp_len == c->exp_cap) {
+    if (c->exp_head > 0) {           /* slide down before growing */
+      memmove(c->exp, c->exp + c->exp_head, (c->exp_len - c->exp_head) * sizeof *c->exp);
+      c->exp_len -= c->exp_head;
+      c->exp_head = 0;
+    } else {
+      size_t n = c->exp_cap ? c->exp_cap * 2 : 16;
+      expect *e = realloc(c->exp, n * sizeof *e);
+      if (!e) { fail(c, stage_of(c), 1, "out of memory"); return; }
+      c->exp = e;
+      c->exp_cap = n;
+    }
+  }
+  c->exp[c->exp_len++] = (expect){ kind, t };
 }
 
 /* ---------------- connecting ---------------- */
@@ -292,7 +378,6 @@ static void on_handshake(smtp_conn *c) {
 /* ---------------- after EHLO: TLS, AUTH, ready ---------------- */
 
 static void ready(smtp_conn *c);
-static void start_txn(smtp_conn *c);
 
 static void start_auth(smtp_conn *c) {
   const smtp_config *cfg = c->cfg;
@@ -352,128 +437,171 @@ static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next)
   smtp_buf_free(&b);
 }
 
-static void ready(smtp_conn *c) {
-  c->state = ST_READY;
-  loop_timer_stop(c->loop, &c->timer);
-  if (c->op == OP_SEND) { start_txn(c); return; }
-  c->res.ok = 1;
-  c->res.code = 0;
-  c->res.stage = "ready";
-  finish(c);
-}
 
 /* ---------------- transactions ---------------- */
 
-static void send_rcpt(smtp_conn *c, int i) { send_cmd(c, NULL, "RCPT TO:<%s>", c->txn->rcpt[i].address); }
-
-static void start_txn(smtp_conn *c) {
-  smtp_txn *t = c->txn;
-  memset(&c->res, 0, sizeof c->res);
-  if (c->caps.size_present && c->caps.size && t->size > c->caps.size) {
-    set_result(c, "mail", 0, 552, "5.3.4", "");
-    snprintf(c->res.message, sizeof c->res.message, "message of %zu bytes exceeds the server's limit of %llu (SIZE)",
-             t->size, c->caps.size);
+static void ready(smtp_conn *c) {
+  c->state = ST_READY;
+  loop_timer_stop(c->loop, &c->timer);
+  if (c->op == OP_OPEN) {
+    c->res.ok = 1;
+    c->res.stage = "ready";
     finish(c);
-    return;
+    if (c->state != ST_READY) return;
+  }
+  pump(c);
+}
+
+/* Refuse, before any command, what this server cannot take. */
+static int precheck(smtp_conn *c, smtp_txn *t) {
+  if (c->caps.size_present && c->caps.size && t->size > c->caps.size) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "message of %zu bytes exceeds the server's limit of %llu (SIZE)", t->size, c->caps.size);
+    set_result(&t->res, "mail", 0, 552, "5.3.4", msg);
+    return -1;
   }
   if (t->eightbit && !c->caps.eightbitmime) {
-    set_result(c, "mail", 0, 0, "", "the message has 8-bit content and the server does not offer 8BITMIME "
-                                     "(build it with eightbit = false)");
-    finish(c);
-    return;
+    set_result(&t->res, "mail", 0, 0, "", "the message has 8-bit content and the server does not offer 8BITMIME "
+                                           "(build it with eightbit = false)");
+    return -1;
   }
   if (t->utf8 && !c->caps.smtputf8) {
-    set_result(c, "mail", 0, 0, "", "a non-ASCII address needs SMTPUTF8, which the server does not offer");
-    finish(c);
-    return;
+    set_result(&t->res, "mail", 0, 0, "", "a non-ASCII address needs SMTPUTF8, which the server does not offer");
+    return -1;
   }
+  return 0;
+}
+
+static void send_rcpt(smtp_conn *c, smtp_txn *t, int i) {
+  send_cmd(c, NULL, "RCPT TO:<%s>", t->rcpt[i].address);
+  expect_reply(c, EXP_RCPT, t);
+}
+
+static void send_data_cmd(smtp_conn *c, smtp_txn *t) {
+  send_cmd(c, NULL, "DATA");
+  expect_reply(c, EXP_DATA, t);
+}
+
+static void start_txn(smtp_conn *c, smtp_txn *t) {
   char params[96] = "";
   int n = 0;
   if (c->caps.size_present) n += snprintf(params + n, sizeof params - (size_t)n, " SIZE=%zu", t->size);
   if (t->eightbit) n += snprintf(params + n, sizeof params - (size_t)n, " BODY=8BITMIME");
   if (t->utf8) snprintf(params + n, sizeof params - (size_t)n, " SMTPUTF8");
-  for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].text); t->rcpt[i].text = NULL; t->rcpt[i].code = 0; }
-  c->state = ST_TXN;
-  c->txn_replied = 0;
-  c->mail_ok = 0;
-  c->body_abort = 0;
-  c->res.accepted = 0;
+  t->phase = T_CMDS;
   send_cmd(c, NULL, "MAIL FROM:<%s>%s", t->from, params);
+  expect_reply(c, EXP_MAIL, t);
   if (c->caps.pipelining) {              /* RFC 2920 §3.1: DATA may end the pipelined group */
-    for (int i = 0; i < t->nrcpt; i++) send_rcpt(c, i);
-    send_cmd(c, NULL, "DATA");
+    for (int i = 0; i < t->nrcpt; i++) send_rcpt(c, t, i);
+    send_data_cmd(c, t);
   }
   arm_timer(c);
-  flush(c);
 }
 
-static void send_rset(smtp_conn *c) {
-  c->state = ST_RSET;
+/* Start what can start: the oldest queued transaction, once no other one has commands out
+ * (with PIPELINING, right behind the previous message's final dot; without, when the
+ * session is quiet).  An idle session past its message quota is retired with QUIT. */
+static void pump(smtp_conn *c) {
+  while (c->state == ST_READY) {
+    smtp_txn *next = NULL;
+    int cmds_out = 0;
+    for (int i = 0; i < c->nq; i++) {
+      if (c->q[i]->phase == T_CMDS) cmds_out = 1;
+      if (c->q[i]->phase == T_QUEUED && !next) next = c->q[i];
+    }
+    if (!next || cmds_out || (!c->caps.pipelining && exp_pending(c))) break;
+    if (precheck(c, next) < 0) { txn_done(c, next); continue; }
+    start_txn(c, next);
+  }
+  if (c->state != ST_READY || c->nq > 0 || exp_pending(c)) return;
+  if (c->cfg->max_messages > 0 && c->messages >= c->cfg->max_messages) c->retiring = 1;
+  if (c->retiring && c->op == OP_NONE) {
+    c->state = ST_QUIT;
+    send_cmd(c, NULL, "QUIT");
+    arm_timer(c);
+    return;
+  }
+  arm_ready_timer(c);
+}
+
+/* The transaction failed before its message went: report it, and reset the session. */
+static void txn_failed(smtp_conn *c, smtp_txn *t) {
   send_cmd(c, NULL, "RSET");
+  expect_reply(c, EXP_RSET, NULL);
+  txn_done(c, t);
 }
 
-/* The transaction failed before the message went: keep the first reason, reset, report. */
-static void txn_failed(smtp_conn *c) { send_rset(c); }
+static void on_mail_reply(smtp_conn *c, smtp_txn *t, int ok) {
+  t->mail_ok = ok;
+  if (!ok) { set_result_reply(c, &t->res, "mail"); if (!c->caps.pipelining) txn_failed(c, t); }
+  else if (!c->caps.pipelining) send_rcpt(c, t, 0);
+}
+
+static void on_rcpt_reply(smtp_conn *c, smtp_txn *t, int ok) {
+  int i = t->rcpt_replied++;
+  smtp_rcpt *r = &t->rcpt[i];
+  r->code = c->reply.code;
+  snprintf(r->enhanced, sizeof r->enhanced, "%s", c->reply.enhanced);
+  free(r->text);
+  r->text = strdup(c->reply.text);
+  if (ok && t->mail_ok) t->res.accepted++;
+  else if (t->mail_ok && t->res.stage == NULL) set_result_reply(c, &t->res, "rcpt");   /* first refusal */
+  if (c->caps.pipelining) return;
+  if (i + 1 < t->nrcpt) send_rcpt(c, t, i + 1);
+  else if (t->res.accepted == 0) txn_failed(c, t);
+  else send_data_cmd(c, t);
+}
+
+static void on_data_reply(smtp_conn *c, smtp_txn *t) {
+  if (c->reply.code != 354) {
+    if (t->mail_ok && t->res.accepted > 0) set_result_reply(c, &t->res, "data");
+    txn_failed(c, t);
+    return;
+  }
+  t->phase = T_BODY;
+  if (t->mail_ok && t->res.accepted > 0) {
+    trace(c, ">", "[message: %zu bytes]", t->data.len);
+    send_raw(c, t->data.data, t->data.len);
+  } else {
+    /* RFC 2920 §3.1: a server may say 354 though every RCPT failed: send an empty message
+     * end so the session stays in step, and report the earlier refusal */
+    t->body_abort = 1;
+    send_raw(c, ".\r\n", 3);
+  }
+  expect_reply(c, EXP_DOT, t);
+  pump(c);          /* the next message's MAIL, RCPT, DATA go in the same write */
+}
+
+static void on_dot_reply(smtp_conn *c, smtp_txn *t) {
+  if (!t->body_abort) {
+    int ok = c->reply.code >= 200 && c->reply.code < 300;
+    set_result_reply(c, &t->res, "message");
+    t->res.ok = ok;
+    if (ok) t->res.temporary = 0;
+  }
+  txn_done(c, t);
+  pump(c);
+}
 
 static void on_txn_reply(smtp_conn *c) {
-  smtp_txn *t = c->txn;
-  int i = c->txn_replied++;
+  if (!exp_pending(c)) {
+    /* unsolicited: typically "421 idle timeout" before the server hangs up */
+    trace(c, "--", "unsolicited reply while idle; closing");
+    fail_reply(c, "mail");
+    return;
+  }
+  expect e = c->exp[c->exp_head++];
   int ok = c->reply.code >= 200 && c->reply.code < 400;
-  int pipelined = c->caps.pipelining;
-  if (i == 0) {                                     /* MAIL */
-    c->mail_ok = ok;
-    if (!ok) { set_result_reply(c, "mail"); if (!pipelined) txn_failed(c); }
-    else if (!pipelined) send_rcpt(c, 0);
-    return;
+  switch (e.kind) {
+  case EXP_MAIL: on_mail_reply(c, e.t, ok); break;
+  case EXP_RCPT: on_rcpt_reply(c, e.t, ok); break;
+  case EXP_DATA: on_data_reply(c, e.t); break;
+  case EXP_DOT: on_dot_reply(c, e.t); break;
+  case EXP_RSET:
+    if (!ok) { fail_reply(c, "rset"); return; }
+    pump(c);
+    break;
   }
-  if (i <= t->nrcpt) {                              /* RCPT */
-    smtp_rcpt *r = &t->rcpt[i - 1];
-    r->code = c->reply.code;
-    snprintf(r->enhanced, sizeof r->enhanced, "%s", c->reply.enhanced);
-    free(r->text);
-    r->text = strdup(c->reply.text);
-    if (ok && c->mail_ok) c->res.accepted++;
-    else if (c->mail_ok && c->res.stage == NULL) set_result_reply(c, "rcpt");   /* first refusal */
-    if (pipelined) return;
-    if (i < t->nrcpt) send_rcpt(c, i);
-    else if (c->res.accepted == 0) txn_failed(c);
-    else send_cmd(c, NULL, "DATA");
-    return;
-  }
-  /* DATA */
-  if (c->reply.code == 354) {
-    c->state = ST_BODY;
-    if (c->mail_ok && c->res.accepted > 0) {
-      trace(c, ">", "[message: %zu bytes]", t->data.len);
-      send_raw(c, t->data.data, t->data.len);
-    } else {
-      /* RFC 2920 §3.1: a server may say 354 though every RCPT failed: send an empty message
-       * end so the session stays in step, and report the earlier refusal */
-      c->body_abort = 1;
-      send_raw(c, ".\r\n", 3);
-    }
-    return;
-  }
-  if (c->mail_ok && c->res.accepted > 0) set_result_reply(c, "data");
-  txn_failed(c);
-}
-
-static void on_body_reply(smtp_conn *c) {
-  if (c->body_abort) { send_rset(c); return; }
-  if (c->reply.code >= 200 && c->reply.code < 300) {
-    int accepted = c->res.accepted;
-    set_result_reply(c, "message");
-    c->res.ok = 1;
-    c->res.temporary = 0;
-    c->res.accepted = accepted;
-    c->messages++;
-  } else {
-    int accepted = c->res.accepted;
-    set_result_reply(c, "message");
-    c->res.accepted = accepted;
-  }
-  c->state = ST_READY;
-  finish(c);
 }
 
 /* ---------------- replies ---------------- */
@@ -492,6 +620,7 @@ static void on_reply(smtp_conn *c) {
     if (ok2) {
       c->ehlo_ok = 1;
       smtp_caps_parse(&c->reply, &c->caps);
+      if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
       free(c->ehlo_text);
       c->ehlo_text = strdup(c->reply.text);
       after_ehlo(c);
@@ -528,25 +657,14 @@ static void on_reply(smtp_conn *c) {
     if (code != 334) { fail_reply(c, "auth"); return; }
     send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
     return;
-  case ST_TXN: on_txn_reply(c); return;
-  case ST_BODY: on_body_reply(c); return;
-  case ST_RSET:
-    if (!ok2) { close_socket(c); finish(c); return; }   /* keep the transaction's own result */
-    c->state = ST_READY;
-    finish(c);
-    return;
+  case ST_READY: on_txn_reply(c); return;
   case ST_QUIT:
     close_socket(c);
     c->res.ok = 1;
     finish(c);
     return;
-  case ST_READY:
-    /* unsolicited: typically "421 idle timeout" before the server hangs up */
-    trace(c, "--", "unsolicited reply while idle; closing");
-    close_socket(c);
-    return;
   default:
-    fail(c, stage_of(c), 1, "unexpected reply in state %s", stage_of(c));
+    fail(c, stage_of(c), 1, "unexpected reply in state %s", state_names[c->state]);
     return;
   }
 }
@@ -554,11 +672,7 @@ static void on_reply(smtp_conn *c) {
 /* 421 (RFC 5321 §3.8) in any state: the server is closing the channel. */
 static int closing_reply(smtp_conn *c) {
   if (c->reply.code != 421 || c->state == ST_QUIT) return 0;
-  const char *stage = stage_of(c);
-  if (c->state == ST_READY) { close_socket(c); return 1; }
-  /* a 421 after some recipients got their reply keeps the first refusal if there was one */
-  if (c->state == ST_RSET && c->res.stage) { close_socket(c); finish(c); return 1; }
-  fail_reply(c, stage);
+  fail_reply(c, stage_of(c));
   return 1;
 }
 
@@ -594,20 +708,19 @@ static void read_input(smtp_conn *c) {
     ssize_t n = net_read(&c->s, c->in + c->inlen, IN_MAX - c->inlen, &want);
     if (n == NET_AGAIN) return;
     if (n == NET_EOF || n == NET_ERR) {
-      if (c->state == ST_READY) { close_socket(c); return; }   /* idle session dropped: fine */
+      if (c->state == ST_READY && !exp_pending(c) && c->nq == 0) { close_socket(c); return; }   /* idle: fine */
       if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); return; }
       if (n == NET_EOF)
-        fail(c, stage_of(c), 1, "connection closed by the server while waiting for the %s reply",
-             stage_of(c));
+        fail(c, stage_of(c), 1, "connection closed by the server while waiting for the %s reply", stage_of(c));
       else
-        fail(c, stage_of(c), 1, "connection lost while waiting for the %s reply: %s",
-             stage_of(c), c->s.err);
+        fail(c, stage_of(c), 1, "connection lost while waiting for the %s reply: %s", stage_of(c), c->s.err);
       return;
     }
     c->inlen += (size_t)n;
     process_input(c);
     if (c->state == ST_DEAD || c->free_pending || c->state == ST_HANDSHAKE) return;
-    if (c->state != ST_READY) arm_timer(c);   /* progress: the next reply gets a full timeout */
+    if (c->state == ST_READY) arm_ready_timer(c);   /* progress: the next reply gets a full timeout */
+    else arm_timer(c);
   }
 }
 
@@ -645,6 +758,12 @@ static void on_timeout(loop *l, void *data) {
   c->busy++;
   const char *st = stage_of(c);
   if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); }
+  else if (c->state == ST_READY && !exp_pending(c) && c->nq == 0) {
+    c->retiring = 1;                 /* idle too long: say goodbye */
+    pump(c);
+    flush(c);
+    if (c->state != ST_DEAD) update_watch(c);
+  }
   else fail(c, st, 1, "timed out after %d s waiting for the %s reply", c->cfg->timeout_ms / 1000, st);
   c->busy--;
   if (c->free_pending && c->busy == 0) smtp_conn_free(c);
@@ -666,10 +785,11 @@ smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg) {
 
 void smtp_conn_free(smtp_conn *c) {
   if (!c) return;
-  if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
+  if (c->busy) { c->free_pending = 1; c->fn = NULL; for (int i = 0; i < c->nq; i++) c->q[i]->fn = NULL; return; }
   close_socket(c);
   if (c->addrs) freeaddrinfo(c->addrs);
   smtp_buf_free(&c->out);
+  free(c->exp);
   free(c->in);
   free(c->greeting);
   free(c->ehlo_text);
@@ -696,29 +816,45 @@ static void open_connection(smtp_conn *c) {
   try_connect(c);
 }
 
+/* Run f inside the re-entrancy guard, then write what it queued. */
+#define GUARDED(c, stmt) do { (c)->busy++; stmt; (c)->busy--; \
+  if ((c)->free_pending && (c)->busy == 0) { smtp_conn_free(c); return 0; } \
+  if ((c)->state != ST_DEAD && (c)->state != ST_CONNECT && (c)->state != ST_HANDSHAKE) { flush(c); update_watch(c); } } while (0)
+
 int smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud) {
   if (c->state != ST_NEW || begin(c, OP_OPEN, fn, ud) < 0) return -1;
-  c->busy++;
-  open_connection(c);
-  c->busy--;
-  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+  GUARDED(c, open_connection(c));
   return 0;
 }
 
-int smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_done_fn *fn, void *ud) {
-  if ((c->state != ST_NEW && c->state != ST_READY) || begin(c, OP_SEND, fn, ud) < 0) return -1;
-  c->txn = txn;
-  c->busy++;
-  if (c->state == ST_NEW) open_connection(c);
-  else start_txn(c);
-  c->busy--;
-  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return 0; }
-  if (c->state != ST_DEAD) update_watch(c);
+int smtp_conn_can_take(const smtp_conn *c) {
+  if (c->op != OP_NONE || c->retiring || c->nq >= PIPE_MAX) return 0;
+  if (c->cfg->max_messages > 0 && c->messages + c->nq >= c->cfg->max_messages) return 0;
+  if (c->state == ST_READY) {
+    int depth = c->caps.pipelining ? (c->cfg->pipeline_depth > 0 ? c->cfg->pipeline_depth : 1) : 1;
+    return c->nq < depth;
+  }
+  return c->state != ST_DEAD && c->state != ST_QUIT && c->nq == 0;   /* opening: one waits for it */
+}
+
+int smtp_conn_load(const smtp_conn *c) { return c->nq; }
+
+int smtp_conn_send(smtp_conn *c, smtp_txn *t, smtp_txn_fn *fn, void *ud) {
+  if (!smtp_conn_can_take(c)) return -1;
+  memset(&t->res, 0, sizeof t->res);
+  t->phase = T_QUEUED;
+  t->mail_ok = t->rcpt_replied = t->body_abort = 0;
+  for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].text); t->rcpt[i].text = NULL; t->rcpt[i].code = 0; }
+  t->fn = fn;
+  t->ud = ud;
+  c->q[c->nq++] = t;
+  if (c->state == ST_NEW) { GUARDED(c, open_connection(c)); }
+  else if (c->state == ST_READY) { GUARDED(c, pump(c)); }
   return 0;
 }
 
 int smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud) {
-  if (c->state != ST_READY || begin(c, OP_QUIT, fn, ud) < 0) return -1;
+  if (c->state != ST_READY || c->nq > 0 || exp_pending(c) || begin(c, OP_QUIT, fn, ud) < 0) return -1;
   c->state = ST_QUIT;
   send_cmd(c, NULL, "QUIT");
   arm_timer(c);
@@ -727,7 +863,9 @@ int smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud) {
   return 0;
 }
 
-int smtp_conn_ready(const smtp_conn *c) { return c->state == ST_READY && c->op == OP_NONE; }
+int smtp_conn_ready(const smtp_conn *c) {
+  return c->state == ST_READY && c->op == OP_NONE && c->nq == 0 && !exp_pending(c) && !c->retiring;
+}
 int smtp_conn_dead(const smtp_conn *c) { return c->state == ST_DEAD; }
 const smtp_result *smtp_conn_result(const smtp_conn *c) { return &c->res; }
 

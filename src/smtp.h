@@ -32,6 +32,9 @@ typedef struct smtp_config {
   int allow_plaintext_auth;
   char helo[256];          /* our name for EHLO/HELO */
   int timeout_ms;          /* every single wait: connect, handshake, each reply */
+  int idle_timeout_ms;     /* an idle session is QUIT after this long (0: kept) */
+  int max_messages;        /* QUIT a session after this many messages (0: no limit) */
+  int pipeline_depth;      /* messages a PIPELINING session carries at once (1 or 2) */
   FILE *trace;             /* dialogue log (AUTH masked), or NULL */
 } smtp_config;
 
@@ -42,22 +45,6 @@ typedef struct {
   char enhanced[16];
   char *text;
 } smtp_rcpt;
-
-/* One message: envelope and the DATA bytes already dot-stuffed (smtp_txn_new does that). */
-typedef struct smtp_txn {
-  char *from;
-  smtp_rcpt *rcpt;
-  int nrcpt;
-  smtp_buf data;           /* CRLF, dot-stuffed, ends with ".\r\n" */
-  size_t size;             /* size of the message as given (for SIZE=) */
-  int eightbit, utf8;      /* body has 8-bit bytes / envelope has non-ASCII */
-} smtp_txn;
-
-/* Build a transaction: addresses are checked against injection here, before any network.
- * Returns NULL with a reason in err for a bad envelope or out of memory. */
-smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
-                       char *err, size_t errlen);
-void smtp_txn_free(smtp_txn *t);
 
 typedef struct smtp_result {
   int ok;                  /* the operation succeeded */
@@ -71,7 +58,31 @@ typedef struct smtp_result {
 } smtp_result;
 
 typedef struct smtp_conn smtp_conn;
+typedef struct smtp_txn smtp_txn;
 typedef void smtp_done_fn(smtp_conn *c, void *ud);
+/* A transaction's end: exactly once per smtp_conn_send.  The txn stays the caller's. */
+typedef void smtp_txn_fn(smtp_conn *c, smtp_txn *t, void *ud);
+
+/* One message: envelope and the DATA bytes already dot-stuffed (smtp_txn_new does that). */
+struct smtp_txn {
+  char *from;
+  smtp_rcpt *rcpt;
+  int nrcpt;
+  smtp_buf data;           /* CRLF, dot-stuffed, ends with ".\r\n" */
+  size_t size;             /* size of the message as given (for SIZE=) */
+  int eightbit, utf8;      /* body has 8-bit bytes / envelope has non-ASCII */
+  /* filled in by the session: */
+  smtp_result res;         /* the outcome, valid in the callback */
+  int phase, mail_ok, rcpt_replied, body_abort;
+  smtp_txn_fn *fn;
+  void *ud;
+};
+
+/* Build a transaction: addresses are checked against injection here, before any network.
+ * Returns NULL with a reason in err for a bad envelope or out of memory. */
+smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
+                       char *err, size_t errlen);
+void smtp_txn_free(smtp_txn *t);
 
 smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg);
 /* Abrupt close (no QUIT).  Safe to call from inside a done callback: freeing is deferred. */
@@ -79,12 +90,17 @@ void smtp_conn_free(smtp_conn *c);
 
 /* Connect up to the point where MAIL may be sent (greeting, EHLO, TLS, AUTH). */
 int  smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud);
-/* Send one transaction; opens first if the session is new.  txn stays the caller's. */
-int  smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_done_fn *fn, void *ud);
+/* Give the session one transaction; it opens first if new.  With PIPELINING a second one may
+ * be given while the first is in flight (smtp_conn_can_take): its MAIL, RCPT and DATA go out
+ * in the same write as the first one's message and final dot (RFC 2920 §3.1).  Returns -1
+ * when the session cannot take it. */
+int  smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_txn_fn *fn, void *ud);
+int  smtp_conn_can_take(const smtp_conn *c);  /* send() would be accepted now */
+int  smtp_conn_load(const smtp_conn *c);      /* transactions in flight */
 /* Polite end: QUIT, wait (bounded) for the reply, close. */
 int  smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud);
 
-int  smtp_conn_ready(const smtp_conn *c);    /* open, idle, and reusable */
+int  smtp_conn_ready(const smtp_conn *c);    /* open, idle (no transaction), and reusable */
 int  smtp_conn_dead(const smtp_conn *c);     /* closed or failed: free it */
 const smtp_result *smtp_conn_result(const smtp_conn *c);
 

@@ -90,6 +90,43 @@ class RelayTests(MailshotTestCase):
         self.assertTrue(r["ok"], r)
         self.assertEqual(srv.messages()[0]["peer"][0], "127.0.0.5")
 
+    def test_next_message_is_pipelined_behind_the_final_dot_on_one_connection(self):
+        srv = self.start_smtpd(tls=True)
+        script = self.path("two.lua")
+        with open(script, "w") as f:
+            f.write("""
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", ca_file = os.getenv "SMTP_CA_FILE",
+                               max_connections = 1, trace = true }
+local tasks = {}
+for w = 1, 2 do
+  tasks[w] = mailshot.spawn(function()
+    for i = 1, 5 do
+      local r = relay:send { from = "s@example.org", to = ("w%d-%d@example.com"):format(w, i), data = "Subject: p\\n\\nhi\\n" }
+      assert(r.ok, r.message)
+    end
+  end)
+end
+for w = 1, 2 do assert(tasks[w]:join()) end
+""")
+        from tests.integration.harness import make_cert
+        cert, _ = make_cert(self.tmp)
+        p = self.run_mailshot("exec", script, env={"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert})
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        self.assertEqual(srv.message_count(), 10)
+        self.assertEqual(srv.connections(), 1)
+        # client trace: a message's body, then the next MAIL before the reply to the first dot
+        lines = [l.split(" ", 2)[1:] for l in p.stderr.splitlines() if " > " in l or " < " in l]
+        overlapped = 0
+        for i, (d, text) in enumerate(lines):
+            if d == ">" and text.startswith("[message:"):
+                rest = lines[i + 1:]
+                nxt = next((j for j, (d2, t2) in enumerate(rest) if d2 == ">" and t2.startswith("MAIL FROM")), None)
+                reply = next((j for j, (d2, t2) in enumerate(rest) if d2 == "<" and "queued" in t2), None)
+                if nxt is not None and reply is not None and nxt < reply:
+                    overlapped += 1
+        self.assertGreaterEqual(overlapped, 4, "\n".join(" ".join(l) for l in lines[:60]))
+
     def test_several_recipients_one_refused(self):
         srv = self.start_smtpd(tls=True, reject_rcpt=[("no@", 550, "5.1.1 unknown")])
         r = self.send(srv, TO="a@example.com,no@example.com,b@example.com")
