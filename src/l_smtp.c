@@ -23,6 +23,10 @@
 
 #define RELAY_MT "mailshot.relay"
 
+/* smtp.log(path): the SMTP dialogue of every relay made afterwards goes to this file
+ * (AUTH data masked), for `mailshot run --log FILE`.  Kept open until exit. */
+static FILE *dialogue_log;
+
 typedef enum { OP_SEND, OP_CHECK } op_kind;
 
 typedef struct send_op {
@@ -361,6 +365,7 @@ static int l_relay_new(lua_State *L) {
   const char *addr = field_str(L, 1, "address", NULL);   /* connect here, keep server's name for TLS */
   if (addr) snprintf(cfg->connect_addr, sizeof cfg->connect_addr, "%s", addr);
   if (field_bool(L, 1, "trace", 0)) cfg->trace = stderr;
+  else if (dialogue_log) cfg->trace = dialogue_log;
   const char *user = field_str(L, 1, "user", NULL);
   const char *password = field_str(L, 1, "password", NULL);
   if (user && *user && !password) return luaL_error(L, "option 'user' is set but 'password' is not");
@@ -503,6 +508,17 @@ static int l_relay_tostring(lua_State *L) {
   return 1;
 }
 
+static int l_log(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  FILE *f = fopen(path, "a");
+  if (!f) return luaL_fileresult(L, 0, path);
+  setvbuf(f, NULL, _IOLBF, 0);   /* a line at a time: the log is for watching a run */
+  if (dialogue_log) fclose(dialogue_log);
+  dialogue_log = f;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 int luaopen_mailshot_smtp(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "send", l_relay_send }, { "check", l_relay_check }, { "close", l_relay_close },
@@ -511,7 +527,7 @@ int luaopen_mailshot_smtp(lua_State *L) {
   static const luaL_Reg meta[] = {
     { "__gc", l_relay_gc }, { "__close", l_relay_gc }, { "__tostring", l_relay_tostring }, { NULL, NULL }
   };
-  static const luaL_Reg funcs[] = { { "relay", l_relay_new }, { NULL, NULL } };
+  static const luaL_Reg funcs[] = { { "relay", l_relay_new }, { "log", l_log }, { NULL, NULL } };
   luaL_newmetatable(L, RELAY_MT);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);

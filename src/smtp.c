@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 typedef enum {
   ST_NEW, ST_CONNECT, ST_HANDSHAKE, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS,
@@ -141,6 +142,13 @@ static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
   if (!c->cfg->trace) return;
   va_list ap;
   va_start(ap, fmt);
+  if (c->cfg->trace != stderr) {       /* a log file: wall-clock time first */
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    localtime_r(&ts.tv_sec, &tm);
+    fprintf(c->cfg->trace, "%02d:%02d:%02d.%03ld ", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+  }
   fprintf(c->cfg->trace, "%s %s ", c->peer[0] ? c->peer : c->cfg->host, dir);
   vfprintf(c->cfg->trace, fmt, ap);
   fputc('\n', c->cfg->trace);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct { lua_State *co; int nargs; } ready_entry;
 
@@ -226,6 +227,14 @@ static int core_now(lua_State *L) {
   return 1;
 }
 
+/* mailshot.core.isatty(fd): is standard input (0), output (1) or error (2) a terminal? */
+static int core_isatty(lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, fd >= 0 && fd <= 2, 1, "0, 1 or 2");
+  lua_pushboolean(L, isatty((int)fd));
+  return 1;
+}
+
 /* mailshot.core.current(): the running thread and whether it is a task */
 static int core_current(lua_State *L) {
   int ismain = lua_pushthread(L);
@@ -236,7 +245,8 @@ static int core_current(lua_State *L) {
 int luaopen_mailshot_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "spawn", core_spawn }, { "sleep", core_sleep }, { "suspend", core_suspend },
-    { "wake", core_wake }, { "now", core_now }, { "current", core_current }, { NULL, NULL }
+    { "wake", core_wake }, { "now", core_now }, { "current", core_current },
+    { "isatty", core_isatty }, { NULL, NULL }
   };
   luaL_newlib(L, funcs);
   return 1;

@@ -132,11 +132,12 @@ local function open_report(path)
   if not f then return nil, ("report %s: %s"):format(path, err) end
   f:setvbuf("full", 65536)
   f:write(table.concat(REPORT_COLUMNS, ","), "\r\n")
-  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0 } }, Report)
+  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0 } }, Report)
 end
 
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
+  if r.temporary and r.status == "failed" then self.counts.deferred = self.counts.deferred + 1 end
   local out = {}
   for i, k in ipairs(REPORT_COLUMNS) do out[i] = csv_field(r[k]) end
   self.f:write(table.concat(out, ","), "\r\n")
@@ -196,9 +197,54 @@ local function process(c, opts, row, line)
   end
   rep.status = res.ok and "sent" or "failed"
   rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
-  rep.via, rep.mx = res.via, res.mx
+  rep.via, rep.mx, rep.temporary = res.via, res.mx, res.temporary
   rep.response = one_line(res.message)
   return rep
+end
+
+-- Progress ------------------------------------------------------------------------------
+
+local function fmt_duration(s)
+  if not s or s ~= s or s == math.huge then return "--:--" end
+  s = math.floor(s + 0.5)
+  if s >= 3600 then return ("%d:%02d:%02d"):format(s // 3600, s % 3600 // 60, s % 60) end
+  return ("%d:%02d"):format(s // 60, s % 60)
+end
+
+--- A task that shows the run's progress until stop() is called: a live line rewritten in
+--- place on a terminal (`live`), or a plain line every `interval` seconds.  It only reads
+--- counters, so it costs a few microseconds per refresh.
+function Campaign:progress_task(report, p)
+  local total = p.total
+  local started, running = core.now(), true
+  local last_t, last_done, rate = started, 0, 0
+  local out = io.stderr
+  local function line()
+    local c = report.counts
+    local done = c.sent + c.failed + c.skipped + c.written
+    local now = core.now()
+    if now - last_t >= 1 or rate == 0 then     -- a rate over the last second or so
+      rate = (done - last_done) / math.max(now - last_t, 1e-3)
+      last_t, last_done = now, done
+    end
+    local avg = done / math.max(now - started, 1e-3)
+    local eta = total and total > done and avg > 0 and (total - done) / avg or nil
+    return ("%s%d%s  sent %d  failed %d  deferred %d  skipped %d  %.0f/s  ETA %s  conns %d"):format(
+      self.name and (self.name .. ": ") or "", done, total and ("/" .. total) or "", c.sent, c.failed - c.deferred,
+      c.deferred, c.skipped, rate, fmt_duration(eta), p.connections and p.connections() or 0)
+  end
+  core.spawn(function()
+    while running do
+      core.sleep(p.live and 0.25 or p.interval)
+      if not running then break end
+      if p.live then out:write("\r\27[K", line()) else out:write("mailshot: ", line(), "\n") end
+      out:flush()
+    end
+  end)
+  return { stop = function()
+    running = false
+    if p.live then out:write("\r\27[K"); out:flush() end
+  end }
 end
 
 --- Run the campaign.  opts: dry (bool), outbox (dir), report (path), concurrency, quiet, limit.
@@ -237,6 +283,7 @@ function Campaign:run(opts)
     end
   end
 
+  local progress = opts.progress and self:progress_task(report, opts.progress)
   local script_error_shown = false
   local workers = opts.dry and 1 or (opts.concurrency or self.concurrency)
   local running, main = workers, core.current()
@@ -263,6 +310,7 @@ function Campaign:run(opts)
   end
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
+  if progress then progress.stop() end
   reader:close()
   report:close()
   if failure then error(failure, 0) end

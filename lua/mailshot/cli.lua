@@ -32,7 +32,8 @@ Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
 
 local COMMAND_HELP = {
   run = [=[
-Usage: mailshot run SCRIPT [--send] [--outbox DIR] [--report FILE] [--concurrency N] [--limit N] [--quiet]
+Usage: mailshot run SCRIPT [--send] [--outbox DIR] [--report FILE] [--concurrency N] [--limit N]
+                           [--log FILE] [--quiet] [--progress SECONDS]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
@@ -43,7 +44,13 @@ found relative to the script's folder.
                     (default: NAME-report.csv in the current folder, NAME being the script's)
   --concurrency N   messages in flight at once (default: the campaign's, else 8)
   --limit N         stop after N recipient rows
-  --quiet           no summary line
+  --log FILE        append the SMTP dialogue of every session to FILE (AUTH data masked)
+  --quiet           no live progress line: a plain progress line every 10 s instead (also
+                    what happens when stderr is not a terminal)
+  --progress SECS   seconds between plain progress lines (default 10; 0: none)
+
+With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
+failures), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run).  Exit status 0 only if no message failed.
@@ -156,7 +163,7 @@ local commands = {}
 
 function commands.run(args)
   local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
-                                  limit = "value", quiet = "flag" }, "run")
+                                  limit = "value", quiet = "flag", log = "value", progress = "value" }, "run")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
@@ -164,16 +171,31 @@ function commands.run(args)
   local err
   if opts.concurrency then run.concurrency, err = positive_int(opts.concurrency, "concurrency") end
   if not err and opts.limit then run.limit, err = positive_int(opts.limit, "limit") end
+  local every = tonumber(opts.progress or 10)
+  if not every or every < 0 then err = "--progress must be a number of seconds" end
   if err then complain("run: ", err); return 2 end
+  if opts.log then
+    local ok, lerr = require("mailshot.smtp").log(opts.log)
+    if not ok then complain("run: --log: ", lerr); return 2 end
+  end
   local c
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
   run.report = opts.report or (c.name .. "-report.csv")
+  if opts.send then
+    local live = not opts.quiet and mailshot.core.isatty(2)
+    if live or every > 0 then
+      local lines = mailshot.csv.count_lines(c.recipients_path)
+      local total = lines and math.max(lines - 1, 0)
+      if total and run.limit then total = math.min(total, run.limit) end
+      run.progress = { live = live, interval = every, total = total, connections = mailshot.connections }
+    end
+  end
   local counts
   counts, err = c:run(run)
   mailshot.close_relays()
   if not counts then complain(err); return 2 end
-  if not opts.quiet then
+  do
     local done = counts.sent + counts.failed + counts.written
     say(("mailshot: %s: %d recipients: %s%d failed, %d skipped in %.1f s (%.0f msg/s); report: %s%s"):format(
       c.name, counts.total,

@@ -61,6 +61,7 @@ M.now = core.now
 -- Relays -----------------------------------------------------------------------------------
 
 local relays = setmetatable({}, { __mode = "k" })   -- to close politely at the end of a run
+local directs = setmetatable({}, { __mode = "k" })
 
 local function read_secret_file(path)
   local f, err = io.open(path, "r")
@@ -86,13 +87,21 @@ function M.relay(opts)
   return relay
 end
 
-local directs = setmetatable({}, { __mode = "k" })
-
 --- Close every relay and direct sender made so far (QUIT their idle sessions).  The runner
 --- calls it at the end of a run.
 function M.close_relays()
   for r in pairs(relays) do r:close() end
   for d in pairs(directs) do d:close() end
+end
+
+--- Open SMTP sessions across every relay and direct sender (for the progress view).
+function M.connections()
+  local n = 0
+  for r in pairs(relays) do n = n + r:stats().connections end
+  for d in pairs(directs) do
+    for _, r in pairs(d.pools) do n = n + r:stats().connections end
+  end
+  return n
 end
 
 -- Direct delivery and fallback rules ---------------------------------------------------------

@@ -60,6 +60,54 @@ class CampaignTests(MailshotTestCase):
         with open(self.path("report.csv")) as f:
             self.assertNotIn(PW, p.stdout + p.stderr + f.read())
 
+    def test_log_has_the_dialogue_without_the_password_and_progress_lines_on_a_pipe(self):
+        rows = [[f"user{i}@example.com", f"N{i}"] for i in range(300)]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW}, delay=["DATA-END:0.002"])
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", "--log", "dialogue.log",
+                              "--progress", "0.1", "--concurrency", "2", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+        with open(self.path("dialogue.log")) as f:
+            log = f.read()
+        self.assertNotIn(PW, log)
+        self.assertIn("AUTH PLAIN ********", log)
+        self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
+        self.assertRegex(log, r"< 250 .*queued")
+        progress = [l for l in p.stderr.splitlines() if l.startswith("mailshot: campaign: ")]
+        self.assertTrue(progress, p.stderr)
+        self.assertRegex(progress[-1], r"^mailshot: campaign: \d+/300  sent \d+  failed 0  deferred 0  skipped 0  \d+/s  ETA \S+  conns \d+$")
+
+    def test_live_progress_line_on_a_terminal(self):
+        import pty
+        import subprocess
+        rows = [[f"user{i}@example.com", f"N{i}"] for i in range(200)]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW}, delay=["DATA-END:0.003"])
+        master, slave = pty.openpty()
+        env = dict(os.environ, **self.relay_env(srv))
+        from tests.integration.harness import MAILSHOT
+        proc = subprocess.Popen([MAILSHOT, "run", script, "--send", "--report", self.path("r.csv"), "--concurrency", "2"],
+                                stdout=subprocess.PIPE, stderr=slave, env=env, cwd=self.tmp)
+        os.close(slave)
+        chunks = []
+        try:
+            while True:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            out, _ = proc.communicate(timeout=60)
+            os.close(master)
+        tty = b"".join(chunks).decode(errors="replace")
+        self.assertEqual(proc.returncode, 0, tty)
+        self.assertIn("\r\x1b[K", tty)                     # rewritten in place
+        self.assertRegex(tty, r"campaign: \d+/200  sent \d+")
+        self.assertIn(b"200 sent", out)
+
     def test_550_on_one_recipient_leaves_the_others_sent(self):
         rows = [["a@example.com", "A"], ["bad@example.com", "B"], ["c@example.com", "C"]]
         script = self.example_copy(rows)
