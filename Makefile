@@ -3,6 +3,7 @@
 #   make            build ./mailshot
 #   make demo       install missing Debian packages, build, dry-run the example campaign
 #   make check      install missing Debian packages, build, run every test
+#   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -30,7 +31,7 @@ SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
 DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev
 DEB_TEST  := python3 python3-aiosmtpd openssl postfix dnsmasq-base valgrind
 
-.PHONY: all deps demo check test unit luatest integration install clean
+.PHONY: all deps demo check test unit luatest integration bench install clean
 all: mailshot
 
 build build/asan:
@@ -59,7 +60,16 @@ build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
 	$(CC) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
 
 deps:
-	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test,$(MAKECMDGOALS)),$(DEB_TEST))
+	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench,$(MAKECMDGOALS)),$(DEB_TEST))
+
+# A TLS-capable sink for the benchmark (smtp-sink has no STARTTLS).
+build/tls_sink: tests/servers/tls_sink.c | build
+	$(CC) -O2 -std=c11 -Wall -Wextra -D_GNU_SOURCE -o $@ $< $(shell pkg-config --cflags --libs openssl)
+
+# mailshot against Postfix's smtp-sink, beside smtp-source; see scripts/bench.py for the knobs.
+bench: deps
+	@$(MAKE) --no-print-directory mailshot build/tls_sink
+	/usr/bin/python3 scripts/bench.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot

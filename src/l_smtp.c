@@ -531,8 +531,11 @@ int luaopen_mailshot_smtp(lua_State *L) {
   luaL_newmetatable(L, RELAY_MT);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__index");       /* metatable.__index = methods */
   luaL_newlib(L, funcs);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "methods");       /* smtp.methods: lets Lua wrap a method (rate limits) */
+  lua_remove(L, -2);
   return 1;
 }

@@ -10,6 +10,7 @@ local csv = require "mailshot.csv"
 local template = require "mailshot.template"
 local mime = require "mailshot.mime"
 local idna = require "mailshot.idna"
+local rate = require "mailshot.rate"
 
 local M = {}
 local Campaign = {}
@@ -19,7 +20,7 @@ local FIELDS = {
   recipients = "string", delimiter = "string", from = "any", reply_to = "any", subject = "any",
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
-  email_field = "string", name = "string", cc = "any",
+  email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
 }
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
@@ -68,12 +69,52 @@ function M.new(def)
   for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html" } do
     c.tpl[k] = compile(def[k], k, def.helpers)
   end
+  if def.rate ~= nil then
+    local spec = type(def.rate) == "function" and rate.custom(def.rate) or def.rate
+    c.limiter = rate.new(spec, { name = "campaign" })
+  end
+  c.domain_limiters = {}
   c.header_tpl = {}
   for name, value in pairs(def.headers or {}) do c.header_tpl[name] = compile(value, "headers." .. name, def.helpers) end
   return c
 end
 
 function M.is_campaign(x) return getmetatable(x) == Campaign end
+
+-- Rate limits: the campaign's own, then the recipient domain's (domain_rate[domain], or
+-- domain_rate["*"] as every other domain's own limiter).  Slots are taken with begin() and
+-- given back when the server has answered, so the windows hold at the receiver too.
+-- -> { {limiter, token}, ... } | nil, reason
+function Campaign:begin_rate(email)
+  local domain = (email:match("@([^@]+)$") or ""):lower()
+  local held = {}
+  local limiter = self.limiter
+  local dr = self.domain_rate
+  if dr then
+    local l = self.domain_limiters[domain]
+    if l == nil then
+      local spec = dr[domain] or dr["*"]
+      l = spec and rate.new(type(spec) == "function" and rate.custom(spec) or spec, { name = domain }) or false
+      self.domain_limiters[domain] = l
+    end
+    for _, lim in ipairs { limiter or false, l } do
+      if lim then
+        local token, why = lim:begin(domain)
+        if not token then self:complete_rate(held); return nil, why end
+        held[#held + 1] = { lim, token }
+      end
+    end
+  elseif limiter then
+    local token, why = limiter:begin(domain)
+    if not token then return nil, why end
+    held[1] = { limiter, token }
+  end
+  return held
+end
+
+function Campaign:complete_rate(held)
+  for _, h in ipairs(held) do h[1]:complete(h[2]) end
+end
 
 -- Rendering --------------------------------------------------------------------------------
 
@@ -189,8 +230,17 @@ local function process(c, opts, row, line)
     rep.status, rep.response = "written", path
     return rep
   end
-  local res
-  if type(c.send) == "function" then res = c.send(msg, row) else res = c.send:send(msg, row) end
+  local held, why = c:begin_rate(email)
+  if not held then
+    rep.status, rep.stage, rep.response, rep.temporary = "failed", "rate", "rate limit: " .. tostring(why), true
+    return rep
+  end
+  local sent, res = pcall(function()
+    if type(c.send) == "function" then return c.send(msg, row) end
+    return c.send:send(msg, row)
+  end)
+  c:complete_rate(held)
+  if not sent then error(res, 0) end
   if type(res) ~= "table" then
     rep.status, rep.stage, rep.response = "failed", "send", "send function returned " .. tostring(res)
     return rep

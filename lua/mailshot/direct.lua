@@ -12,6 +12,7 @@ local core = require "mailshot.core"
 local smtp = require "mailshot.smtp"
 local dns = require "mailshot.dns"
 local idna = require "mailshot.idna"
+local rate = require "mailshot.rate"
 
 local M = {}
 local Direct = {}
@@ -28,7 +29,8 @@ local TLS_MODES = {
 local BEFORE_TRANSACTION = { connect = true, tls = true, greeting = true, ehlo = true, helo = true, starttls = true }
 
 local OPTIONS = { dns = true, helo = true, port = true, source = true, timeout = true, tls = true,
-                  max_per_domain = true, ca_file = true, dns_timeout = true, trace = true }
+                  max_per_domain = true, ca_file = true, dns_timeout = true, trace = true, rate = true,
+                  domain_rate = true }
 
 --- A direct sender: `sender:send(msg)` -> result (a relay's result plus via, mx, address, attempts).
 function M.new(opts)
@@ -50,6 +52,9 @@ function M.new(opts)
     max_per_domain = opts.max_per_domain or 2,
     pools = {},        -- "host|address|tls" -> relay
     domains = {},      -- domain -> { active = n, waiting = { threads } }
+    limiters = {},     -- domain -> rate limiter
+    rate = opts.rate and rate.parse(opts.rate),
+    domain_rate = opts.domain_rate,
   }, Direct)
 end
 
@@ -68,6 +73,18 @@ function Direct:pool(host, address, mode)
     self.pools[key] = relay
   end
   return relay
+end
+
+-- Each domain's rate limiter: domain_rate[domain] when given, else `rate` (each domain gets
+-- its own limiter with that spec), else none.
+function Direct:limiter(domain)
+  local l = self.limiters[domain]
+  if l == nil then
+    local spec = self.domain_rate and self.domain_rate[domain] or self.rate
+    l = spec and rate.new(spec, { name = "direct " .. domain }) or false
+    self.limiters[domain] = l
+  end
+  return l or nil
 end
 
 -- Per-domain connection cap: a counting semaphore over core.suspend/wake.
@@ -132,6 +149,13 @@ function Direct:send(msg)
     local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
     return failure(err, not permanent, "dns", { dns = kind, domain = domain })
   end
+  local limiter = self:limiter(domain)
+  local token
+  if limiter then
+    local why
+    token, why = limiter:begin(domain)
+    if not token then return failure("rate limit: " .. tostring(why), true, "rate", { domain = domain }) end
+  end
   self:acquire(domain)
   local ok, result = pcall(function()
     local attempts, last = {}, nil
@@ -159,6 +183,7 @@ function Direct:send(msg)
     return r
   end)
   self:release(domain)
+  if token then limiter:complete(token) end
   if not ok then error(result, 0) end
   return result
 end

@@ -18,6 +18,7 @@ local M = {
   csv = require "mailshot.csv",
   dns = require "mailshot.dns",
   idna = require "mailshot.idna",
+  rate = require "mailshot.rate",
 }
 local direct = require "mailshot.direct"
 
@@ -63,6 +64,23 @@ M.now = core.now
 local relays = setmetatable({}, { __mode = "k" })   -- to close politely at the end of a run
 local directs = setmetatable({}, { __mode = "k" })
 
+-- Per-relay rate limits: relay:send waits for the relay's limiter first.  The C method is
+-- wrapped once, here, for every relay.
+local relay_limits = setmetatable({}, { __mode = "k" })
+local c_send = smtp.methods.send
+smtp.methods.send = function(self, msg, ...)
+  local limiter = relay_limits[self]
+  if not limiter then return c_send(self, msg, ...) end
+  local token, why = limiter:begin()
+  if not token then
+    return { ok = false, code = 0, message = "rate limit: " .. tostring(why), temporary = true, stage = "rate", via = "relay" }
+  end
+  local ok, result = pcall(c_send, self, msg, ...)
+  limiter:complete(token)          -- the slot counts from the server's answer (see mailshot.rate)
+  if not ok then error(result, 0) end
+  return result
+end
+
 local function read_secret_file(path)
   local f, err = io.open(path, "r")
   if not f then error("relay: password_file: " .. err, 3) end
@@ -81,9 +99,14 @@ function M.relay(opts)
   if o.password_file then o.password = read_secret_file(o.password_file); o.password_file = nil end
   if o.ca_file == "" then o.ca_file = nil end
   if o.tls == "" then o.tls = nil end
+  local limits = o.rate
+  o.rate = nil
+  local rules = limits and M.rate.parse(limits)
+  if rules and rules.max_connections and not o.max_connections then o.max_connections = rules.max_connections end
   local relay, err = smtp.relay(o)
   if not relay then error("mailshot.relay: " .. err, 2) end
   relays[relay] = true
+  if rules and #rules > 0 then relay_limits[relay] = M.rate.new(rules, { name = tostring(relay) }) end
   return relay
 end
 

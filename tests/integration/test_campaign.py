@@ -108,6 +108,63 @@ class CampaignTests(MailshotTestCase):
         self.assertRegex(tty, r"campaign: \d+/200  sent \d+")
         self.assertIn(b"200 sent", out)
 
+    def test_rate_limit_windows_hold_at_the_receiver(self):
+        # "50/s" for 150 messages: any second of the server's own timestamps holds at most 50,
+        # and the run cannot be faster than the two full windows it needs
+        d = self.path("rl")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email"], [[f"r{i}@example.com"] for i in range(150)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write('''
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none", rate = "50/s" }
+return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subject = "r", text = "hi",
+                           send = relay, concurrency = 16 }
+''')
+        srv = self.start_smtpd()
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--report", "r.csv",
+                              env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        stamps = sorted(m["received_at"] for m in srv.messages())
+        self.assertEqual(len(stamps), 150)
+        busiest, j = 0, 0
+        for i in range(len(stamps)):
+            while stamps[i] - stamps[j] >= 1.0:
+                j += 1
+            busiest = max(busiest, i - j + 1)
+        self.assertLessEqual(busiest, 50)
+        self.assertGreaterEqual(stamps[-1] - stamps[0], 1.9)
+
+    def test_per_domain_rate_and_custom_function(self):
+        d = self.path("dr")
+        os.makedirs(d)
+        rows = [[f"a{i}@slow.example"] for i in range(6)] + [[f"b{i}@fast.example"] for i in range(20)] + [["c@no.example"]]
+        write_csv(os.path.join(d, "list.csv"), ["email"], rows)
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write('''
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none" }
+return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subject = "r", text = "hi",
+  send = relay, concurrency = 8,
+  domain_rate = {
+    ["slow.example"] = "2/s",
+    ["no.example"] = function(info) return false, "warm-up: no.example gets nothing on day " .. info.day end,
+  },
+}
+''')
+        srv = self.start_smtpd()
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--report", "r.csv",
+                              env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        self.assertEqual((rep["c@no.example"]["status"], rep["c@no.example"]["stage"]), ("failed", "rate"))
+        self.assertIn("warm-up", rep["c@no.example"]["response"])
+        slow = sorted(m["received_at"] for m in srv.messages() if m["rcpt_tos"][0].endswith("@slow.example"))
+        fast = sorted(m["received_at"] for m in srv.messages() if m["rcpt_tos"][0].endswith("@fast.example"))
+        self.assertEqual((len(slow), len(fast)), (6, 20))
+        self.assertGreaterEqual(slow[-1] - slow[0], 1.9)          # 6 at 2/s: three windows
+        self.assertLess(fast[-1] - fast[0], slow[-1] - slow[0])   # the other domain is not held back
+
     def test_550_on_one_recipient_leaves_the_others_sent(self):
         rows = [["a@example.com", "A"], ["bad@example.com", "B"], ["c@example.com", "C"]]
         script = self.example_copy(rows)

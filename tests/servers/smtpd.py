@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import json
+import time
 import logging
 import os
 import signal
@@ -168,6 +169,7 @@ class Store:
         self.seq += 1
         base = os.path.join(self.maildir, f"{self.seq:06d}")
         meta["seq"] = self.seq
+        meta["received_at"] = time.time()   # the server's own clock, for rate-limit tests
         with open(base + ".eml", "wb") as f:
             f.write(raw)
         tmp = base + ".json.tmp"

@@ -1,0 +1,271 @@
+#!/usr/bin/python3
+"""mailshot benchmark (make bench): mailshot against Postfix's smtp-sink, side by side with Postfix's
+smtp-source, a C load generator that does no templating at all.
+
+For concurrency 1, 8 and 64 it sends N personalized messages (a ~1.5 KB body, subject and greeting from
+the CSV; text only, and text+HTML) through a relay pointed at smtp-sink, then runs `smtp-source -d -s C`
+with the same count and size against the same sink, and prints both rates and their ratio (medians of
+RUNS runs).  Then: peak RSS at 10,000 and 1,000,000 recipients (and the rate of each), STARTTLS rates
+against tests/servers/tls_sink.c (with the sink's own CPU time per message, to show it is not the
+bottleneck), and the rate limiter over a run at "100/s".
+
+Environment: BENCH_N (default 20000), BENCH_RUNS (3), BENCH_BIG (1000000; 0 skips), BENCH_RATE_SECONDS (60).
+Every server listens on 127.0.0.1 only.
+"""
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAILSHOT = os.path.join(ROOT, "mailshot")
+TLS_SINK = os.path.join(ROOT, "build", "tls_sink")
+N = int(os.environ.get("BENCH_N", "20000"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+BIG = int(os.environ.get("BENCH_BIG", "1000000"))
+RATE_SECONDS = int(os.environ.get("BENCH_RATE_SECONDS", "60"))
+
+BODY = ("Hello {{first_name}},\n\n"
+        + "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt.\n" * 15
+        + "\nBest regards,\nThe Acme team\n")
+HTML = ("<html><body><p>Hello {{first_name}},</p>\n"
+        + "<p>Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.</p>\n" * 14
+        + "<p>The Acme team</p></body></html>\n")
+
+CAMPAIGN = """
+local mailshot = require "mailshot"
+local conns = tonumber(os.getenv "CONNS")
+local relay = mailshot.relay {
+  server = os.getenv "SINK", tls = os.getenv "TLS" or "none", verify = false,
+  max_connections = conns, user = os.getenv "USER_NAME", password = os.getenv "USER_PASSWORD",
+}
+local rate = os.getenv "RATE"
+return mailshot.campaign {
+  recipients = os.getenv "LIST",
+  from = "Acme News <news@acme.example>",
+  subject = "{{subject}}, {{first_name}}",
+  text = mailshot.template.file "body.txt",
+  html = os.getenv "HTML" == "1" and mailshot.template.file "body.html" or nil,
+  send = relay,
+  concurrency = 2 * conns,       -- two messages per session: one pipelined behind the other
+  rate = rate and { rate } or nil,
+}
+"""
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Sink:
+    """Postfix's smtp-sink on loopback (PIPELINING, no STARTTLS)."""
+
+    def __init__(self):
+        self.port = free_port()
+        cmd = ["smtp-sink", "-c", f"127.0.0.1:{self.port}", "1024"]
+        if os.geteuid() == 0:
+            cmd[1:1] = ["-u", "nobody"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_port(self.port)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait()
+
+
+def write_list(path, n):
+    with open(path, "w") as f:
+        f.write("email,first_name,subject\n")
+        for i in range(n):
+            f.write(f"user{i}@example.com,Name{i},Our offer number {i}\n")
+
+
+def run_timed(cmd, env=None, cwd=None):
+    """Run cmd; return (wall seconds, peak RSS in MB of that child, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.monotonic()
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    dt = time.monotonic() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {p.stdout[-500:]} {p.stderr[-1500:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dt, (rss if rss > before else 0) / 1024, p.stdout
+
+
+def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None):
+    env = dict(os.environ, SINK=sink, CONNS=str(conns), LIST=os.path.join(work, f"list-{n}.csv"),
+               HTML="1" if html else "0", TLS=tls)
+    env.update(extra_env or {})
+    return run_timed([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--send", "--quiet", "--progress", "0",
+                      "--report", os.path.join(work, "report.csv")], env=env, cwd=work)
+
+
+def smtp_source(sink, conns, n, size):
+    return run_timed(["smtp-source", "-d", "-s", str(conns), "-m", str(n), "-l", str(size),
+                      "-f", "news@acme.example", "-t", "user@example.com", sink])
+
+
+def median_rate(fn, n):
+    rates = []
+    for _ in range(RUNS):
+        dt = fn()[0]
+        rates.append(n / dt)
+    return statistics.median(rates)
+
+
+def message_size(work):
+    """Size of one rendered message, text only and text+HTML, from a dry run's outbox."""
+    sizes = {}
+    for html in (False, True):
+        out = os.path.join(work, "outbox-html" if html else "outbox-text")
+        env = dict(os.environ, SINK="127.0.0.1:9", CONNS="1", LIST=os.path.join(work, "list-5.csv"),
+                   HTML="1" if html else "0")
+        subprocess.run([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--outbox", out, "--quiet",
+                        "--report", os.path.join(work, "dry.csv")], env=env, check=True, capture_output=True)
+        f = sorted(os.listdir(out))[0]
+        sizes[html] = os.path.getsize(os.path.join(out, f))
+    return sizes
+
+
+def section(title):
+    print(f"\n== {title}")
+    sys.stdout.flush()
+
+
+def throughput(work, sink, sizes):
+    section(f"relay to smtp-sink: {N} personalized messages, median of {RUNS} runs (msgs/s)")
+    print(f"{'conc':>5} {'text':>9} {'text+html':>10} {'smtp-source':>12} {'text/source':>12} {'html/source':>12}")
+    for conns in (1, 8, 64):
+        text = median_rate(lambda: mailshot_run(work, sink.address, conns, N), N)
+        html = median_rate(lambda: mailshot_run(work, sink.address, conns, N, html=True), N)
+        src = median_rate(lambda: smtp_source(sink.address, conns, N, sizes[False]), N)
+        print(f"{conns:>5} {text:>9.0f} {html:>10.0f} {src:>12.0f} {text / src:>12.2f} {html / src:>12.2f}")
+        sys.stdout.flush()
+    print(f"(message sizes: text {sizes[False]} bytes, text+html {sizes[True]} bytes; smtp-source -d -s C -l {sizes[False]};"
+          f" mailshot: C sessions, 2*C messages in flight)")
+
+
+def memory(work, sink):
+    section("peak memory, relay to smtp-sink, 64 sessions, text only")
+    rows = []
+    for n in (10000, BIG):
+        if n <= 0:
+            continue
+        write_list(os.path.join(work, f"list-{n}.csv"), n)
+        dt, rss, _ = mailshot_run(work, sink.address, 64, n)
+        rows.append((n, dt, rss))
+        print(f"{n:>9} recipients: {n / dt:8.0f} msgs/s, peak RSS {rss:6.1f} MB")
+        sys.stdout.flush()
+        os.unlink(os.path.join(work, f"list-{n}.csv")) if n != N else None
+    if len(rows) == 2:
+        print(f"rate at {rows[1][0]} vs {rows[0][0]}: {rows[1][0] / rows[1][1] / (rows[0][0] / rows[0][1]) * 100:.0f}%")
+
+
+def tls(work):
+    if not os.access(TLS_SINK, os.X_OK):
+        print("(no build/tls_sink: skipped)")
+        return
+    section(f"STARTTLS + AUTH to tests/servers/tls_sink (OpenSSL), {N} messages, median of {RUNS} runs")
+    cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    for conns in (8, 64):
+        rates, cpu = [], []
+        for _ in range(RUNS):
+            proc = subprocess.Popen([TLS_SINK, "-c", cert, "-k", key, "127.0.0.1:0"], stdout=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            port = int(proc.stdout.readline().split()[1])
+            dt = mailshot_run(work, f"127.0.0.1:{port}", conns, N, tls="starttls",
+                              extra_env={"USER_NAME": "bench", "USER_PASSWORD": "bench"})[0]
+            os.killpg(proc.pid, signal.SIGTERM)
+            stats = dict(kv.split("=") for kv in proc.stdout.read().split() if "=" in kv)
+            proc.wait()
+            rates.append(N / dt)
+            msgs = int(stats.get("messages", N)) or N
+            cpu.append((float(stats.get("cpu_user", 0)) + float(stats.get("cpu_sys", 0))) / msgs * 1e6)
+        r = statistics.median(rates)
+        c = statistics.median(cpu)
+        print(f"{conns:>5} sessions: {r:8.0f} msgs/s; sink CPU {c:.0f} us/msg = {c * r / 1e6 * 100:.0f}% of one core")
+
+
+def rate_limit(work):
+    section(f'rate limiter: rate = "100/s" for {RATE_SECONDS} s, receiver timestamps (aiosmtpd)')
+    n = 100 * RATE_SECONDS
+    write_list(os.path.join(work, f"list-{n}.csv"), n)
+    maildir = os.path.join(work, "rate-maildir")
+    srv = subprocess.Popen(["/usr/bin/python3", os.path.join(ROOT, "tests", "servers", "smtpd.py"), "--host",
+                            "127.0.0.1", "--port", "0", "--maildir", maildir], stdout=subprocess.PIPE, text=True,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    port = int(srv.stdout.readline().split()[1])
+    try:
+        dt = mailshot_run(work, f"127.0.0.1:{port}", 8, n, extra_env={"RATE": "100/s"})[0]
+    finally:
+        os.killpg(srv.pid, signal.SIGTERM)
+        srv.wait()
+    import json
+    stamps = sorted(json.load(open(os.path.join(maildir, f)))["received_at"]
+                    for f in os.listdir(maildir) if f.endswith(".json"))
+    worst, j = 0, 0
+    for i in range(len(stamps)):          # the most messages inside any 1-second window
+        while stamps[i] - stamps[j] >= 1.0:
+            j += 1
+        worst = max(worst, i - j + 1)
+    print(f"{len(stamps)} messages in {dt:.1f} s; busiest 1-second window: {worst} (limit 100); "
+          f"total vs {n}: {(len(stamps) - n) / n * 100:+.2f}%")
+
+
+def main():
+    for tool in ("smtp-sink", "smtp-source"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is missing (Debian package postfix)")
+    work = tempfile.mkdtemp(prefix="mailshot-bench-")
+    try:
+        with open(os.path.join(work, "bench.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        with open(os.path.join(work, "body.txt"), "w") as f:
+            f.write(BODY)
+        with open(os.path.join(work, "body.html"), "w") as f:
+            f.write(HTML)
+        write_list(os.path.join(work, f"list-{N}.csv"), N)
+        write_list(os.path.join(work, "list-5.csv"), 5)
+        sizes = message_size(work)
+        print(f"mailshot benchmark: {os.cpu_count()} cores, N={N}, {RUNS} runs each")
+        sink = Sink()
+        try:
+            throughput(work, sink, sizes)
+            memory(work, sink)
+        finally:
+            sink.stop()
+        tls(work)
+        if RATE_SECONDS > 0:
+            rate_limit(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
