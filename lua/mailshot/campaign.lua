@@ -12,6 +12,8 @@ local mime = require "mailshot.mime"
 local idna = require "mailshot.idna"
 local rate = require "mailshot.rate"
 
+local find, gsub, byte, concat = string.find, string.gsub, string.byte, table.concat
+
 local M = {}
 local Campaign = {}
 Campaign.__index = Campaign
@@ -118,6 +120,9 @@ end
 
 -- Rendering --------------------------------------------------------------------------------
 
+-- One options table reused for every render: rendering never yields, so no two renders overlap.
+local render_opts = {}
+
 local function render(c, key, tpl, row, label, html)
   if tpl == nil then return nil end
   if type(tpl) == "function" then
@@ -126,15 +131,18 @@ local function render(c, key, tpl, row, label, html)
     if v == nil and err then return nil, ("%s: %s"):format(key, err) end
     return v ~= nil and tostring(v) or nil
   end
-  return tpl:render(row, { html = html, row_label = label, helpers = c.helpers })
+  render_opts.html, render_opts.row_label, render_opts.helpers = html, label, c.helpers
+  return tpl:render(row, render_opts)
 end
+
+local MESSAGE_FIELDS = { "from", "reply_to", "cc", "subject", "text", "html" }
 
 --- Render one row into { data = RFC 5322 text, from = envelope sender, to = {address}, ... }
 --- or nil, reason.
 function Campaign:message(row, line)
-  local label = ("%s line %d"):format(self.recipients, line)
+  local label = self.recipients .. " line " .. line
   local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit }
-  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html" } do
+  for _, k in ipairs(MESSAGE_FIELDS) do
     local v, err = render(self, k, self.tpl[k], row, label, k == "html")
     if err then return nil, err end
     m[k] = v
@@ -159,9 +167,16 @@ end
 
 local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
 
+local SPACE = { [9] = true, [10] = true, [11] = true, [12] = true, [13] = true, [32] = true }
+
+-- RFC 4180 quoting, when a value has a quote, comma or line break, or spaces at either end
+-- (a spreadsheet would trim them).  Checks the end bytes directly: a "%s$" pattern would
+-- rescan the string from every position.
 local function csv_field(v)
-  v = v == nil and "" or tostring(v)
-  if v:find('[",\r\n]') or v:find("^%s") or v:find("%s$") then return '"' .. v:gsub('"', '""') .. '"' end
+  if v == nil then return "" end
+  if type(v) ~= "string" then v = tostring(v) end
+  if v == "" then return v end
+  if find(v, '[",\r\n]') or SPACE[byte(v, 1)] or SPACE[byte(v, -1)] then return '"' .. gsub(v, '"', '""') .. '"' end
   return v
 end
 
@@ -176,12 +191,13 @@ local function open_report(path)
   return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0 } }, Report)
 end
 
+local report_row = {}   -- reused: adding a row never yields
+
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
   if r.temporary and r.status == "failed" then self.counts.deferred = self.counts.deferred + 1 end
-  local out = {}
-  for i, k in ipairs(REPORT_COLUMNS) do out[i] = csv_field(r[k]) end
-  self.f:write(table.concat(out, ","), "\r\n")
+  for i = 1, #REPORT_COLUMNS do report_row[i] = csv_field(r[REPORT_COLUMNS[i]]) end
+  self.f:write(concat(report_row, ","), "\r\n")
 end
 
 function Report:close() self.f:close() end
