@@ -25,6 +25,7 @@ struct loop {
   void *idle_data;
   int woken, stopped;
   uint64_t now;
+  loop_deferred *deferred;   /* doubly linked, newest first */
 };
 
 uint64_t loop_clock_ms(void) {
@@ -165,6 +166,33 @@ static void run_timers(loop *l) {
   }
 }
 
+/* ---- deferred work ---- */
+
+void loop_defer(loop *l, loop_deferred *d) {
+  if (d->queued) return;
+  d->queued = 1;
+  d->prev = NULL;
+  d->next = l->deferred;
+  if (l->deferred) l->deferred->prev = d;
+  l->deferred = d;
+}
+
+void loop_cancel_deferred(loop *l, loop_deferred *d) {
+  if (!d->queued) return;
+  if (d->prev) d->prev->next = d->next; else l->deferred = d->next;
+  if (d->next) d->next->prev = d->prev;
+  d->queued = 0;
+  d->next = d->prev = NULL;
+}
+
+static void run_deferred(loop *l) {
+  while (l->deferred) {
+    loop_deferred *d = l->deferred;
+    loop_cancel_deferred(l, d);
+    d->fn(l, d->data);        /* may queue more, or cancel others: both are safe here */
+  }
+}
+
 /* ---- running ---- */
 
 void loop_set_idle(loop *l, loop_idle_fn *fn, void *data) { l->idle = fn; l->idle_data = data; }
@@ -188,6 +216,7 @@ int loop_run(loop *l) {
     l->woken = 0;
     if (l->idle) l->idle(l, l->idle_data);
     if (l->stopped) break;
+    run_deferred(l);
     if (!l->woken && l->nheap == 0 && l->watched == 0) return 1;   /* nothing can ever happen */
     l->now = loop_clock_ms();
     int n = epoll_wait(l->epfd, evs, 256, poll_timeout(l));

@@ -36,6 +36,19 @@ void loop_timer_start(loop *l, loop_timer *t, uint64_t ms);   /* (re)arm, fires 
 void loop_timer_stop(loop *l, loop_timer *t);                 /* safe if not armed */
 int  loop_timer_armed(const loop_timer *t);
 
+/* Deferred work: run once, after the idle hook and before the next poll.  The node lives in
+ * its owner (zero-initialise it); queueing it twice is harmless; cancel before freeing it.
+ * The SMTP sessions use it to write once per turn of the loop whatever was queued meanwhile
+ * (the previous message's body and the next message's commands in one write). */
+typedef struct loop_deferred {
+  struct loop_deferred *next, *prev;
+  void (*fn)(loop *l, void *data);
+  void *data;
+  int queued;
+} loop_deferred;
+void loop_defer(loop *l, loop_deferred *d);
+void loop_cancel_deferred(loop *l, loop_deferred *d);
+
 /* The idle hook runs once per iteration before polling (the task scheduler resumes ready
  * coroutines there); it returns nothing but may ask for a non-blocking poll with loop_wake. */
 void loop_set_idle(loop *l, loop_idle_fn *fn, void *data);

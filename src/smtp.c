@@ -56,6 +56,7 @@ struct smtp_conn {
   expect *exp;                  /* replies awaited: exp[exp_head .. exp_len) */
   size_t exp_head, exp_len, exp_cap;
   loop_timer timer;
+  loop_deferred flusher;        /* writes what was queued, once per turn of the loop */
   smtp_buf out;
   size_t out_off;
   char *in;
@@ -157,6 +158,23 @@ static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
 
 static int is_waiting(smtp_state st) { return st != ST_NEW && st != ST_DEAD; }
 
+static void update_watch(smtp_conn *c);
+
+static void deferred_flush(loop *l, void *data) {
+  smtp_conn *c = data;
+  if (c->state == ST_DEAD || c->state == ST_NEW || c->state == ST_CONNECT || c->state == ST_HANDSHAKE) return;
+  c->busy++;
+  flush(c);
+  c->busy--;
+  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
+  if (c->state != ST_DEAD) update_watch(c);
+}
+
+/* Write at the end of this turn of the loop, together with whatever else gets queued. */
+static void want_flush(smtp_conn *c) {
+  if (c->out_off < c->out.len) loop_defer(c->loop, &c->flusher);
+}
+
 /* Keep the fd's watch mask in line with what the session waits for. */
 static void update_watch(smtp_conn *c) {
   if (c->s.fd < 0) return;
@@ -164,7 +182,9 @@ static void update_watch(smtp_conn *c) {
   if (c->state == ST_CONNECT) mask = LOOP_WRITE;
   else if (is_waiting(c->state)) {
     mask = LOOP_READ;
-    if (c->out_off < c->out.len) mask |= LOOP_WRITE;
+    /* wait for writability only for what a write left over, not for what the deferred
+     * flush will write before the next poll anyway */
+    if (c->out_off < c->out.len && !c->flusher.queued) mask |= LOOP_WRITE;
   }
   if (loop_watch(c->loop, c->s.fd, mask, on_io, c) == 0) c->watched = 1;
 }
@@ -180,6 +200,7 @@ static void arm_ready_timer(smtp_conn *c) {
 
 static void close_socket(smtp_conn *c) {
   loop_timer_stop(c->loop, &c->timer);
+  loop_cancel_deferred(c->loop, &c->flusher);
   if (c->s.fd >= 0 && c->watched) loop_unwatch(c->loop, c->s.fd);
   c->watched = 0;
   net_close(&c->s);
@@ -724,11 +745,15 @@ static void read_input(smtp_conn *c) {
         fail(c, stage_of(c), 1, "connection lost while waiting for the %s reply: %s", stage_of(c), c->s.err);
       return;
     }
+    size_t space = IN_MAX - c->inlen;
     c->inlen += (size_t)n;
     process_input(c);
     if (c->state == ST_DEAD || c->free_pending || c->state == ST_HANDSHAKE) return;
     if (c->state == ST_READY) arm_ready_timer(c);   /* progress: the next reply gets a full timeout */
     else arm_timer(c);
+    /* a short read drained the socket (epoll is level-triggered, so anything that arrives
+     * later wakes us again): skip the read() that would only say EAGAIN */
+    if ((size_t)n < space && (!c->s.ssl || SSL_pending(c->s.ssl) == 0)) return;
   }
 }
 
@@ -755,7 +780,7 @@ static void on_io(loop *l, int fd, int events, void *data) {
     if (c->state != ST_DEAD && !c->free_pending) read_input(c);
   }
   if (c->state == ST_HANDSHAKE && !c->free_pending) on_handshake(c);
-  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE && c->out_off < c->out.len) flush(c);
+  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE) want_flush(c);
   c->busy--;
   if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
   if (c->state != ST_HANDSHAKE) update_watch(c);
@@ -788,6 +813,8 @@ smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg) {
   c->cfg = cfg;
   c->s.fd = -1;
   loop_timer_init(&c->timer, on_timeout, c);
+  c->flusher.fn = deferred_flush;
+  c->flusher.data = c;
   return c;
 }
 
@@ -827,7 +854,7 @@ static void open_connection(smtp_conn *c) {
 /* Run f inside the re-entrancy guard, then write what it queued. */
 #define GUARDED(c, stmt) do { (c)->busy++; stmt; (c)->busy--; \
   if ((c)->free_pending && (c)->busy == 0) { smtp_conn_free(c); return 0; } \
-  if ((c)->state != ST_DEAD && (c)->state != ST_CONNECT && (c)->state != ST_HANDSHAKE) { flush(c); update_watch(c); } } while (0)
+  if ((c)->state != ST_DEAD && (c)->state != ST_CONNECT && (c)->state != ST_HANDSHAKE) want_flush(c); } while (0)
 
 int smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud) {
   if (c->state != ST_NEW || begin(c, OP_OPEN, fn, ud) < 0) return -1;

@@ -95,10 +95,34 @@ static void many_timers_fire_in_order_after_random_stops(void) {
   loop_free(l);
 }
 
+static int deferred_runs, idle_runs;
+static loop_deferred d1, d2;
+static void on_deferred(loop *l, void *data) {
+  (void)data;
+  deferred_runs++;
+  if (deferred_runs == 1) loop_defer(l, &d1);   /* re-queued while running: runs again */
+}
+static void idle_once(loop *l, void *data) {
+  (void)data;
+  idle_runs++;
+  if (idle_runs == 1) { loop_defer(l, &d1); loop_defer(l, &d1); loop_defer(l, &d2); loop_cancel_deferred(l, &d2); }
+}
+
+static void deferred_work_runs_once_per_queueing_and_cancel_works(void) {
+  loop *l = loop_new();
+  d1.fn = d2.fn = on_deferred;
+  loop_set_idle(l, idle_once, NULL);
+  CHECK_INT(loop_run(l), 1);
+  CHECK_INT(deferred_runs, 2);    /* queued twice = once, then re-queued once by itself; d2 cancelled */
+  CHECK(!d1.queued && !d2.queued);
+  loop_free(l);
+}
+
 int main(void) {
   timers_fire_in_deadline_order_and_stopped_ones_never();
   rearming_a_timer_moves_its_deadline();
   readable_fd_wakes_its_callback_once_then_unwatched();
   many_timers_fire_in_order_after_random_stops();
+  deferred_work_runs_once_per_queueing_and_cancel_works();
   return DONE();
 }
