@@ -20,6 +20,7 @@ extern const struct { const char *name, *path; const char *src; size_t len; } ma
 int luaopen_mailshot_smtp(lua_State *L);
 int luaopen_mailshot_csv(lua_State *L);
 int luaopen_mailshot_resolver(lua_State *L);
+int luaopen_mailshot_util(lua_State *L);
 
 /* package.preload loader for an embedded module; upvalue = its index in mailshot_lua_modules */
 static int load_embedded(lua_State *L) {
@@ -45,6 +46,7 @@ static void setup_modules(lua_State *L, const char *lua_path) {
   preload(L, "mailshot.smtp", luaopen_mailshot_smtp);
   preload(L, "mailshot.csv", luaopen_mailshot_csv);
   preload(L, "mailshot.resolver", luaopen_mailshot_resolver);
+  preload(L, "mailshot.util", luaopen_mailshot_util);
   if (lua_path) {
     lua_getglobal(L, "package");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", lua_path, lua_path);

@@ -11,6 +11,8 @@ local template = require "mailshot.template"
 local mime = require "mailshot.mime"
 local idna = require "mailshot.idna"
 local rate = require "mailshot.rate"
+local journal = require "mailshot.journal"
+local util = require "mailshot.util"
 
 local find, gsub, byte, concat = string.find, string.gsub, string.byte, table.concat
 
@@ -23,6 +25,7 @@ local FIELDS = {
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
+  resend_in_flight = "boolean",
 }
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
@@ -188,7 +191,7 @@ local function open_report(path)
   if not f then return nil, ("report %s: %s"):format(path, err) end
   f:setvbuf("full", 65536)
   f:write(table.concat(REPORT_COLUMNS, ","), "\r\n")
-  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0 } }, Report)
+  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0 } }, Report)
 end
 
 local report_row = {}   -- reused: adding a row never yields
@@ -251,6 +254,7 @@ local function process(c, opts, row, line)
     rep.status, rep.stage, rep.response, rep.temporary = "failed", "rate", "rate limit: " .. tostring(why), true
     return rep
   end
+  if opts.journal_obj then opts.journal_obj:in_flight(line, email) end
   local sent, res = pcall(function()
     if type(c.send) == "function" then return c.send(msg, row) end
     return c.send:send(msg, row)
@@ -330,22 +334,51 @@ function Campaign:run(opts)
     local ok, merr = os.execute(("mkdir -p '%s'"):format(opts.outbox:gsub("'", "'\\''")))
     if not ok then reader:close(); return nil, "cannot create outbox " .. opts.outbox .. ": " .. tostring(merr) end
   end
+  local jrn, previous
+  if opts.journal then
+    jrn, previous = journal.open(opts.journal, { fingerprint = self:fingerprint(opts.script), name = self.name,
+                                                  resume = opts.resume, force = opts.force })
+    if not jrn then reader:close(); return nil, previous end
+  elseif opts.resume then
+    reader:close()
+    return nil, "--resume needs --send (dry runs keep no journal)"
+  end
   local report, rerr = open_report(opts.report)
-  if not report then reader:close(); return nil, rerr end
+  if not report then reader:close(); if jrn then jrn:close() end; return nil, rerr end
   local started, seen, limit = core.now(), 0, opts.limit
+  local before = previous and previous.records or {}
+  local resumed = self:resume_notice(previous, opts)
+  local stopping
+
+  -- Record a report row, in the journal too (deferred rows are retried by --resume).
+  local function add(rep)
+    report:add(rep)
+    if jrn then jrn:outcome(rep, rep.status == "failed" and rep.temporary) end
+  end
+  opts.journal_obj = jrn
 
   -- The one shared source of rows: tasks take the next row in turn (the loop is one thread).
+  -- Rows whose outcome a previous run made final are reported as they were, not sent again.
   local function next_row()
-    while true do
+    while not stopping do
       if limit and seen >= limit then return nil end
       local row, line, msg = reader:read()
-      if row then seen = seen + 1; return row, line end
       if row == nil then
         if msg then io.stderr:write("mailshot: ", self.recipients_path, ": ", msg, "\n") end
         return nil
       end
       seen = seen + 1
-      report:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.recipients, line, msg) }
+      local old = before[line]
+      if row and old and old.kind == "F" then
+        report:add(old)                              -- already in the journal
+      elseif row and old and old.kind == "I" and not self.resend_in_flight then
+        add { line = line, email = old.email, status = "in-flight", stage = "resume",
+              response = "possibly sent before the previous run stopped; not sent again (resend_in_flight = false)" }
+      elseif row then
+        return row, line
+      else
+        add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.recipients, line, msg) }
+      end
     end
   end
 
@@ -367,23 +400,80 @@ function Campaign:run(opts)
           rep = { line = line, email = row[self.email_field], status = "failed", stage = "script",
                   response = one_line(tostring(rep):match("^[^\n]*")) }
         end
-        report:add(rep)
+        add(rep)
       end
     end, debug.traceback)
     if not ok then failure = failure or e end
     running = running - 1
     if running == 0 then core.wake(main) end
   end
+  local flusher_running = jrn ~= nil
+  if jrn then   -- outcomes reach the kernel within 0.1 s even when nothing else is sent
+    core.spawn(function() while flusher_running do core.sleep(0.1); if flusher_running then jrn:flush() end end end)
+  end
+  local function finish_files()
+    flusher_running = false
+    if progress then progress.stop() end
+    reader:close()
+    report:close()
+    if jrn then jrn:close() end
+  end
+  if opts.signals then
+    -- SIGINT/SIGTERM: take no new recipients, let the messages in flight finish (each bounded
+    -- by its own timeouts), then write everything.  A second signal stops at once, with the
+    -- journal still consistent (every record is whole, in-flight ones say so).
+    core.spawn(function()
+      stopping = util.wait_signal()
+      io.stderr:write(("\nmailshot: %s: stopping: no new messages; waiting for the ones in flight "
+                      .. "(signal again to stop at once)\n"):format(stopping == "INT" and "interrupted" or "terminated"))
+      util.wait_signal()
+      if jrn then jrn:flush(true) end
+      report.f:flush()
+      io.stderr:write("mailshot: stopped at once; the journal marks the messages that were in flight\n")
+      util.exit_now(stopping == "INT" and 130 or 143)
+    end)
+  end
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
-  if progress then progress.stop() end
-  reader:close()
-  report:close()
+  if opts.signals then util.stop_signals() end
+  finish_files()
   if failure then error(failure, 0) end
   local counts = report.counts
   counts.total = seen
   counts.seconds = core.now() - started
+  counts.stopped = stopping
+  counts.resumed = resumed
   return counts
+end
+
+--- What ties a journal to this campaign: the recipients file, the script, the templates.
+function Campaign:fingerprint(script)
+  local parts = { util.sha256_file(self.recipients_path) or "", script and util.sha256_file(script) or "" }
+  for _, k in ipairs(MESSAGE_FIELDS) do
+    local t = self.tpl[k]
+    if type(t) == "table" and t.source then parts[#parts + 1] = util.sha256(t.source) end
+  end
+  return util.sha256(table.concat(parts, " "))
+end
+
+-- What a resumed run says at its start (returned to the caller, who prints it).
+function Campaign:resume_notice(previous, opts)
+  if not previous then return nil end
+  local n = { final = 0, sent = 0, failed = 0, skipped = 0, inflight = 0, deferred = 0 }
+  for _, r in pairs(previous.records) do
+    if r.kind == "F" then
+      n.final = n.final + 1
+      if n[r.status] then n[r.status] = n[r.status] + 1 end
+    elseif r.kind == "I" then n.inflight = n.inflight + 1
+    else n.deferred = n.deferred + 1 end
+  end
+  n.text = ("resuming %s: %d recipients already final (%d sent, %d failed, %d skipped), %d deferred to retry now, "
+            .. "%d in flight when the last run stopped: %s"):format(self.name, n.final, n.sent, n.failed, n.skipped,
+            n.deferred, n.inflight, n.inflight == 0 and "none"
+            or self.resend_in_flight and "sent again (resend_in_flight = true)"
+            or "reported as possibly sent, not sent again (set resend_in_flight = true to resend them)")
+  if opts.notice then opts.notice(n.text) end
+  return n
 end
 
 return M

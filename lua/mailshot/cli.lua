@@ -32,13 +32,19 @@ Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
 
 local COMMAND_HELP = {
   run = [=[
-Usage: mailshot run SCRIPT [--send] [--outbox DIR] [--report FILE] [--concurrency N] [--limit N]
-                           [--log FILE] [--quiet] [--progress SECONDS]
+Usage: mailshot run SCRIPT [--send [--resume] [--force]] [--outbox DIR] [--report FILE] [--concurrency N]
+                           [--limit N] [--log FILE] [--quiet] [--progress SECONDS]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
 
-  --send            send for real through the campaign's `send` function (default: dry run)
+  --send            send for real through the campaign's `send` function (default: dry run);
+                    a journal (NAME.journal beside the report) records every outcome
+  --resume          continue a stopped or crashed run from its journal: final outcomes are
+                    kept, deferred ones retried, in-flight ones reported as possibly sent
+                    (the campaign's resend_in_flight = true sends them again)
+  --force           resume although the recipients or templates changed, or start over
+                    when a journal exists (the old one is kept as NAME.journal.old)
   --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
   --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,response
                     (default: NAME-report.csv in the current folder, NAME being the script's)
@@ -53,7 +59,9 @@ With --send on a terminal, a live line shows done/total, sent, failed, deferred 
 failures), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
-(dry run).  Exit status 0 only if no message failed.
+(dry run), in-flight (possibly sent before an interruption).  Exit status 0 only if no
+message failed; 130/143 after SIGINT/SIGTERM, which finish the messages in flight first (a
+second signal stops at once) and print how to resume.
 ]=],
   preview = [=[
 Usage: mailshot preview SCRIPT [--row N]
@@ -163,7 +171,8 @@ local commands = {}
 
 function commands.run(args)
   local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
-                                  limit = "value", quiet = "flag", log = "value", progress = "value" }, "run")
+                                  limit = "value", quiet = "flag", log = "value", progress = "value",
+                                  resume = "flag", force = "flag" }, "run")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
@@ -182,6 +191,16 @@ function commands.run(args)
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
   run.report = opts.report or (c.name .. "-report.csv")
+  if opts.send then
+    local dir = run.report:match("^(.*)/[^/]*$") or "."
+    run.journal = dir .. "/" .. c.name .. ".journal"
+    run.script = pos[1]
+    run.resume, run.force, run.signals = opts.resume, opts.force, true
+    run.notice = function(text) say("mailshot: ", text) end
+  elseif opts.resume then
+    complain("run: --resume goes with --send")
+    return 2
+  end
   if opts.send then
     local live = not opts.quiet and mailshot.core.isatty(2)
     if live or every > 0 then
@@ -202,6 +221,12 @@ function commands.run(args)
       run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
       counts.failed, counts.skipped, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
       run.dry and " (dry run: nothing was sent; add --send)" or ""))
+  end
+  if counts.stopped then
+    say(("mailshot: %s stopped by SIG%s; the journal %s has every outcome. To continue:"):format(
+      c.name, counts.stopped, run.journal))
+    say(("  mailshot run %s --send --resume --report %s"):format(pos[1], run.report))
+    return counts.stopped == "INT" and 130 or 143
   end
   return counts.failed == 0 and 0 or 1
 end

@@ -264,7 +264,7 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         entries = [e for e in srv.log_entries() if e["line"].split(" ")[0].upper() in ("MAIL", "RCPT")]
         self.assertTrue(entries and all(e["pipelined"] for e in entries), entries)
         srv2 = self.start_smtpd(tls=True, auth={"news": PW}, no_pipelining=True, reject_unauth_pipelining=True)
-        p = self.run_mailshot("run", script, "--send", "--report", "r2.csv", env=self.relay_env(srv2))
+        p = self.run_mailshot("run", script, "--send", "--report", "r2.csv", "--force", env=self.relay_env(srv2))
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(srv2.message_count(), 1)
 
