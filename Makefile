@@ -29,7 +29,7 @@ SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
 
 # Debian packages the build and the tests need (installed by `make deps` when missing).
 DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev
-DEB_TEST  := python3 python3-aiosmtpd openssl postfix dnsmasq-base valgrind
+DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix dnsmasq-base valgrind
 
 .PHONY: all deps demo check test unit luatest integration bench install clean
 all: mailshot

@@ -25,7 +25,7 @@ local FIELDS = {
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
-  resend_in_flight = "boolean",
+  resend_in_flight = "boolean", retry = "any", on_result = "function",
 }
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
@@ -41,6 +41,32 @@ local function compile(value, name, helpers)
   if value == nil or type(value) == "function" or template.is_template(value) then return value end
   if type(value) == "string" then return template.new(value, { name = name, helpers = helpers }) end
   error(("campaign: '%s' must be a string, a template or a function of the row"):format(name), 3)
+end
+
+-- "90s", "5m", "1h", "2d", "500ms" or a number of seconds -> seconds
+local UNIT = { ms = 0.001, s = 1, m = 60, min = 60, h = 3600, d = 86400 }
+local function seconds(v, what)
+  if type(v) == "number" and v >= 0 then return v end
+  local n, unit = tostring(v):match("^%s*([%d%.]+)%s*(%a*)%s*$")
+  local x = tonumber(n)
+  local f = UNIT[unit == "" and "s" or unit]
+  if not x or not f then error(("mailshot.campaign: retry.%s: %q is not a duration (90s, 5m, 1h, 2d)"):format(what, tostring(v)), 4) end
+  return x * f
+end
+
+--- The in-run retry schedule: retry = { first = "1m", max = "30m", give_up_after = "4h" }
+--- (the defaults), or false for none (temporary failures are then left to --resume).
+function M.retry_config(r)
+  if r == false then return false end
+  if r ~= nil and type(r) ~= "table" then error("mailshot.campaign: retry must be a table or false", 3) end
+  r = r or {}
+  for k in pairs(r) do
+    if k ~= "first" and k ~= "max" and k ~= "give_up_after" then
+      error(("mailshot.campaign: retry: unknown option '%s'"):format(tostring(k)), 3)
+    end
+  end
+  return { first = seconds(r.first or 60, "first"), max = seconds(r.max or 1800, "max"),
+           give_up_after = seconds(r.give_up_after or 4 * 3600, "give_up_after") }
 end
 
 --- Check a campaign definition (programmer mistakes raise here, before anything is read).
@@ -79,6 +105,7 @@ function M.new(def)
     c.limiter = rate.new(spec, { name = "campaign" })
   end
   c.domain_limiters = {}
+  c.retry = M.retry_config(def.retry)
   c.header_tpl = {}
   for name, value in pairs(def.headers or {}) do c.header_tpl[name] = compile(value, "headers." .. name, def.helpers) end
   return c
@@ -198,7 +225,6 @@ local report_row = {}   -- reused: adding a row never yields
 
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
-  if r.temporary and r.status == "failed" then self.counts.deferred = self.counts.deferred + 1 end
   for i = 1, #REPORT_COLUMNS do report_row[i] = csv_field(r[REPORT_COLUMNS[i]]) end
   self.f:write(concat(report_row, ","), "\r\n")
 end
@@ -251,7 +277,8 @@ local function process(c, opts, row, line)
   end
   local held, why = c:begin_rate(email)
   if not held then
-    rep.status, rep.stage, rep.response, rep.temporary = "failed", "rate", "rate limit: " .. tostring(why), true
+    -- a rule said no for now (a warm-up quota): left for a later run (--resume), not retried here
+    rep.status, rep.stage, rep.response, rep.temporary, rep.retry = "failed", "rate", "rate limit: " .. tostring(why), true, false
     return rep
   end
   if opts.journal_obj then opts.journal_obj:in_flight(line, email) end
@@ -265,9 +292,17 @@ local function process(c, opts, row, line)
     rep.status, rep.stage, rep.response = "failed", "send", "send function returned " .. tostring(res)
     return rep
   end
+  if c.on_result then
+    -- the campaign's own classification: it may change res (temporary, retry, ok) or return
+    -- another result (after trying another path itself)
+    local other = c.on_result(res, msg, row)
+    if type(other) == "table" then res = other end
+  end
   rep.status = res.ok and "sent" or "failed"
   rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
-  rep.via, rep.mx, rep.temporary = res.via, res.mx, res.temporary
+  rep.via, rep.mx = res.via, res.mx
+  rep.temporary = res.retry == true or (res.temporary and res.retry ~= false)
+  rep.retry = res.retry
   rep.response = one_line(res.message)
   return rep
 end
@@ -291,7 +326,7 @@ function Campaign:progress_task(report, p)
   local out = io.stderr
   local function line()
     local c = report.counts
-    local done = c.sent + c.failed + c.skipped + c.written
+    local done = c.sent + c.failed + c.skipped + c.written + c.deferred + c["in-flight"]
     local now = core.now()
     if now - last_t >= 1 or rate == 0 then     -- a rate over the last second or so
       rate = (done - last_done) / math.max(now - last_t, 1e-3)
@@ -300,8 +335,8 @@ function Campaign:progress_task(report, p)
     local avg = done / math.max(now - started, 1e-3)
     local eta = total and total > done and avg > 0 and (total - done) / avg or nil
     return ("%s%d%s  sent %d  failed %d  deferred %d  skipped %d  %.0f/s  ETA %s  conns %d"):format(
-      self.name and (self.name .. ": ") or "", done, total and ("/" .. total) or "", c.sent, c.failed - c.deferred,
-      c.deferred, c.skipped, rate, fmt_duration(eta), p.connections and p.connections() or 0)
+      self.name and (self.name .. ": ") or "", done, total and ("/" .. total) or "", c.sent, c.failed,
+      c.deferred + (p.waiting and p.waiting() or 0), c.skipped, rate, fmt_duration(eta), p.connections and p.connections() or 0)
   end
   core.spawn(function()
     while running do
@@ -353,19 +388,45 @@ function Campaign:run(opts)
   -- Record a report row, in the journal too (deferred rows are retried by --resume).
   local function add(rep)
     report:add(rep)
-    if jrn then jrn:outcome(rep, rep.status == "failed" and rep.temporary) end
+    if jrn then jrn:outcome(rep, rep.status == "deferred") end
+  end
+
+  -- Temporary failures wait here for their next try (RFC 5321 §4.5.4.1: retry, with
+  -- growing intervals), sorted by due time; the campaign goes on meanwhile.
+  local retry, queue = not opts.dry and self.retry, {}
+  local function defer(item, rep)
+    local now = core.now()
+    item.first = item.first or now
+    item.attempt = (item.attempt or 1) + 1
+    local d = math.min(retry.max, retry.first * 2 ^ (item.attempt - 2))
+    d = d / 2 + math.random() * d / 2                    -- jitter: spread the retries of a burst
+    if now + d > item.first + retry.give_up_after then return false end
+    item.due, item.rep = now + d, rep
+    local i = #queue + 1
+    while i > 1 and queue[i - 1].due > item.due do queue[i] = queue[i - 1]; i = i - 1 end
+    queue[i] = item
+    if jrn then jrn:outcome(rep, true) end               -- not sent: a crash now must not count it in flight
+    return true
   end
   opts.journal_obj = jrn
 
   -- The one shared source of rows: tasks take the next row in turn (the loop is one thread).
   -- Rows whose outcome a previous run made final are reported as they were, not sent again.
+  local exhausted = false
   local function next_row()
     while not stopping do
-      if limit and seen >= limit then return nil end
-      local row, line, msg = reader:read()
+      if queue[1] and queue[1].due <= core.now() then
+        local item = table.remove(queue, 1)
+        return item.row, item.line, item
+      end
+      local row, line, msg
+      if not exhausted and not (limit and seen >= limit) then row, line, msg = reader:read() end
       if row == nil then
         if msg then io.stderr:write("mailshot: ", self.recipients_path, ": ", msg, "\n") end
-        return nil
+        exhausted = true
+        if not queue[1] then return nil end
+        core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
+        goto continue
       end
       seen = seen + 1
       local old = before[line]
@@ -379,9 +440,11 @@ function Campaign:run(opts)
       else
         add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.recipients, line, msg) }
       end
+      ::continue::
     end
   end
 
+  if opts.progress then opts.progress.waiting = function() return #queue end end
   local progress = opts.progress and self:progress_task(report, opts.progress)
   local script_error_shown = false
   local workers = opts.dry and 1 or (opts.concurrency or self.concurrency)
@@ -390,7 +453,7 @@ function Campaign:run(opts)
   local function worker()
     local ok, e = xpcall(function()
       while not failure do
-        local row, line = next_row()
+        local row, line, item = next_row()
         if not row then break end
         local ok, rep = xpcall(process, debug.traceback, self, opts, row, line)
         if not ok then
@@ -400,7 +463,14 @@ function Campaign:run(opts)
           rep = { line = line, email = row[self.email_field], status = "failed", stage = "script",
                   response = one_line(tostring(rep):match("^[^\n]*")) }
         end
-        add(rep)
+        if rep.status == "failed" and rep.temporary then
+          if not (retry and rep.retry ~= false and defer(item or { row = row, line = line }, rep)) then
+            rep.status = "deferred"                        -- not delivered: --resume tries again
+            add(rep)
+          end
+        else
+          add(rep)
+        end
       end
     end, debug.traceback)
     if not ok then failure = failure or e end
@@ -435,6 +505,10 @@ function Campaign:run(opts)
   end
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
+  for _, item in ipairs(queue) do                      -- stopped before their next try
+    item.rep.status = "deferred"
+    add(item.rep)
+  end
   if opts.signals then util.stop_signals() end
   finish_files()
   if failure then error(failure, 0) end

@@ -50,6 +50,9 @@ found relative to the script's folder.
                     (default: NAME-report.csv in the current folder, NAME being the script's)
   --concurrency N   messages in flight at once (default: the campaign's, else 8)
   --limit N         stop after N recipient rows
+  --give-up-after D retry temporary failures within this run until D (90s, 5m, 4h) after a
+                    message's first try (default: the campaign's retry.give_up_after, 4h);
+                    0: no retries in this run (they stay deferred for --resume)
   --log FILE        append the SMTP dialogue of every session to FILE (AUTH data masked)
   --quiet           no live progress line: a plain progress line every 10 s instead (also
                     what happens when stderr is not a terminal)
@@ -172,7 +175,7 @@ local commands = {}
 function commands.run(args)
   local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
                                   limit = "value", quiet = "flag", log = "value", progress = "value",
-                                  resume = "flag", force = "flag" }, "run")
+                                  resume = "flag", force = "flag", ["give-up-after"] = "value" }, "run")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
@@ -191,6 +194,12 @@ function commands.run(args)
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
   run.report = opts.report or (c.name .. "-report.csv")
+  if opts["give-up-after"] then
+    local ok, r = pcall(campaign.retry_config, { first = c.retry and c.retry.first, max = c.retry and c.retry.max,
+                                                 give_up_after = opts["give-up-after"] })
+    if not ok then complain("run: --give-up-after: ", tostring(r):gsub("^.-retry%.give_up_after: ", "")); return 2 end
+    c.retry = r.give_up_after > 0 and r or false
+  end
   if opts.send then
     local dir = run.report:match("^(.*)/[^/]*$") or "."
     run.journal = dir .. "/" .. c.name .. ".journal"
@@ -216,11 +225,15 @@ function commands.run(args)
   if not counts then complain(err); return 2 end
   do
     local done = counts.sent + counts.failed + counts.written
-    say(("mailshot: %s: %d recipients: %s%d failed, %d skipped in %.1f s (%.0f msg/s); report: %s%s"):format(
+    local extra = ""
+    if counts.deferred > 0 then extra = extra .. (", %d deferred"):format(counts.deferred) end
+    if counts["in-flight"] > 0 then extra = extra .. (", %d possibly sent"):format(counts["in-flight"]) end
+    say(("mailshot: %s: %d recipients: %s%d failed, %d skipped%s in %.1f s (%.0f msg/s); report: %s%s"):format(
       c.name, counts.total,
       run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
-      counts.failed, counts.skipped, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
-      run.dry and " (dry run: nothing was sent; add --send)" or ""))
+      counts.failed, counts.skipped, extra, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
+      run.dry and " (dry run: nothing was sent; add --send)"
+      or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send --resume)"):format(pos[1]) or ""))
   end
   if counts.stopped then
     say(("mailshot: %s stopped by SIG%s; the journal %s has every outcome. To continue:"):format(
@@ -228,7 +241,7 @@ function commands.run(args)
     say(("  mailshot run %s --send --resume --report %s"):format(pos[1], run.report))
     return counts.stopped == "INT" and 130 or 143
   end
-  return counts.failed == 0 and 0 or 1
+  return (counts.failed == 0 and counts.deferred == 0) and 0 or 1
 end
 
 function commands.preview(args)

@@ -157,7 +157,7 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
                               env={"SMTP_SERVER": srv.address})
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
-        self.assertEqual((rep["c@no.example"]["status"], rep["c@no.example"]["stage"]), ("failed", "rate"))
+        self.assertEqual((rep["c@no.example"]["status"], rep["c@no.example"]["stage"]), ("deferred", "rate"))
         self.assertIn("warm-up", rep["c@no.example"]["response"])
         slow = sorted(m["received_at"] for m in srv.messages() if m["rcpt_tos"][0].endswith("@slow.example"))
         fast = sorted(m["received_at"] for m in srv.messages() if m["rcpt_tos"][0].endswith("@fast.example"))
@@ -186,21 +186,22 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
     def test_server_down_fails_every_recipient_as_temporary_connect_errors(self):
         script = self.example_copy([["a@example.com", "A"], ["b@example.com", "B"]])
         env = {"SMTP_SERVER": f"127.0.0.1:{free_port()}", "SMTP_TLS": "starttls"}
-        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=env)
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", "--give-up-after", "0", env=env)
         self.assertEqual(p.returncode, 1)
+        self.assertIn("2 deferred", p.stdout)
         rep = read_report(self.path("r.csv"))
         self.assertEqual(len(rep), 2)
         for r in rep:
-            self.assertEqual((r["status"], r["stage"]), ("failed", "connect"))
+            self.assertEqual((r["status"], r["stage"]), ("deferred", "connect"))
             self.assertIn("Connection refused", r["response"])
 
     def test_greeting_421_fails_with_the_servers_words(self):
         script = self.example_copy([["a@example.com", "A"]])
         srv = self.start_smtpd(greeting_code=421, greeting_text="4.7.0 Too many connections")
-        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", "--give-up-after", "0", env=self.relay_env(srv))
         self.assertEqual(p.returncode, 1)
         r = read_report(self.path("r.csv"))[0]
-        self.assertEqual((r["status"], r["code"], r["stage"]), ("failed", "421", "greeting"))
+        self.assertEqual((r["status"], r["code"], r["stage"]), ("deferred", "421", "greeting"))
         self.assertIn("Too many connections", r["response"])
 
     def test_wrong_password_fails_every_message_at_auth(self):

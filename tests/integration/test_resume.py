@@ -72,6 +72,30 @@ class ResumeTests(MailshotTestCase):
         print(f"\n[crash test] {n} recipients, {kills} kill -9, {len(in_flight)} reported in flight "
               f"({len(in_flight) - lost_in_flight} of them had in fact arrived), 0 duplicates")
 
+    def test_temporary_failures_are_retried_in_the_run_with_backoff(self):
+        d = self.path("rt")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"], [[f"g{i}@example.com", "G"] for i in range(6)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN.replace("concurrency = 8,", "concurrency = 8, retry = { first = '0.3s', max = '1s', give_up_after = '20s' },"))
+        # greylisting: 451 the first time for g1 and g3, then 250; g5 always 450 (gives up); g4 550 (never retried)
+        srv = self.start_smtpd(reject_rcpt_once=[("g1@", 451, "4.7.1 greylisted"), ("g3@", 451, "4.7.1 greylisted")],
+                               reject_rcpt=[("g4@", 550, "5.1.1 no"), ("g5@", 450, "4.2.0 busy")])
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--report", "r.csv", "--give-up-after", "2s",
+                              env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        self.assertEqual({e: r["status"] for e, r in rep.items()},
+                         {"g0@example.com": "sent", "g1@example.com": "sent", "g2@example.com": "sent",
+                          "g3@example.com": "sent", "g4@example.com": "failed", "g5@example.com": "deferred"})
+        self.assertEqual(rep["g5@example.com"]["code"], "450")
+        rcpts = [l for l in srv.log_lines() if l.upper().startswith("RCPT")]
+        self.assertEqual(sum(1 for l in rcpts if "g4@" in l), 1)        # a 5xx is never retried
+        self.assertGreaterEqual(sum(1 for l in rcpts if "g5@" in l), 2)  # retried until the give-up time
+        self.assertLessEqual(sum(1 for l in rcpts if "g5@" in l), 6)     # with growing intervals, not in a loop
+        self.assertEqual(sorted(m["rcpt_tos"][0] for m in srv.messages()),
+                         ["g0@example.com", "g1@example.com", "g2@example.com", "g3@example.com"])
+
     def test_sigint_finishes_messages_in_flight_and_says_how_to_resume(self):
         script = self.campaign(3000)
         srv = self.start_smtpd(delay=["DATA-END:0.002"])
@@ -112,7 +136,8 @@ class ResumeTests(MailshotTestCase):
     def test_changed_recipients_are_refused_without_force_and_torn_lines_are_ignored(self):
         script = self.campaign(50)
         srv = self.start_smtpd(reject_rcpt=[("u7@", 451, "4.2.1 try later")])
-        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", "--give-up-after", "0",
+                              env={"SMTP_SERVER": srv.address})
         self.assertEqual(p.returncode, 1)
         journal = self.path("c.journal")
         self.assertTrue(os.path.exists(journal))

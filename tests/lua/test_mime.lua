@@ -271,6 +271,124 @@ case("boundary-like lines in every part, with attachments", function()
   eq(r["part.5.payload"], evil)
 end)
 
+-- body_of(data) -> the raw body of a one-part message, and its CTE.
+local function body_of(data)
+  return data:match("\r\n\r\n(.*)$"), data:match("\r\nContent%-Transfer%-Encoding: ([%w-]+)\r\n")
+end
+
+case("lines of exactly 998 octets stay 7bit, 999 go quoted-printable, wherever they are", function()
+  local l998, l999 = string.rep("a", 998), string.rep("b", 999)
+  local short = string.rep("s\n", 20)                   -- short lines first: the other scan
+  local prose = string.rep(string.rep("w", 69) .. "\n", 30)
+  for _, eol in ipairs({ "\n", "\r\n", "\r" }) do
+    for _, c in ipairs({
+      { l998, "7bit" }, { l999, "quoted-printable" },
+      { l998 .. eol, "7bit" }, { l999 .. eol, "quoted-printable" },
+      { "x" .. eol .. l998 .. eol .. "y", "7bit" }, { "x" .. eol .. l999 .. eol .. "y", "quoted-printable" },
+      { prose .. l998, "7bit" }, { prose .. l999, "quoted-printable" },
+      { prose .. l998 .. eol .. prose, "7bit" }, { prose .. l999 .. eol .. prose, "quoted-printable" },
+      { short .. l998 .. eol .. "z", "7bit" }, { short .. l999 .. eol .. "z", "quoted-printable" },
+      { short .. l998, "7bit" }, { short .. l999, "quoted-printable" },
+      { string.rep(l998 .. eol, 5), "7bit" }, { string.rep(l998 .. eol, 5) .. l999, "quoted-printable" },
+    }) do
+      local text = c[1]:gsub("\n", eol)
+      local data = build_ok(base({ text = text }))
+      check_raw(data)
+      local body, cte = body_of(data)
+      eq(cte, c[2], "CTE for a text of " .. #text .. " octets")
+      if cte == "7bit" then
+        eq(body, (text:gsub("\r\n?", "\n"):gsub("\n", "\r\n"):gsub("([^\n])$", "%1\r\n")))
+      end
+    end
+  end
+  -- the message ends with CRLF: read back, a text without a final line break has one
+  local r = parse(build_ok(base({ text = short .. l999 .. "\nz" })))
+  eq(lf(r["part.1.text"]), short .. l999 .. "\nz\n")
+end)
+
+case("bare CR, CRLF and LF line endings all become CRLF in a 7bit body", function()
+  for _, c in ipairs({
+    { "a\rb\r", "a\r\nb\r\n" }, { "a\r\rb", "a\r\n\r\nb\r\n" }, { "\r", "\r\n" }, { "\n", "\r\n" },
+    { "\r\n", "\r\n" }, { "\n\r", "\r\n\r\n" }, { "\r\r\n", "\r\n\r\n" }, { "a\r\nb\nc\rd", "a\r\nb\r\nc\r\nd\r\n" },
+    { "\n\n\n", "\r\n\r\n\r\n" }, { string.rep("x\r", 40), string.rep("x\r\n", 40) },
+    { string.rep("x\n", 40) .. "end", string.rep("x\r\n", 40) .. "end\r\n" },
+  }) do
+    local body, cte = body_of(build_ok(base({ text = c[1] })))
+    eq(cte, "7bit")
+    eq(body, c[2], string.format("body for %q", c[1]))
+  end
+end)
+
+case("a text without a final line break gets one CRLF at the end of the message, no more", function()
+  local data = build_ok(base({ text = "one\ntwo" }))
+  eq(body_of(data), "one\r\ntwo\r\n")
+  eq(lf(parse(data)["part.1.text"]), "one\ntwo\n")
+  eq(body_of(build_ok(base({ text = "one\ntwo\n" }))), "one\r\ntwo\r\n")
+end)
+
+case("an empty text is an empty body after the blank line", function()
+  local data = build_ok(base({ text = "" }))
+  eq(data:sub(-4), "\r\n\r\n")
+  eq(body_of(data), "")
+  local r = parse(build_ok(base({ text = "", html = "" })))
+  eq(r["part.2.payload"], "")
+  eq(r["part.3.payload"], "")
+end)
+
+case("8bit bodies follow the same line rules as 7bit ones", function()
+  local body, cte = body_of(build_ok(base({ text = "é\rü\n" .. string.rep("x", 996) .. "é", eightbit = true })))
+  eq(cte, "8bit")
+  eq(body, "é\r\nü\r\n" .. string.rep("x", 996) .. "é\r\n")
+  body, cte = body_of(build_ok(base({ text = string.rep("x", 998) .. "é", eightbit = true })))
+  eq(cte, "quoted-printable", "999 octets")
+end)
+
+case("what build remembers between messages never leaks into the next one", function()
+  -- sender, subject, date and attachment encodings are kept from message to message
+  local function from_of(data) return parse(data)["addr.from.1.address"] end
+  eq(from_of(build_ok(base({ from = "A <a@example.com>" }))), "a@example.com")
+  eq(from_of(build_ok(base({ from = "B <b@example.com>" }))), "b@example.com")
+  eq(from_of(build_ok(base({ from = "A <a@example.com>" }))), "a@example.com")
+  fails("invalid address", base({ from = "A <a@-example.com>" }))
+  fails("invalid address", base({ from = "A <a@-example.com>" }))
+  local t = { name = "T", address = "t@example.com" }
+  eq(from_of(build_ok(base({ from = t }))), "t@example.com")
+  t.address = "u@example.com"                      -- tables are read again
+  eq(from_of(build_ok(base({ from = t }))), "u@example.com")
+  for _, s in ipairs({ "one", "two", "one", "Grüße", "one" }) do
+    eq(parse(build_ok(base({ subject = s })))["h.subject"], s)
+  end
+  for _, d in ipairs({ 0, 86400, 0 }) do
+    eq(parse(build_ok(base({ date = d })))["h.date"], mime.date(d))
+  end
+  for _, blob in ipairs({ "abc", "abd", ("abc"):rep(1), "", "abd" .. "" }) do
+    local r = parse(build_ok(base({ attachments = { { data = blob, filename = "b.bin" } } })))
+    eq(r["part.3.payload"], blob)
+  end
+  for _, c in ipairs({ { "text/x-a", "text/x-a" }, { "text/x-b", "text/x-b" }, { nil, "text/plain" },
+                       { "text/x-a", "text/x-a" } }) do
+    local r = parse(build_ok(base({ attachments = { { data = "d", filename = "dir/a.txt", content_type = c[1] } } })))
+    eq(r["part.3.type"], c[2])
+    eq(r["part.3.filename"], "a.txt")
+  end
+  checkerr("content_type must be type/subtype", mime.build,
+           base({ attachments = { { data = "d", filename = "dir/a.txt", content_type = "text" } } }))
+  -- a domain found invalid stays invalid, one found valid stays valid
+  for _ = 1, 2 do
+    assert(not mime.valid_address("x@b-.example.com"))
+    assert(mime.valid_address("x@b.example.com"))
+  end
+end)
+
+case("Message-ID and boundaries have their documented shapes", function()
+  for _ = 1, 50 do
+    local data, info = build_ok(base({ html = "<p>x</p>" }))
+    assert(info.message_id:find("^<%d+%.%x%x%x%x%x%x%x%x%.%x+@example%.com>$"), info.message_id)
+    assert(not info.message_id:find("%u"), "lower case hex")
+    assert(data:match('boundary="(=_ms_[0-9a-f]+)"'):len() == 5 + 24, "24 hex digits")
+  end
+end)
+
 ---------------------------------------------------------------- attachments
 
 local function all_bytes(n)
@@ -646,6 +764,62 @@ case("mime.base64 matches RFC 4648 vectors and wraps at 76", function()
     local e = mime.base64(string.rep("\255", n))
     for line in (e .. "\r\n"):gmatch("(.-)\r\n") do assert(#line <= 76) end
     eq(#e:gsub("\r\n", ""), 4 * ((n + 2) // 3), "length for " .. n)
+  end
+end)
+
+case("mime.base64 round-trips every length up to 300 and every byte value", function()
+  for n = 0, 300 do
+    local t = {}
+    for i = 1, n do t[i] = string.char((i * 37 + n) % 256) end
+    local s = table.concat(t)
+    local e = mime.base64(s)
+    eq(unbase64((e:gsub("\r\n", ""))), s, "length " .. n)
+    local lines = 0
+    for line in (e .. "\r\n"):gmatch("(.-)\r\n") do
+      lines = lines + 1
+      assert(#line <= 76 and (#line == 76 or line == e:match("([^\n]*)$")), "only the last line is short")
+    end
+    eq(lines, math.max(1, (4 * ((n + 2) // 3) + 75) // 76), "lines for " .. n)
+  end
+end)
+
+case("mime.qp: blanks at the end of a line, CR line endings, escapes near a soft break", function()
+  eq(mime.qp("a \rb\t\r\n c "), "a=20\r\nb=09\r\n c=20")
+  eq(mime.qp(""), "")
+  eq(mime.qp("\n"), "\r\n")
+  local long = string.rep("x", 80) .. " "
+  local e = mime.qp(long)
+  eq(e, string.rep("x", 75) .. "=\r\n" .. string.rep("x", 5) .. "=20")
+  for n = 72, 78 do
+    local s = string.rep("a", n) .. "===é \t"
+    local enc = mime.qp(s .. "\n" .. s)
+    for line in (enc .. "\r\n"):gmatch("(.-)\r\n") do assert(#line <= 76) end
+    local decoded = enc:gsub("=\r\n", ""):gsub("=(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+    eq(decoded, s .. "\r\n" .. s)
+  end
+end)
+
+case("addresses: the usual forms and the unusual ones give the same kind of answer", function()
+  local ok = {
+    ["Who<who@x.y>"] = { "Who", "who@x.y" }, ["W\t<w@x.y>"] = { "W", "w@x.y" },
+    ["Dr. Who <who@tardis.co.uk>"] = { "Dr. Who", "who@tardis.co.uk" },
+    ["A.B+c@EXAMPLE.ORG"] = { nil, "A.B+c@EXAMPLE.ORG" },
+    ["R <" .. string.rep("a", 64) .. "@b.c>"] = { "R", string.rep("a", 64) .. "@b.c" },
+    ["x@" .. string.rep("d", 63) .. ".com"] = { nil, "x@" .. string.rep("d", 63) .. ".com" },
+    ["o'neil@example.ie"] = { nil, "o'neil@example.ie" }, ["a@b"] = { nil, "a@b" },
+    ["Ann <a-.b@c.d>"] = { "Ann", "a-.b@c.d" }, ["Ann \"Q\" <q@x.y>"] = { 'Ann "Q"', "q@x.y" },
+  }
+  for s, want in pairs(ok) do
+    local a, err = mime.parse_address(s)
+    assert(a, s .. ": " .. tostring(err))
+    eq(a.name, want[1], "name of " .. s)
+    eq(a.address, want[2], "address of " .. s)
+  end
+  for _, s in ipairs({ "R <" .. string.rep("a", 65) .. "@b.c>", "x@" .. string.rep("d", 64) .. ".com",
+                       "a..b@c", "a.@b", ".a@b", "a@b..c", "a@b-.c", "a@-b.c", "a@b.c.", "A <a@b.-c>" }) do
+    local a, err = mime.parse_address(s)
+    assert(not a, s .. " accepted")
+    contains(err, "invalid address")
   end
 end)
 

@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    help="e.g. 421 or 554: answer that at the greeting and close")
     p.add_argument("--greeting-text", default="Service not available, closing transmission channel")
     p.add_argument("--reject-mail-from", action="append", default=[], metavar="PATTERN:CODE:TEXT")
+    p.add_argument("--reject-rcpt-once", action="append", default=[], metavar="PATTERN:CODE:TEXT",
+                   help="like --reject-rcpt, but only the first time each matching address is seen "
+                        "(a greylisting server: 451 first, 250 on retry)")
     p.add_argument("--reject-rcpt", action="append", default=[], metavar="PATTERN:CODE:TEXT",
                    help="RCPT TO whose address contains PATTERN gets CODE TEXT (repeatable)")
     p.add_argument("--reject-data-from", action="append", default=[], metavar="PATTERN:CODE:TEXT",
@@ -128,6 +131,7 @@ def parse_args(argv=None):
     try:
         a.reject_mail_from = [parse_rule(r, "--reject-mail-from") for r in a.reject_mail_from]
         a.reject_rcpt = [parse_rule(r, "--reject-rcpt") for r in a.reject_rcpt]
+        a.reject_rcpt_once = [parse_rule(r, "--reject-rcpt-once") for r in a.reject_rcpt_once]
         a.reject_data_from = [parse_rule(r, "--reject-data-from") for r in a.reject_data_from]
         a.reject_data_content = [parse_rule(r, "--reject-data-content") for r in a.reject_data_content]
     except argparse.ArgumentTypeError as e:
@@ -448,6 +452,11 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         for pat, reply in self.opts.reject_rcpt:
             if pat in address:
+                return reply
+        seen = self.__dict__.setdefault("_rejected_once", set())
+        for pat, reply in self.opts.reject_rcpt_once:
+            if pat in address and address not in seen:
+                seen.add(address)
                 return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
