@@ -6,7 +6,8 @@
  *   util.fsync(file) -> true | nil, err   (a Lua file handle: its buffer flushed, then fsync(2))
  *   util.wait_signal() -> "INT" | "TERM"  (suspends the task until SIGINT or SIGTERM; after the
  *                                          first call those signals no longer kill the process)
- *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit) */
+ *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit)
+ *   util.write_secret(path, data)         (a new file, mode 0600 from the start) */
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -152,6 +153,26 @@ static int u_stop_signals(lua_State *L) {
   return 0;
 }
 
+/* util.write_secret(path, data): create path (it must not exist) with mode 0600 and write data:
+ * a private key is never readable by others, not even for a moment. */
+static int u_write_secret(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return luaL_fileresult(L, 0, path);
+  size_t off = 0;
+  while (off < len) {
+    ssize_t n = write(fd, data + off, len - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) { int e = errno; close(fd); errno = e; return luaL_fileresult(L, 0, path); }
+    off += (size_t)n;
+  }
+  if (fsync(fd) < 0 || close(fd) < 0) return luaL_fileresult(L, 0, path);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int u_exit_now(lua_State *L) {
   _exit((int)luaL_optinteger(L, 1, 1));
 }
@@ -159,7 +180,7 @@ static int u_exit_now(lua_State *L) {
 int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "sha256", u_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
-    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now },
+    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret },
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };

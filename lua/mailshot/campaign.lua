@@ -25,7 +25,7 @@ local FIELDS = {
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
-  resend_in_flight = "boolean", retry = "any", on_result = "function",
+  resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table",
 }
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
@@ -106,6 +106,16 @@ function M.new(def)
   end
   c.domain_limiters = {}
   c.retry = M.retry_config(def.retry)
+  if def.dkim then
+    -- the key is read once, here: a missing, unreadable or wrong-type key stops the script
+    -- before any message is sent
+    local o = {}
+    for k, v in pairs(def.dkim) do o[k] = v end
+    if type(o.key_file) == "string" then o.key_file = resolve(c.base_dir, o.key_file) end
+    local signer, err = require("mailshot.dkim").signer(o)
+    if not signer then error("mailshot.campaign: dkim: " .. tostring(err), 3) end
+    c.signer = signer
+  end
   c.header_tpl = {}
   for name, value in pairs(def.headers or {}) do c.header_tpl[name] = compile(value, "headers." .. name, def.helpers) end
   return c
@@ -187,6 +197,11 @@ function Campaign:message(row, line)
   end
   local data, info = mime.build(m)
   if not data then return nil, info end
+  if self.signer then                 -- once per message, on the final bytes
+    local signed, err = self.signer:sign(data)
+    if not signed then return nil, "dkim: " .. tostring(err) end
+    data = signed
+  end
   return {
     data = data, from = info.envelope_from, to = info.recipients, message_id = info.message_id,
     row = row, line = line, email = row[self.email_field],

@@ -16,6 +16,7 @@ Commands:
   preview SCRIPT   print one rendered message of a campaign
   check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
   mx DOMAIN        show a domain's mail servers in the order direct delivery tries them
+  dkim keygen      make a DKIM key pair and print the DNS TXT record to publish
   exec FILE [ARG]  run a Lua file with the mailshot runtime (tasks, relays, CSV, templates)
   help [COMMAND]   show this help, or a command's
 
@@ -103,6 +104,15 @@ Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
   --dns IP[:PORT]      ask this DNS server instead of the system's resolvers (several:
                        separate them with commas, e.g. 127.0.0.1:5353,[::1]:5353)
   --timeout SECONDS    per DNS try (default 3; two tries per server)
+]=],
+  dkim = [=[
+Usage: mailshot dkim keygen --selector S --domain D [--algorithm rsa-sha256|ed25519-sha256]
+                            [--bits N] [--out FILE]
+
+Make a DKIM private key (RSA 2048 bits by default, or Ed25519) and write it to FILE (default
+S.D.key, mode 0600; an existing file is never overwritten), then print the TXT record to
+publish at S._domainkey.D.  Campaigns sign with it through
+  dkim = { domain = "D", selector = "S", key_file = "FILE" }
 ]=],
   exec = [=[
 Usage: mailshot exec FILE [ARGS...]
@@ -383,6 +393,36 @@ function commands.mx(args)
     say(("  %5d  %-30s %s"):format(h.preference, h.host, addrs))
   end
   return deliverable and 0 or 1
+end
+
+function commands.dkim(args)
+  if args[1] ~= "keygen" then
+    if args[1] == "--help" or args[1] == "-h" then io.stdout:write(COMMAND_HELP.dkim); return 0 end
+    complain("dkim: expected 'keygen' (see mailshot dkim --help)")
+    return 2
+  end
+  local opts, pos = parse(table.move(args, 2, #args, 1, {}), { selector = "value", domain = "value",
+                          algorithm = "value", bits = "value", out = "value" }, "dkim keygen")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.dkim); return 0 end
+  if not opts.selector or not opts.domain or #pos > 0 then
+    complain("dkim keygen: --selector and --domain are required (see mailshot dkim --help)")
+    return 2
+  end
+  local domain = mailshot.idna.to_ascii(opts.domain)
+  if not domain then complain("dkim keygen: invalid domain ", opts.domain); return 2 end
+  local alg = opts.algorithm or "rsa-sha256"
+  local ok, pem, txt = pcall(require("mailshot.dkim").keygen,
+                             { algorithm = alg, bits = alg == "rsa-sha256" and tonumber(opts.bits or 2048) or nil })
+  if not ok then complain("dkim keygen: ", tostring(pem)); return 2 end
+  if not pem then complain("dkim keygen: ", tostring(txt)); return 1 end
+  local out = opts.out or (opts.selector .. "." .. domain .. ".key")
+  local wrote, werr = require("mailshot.util").write_secret(out, pem)
+  if not wrote then complain("dkim keygen: ", werr, " (an existing key is never overwritten)"); return 1 end
+  say(("private key: %s (keep it secret; mode 0600)"):format(out))
+  say(("publish this TXT record at %s._domainkey.%s:"):format(opts.selector, domain))
+  say(txt)
+  return 0
 end
 
 function commands.exec(args)

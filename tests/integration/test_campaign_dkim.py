@@ -1,0 +1,79 @@
+"""A campaign with DKIM signing: every message the server receives verifies with dkimpy, for RSA and
+Ed25519; `mailshot dkim keygen` writes a private key (mode 0600) and the TXT record that verifies it;
+a bad key stops the script before anything is sent."""
+import os
+import stat
+import unittest
+
+import dkim
+
+from tests.integration.harness import MailshotTestCase, write_csv
+
+CAMPAIGN = """
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none" }
+return mailshot.campaign {
+  recipients = "list.csv", from = "Acme <news@acme.example>", subject = "Grüße, {{name}}",
+  text = "Hello {{name}},\\n\\nnews.\\n", html = "<p>Hello {{name}}</p>",
+  dkim = { domain = "acme.example", selector = "s1", key_file = os.getenv "KEY" },
+  send = relay,
+}
+"""
+
+
+class CampaignDkimTests(MailshotTestCase):
+    def keygen(self, algorithm):
+        p = self.run_mailshot("dkim", "keygen", "--selector", "s1", "--domain", "acme.example",
+                              "--algorithm", algorithm, "--out", f"{algorithm}.key")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        key = self.path(f"{algorithm}.key")
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+        self.assertIn("s1._domainkey.acme.example", p.stdout)
+        txt = p.stdout.strip().splitlines()[-1]
+        self.assertTrue(txt.startswith("v=DKIM1; k="), txt)
+        again = self.run_mailshot("dkim", "keygen", "--selector", "s1", "--domain", "acme.example",
+                                  "--algorithm", algorithm, "--out", f"{algorithm}.key")
+        self.assertEqual(again.returncode, 1)            # never overwrites a key
+        return key, txt.encode()
+
+    def test_messages_sent_by_a_dkim_campaign_verify_for_both_algorithms(self):
+        d = self.path("c")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"], [[f"u{i}@example.com", f"Zoë {i}"] for i in range(5)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        for algorithm in ("rsa-sha256", "ed25519-sha256"):
+            key, record = self.keygen(algorithm)
+            srv = self.start_smtpd()
+            p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--force", "--report", f"{algorithm}.csv",
+                                  env={"SMTP_SERVER": srv.address, "KEY": key})
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+            msgs = srv.messages()
+            self.assertEqual(len(msgs), 5)
+
+            def dnsfunc(name, timeout=5):
+                self.assertEqual(name, b"s1._domainkey.acme.example.")
+                return record
+            for m in msgs:
+                self.assertTrue(dkim.verify(m["raw"], dnsfunc=dnsfunc), algorithm)
+                self.assertIn(f"a={algorithm};".encode(), m["raw"].replace(b"\r\n\t", b"").replace(b" ", b""))
+            tampered = msgs[0]["raw"].replace(b"news.", b"NEWS.")
+            self.assertFalse(dkim.verify(tampered, dnsfunc=dnsfunc))
+
+    def test_a_missing_key_stops_the_script_before_sending(self):
+        d = self.path("c")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"], [["u@example.com", "U"]])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        srv = self.start_smtpd()
+        p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--report", "r.csv",
+                              env={"SMTP_SERVER": srv.address, "KEY": self.path("nope.key")})
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("dkim", p.stderr)
+        self.assertIn("nope.key", p.stderr)
+        self.assertEqual(srv.connections(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
