@@ -119,7 +119,7 @@ def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None):
     env = dict(os.environ, SINK=sink, CONNS=str(conns), LIST=os.path.join(work, f"list-{n}.csv"),
                HTML="1" if html else "0", TLS=tls)
     env.update(extra_env or {})
-    return run_timed([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--send", "--quiet", "--progress", "0",
+    return run_timed([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--send", "--force", "--quiet", "--progress", "0",
                       "--report", os.path.join(work, "report.csv")], env=env, cwd=work)
 
 
