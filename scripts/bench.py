@@ -13,7 +13,6 @@ Environment: BENCH_N (default 20000), BENCH_RUNS (3), BENCH_BIG (1000000; 0 skip
 Every server listens on 127.0.0.1 only.
 """
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -104,15 +103,24 @@ def write_list(path, n):
 
 
 def run_timed(cmd, env=None, cwd=None):
-    """Run cmd; return (wall seconds, peak RSS in MB of that child, stdout)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run cmd; return (wall seconds, peak RSS in MB of that very process, stdout)."""
     t = time.monotonic()
-    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_chunks, err_chunks = [], []
+    import threading
+    readers = [threading.Thread(target=lambda f=f, acc=acc: acc.append(f.read())) for f, acc in
+               ((p.stdout, out_chunks), (p.stderr, err_chunks))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(p.pid, 0)      # this child's own rusage, not the maximum of all children
+    for r in readers:
+        r.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
     dt = time.monotonic() - t
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {p.stdout[-500:]} {p.stderr[-1500:]}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, (rss if rss > before else 0) / 1024, p.stdout
+    out, err = "".join(out_chunks), "".join(err_chunks)
+    if p.returncode not in (0,):
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {out[-500:]} {err[-1500:]}")
+    return dt, usage.ru_maxrss / 1024, out
 
 
 def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None):
