@@ -19,9 +19,11 @@ struct sched {
   int suspending;        /* set by task_suspend right before it yields */
   lua_State *main_task;
   int main_done, main_failed, main_status;
+  loop_deferred lua_deferred;   /* runs the functions given to core.defer */
 };
 
 #define TASKS_KEY "mailshot.tasks"   /* registry table: thread -> true while it lives */
+#define DEFER_KEY "mailshot.deferred" /* registry list of functions for core.defer */
 
 sched *sched_of(lua_State *L) { return *(sched **)lua_getextraspace(L); }
 loop *task_loop(lua_State *L) { return sched_of(L)->loop; }
@@ -103,6 +105,24 @@ static void run_ready(loop *l, void *data) {
   if (s->count) loop_wake(l);
 }
 
+/* Run the functions given to core.defer, once each, outside any task (they must not wait). */
+static void run_lua_deferred(loop *l, void *data) {
+  sched *s = data;
+  lua_State *L = s->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, DEFER_KEY);
+  lua_newtable(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, DEFER_KEY);       /* new ones go to a fresh list */
+  lua_Integer n = luaL_len(L, -1);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+      fprintf(stderr, "mailshot: deferred function failed: %s\n", lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+}
+
 sched *sched_new(lua_State *L, loop *lp) {
   sched *s = calloc(1, sizeof *s);
   if (!s) return NULL;
@@ -111,12 +131,17 @@ sched *sched_new(lua_State *L, loop *lp) {
   *(sched **)lua_getextraspace(L) = s;
   lua_newtable(L);
   lua_setfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+  lua_newtable(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, DEFER_KEY);
+  s->lua_deferred.fn = run_lua_deferred;
+  s->lua_deferred.data = s;
   loop_set_idle(lp, run_ready, s);
   return s;
 }
 
 void sched_free(sched *s) {
   if (!s) return;
+  loop_cancel_deferred(s->loop, &s->lua_deferred);
   free(s->ready);
   free(s);
 }
@@ -233,6 +258,21 @@ static int core_now(lua_State *L) {
   return 1;
 }
 
+/* mailshot.core.defer(fn): call fn once, before the loop next waits for the network, after the
+ * ready tasks ran.  fn runs outside any task and must not wait.  The journal uses it to write
+ * all the in-flight marks of a turn with one write(2), before any message body can go out (a
+ * body is only ever sent on a later turn, after its 354). */
+static int core_defer(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  sched *s = sched_of(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, DEFER_KEY);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, luaL_len(L, -2) + 1);
+  lua_pop(L, 1);
+  loop_defer(s->loop, &s->lua_deferred);
+  return 0;
+}
+
 /* mailshot.core.isatty(fd): is standard input (0), output (1) or error (2) a terminal? */
 static int core_isatty(lua_State *L) {
   lua_Integer fd = luaL_checkinteger(L, 1);
@@ -252,7 +292,7 @@ int luaopen_mailshot_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "spawn", core_spawn }, { "sleep", core_sleep }, { "suspend", core_suspend },
     { "wake", core_wake }, { "now", core_now }, { "current", core_current },
-    { "isatty", core_isatty }, { NULL, NULL }
+    { "isatty", core_isatty }, { "defer", core_defer }, { NULL, NULL }
   };
   luaL_newlib(L, funcs);
   return 1;

@@ -12,7 +12,9 @@
 --
 -- Fields are tab-separated, with \t \n \r \\ escaped.  A later record for a line supersedes an
 -- earlier one.  The in-flight record reaches the kernel before the message reaches the server,
--- so a kill -9 at any moment leaves every message that might have been sent marked; outcomes
+-- (all the marks of one turn of the event loop in one write, before the loop polls again: a
+-- message body is only sent on a later turn, after its 354), so a kill -9 at any moment leaves
+-- every message that might have been sent marked; outcomes
 -- are buffered and written with the next in-flight record or within 0.1 s, and fsync'ed every
 -- second (a power cut loses at most that second).  A torn last line (a crash inside write) is
 -- closed with a newline on the next open and ignored when read.
@@ -99,6 +101,10 @@ function M.open(path, opts)
   if not f then lock:unlock(); return nil, ("journal %s: %s"):format(path, ferr) end
   f:setvbuf("full", 1 << 16)
   local j = setmetatable({ f = f, path = path, lock = lock, buf = {}, n = 0, last_sync = core.now() }, Journal)
+  j.deferred_flush = function()
+    j.flush_queued = false
+    if j.f then j:flush() end
+  end
   if previous then
     if previous.torn then f:write("\n") end
   else
@@ -114,11 +120,16 @@ local function record(kind, line, email, r)
   return table.concat(t, "\t") .. "\n"
 end
 
---- The message for this row is about to be sent: on disk (the kernel's) before it returns.
+--- The message for this row is about to be sent.  The mark is written (with every other mark
+--- of this turn of the loop, in one write) before the loop next polls: the message's body can
+--- only go out after its 354 reply, which needs that poll.
 function Journal:in_flight(line, email)
   self.n = self.n + 1
   self.buf[self.n] = record("I", line, email)
-  self:flush()
+  if not self.flush_queued then
+    self.flush_queued = true
+    core.defer(self.deferred_flush)
+  end
 end
 
 --- A row's outcome (a report row: status, code, ...); deferred ones are retried on resume.
