@@ -102,7 +102,7 @@ function M.new(def)
   end
   if def.rate ~= nil then
     local spec = type(def.rate) == "function" and rate.custom(def.rate) or def.rate
-    c.limiter = rate.new(spec, { name = "campaign" })
+    c.limiter = rate.new(spec, { name = "campaign", sleep = function(sec) return c:rate_sleep(sec) end })
   end
   c.domain_limiters = {}
   c.retry = M.retry_config(def.retry)
@@ -123,6 +123,21 @@ end
 
 function M.is_campaign(x) return getmetatable(x) == Campaign end
 
+-- A stop (SIGINT/SIGTERM) must not wait for a quota that frees up tomorrow: rate waits sleep
+-- in slices and give up with STOPPED, and the row is left to --resume, untouched.
+local STOPPED = setmetatable({}, { __tostring = function() return "stopped while waiting for a rate limit" end })
+M.STOPPED = STOPPED
+
+function Campaign:rate_sleep(sec)
+  local until_ = core.now() + sec
+  while true do
+    if self.stopping then error(STOPPED, 0) end
+    local left = until_ - core.now()
+    if left <= 0 then return end
+    core.sleep(math.min(left, 0.5) + 0.0005)            -- the loop's timers tick in milliseconds
+  end
+end
+
 -- Rate limits: the campaign's own, then the recipient domain's (domain_rate[domain], or
 -- domain_rate["*"] as every other domain's own limiter).  Slots are taken with begin() and
 -- given back when the server has answered, so the windows hold at the receiver too.
@@ -136,7 +151,10 @@ function Campaign:begin_rate(email)
     local l = self.domain_limiters[domain]
     if l == nil then
       local spec = dr[domain] or dr["*"]
-      l = spec and rate.new(type(spec) == "function" and rate.custom(spec) or spec, { name = domain }) or false
+      l = spec and rate.new(type(spec) == "function" and rate.custom(spec) or spec,
+                            { name = domain, sleep = function(sec) return self:rate_sleep(sec) end }) or false
+      local saved = l and self.saved_rates and self.saved_rates["domain " .. domain]
+      if saved then pcall(l.restore, l, saved) end
       self.domain_limiters[domain] = l
     end
     for _, lim in ipairs { limiter or false, l } do
@@ -395,6 +413,23 @@ function Campaign:run(opts)
   end
   local report, rerr = open_report(opts.report)
   if not report then reader:close(); if jrn then jrn:close() end; return nil, rerr end
+  local limiters = opts.relay_limiters or {}
+  if self.limiter then limiters["campaign"] = self.limiter end
+  if jrn and previous then
+    -- daily quotas hold across --resume: the limiters continue from where the last run left them
+    self.saved_rates = journal.load_rates(opts.journal .. ".rates")
+    for name, l in pairs(limiters) do
+      local st = self.saved_rates[name]
+      if st then pcall(l.restore, l, st) end
+    end
+  end
+  local function save_rates()
+    if not jrn then return end
+    local states = {}
+    for name, l in pairs(limiters) do states[name] = l:state() end
+    for d, l in pairs(self.domain_limiters) do if l then states["domain " .. d] = l:state() end end
+    if next(states) then journal.save_rates(opts.journal .. ".rates", states) end
+  end
   local started, seen, limit = core.now(), 0, opts.limit
   local before = previous and previous.records or {}
   local resumed = self:resume_notice(previous, opts)
@@ -470,7 +505,9 @@ function Campaign:run(opts)
       while not failure do
         local row, line, item = next_row()
         if not row then break end
-        local ok, rep = xpcall(process, debug.traceback, self, opts, row, line)
+        local ok, rep = xpcall(process, function(e) return e == STOPPED and e or debug.traceback(e) end,
+                               self, opts, row, line)
+        if not ok and rep == STOPPED then break end        -- not started: --resume takes the row
         if not ok then
           -- an error in the campaign's own code (send, filter, a template function) costs this
           -- recipient, not the run; it is shown once on stderr with its traceback
@@ -494,10 +531,21 @@ function Campaign:run(opts)
   end
   local flusher_running = jrn ~= nil
   if jrn then   -- outcomes reach the kernel within 0.1 s even when nothing else is sent
-    core.spawn(function() while flusher_running do core.sleep(0.1); if flusher_running then jrn:flush() end end end)
+    core.spawn(function()
+      local ticks = 0
+      while flusher_running do
+        core.sleep(0.1)
+        if flusher_running then
+          jrn:flush()
+          ticks = ticks + 1
+          if ticks % 50 == 0 then save_rates() end     -- quotas survive even a kill -9 (to 5 s)
+        end
+      end
+    end)
   end
   local function finish_files()
     flusher_running = false
+    save_rates()
     if progress then progress.stop() end
     reader:close()
     report:close()
@@ -509,10 +557,12 @@ function Campaign:run(opts)
     -- journal still consistent (every record is whole, in-flight ones say so).
     core.spawn(function()
       stopping = util.wait_signal()
+      self.stopping = true
       io.stderr:write(("\nmailshot: %s: stopping: no new messages; waiting for the ones in flight "
                       .. "(signal again to stop at once)\n"):format(stopping == "INT" and "interrupted" or "terminated"))
       util.wait_signal()
       if jrn then jrn:flush(true) end
+      save_rates()
       report.f:flush()
       io.stderr:write("mailshot: stopped at once; the journal marks the messages that were in flight\n")
       util.exit_now(stopping == "INT" and 130 or 143)

@@ -215,6 +215,7 @@ function commands.run(args)
     run.journal = dir .. "/" .. c.name .. ".journal"
     run.script = pos[1]
     run.resume, run.force, run.signals = opts.resume, opts.force, true
+    run.relay_limiters = mailshot.relay_limiters()
     run.notice = function(text) say("mailshot: ", text) end
   elseif opts.resume then
     complain("run: --resume goes with --send")

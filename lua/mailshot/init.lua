@@ -106,7 +106,7 @@ function M.relay(opts)
   local relay, err = smtp.relay(o)
   if not relay then error("mailshot.relay: " .. err, 2) end
   relays[relay] = true
-  if rules and #rules > 0 then relay_limits[relay] = M.rate.new(rules, { name = tostring(relay) }) end
+  if rules and #rules > 0 then relay_limits[relay] = M.rate.new(rules, { name = "relay " .. tostring(relay) }) end
   return relay
 end
 
@@ -115,6 +115,14 @@ end
 function M.close_relays()
   for r in pairs(relays) do r:close() end
   for d in pairs(directs) do d:close() end
+end
+
+--- Every rate limiter of the relays made so far, by name (the runner keeps their state across
+--- --resume).
+function M.relay_limiters()
+  local out = {}
+  for relay, limiter in pairs(relay_limits) do out["relay " .. tostring(relay)] = limiter end
+  return out
 end
 
 --- Open SMTP sessions across every relay and direct sender (for the progress view).

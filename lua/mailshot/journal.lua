@@ -41,7 +41,7 @@ local function split(line)
 end
 
 -- Read an existing journal: header fields and the last record of each line.
-local function load(path)
+local function load_journal(path)
   local f = io.open(path, "rb")
   if not f then return nil end
   local data = f:read("a")
@@ -66,7 +66,7 @@ local function load(path)
   if first then state.fingerprint = nil end   -- an empty or header-less file
   return state
 end
-M.load = load
+M.load = load_journal
 
 --- Open (create, or continue) the journal of a campaign.
 --- opts: fingerprint, name, resume (continue an existing one), force (accept a different
@@ -76,7 +76,7 @@ function M.open(path, opts)
   if not lock then
     return nil, ("campaign %s is already running (%s: %s)"):format(opts.name, path .. ".lock", lerr)
   end
-  local previous, err = load(path)
+  local previous, err = load_journal(path)
   if err then lock:unlock(); return nil, err end
   if previous and previous.fingerprint then
     if not opts.resume and not opts.force then
@@ -159,6 +159,48 @@ function Journal:close()
   self.f:close()
   self.f = nil
   self.lock:unlock()
+end
+
+-- Rate limiter states beside the journal (NAME.journal.rates), so daily quotas hold across
+-- --resume: a Lua table literal, written whole to a temporary file and renamed over the old.
+local function serialize(v, out)
+  local t = type(v)
+  if t == "table" then
+    out[#out + 1] = "{"
+    for k, x in pairs(v) do
+      out[#out + 1] = "["
+      serialize(k, out)
+      out[#out + 1] = "]="
+      serialize(x, out)
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = "}"
+  elseif t == "string" then out[#out + 1] = ("%q"):format(v)
+  elseif t == "number" then out[#out + 1] = math.type(v) == "integer" and tostring(v) or ("%.17g"):format(v)
+  elseif t == "boolean" then out[#out + 1] = tostring(v)
+  else out[#out + 1] = "nil" end
+end
+
+function M.save_rates(path, states)
+  local out = { "return " }
+  serialize(states, out)
+  local tmp = path .. ".tmp"
+  local f, err = io.open(tmp, "w")
+  if not f then return nil, err end
+  f:write(table.concat(out), "\n")
+  util.fsync(f)
+  f:close()
+  return os.rename(tmp, path)
+end
+
+function M.load_rates(path)
+  local f = io.open(path, "r")
+  if not f then return {} end
+  local src = f:read("a")
+  f:close()
+  local chunk = load(src, "=" .. path, "t", {})      -- data only: an empty environment
+  local ok, states = pcall(chunk or function() end)
+  return ok and type(states) == "table" and states or {}
 end
 
 M.FIELDS = FIELDS

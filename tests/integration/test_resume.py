@@ -117,6 +117,24 @@ class ResumeTests(MailshotTestCase):
         got = self.received(srv)
         self.assertEqual((len(got), max(got.values())), (3000, 1))
 
+    def test_a_daily_quota_holds_across_resume_and_a_stop_does_not_wait_for_it(self):
+        d = self.path("q")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"], [[f"q{i}@example.com", "Q"] for i in range(5)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN.replace("concurrency = 8,", "concurrency = 8, rate = '2/day',"))
+        srv = self.start_smtpd()
+        for run in range(2):
+            proc = self.start_run(os.path.join(d, "c.lua"), srv, *(["--resume"] if run else []))
+            time.sleep(1.5)                         # the quota is used up: the others wait for tomorrow
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)  # ... but a stop does not wait for it
+            self.assertEqual(proc.returncode, 130, out + err)
+            self.assertEqual(srv.message_count(), 2, f"run {run}: the daily quota was not kept")
+        self.assertTrue(os.path.exists(self.path("c.journal.rates")))
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual(sorted(r["status"] for r in rep), ["sent", "sent"])   # the rest: untouched, for later
+
     def test_a_second_run_of_the_same_campaign_is_refused(self):
         script = self.campaign(200)
         srv = self.start_smtpd(delay=["DATA-END:0.02"])
