@@ -820,7 +820,10 @@ smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg) {
 
 void smtp_conn_free(smtp_conn *c) {
   if (!c) return;
-  if (c->busy) { c->free_pending = 1; c->fn = NULL; for (int i = 0; i < c->nq; i++) c->q[i]->fn = NULL; return; }
+  /* Freed from inside one of its own callbacks (a relay dropping a dead session): the
+   * transactions it still holds get their callbacks all the same (fail_all is delivering
+   * them); only the open/quit operation is forgotten. */
+  if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
   close_socket(c);
   if (c->addrs) freeaddrinfo(c->addrs);
   smtp_buf_free(&c->out);
