@@ -7,15 +7,19 @@
  *   util.wait_signal() -> "INT" | "TERM"  (suspends the task until SIGINT or SIGTERM; after the
  *                                          first call those signals no longer kill the process)
  *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit)
- *   util.write_secret(path, data)         (a new file, mode 0600 from the start) */
+ *   util.write_secret(path, data)         (a new file, mode 0600 from the start)
+ *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact) */
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/signalfd.h>
@@ -36,6 +40,21 @@ static int u_sha256(lua_State *L) {
   unsigned char d[EVP_MAX_MD_SIZE];
   unsigned n = 0;
   if (!EVP_Digest(s, len, d, &n, EVP_sha256(), NULL)) return luaL_error(L, "sha256 failed");
+  push_hex(L, d, n);
+  return 1;
+}
+
+/* util.hmac_sha256(key, data) -> hex: HMAC-SHA256 (RFC 2104) of data under key, both binary-safe
+ * strings (an empty key is allowed here; callers that need a real secret check for it). */
+static int u_hmac_sha256(lua_State *L) {
+  size_t klen, dlen;
+  const char *key = luaL_checklstring(L, 1, &klen);
+  const char *data = luaL_checklstring(L, 2, &dlen);
+  unsigned char d[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  if (klen > INT_MAX) return luaL_argerror(L, 1, "key too long");
+  if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)data, dlen, d, &n))
+    return luaL_error(L, "hmac_sha256 failed");
   push_hex(L, d, n);
   return 1;
 }
@@ -173,19 +192,112 @@ static int u_write_secret(lua_State *L) {
   return 1;
 }
 
+/* ---- a compact set of strings, for "each address once" over million-row lists ----
+ * Only a 64-bit keyed hash of each string is kept (8 bytes a slot, the table at most half
+ * full: ~16-32 bytes per address instead of ~100 for a Lua table of strings).  The key is
+ * random per process, so a crafted list cannot aim collisions at the probing; two different
+ * addresses sharing a 64-bit hash is a 1-in-10^7 event for a million addresses. */
+#define SET_MT "mailshot.set"
+typedef struct { uint64_t *slots; size_t cap, count; uint64_t k0, k1; } uset;
+
+static uint64_t mix64(uint64_t x) {          /* splitmix64's finalizer */
+  x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+static uint64_t set_hash(const uset *st, const char *p, size_t n) {
+  uint64_t h = st->k0 ^ (uint64_t)n;
+  for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 0x100000001b3ULL;   /* FNV-1a */
+  h = mix64(h ^ st->k1);
+  return h ? h : 1;                          /* 0 marks an empty slot */
+}
+
+static int set_insert(uset *st, uint64_t h) {  /* 1 new, 0 present */
+  size_t i = (size_t)h & (st->cap - 1);
+  while (st->slots[i]) {
+    if (st->slots[i] == h) return 0;
+    i = (i + 1) & (st->cap - 1);
+  }
+  st->slots[i] = h;
+  st->count++;
+  return 1;
+}
+
+static int set_grow(uset *st) {
+  size_t ncap = st->cap ? st->cap * 2 : 1024;
+  uint64_t *old = st->slots, *ns = calloc(ncap, sizeof *ns);
+  if (!ns) return -1;
+  size_t ocap = st->cap;
+  st->slots = ns;
+  st->cap = ncap;
+  st->count = 0;
+  for (size_t i = 0; i < ocap; i++) if (old[i]) set_insert(st, old[i]);
+  free(old);
+  return 0;
+}
+
+static int u_new_set(lua_State *L) {
+  uset *st = lua_newuserdatauv(L, sizeof *st, 0);
+  memset(st, 0, sizeof *st);
+  luaL_setmetatable(L, SET_MT);
+  unsigned char seed[16];
+  FILE *r = fopen("/dev/urandom", "rb");
+  if (!r || fread(seed, 1, sizeof seed, r) != sizeof seed) {
+    if (r) fclose(r);
+    return luaL_error(L, "cannot read /dev/urandom");
+  }
+  fclose(r);
+  memcpy(&st->k0, seed, 8);
+  memcpy(&st->k1, seed + 8, 8);
+  if (set_grow(st) < 0) return luaL_error(L, "out of memory");
+  return 1;
+}
+
+/* set:add(s) -> true when s was not in the set yet */
+static int set_add(lua_State *L) {
+  uset *st = luaL_checkudata(L, 1, SET_MT);
+  size_t n;
+  const char *p = luaL_checklstring(L, 2, &n);
+  if ((st->count + 1) * 2 > st->cap && set_grow(st) < 0) return luaL_error(L, "out of memory");
+  lua_pushboolean(L, set_insert(st, set_hash(st, p, n)));
+  return 1;
+}
+
+static int set_count(lua_State *L) {
+  uset *st = luaL_checkudata(L, 1, SET_MT);
+  lua_pushinteger(L, (lua_Integer)st->count);
+  return 1;
+}
+
+static int set_gc(lua_State *L) {
+  uset *st = luaL_checkudata(L, 1, SET_MT);
+  free(st->slots);
+  st->slots = NULL;
+  st->cap = st->count = 0;
+  return 0;
+}
+
 static int u_exit_now(lua_State *L) {
   _exit((int)luaL_optinteger(L, 1, 1));
 }
 
 int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
-    { "sha256", u_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
-    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret },
+    { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
+    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret }, { "new_set", u_new_set },
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };
   if (luaL_newmetatable(L, LOCK_MT)) {
     luaL_setfuncs(L, lockm, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  static const luaL_Reg setm[] = { { "add", set_add }, { "count", set_count }, { "__gc", set_gc }, { NULL, NULL } };
+  if (luaL_newmetatable(L, SET_MT)) {
+    luaL_setfuncs(L, setm, 0);
     lua_pushvalue(L, -1);
     lua_setfield(L, -2, "__index");
   }

@@ -432,6 +432,7 @@ function Campaign:run(opts)
   end
   local started, seen, limit = core.now(), 0, opts.limit
   local before = previous and previous.records or {}
+  local addresses = util.new_set()                    -- each address once per campaign
   local resumed = self:resume_notice(previous, opts)
   local stopping
 
@@ -480,8 +481,13 @@ function Campaign:run(opts)
       end
       seen = seen + 1
       local old = before[line]
+      local address = row and row[self.email_field]
+      local first = not (address and address ~= "") or addresses:add(address:lower())
       if row and old and old.kind == "F" then
         report:add(old)                              -- already in the journal
+      elseif row and not first then
+        add { line = line, email = address, status = "skipped",
+              response = "duplicate address: an earlier row has it (addresses are compared ignoring case)" }
       elseif row and old and old.kind == "I" and not self.resend_in_flight then
         add { line = line, email = old.email, status = "in-flight", stage = "resume",
               response = "possibly sent before the previous run stopped; not sent again (resend_in_flight = false)" }

@@ -381,6 +381,17 @@ return mailshot.campaign {
         self.assertEqual(msg.get_body(("plain",)).get_content().strip(), "Hi Zoé")
         self.assertEqual(msg.defects, [])
 
+    def test_duplicate_addresses_are_sent_once_and_reported_as_skipped(self):
+        rows = [["a@example.com", "A"], ["b@example.com", "B"], ["A@Example.com", "A2"], ["a@example.com", "A3"]]
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW})
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        rep = {int(r["line"]): r for r in read_report(self.path("r.csv"))}
+        self.assertEqual([rep[i]["status"] for i in (2, 3, 4, 5)], ["sent", "sent", "skipped", "skipped"])
+        self.assertIn("duplicate address", rep[4]["response"])
+        self.assertEqual(sorted(m["rcpt_tos"][0] for m in srv.messages()), ["a@example.com", "b@example.com"])
+
     def test_preview_prints_one_message(self):
         script = self.example_copy([["a@example.com", "Ann"], ["b@example.com", "Bo"]])
         p = self.run_mailshot("preview", script, "--row", "2")
