@@ -12,6 +12,8 @@ local mime = require "mailshot.mime"
 local idna = require "mailshot.idna"
 local rate = require "mailshot.rate"
 local journal = require "mailshot.journal"
+local suppress = require "mailshot.suppress"
+local unsubscribe = require "mailshot.unsubscribe"
 local util = require "mailshot.util"
 
 local find, gsub, byte, concat = string.find, string.gsub, string.byte, table.concat
@@ -26,6 +28,7 @@ local FIELDS = {
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
   resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table",
+  suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
 }
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
@@ -106,6 +109,24 @@ function M.new(def)
   end
   c.domain_limiters = {}
   c.retry = M.retry_config(def.retry)
+  -- Suppression lists (and the hard-bounce file, when it exists) are read now: a missing list
+  -- is an error before anything is sent.
+  local lists = def.suppress
+  if type(lists) == "string" then lists = { lists } end
+  if lists ~= nil and type(lists) ~= "table" then error("mailshot.campaign: suppress must be a file or a list of files", 3) end
+  lists = lists and { table.unpack(lists) } or {}
+  if def.bounces_to then
+    c.bounces_path = resolve(c.base_dir, def.bounces_to)
+    local f = io.open(c.bounces_path, "r")
+    if f then f:close(); lists[#lists + 1] = def.bounces_to end
+  end
+  if #lists > 0 then
+    local list, err = suppress.load(lists, { base_dir = c.base_dir })
+    if not list then error("mailshot.campaign: suppress: " .. tostring(err), 3) end
+    for _, w in ipairs(list.warnings or {}) do io.stderr:write("mailshot: suppress: ", w, "\n") end
+    c.suppressed = list
+  end
+  if def.unsubscribe then c.unsub = unsubscribe.new(def.unsubscribe) end
   if def.dkim then
     -- the key is read once, here: a missing, unreadable or wrong-type key stops the script
     -- before any message is sent
@@ -200,6 +221,13 @@ local MESSAGE_FIELDS = { "from", "reply_to", "cc", "subject", "text", "html" }
 function Campaign:message(row, line)
   local label = self.recipients .. " line " .. line
   local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit }
+  local unsub_headers
+  if self.unsub then
+    local url
+    unsub_headers, url = self.unsub:headers(row, row[self.email_field])
+    if not unsub_headers then return nil, "unsubscribe: " .. tostring(url) end
+    row.unsubscribe_url = url                 -- for body templates: {{unsubscribe_url}}
+  end
   for _, k in ipairs(MESSAGE_FIELDS) do
     local v, err = render(self, k, self.tpl[k], row, label, k == "html")
     if err then return nil, err end
@@ -212,6 +240,10 @@ function Campaign:message(row, line)
       if err then return nil, err end
       m.headers[name] = v
     end
+  end
+  if unsub_headers then
+    m.headers = m.headers or {}
+    for k, v in pairs(unsub_headers) do m.headers[k] = v end
   end
   local data, info = mime.build(m)
   if not data then return nil, info end
@@ -293,6 +325,9 @@ local function process(c, opts, row, line)
     rep.status, rep.response = "skipped", "invalid email address: " .. tostring(why)
     return rep
   end
+  local why = c.suppressed and c.suppressed:check(email)
+  if not why and c.suppress_roles and suppress.is_role(email) then why = "role address (suppress_roles)" end
+  if why then rep.status, rep.response = "skipped", why; return rep end
   if c.filter then
     local keep, reason = c.filter(row)
     if not keep then rep.status, rep.response = "skipped", reason or "filtered out"; return rep end
@@ -337,6 +372,11 @@ local function process(c, opts, row, line)
   rep.temporary = res.retry == true or (res.temporary and res.retry ~= false)
   rep.retry = res.retry
   rep.response = one_line(res.message)
+  if c.bounces_path and not res.ok and not rep.temporary and tostring(res.enhanced or ""):match("^5%.1%.") then
+    -- a hard bounce (5.1.x: no such user or domain): the next campaign skips this address
+    local ok_append, aerr = suppress.append(c.bounces_path, email, ("%s %s %s"):format(res.code or "", res.enhanced, res.message or ""))
+    if not ok_append then io.stderr:write("mailshot: bounces_to: ", tostring(aerr), "\n") end
+  end
   return rep
 end
 
