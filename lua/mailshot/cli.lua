@@ -14,6 +14,7 @@ Send personalized mail campaigns written in Lua, through an SMTP relay.
 Commands:
   run SCRIPT       run a campaign script; a dry run (messages written to an outbox) unless --send
   preview SCRIPT   print one rendered message of a campaign
+  preflight SCRIPT check SPF, DKIM, DMARC and the recipient list before sending
   check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
   mx DOMAIN        show a domain's mail servers in the order direct delivery tries them
   dkim keygen      make a DKIM key pair and print the DNS TXT record to publish
@@ -104,6 +105,19 @@ Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
   --dns IP[:PORT]      ask this DNS server instead of the system's resolvers (several:
                        separate them with commas, e.g. 127.0.0.1:5353,[::1]:5353)
   --timeout SECONDS    per DNS try (default 3; two tries per server)
+]=],
+  preflight = [=[
+Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS]
+
+Render every message of the campaign (nothing is sent), then check the From domain's SPF
+record, the DKIM key published at the campaign's selector (and that it matches the private
+key), the DMARC record and the alignment of From with the DKIM domain; and the recipient
+list: recipients per domain, domains that cannot receive mail (NXDOMAIN, null MX, no MX and no
+address), invalid, suppressed and duplicate rows.  Problems are listed most serious first;
+the exit status is 1 when one of them is blocking, else 0.
+
+  --dns IP[:PORT]    ask this DNS server (comma-separated for several) instead of the system's
+  --timeout SECONDS  per DNS try (default 3)
 ]=],
   dkim = [=[
 Usage: mailshot dkim keygen --selector S --domain D [--algorithm rsa-sha256|ed25519-sha256]
@@ -423,6 +437,32 @@ function commands.dkim(args)
   say(("private key: %s (keep it secret; mode 0600)"):format(out))
   say(("publish this TXT record at %s._domainkey.%s:"):format(opts.selector, domain))
   say(txt)
+  return 0
+end
+
+function commands.preflight(args)
+  local opts, pos = parse(args, { dns = "value", timeout = "value" }, "preflight")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.preflight); return 0 end
+  if #pos ~= 1 then complain("preflight: expected one campaign script"); return 2 end
+  local c, err = load_campaign(pos[1])
+  if not c then complain(err); return 2 end
+  local res
+  res, err = require("mailshot.preflight").run(c, { dns = opts.dns, timeout = tonumber(opts.timeout or 3) })
+  if not res then complain(err); return 2 end
+  say(("mailshot preflight: %s: %d rows, %d distinct domains, From domain %s"):format(
+    c.name, res.rows, (function() local n = 0 for _ in pairs(res.domains) do n = n + 1 end return n end)(),
+    res.from_domain or "?"))
+  local top = {}
+  for d, n in pairs(res.domains) do top[#top + 1] = { d, n } end
+  table.sort(top, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[1] < b[1]) end)
+  for i = 1, math.min(10, #top) do say(("  %8d  %s%s"):format(top[i][2], top[i][1], res.bad_domains[top[i][1]] and "  (cannot receive mail)" or "")) end
+  for _, p in ipairs(res.problems) do say(("%-9s %s"):format(p.rank, p.text)) end
+  if res.blocking > 0 then
+    say(("verdict: NOT READY: %d blocking problem%s"):format(res.blocking, res.blocking == 1 and "" or "s"))
+    return 1
+  end
+  say("verdict: ready to send")
   return 0
 end
 

@@ -89,6 +89,11 @@ end
 
 local function ascii_name(domain)
   if type(domain) ~= "string" then error("dns: expected a domain name", 3) end
+  -- plain ASCII names go as they are (lower-cased): service names such as _dmarc.example or
+  -- s1._domainkey.example are not host names, and the host-name rules of IDNA refuse "_"
+  if not domain:find("[^%w%.%-_]") and #domain <= 253 and not domain:find("%.%.") and domain ~= "" then
+    return (domain:gsub("%.$", "")):lower()
+  end
   local ascii, err = idna.to_ascii(domain)
   if not ascii then return nil, ("invalid domain %q: %s"):format(domain, err) end
   return ascii

@@ -1,0 +1,205 @@
+-- mailshot.preflight: check a campaign before sending it.
+--
+-- Renders every message (nothing is sent), then looks at what decides whether mail is read:
+-- for the From domain, SPF, the DKIM key published at the selector (and whether it matches the
+-- campaign's private key), DMARC and the alignment of From with the DKIM domain; for the list,
+-- the recipients per domain, domains that cannot receive mail (NXDOMAIN, null MX, no MX and no
+-- address), invalid, suppressed and duplicate rows.  Problems are ranked: "blocking" ones make
+-- `mailshot preflight` exit 1.
+
+local core = require "mailshot.core"
+local csv = require "mailshot.csv"
+local dns = require "mailshot.dns"
+local idna = require "mailshot.idna"
+local mime = require "mailshot.mime"
+local suppress = require "mailshot.suppress"
+
+local M = {}
+
+local RANK = { blocking = 1, warning = 2, info = 3 }
+
+local function tag_value(record, tag)
+  return record:match("[;%s]" .. tag .. "%s*=%s*([^;]*)") or record:match("^" .. tag .. "%s*=%s*([^;]*)")
+end
+
+-- The TXT records of name that start with prefix (case-insensitively).
+local function txt_with(name, prefix, opts)
+  local records, err, kind = dns.txt(name, opts)
+  if not records then return nil, err, kind end
+  local out = {}
+  for _, r in ipairs(records) do
+    if r.text:lower():sub(1, #prefix) == prefix then out[#out + 1] = r.text end
+  end
+  return out
+end
+
+-- Relaxed alignment (RFC 7489 §3.1.1), approximated without the public suffix list: the same
+-- domain, or one a subdomain of the other.
+local function aligned(a, b)
+  a, b = a:lower(), b:lower()
+  return a == b or a:sub(-(#b + 1)) == "." .. b or b:sub(-(#a + 1)) == "." .. a
+end
+
+local function check_spf(from_domain, opts, add)
+  local spf, err, kind = txt_with(from_domain, "v=spf1", opts)
+  if not spf or #spf == 0 then
+    if kind == "timeout" or kind == "servfail" then
+      add("blocking", "SPF: cannot look up %s: %s", from_domain, err)
+    else
+      add("blocking", "SPF: %s publishes no SPF record (v=spf1): receivers cannot tell your servers from forgers", from_domain)
+    end
+    return
+  end
+  if #spf > 1 then add("blocking", "SPF: %s publishes %d SPF records; RFC 7208 §3.2 makes that a permanent error", from_domain, #spf) end
+  local rec = spf[1]
+  local all = rec:match("([%+%-~%?]?)all%s*$")
+  if rec:find("%+all") then add("blocking", "SPF: %s ends with +all: anyone may send as you", from_domain)
+  elseif all == "?" or not all then add("warning", "SPF: %s has no -all or ~all: it says nothing about other senders (%s)", from_domain, rec)
+  else add("info", "SPF: %s: %s", from_domain, rec) end
+  if opts.relay_addresses and #opts.relay_addresses > 0 then
+    local covered = false
+    for _, ip in ipairs(opts.relay_addresses) do
+      if rec:find("ip[46]:" .. ip:gsub("%.", "%%."):gsub("%:", "%%:"), 1) then covered = true end
+    end
+    if not covered and not rec:find("include:") and not rec:find("%sa[%s:/]") and not rec:find("%smx") then
+      add("warning", "SPF: the relay's address (%s) is not listed in %s's SPF record", table.concat(opts.relay_addresses, ", "), from_domain)
+    elseif not covered then
+      add("info", "SPF: the relay's address may be covered through include:, a or mx (not evaluated)")
+    end
+  end
+end
+
+local function check_dkim(c, from_domain, opts, add)
+  if not c.signer then
+    add("blocking", "DKIM: the campaign does not sign (dkim = { domain, selector, key_file }): bulk mail must be DKIM-signed since 2024")
+    return
+  end
+  local d, s = c.dkim.domain, c.dkim.selector
+  local name = s .. "._domainkey." .. d
+  local recs, err = txt_with(name, "v=dkim1", opts)
+  if not recs or #recs == 0 then
+    -- a key record may leave out v=DKIM1 (RFC 6376 §3.6.1): look for p= too
+    local all = dns.txt(name, opts) or {}
+    recs = {}
+    for _, r in ipairs(all) do if tag_value(r.text, "p") then recs[#recs + 1] = r.text end end
+  end
+  if #recs == 0 then
+    add("blocking", "DKIM: no key published at %s%s", name, err and (" (" .. err .. ")") or "")
+  else
+    local want = tag_value(c.signer:dns_record(), "p"):gsub("%s", "")
+    local got = (tag_value(recs[1], "p") or ""):gsub("%s", "")
+    if got == "" then add("blocking", "DKIM: the key at %s is revoked (empty p=)", name)
+    elseif got ~= want then add("blocking", "DKIM: the key published at %s does not match the campaign's private key %s", name, c.dkim.key_file)
+    else add("info", "DKIM: the key at %s matches the campaign's private key (%s)", name, c.signer:algorithm()) end
+  end
+  if not aligned(d, from_domain) then
+    add("blocking", "DKIM: the signing domain %s is not aligned with the From domain %s: DMARC will fail", d, from_domain)
+  end
+end
+
+local function check_dmarc(from_domain, opts, add)
+  local recs = txt_with("_dmarc." .. from_domain, "v=dmarc1", opts)
+  if not recs or #recs == 0 then
+    add("blocking", "DMARC: no record at _dmarc.%s: Gmail and Yahoo require one from bulk senders", from_domain)
+    return
+  end
+  local p = (tag_value(recs[1], "p") or ""):lower()
+  if p == "none" then add("info", "DMARC: policy none at _dmarc.%s (monitoring only)", from_domain)
+  elseif p == "quarantine" or p == "reject" then add("info", "DMARC: policy %s at _dmarc.%s", p, from_domain)
+  else add("warning", "DMARC: the record at _dmarc.%s has no valid p= tag: %s", from_domain, recs[1]) end
+end
+
+--- Run the preflight of campaign c.  opts: dns (server), relay_addresses.  Returns a report:
+--- { problems = { {rank, text} ... sorted }, domains = { [d] = n }, rows, invalid, suppressed,
+---   duplicates, render_errors, bad_domains = { [d] = reason }, blocking = n }
+function M.run(c, opts)
+  opts = opts or {}
+  local dopts = { server = opts.dns, timeout = opts.timeout or 3 }
+  local problems = {}
+  local function add(rank, fmt, ...) problems[#problems + 1] = { rank = rank, text = fmt:format(...) } end
+  local res = { domains = {}, rows = 0, invalid = 0, suppressed = 0, duplicates = 0, render_errors = 0,
+                bad_domains = {}, skipped_rows = 0 }
+  local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter })
+  if not reader then return nil, err end
+  local seen, from_domain = {}, nil
+  while true do
+    local row, line, msg = reader:read()
+    if row == nil then break end
+    if row == false then
+      res.skipped_rows = res.skipped_rows + 1
+      add("warning", "%s line %d: %s", c.recipients, line, msg)
+    else
+      res.rows = res.rows + 1
+      local email = row[c.email_field] or ""
+      local ok = mime.valid_address(email)
+      local key = email:lower()
+      if not ok then
+        res.invalid = res.invalid + 1
+        if res.invalid <= 5 then add("warning", "%s line %d: invalid address %q", c.recipients, line, email) end
+      elseif seen[key] then
+        res.duplicates = res.duplicates + 1
+      else
+        seen[key] = true
+        local why = (c.suppressed and c.suppressed:check(email))
+                    or (c.suppress_roles and suppress.is_role(email) and "role address")
+        if why then
+          res.suppressed = res.suppressed + 1
+        else
+          local domain = idna.to_ascii(email:match("@([^@]+)$")) or email:match("@([^@]+)$")
+          res.domains[domain] = (res.domains[domain] or 0) + 1
+          local m, merr = c:message(row, line)
+          if not m then
+            res.render_errors = res.render_errors + 1
+            if res.render_errors <= 5 then add("blocking", "%s", merr) end
+          elseif not from_domain then
+            from_domain = m.from:match("@([^@]+)$")
+          end
+        end
+      end
+    end
+  end
+  reader:close()
+  if res.invalid > 5 then add("warning", "... %d invalid addresses in all", res.invalid) end
+  if res.render_errors > 5 then add("blocking", "... %d messages could not be rendered", res.render_errors) end
+  if res.suppressed > 0 then add("info", "%d suppressed addresses will be skipped", res.suppressed) end
+  if res.duplicates > 0 then add("info", "%d duplicate rows will be skipped", res.duplicates) end
+
+  -- the recipient domains: every lookup in its own task (the DNS cache shares equal ones)
+  local names, pending, me = {}, 0, core.current()
+  for d in pairs(res.domains) do names[#names + 1] = d end
+  table.sort(names)
+  for _, d in ipairs(names) do
+    pending = pending + 1
+    core.spawn(function()
+      local plan, perr, kind = dns.plan(d, dopts)
+      if not plan then res.bad_domains[d] = { kind = kind, text = perr } end
+      pending = pending - 1
+      if pending == 0 then core.wake(me) end
+    end)
+  end
+  if pending > 0 then core.suspend() end
+  for _, d in ipairs(names) do
+    local bad = res.bad_domains[d]
+    if bad then
+      local rank = (bad.kind == "timeout" or bad.kind == "servfail") and "warning" or "warning"
+      add(rank, "recipients: %d at %s, which cannot receive mail: %s", res.domains[d], d, bad.text)
+    end
+  end
+
+  if from_domain then
+    check_spf(from_domain, { server = opts.dns, timeout = dopts.timeout, relay_addresses = opts.relay_addresses }, add)
+    check_dkim(c, from_domain, dopts, add)
+    check_dmarc(from_domain, dopts, add)
+  else
+    add("blocking", "no message could be rendered: nothing to check the From domain of")
+  end
+  table.sort(problems, function(a, b)
+    if RANK[a.rank] ~= RANK[b.rank] then return RANK[a.rank] < RANK[b.rank] end
+    return a.text < b.text
+  end)
+  res.problems, res.blocking, res.from_domain = problems, 0, from_domain
+  for _, p in ipairs(problems) do if p.rank == "blocking" then res.blocking = res.blocking + 1 end end
+  return res
+end
+
+return M

@@ -1,0 +1,82 @@
+"""`mailshot preflight` against a local DNS server serving SPF, DKIM and DMARC records, right and
+wrong: each planted fault is found, and a correct set-up passes."""
+import os
+import unittest
+
+from tests.integration.harness import MailshotTestCase, write_csv
+
+CAMPAIGN = """
+local mailshot = require "mailshot"
+return mailshot.campaign {
+  recipients = "list.csv", from = "News <news@" .. os.getenv "FROM_DOMAIN" .. ">", subject = "Hi {{name}}",
+  text = "Hello {{name}}", suppress = "unsubscribed.txt",
+  dkim = { domain = os.getenv "FROM_DOMAIN", selector = "s1", key_file = os.getenv "KEY" },
+}
+"""
+
+
+class PreflightTests(MailshotTestCase):
+    def setUp(self):
+        super().setUp()
+        keys = {}
+        for name in ("right", "other"):
+            p = self.run_mailshot("dkim", "keygen", "--selector", "s1", "--domain", "acme.test",
+                                  "--algorithm", "ed25519-sha256", "--out", f"{name}.key")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            keys[name] = p.stdout.strip().splitlines()[-1]
+        self.key = self.path("right.key")
+        self.dns = self.start_dns({
+            "mx": [("good.test", "mx.good.test", 10)],
+            "a": [("mx.good.test", "127.0.0.2")],
+            "null_mx": ["null.test"],
+            "txt": [("acme.test", "v=spf1 ip4:127.0.0.1 -all"), ("s1._domainkey.acme.test", keys["right"]),
+                    ("_dmarc.acme.test", "v=DMARC1; p=reject; rua=mailto:d@acme.test"),
+                    ("s1._domainkey.bad.test", keys["other"]), ("bad.test", "some unrelated text")],
+        })
+        d = self.path("c")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"],
+                  [["a@good.test", "A"], ["b@good.test", "B"], ["c@null.test", "C"], ["gone@good.test", "G"],
+                   ["not an address", "X"], ["a@good.test", "dup"]])
+        with open(os.path.join(d, "unsubscribed.txt"), "w") as f:
+            f.write("gone@good.test\n")
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        self.script = os.path.join(d, "c.lua")
+
+    def preflight(self, domain):
+        return self.run_mailshot("preflight", self.script, "--dns", self.dns.address, "--timeout", "1",
+                                 env={"FROM_DOMAIN": domain, "KEY": self.key})
+
+    def test_a_correct_setup_is_ready_and_the_list_problems_are_reported(self):
+        p = self.preflight("acme.test")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        out = p.stdout
+        self.assertIn("verdict: ready to send", out)
+        self.assertIn("DKIM: the key at s1._domainkey.acme.test matches", out)
+        self.assertIn("DMARC: policy reject", out)
+        self.assertIn("SPF: acme.test: v=spf1 ip4:127.0.0.1 -all", out)
+        self.assertRegex(out, r"recipients: 1 at null\.test, which cannot receive mail: .*null MX")
+        self.assertIn('invalid address "not an address"', out)
+        self.assertIn("1 suppressed addresses will be skipped", out)
+        self.assertIn("1 duplicate rows will be skipped", out)
+        self.assertRegex(out, r"\n\s+2\s+good\.test\n")
+
+    def test_each_planted_fault_is_found_and_blocks(self):
+        p = self.preflight("bad.test")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        out = p.stdout
+        self.assertIn("verdict: NOT READY: 3 blocking problems", out)
+        blocking = [l for l in out.splitlines() if l.startswith("blocking")]
+        self.assertEqual(len(blocking), 3, out)
+        self.assertTrue(any("SPF: bad.test publishes no SPF record" in l for l in blocking))
+        self.assertTrue(any("does not match the campaign's private key" in l for l in blocking))
+        self.assertTrue(any("DMARC: no record at _dmarc.bad.test" in l for l in blocking))
+        # blocking problems come first
+        first_other = next(i for i, l in enumerate(out.splitlines()) if l.startswith(("warning", "info")))
+        last_blocking = max(i for i, l in enumerate(out.splitlines()) if l.startswith("blocking"))
+        self.assertLess(last_blocking, first_other)
+
+
+if __name__ == "__main__":
+    unittest.main()
