@@ -344,6 +344,27 @@ static int l_relay_new(lua_State *L) {
   lua_Number timeout = field_num(L, 1, "timeout", 60);
   luaL_argcheck(L, timeout > 0 && timeout <= 3600, 1, "timeout must be in (0, 3600] seconds");
   cfg->timeout_ms = (int)(timeout * 1000);
+  if (lua_getfield(L, 1, "timeouts") == LUA_TTABLE) {
+    /* timeouts = { connect =, greeting =, command =, data_end = } in seconds */
+    static const char *const names[] = { "connect", "greeting", "command", "data_end" };
+    int *slots[] = { &cfg->timeout_connect_ms, &cfg->timeout_greeting_ms, &cfg->timeout_command_ms,
+                     &cfg->timeout_data_end_ms };
+    int t = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+      int i = 0;
+      while (i < 4 && strcmp(k, names[i]) != 0) i++;
+      if (i == 4) return luaL_error(L, "option 'timeouts': unknown wait '%s' (connect, greeting, command, data_end)", k);
+      lua_Number v = lua_tonumber(L, -1);
+      if (!lua_isnumber(L, -1) || v <= 0 || v > 3600) return luaL_error(L, "option 'timeouts.%s' must be in (0, 3600] seconds", k);
+      *slots[i] = (int)(v * 1000);
+      lua_pop(L, 1);
+    }
+  } else if (!lua_isnil(L, -1)) {
+    return luaL_error(L, "option 'timeouts' must be a table");
+  }
+  lua_pop(L, 1);
   lua_Number idle = field_num(L, 1, "idle_timeout", 60);
   luaL_argcheck(L, idle >= 0 && idle <= 3600, 1, "idle_timeout must be in [0, 3600] seconds");
   cfg->idle_timeout_ms = (int)(idle * 1000);

@@ -189,7 +189,20 @@ static void update_watch(smtp_conn *c) {
   if (loop_watch(c->loop, c->s.fd, mask, on_io, c) == 0) c->watched = 1;
 }
 
-static void arm_timer(smtp_conn *c) { loop_timer_start(c->loop, &c->timer, (uint64_t)c->cfg->timeout_ms); }
+/* The wait now starting: its own timeout when the configuration gives one (RFC 5321
+ * §4.5.3.2 lists the waits: the greeting, each command, and the end of DATA, which may
+ * legitimately take long while the server checks the message). */
+static int wait_ms(const smtp_conn *c) {
+  const smtp_config *k = c->cfg;
+  int ms = 0;
+  if (c->state == ST_CONNECT || c->state == ST_HANDSHAKE) ms = k->timeout_connect_ms;
+  else if (c->state == ST_GREETING) ms = k->timeout_greeting_ms;
+  else if (c->state == ST_READY && exp_pending(c) && c->exp[c->exp_head].kind == EXP_DOT) ms = k->timeout_data_end_ms;
+  else ms = k->timeout_command_ms;
+  return ms > 0 ? ms : k->timeout_ms;
+}
+
+static void arm_timer(smtp_conn *c) { loop_timer_start(c->loop, &c->timer, (uint64_t)wait_ms(c)); }
 
 /* In READY: the reply timeout while replies are awaited, else the idle timeout. */
 static void arm_ready_timer(smtp_conn *c) {
@@ -797,7 +810,10 @@ static void on_timeout(loop *l, void *data) {
     flush(c);
     if (c->state != ST_DEAD) update_watch(c);
   }
-  else fail(c, st, 1, "timed out after %d s waiting for the %s reply", c->cfg->timeout_ms / 1000, st);
+  else {
+    int ms = wait_ms(c);
+    fail(c, st, 1, "timed out after %g s waiting for the %s reply", ms / 1000.0, st);
+  }
   c->busy--;
   if (c->free_pending && c->busy == 0) smtp_conn_free(c);
 }

@@ -32,6 +32,8 @@ typedef struct smtp_config {
   int allow_plaintext_auth;
   char helo[256];          /* our name for EHLO/HELO */
   int timeout_ms;          /* every single wait: connect, handshake, each reply */
+  /* per-stage overrides (0: timeout_ms), after RFC 5321 §4.5.3.2's list of waits */
+  int timeout_connect_ms, timeout_greeting_ms, timeout_command_ms, timeout_data_end_ms;
   int idle_timeout_ms;     /* an idle session is QUIT after this long (0: kept) */
   int max_messages;        /* QUIT a session after this many messages (0: no limit) */
   int pipeline_depth;      /* messages a PIPELINING session carries at once (1 or 2) */

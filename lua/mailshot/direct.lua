@@ -30,7 +30,7 @@ local BEFORE_TRANSACTION = { connect = true, tls = true, greeting = true, ehlo =
 
 local OPTIONS = { dns = true, helo = true, port = true, source = true, timeout = true, tls = true,
                   max_per_domain = true, ca_file = true, dns_timeout = true, trace = true, rate = true,
-                  domain_rate = true }
+                  domain_rate = true, timeouts = true }
 
 --- A direct sender: `sender:send(msg)` -> result (a relay's result plus via, mx, address, attempts).
 function M.new(opts)
@@ -67,6 +67,7 @@ function Direct:pool(host, address, mode)
     relay, err = smtp.relay {
       server = server .. ":" .. self.port, address = address, tls = mode.tls, verify = mode.verify,
       ca_file = self.opts.ca_file, helo = self.opts.helo, timeout = self.opts.timeout or 60,
+      timeouts = self.opts.timeouts,
       source = self.opts.source, max_connections = self.max_per_domain, trace = self.opts.trace,
     }
     if not relay then error("direct delivery: " .. err, 0) end

@@ -127,6 +127,25 @@ for w = 1, 2 do assert(tasks[w]:join()) end
                     overlapped += 1
         self.assertGreaterEqual(overlapped, 4, "\n".join(" ".join(l) for l in lines[:60]))
 
+    def test_each_wait_can_have_its_own_timeout(self):
+        script = self.path("t.lua")
+        with open(script, "w") as f:
+            f.write("""
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none", timeout = 30,
+                               timeouts = { command = tonumber(os.getenv "CMD"), data_end = tonumber(os.getenv "END") } }
+local r = relay:send { from = "s@example.org", to = "r@example.com", data = "Subject: t\\n\\nhi\\n" }
+print(r.ok, r.stage, r.message)
+""")
+        slow_rcpt = self.start_smtpd(delay=["RCPT:3"])
+        p = self.run_mailshot("exec", script, env={"SMTP_SERVER": slow_rcpt.address, "CMD": "0.5", "END": "20"})
+        self.assertIn("false\trcpt\ttimed out after 0.5 s waiting for the rcpt reply", p.stdout)
+        slow_end = self.start_smtpd(delay=["DATA-END:2"])
+        p = self.run_mailshot("exec", script, env={"SMTP_SERVER": slow_end.address, "CMD": "1", "END": "0.5"})
+        self.assertIn("false\tmessage\ttimed out after 0.5 s waiting for the message reply", p.stdout)
+        p = self.run_mailshot("exec", script, env={"SMTP_SERVER": slow_end.address, "CMD": "0.5", "END": "10"})
+        self.assertTrue(p.stdout.startswith("true"), p.stdout)      # a long end of DATA is fine when allowed
+
     def test_several_recipients_one_refused(self):
         srv = self.start_smtpd(tls=True, reject_rcpt=[("no@", 550, "5.1.1 unknown")])
         r = self.send(srv, TO="a@example.com,no@example.com,b@example.com")
