@@ -19,6 +19,7 @@ local M = {
   dns = require "mailshot.dns",
   idna = require "mailshot.idna",
   rate = require "mailshot.rate",
+  hooks = require "mailshot.hooks",
 }
 local direct = require "mailshot.direct"
 
