@@ -200,6 +200,8 @@ local function standalone(src, s, after)
   return nil
 end
 
+local MAX_DEPTH = 100
+
 -- Section tags ({{#if x}}, {{#unless x}}, {{else}}, {{/if}}, {{/unless}})
 -- open, switch and close entries of `stack`; stack[1] is the root.
 local function section(inner, stack, emit, fail, tagline)
@@ -210,6 +212,9 @@ local function section(inner, stack, emit, fail, tagline)
     if not kind then kind = match(inner, "^#(%a*)") end
     if not BLOCK[kind] then fail("unknown section {{" .. inner .. "}} (use #if or #unless)") end
     if not (arg and find(arg, FIELD_ONLY)) then fail("{{#" .. kind .. "}} needs one field name") end
+    -- the compiled template nests one Lua block per section, and Lua's parser stops at 200
+    -- nested levels (LUAI_MAXCCALLS): refuse deep nesting with a proper message (found by fuzzing)
+    if #stack > MAX_DEPTH then fail(("sections nested deeper than %d"):format(MAX_DEPTH)) end
     local node = { k = "if", field = arg, negate = kind == "unless", yes = {}, no = {} }
     emit(node)
     stack[#stack + 1] = { nodes = node.yes, node = node, kind = kind, line = tagline }

@@ -474,5 +474,13 @@ case("the modules write no globals", function()
   end
 end)
 
+case("sections nested too deep are a syntax error naming the template and line (fuzz finding)", function()
+  local src = ("{{#if name}}"):rep(190) .. "x" .. ("{{/if}}"):rep(190)
+  local ok, err = pcall(template.new, src, "deep.txt")
+  assert(not ok and tostring(err):find("template deep.txt line 1: sections nested deeper than 100", 1, true), tostring(err))
+  local fine = template.new(("{{#if name}}"):rep(100) .. "x" .. ("{{/if}}"):rep(100), "ok.txt")
+  assert(fine:render({ name = "n" }) == "x")
+end)
+
 print(string.format("test_template.lua: %d passed, %d failed", passed, failed))
 if failed > 0 then os.exit(1) end
