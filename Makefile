@@ -3,6 +3,7 @@
 #   make            build ./mailshot
 #   make demo       install missing Debian packages, build, dry-run the example campaign
 #   make check      install missing Debian packages, build, run every test
+#   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
@@ -30,6 +31,8 @@ SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
 # Debian packages the build and the tests need (installed by `make deps` when missing).
 DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev
 DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix dnsmasq-base valgrind
+# clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14
+DEB_TEST  += clang libclang-rt-14-dev
 
 .PHONY: all deps demo check test unit luatest integration bench install clean
 all: mailshot
@@ -60,7 +63,7 @@ build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
 	$(CC) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
 
 deps:
-	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench,$(MAKECMDGOALS)),$(DEB_TEST))
+	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench fuzz fuzz-smoke,$(MAKECMDGOALS)),$(DEB_TEST))
 
 # A TLS-capable sink for the benchmark (smtp-sink has no STARTTLS).
 build/tls_sink: tests/servers/tls_sink.c | build
@@ -78,7 +81,7 @@ demo: deps
 check: deps
 	@$(MAKE) --no-print-directory test
 
-test: mailshot build/asan/mailshot unit luatest integration
+test: mailshot build/asan/mailshot unit luatest integration fuzz-smoke
 	@echo "all tests passed"
 
 unit: $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
@@ -90,6 +93,47 @@ luatest: build/asan/mailshot
 # Integration tests drive the ASan build; test_valgrind runs the plain one under valgrind.
 integration: mailshot build/asan/mailshot
 	MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest discover -s tests/integration -t . -v
+
+# libFuzzer targets (tests/fuzz/), built with clang, ASan and UBSan; undefined behaviour aborts, so
+# libFuzzer reports it.  fuzz-smoke (part of `make test`) runs each one FUZZ_SECONDS on a copy of its
+# seed corpus (tests/fuzz/corpus/NAME/, with tests/fuzz/NAME.dict when there is one) and fails on any
+# crash, leak, timeout or broken assertion: the input is then build/fuzz/NAME-crash-* (-leak-,
+# -timeout-), the output build/fuzz/NAME.log.  `make fuzz` runs 300 s each; FUZZ_FLAGS adds options.
+# The Lua targets run with -detect_leaks=0: their Lua state lives across inputs, so nearly every
+# input ends with more mallocs than frees and libFuzzer would scan the heap for leaks after each.
+.PHONY: fuzz fuzz-smoke
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := csv mime smtp_proto template
+FUZZ_CFLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE \
+                -Isrc $(shell pkg-config --cflags lua5.4 2>/dev/null)
+FUZZ_LUA     := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
+
+build/fuzz:
+	@mkdir -p $@
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h src/*.h) | build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $(filter %.c,$^) $(FUZZ_LIBS)
+build/fuzz/fuzz_csv: src/csv_reader.c
+build/fuzz/fuzz_csv: FUZZ_LIBS = -lcsv
+build/fuzz/fuzz_smtp_proto: src/smtp_proto.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
+
+fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
+	@for t in $(FUZZ_TARGETS); do \
+	  dir=$$(mktemp -d) && cp tests/fuzz/corpus/$$t/* $$dir/ || exit 1; \
+	  opts=; [ -f tests/fuzz/$$t.dict ] && opts=-dict=tests/fuzz/$$t.dict; \
+	  grep -q fuzz_lua.h tests/fuzz/fuzz_$$t.c && opts="$$opts -detect_leaks=0"; \
+	  build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=25 $$opts \
+	    -artifact_prefix=build/fuzz/$$t- $(FUZZ_FLAGS) $$dir >build/fuzz/$$t.log 2>&1; \
+	  rc=$$?; rm -rf $$dir; \
+	  if [ $$rc -ne 0 ]; then tail -n 40 build/fuzz/$$t.log; echo "fuzz $$t: FAILED, see build/fuzz/$$t.log"; exit 1; fi; \
+	  echo "fuzz $$t: $$(grep -a DONE build/fuzz/$$t.log | tail -n 1 | tr -s ' \t' ' ')"; \
+	done
+
+fuzz:
+	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=300
 
 install: mailshot
 	install -d $(DESTDIR)$(PREFIX)/bin
