@@ -107,7 +107,7 @@ Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
   --timeout SECONDS    per DNS try (default 3; two tries per server)
 ]=],
   preflight = [=[
-Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS]
+Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS] [--connect [--port N]]
 
 Render every message of the campaign (nothing is sent), then check the From domain's SPF
 record, the DKIM key published at the campaign's selector (and that it matches the private
@@ -118,6 +118,9 @@ the exit status is 1 when one of them is blocking, else 0.
 
   --dns IP[:PORT]    ask this DNS server (comma-separated for several) instead of the system's
   --timeout SECONDS  per DNS try (default 3)
+  --connect          also probe each distinct MX host: connect, EHLO, STARTTLS (no MAIL, no
+                     RCPT), and report the ones that fail or offer no TLS
+  --port N           the MX hosts' port for --connect (default 25)
 ]=],
   dkim = [=[
 Usage: mailshot dkim keygen --selector S --domain D [--algorithm rsa-sha256|ed25519-sha256]
@@ -441,14 +444,15 @@ function commands.dkim(args)
 end
 
 function commands.preflight(args)
-  local opts, pos = parse(args, { dns = "value", timeout = "value" }, "preflight")
+  local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value" }, "preflight")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.preflight); return 0 end
   if #pos ~= 1 then complain("preflight: expected one campaign script"); return 2 end
   local c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
   local res
-  res, err = require("mailshot.preflight").run(c, { dns = opts.dns, timeout = tonumber(opts.timeout or 3) })
+  res, err = require("mailshot.preflight").run(c, { dns = opts.dns, timeout = tonumber(opts.timeout or 3),
+                                                     connect = opts.connect, port = tonumber(opts.port) })
   if not res then complain(err); return 2 end
   say(("mailshot preflight: %s: %d rows, %d distinct domains, From domain %s"):format(
     c.name, res.rows, (function() local n = 0 for _ in pairs(res.domains) do n = n + 1 end return n end)(),

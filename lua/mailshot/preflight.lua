@@ -109,6 +109,41 @@ local function check_dmarc(from_domain, opts, add)
   else add("warning", "DMARC: the record at _dmarc.%s has no valid p= tag: %s", from_domain, recs[1]) end
 end
 
+--- --connect: an EHLO/STARTTLS probe of each distinct MX host (no MAIL, no RCPT), a few at a
+--- time, through relay:check() with opportunistic TLS.
+function M.probe(hosts, opts, res, add)
+  local smtp = require "mailshot.smtp"
+  local keys = {}
+  for k in pairs(hosts) do keys[#keys + 1] = k end
+  table.sort(keys)
+  res.probed = {}
+  local next_i, running, me = 1, 0, core.current()
+  local function worker()
+    while next_i <= #keys do
+      local key = keys[next_i]
+      next_i = next_i + 1
+      local h = hosts[key]
+      local relay = smtp.relay { server = h.host .. ":" .. (opts.port or 25), address = h.addresses[1],
+                                 tls = "opportunistic", verify = false, timeout = opts.connect_timeout or 10,
+                                 helo = opts.helo }
+      local info = relay and relay:check()
+      if relay then relay:close() end
+      res.probed[key] = info
+      if not info or not info.ok then
+        add("warning", "MX %s (%s): %s", h.host, h.addresses[1], info and info.message or "cannot probe")
+      elseif not info.tls then
+        add("warning", "MX %s (%s) does not offer STARTTLS: mail to it goes unencrypted", h.host, h.addresses[1])
+      else
+        add("info", "MX %s (%s): %s, %s", h.host, h.addresses[1], info.tls.version, info.tls.cipher)
+      end
+    end
+    running = running - 1
+    if running == 0 then core.wake(me) end
+  end
+  for _ = 1, math.min(8, #keys) do running = running + 1; core.spawn(worker) end
+  if running > 0 then core.suspend() end
+end
+
 --- Run the preflight of campaign c.  opts: dns (server), relay_addresses.  Returns a report:
 --- { problems = { {rank, text} ... sorted }, domains = { [d] = n }, rows, invalid, suppressed,
 ---   duplicates, render_errors, bad_domains = { [d] = reason }, blocking = n }
@@ -168,16 +203,23 @@ function M.run(c, opts)
   local names, pending, me = {}, 0, core.current()
   for d in pairs(res.domains) do names[#names + 1] = d end
   table.sort(names)
+  local hosts = {}                                   -- "host address" -> true, for --connect
   for _, d in ipairs(names) do
     pending = pending + 1
     core.spawn(function()
       local plan, perr, kind = dns.plan(d, dopts)
-      if not plan then res.bad_domains[d] = { kind = kind, text = perr } end
+      if not plan then res.bad_domains[d] = { kind = kind, text = perr }
+      else
+        for _, h in ipairs(plan) do
+          if h.addresses[1] then hosts[h.host .. " " .. h.addresses[1]] = h end
+        end
+      end
       pending = pending - 1
       if pending == 0 then core.wake(me) end
     end)
   end
   if pending > 0 then core.suspend() end
+  if opts.connect then M.probe(hosts, opts, res, add) end
   for _, d in ipairs(names) do
     local bad = res.bad_domains[d]
     if bad then

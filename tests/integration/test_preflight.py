@@ -62,6 +62,18 @@ class PreflightTests(MailshotTestCase):
         self.assertIn("1 duplicate rows will be skipped", out)
         self.assertRegex(out, r"\n\s+2\s+good\.test\n")
 
+    def test_connect_probes_each_mx_host_without_mail_or_rcpt(self):
+        servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)
+        p = self.run_mailshot("preflight", self.script, "--dns", self.dns.address, "--connect", "--port", str(port),
+                              env={"FROM_DOMAIN": "acme.test", "KEY": self.key})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"info\s+MX mx\.good\.test \(127\.0\.0\.2\): TLSv1\.[23]")
+        cmds = servers[0].commands()
+        self.assertIn("EHLO", cmds)
+        self.assertIn("STARTTLS", cmds)
+        self.assertNotIn("MAIL", cmds)
+        self.assertNotIn("RCPT", cmds)
+
     def test_each_planted_fault_is_found_and_blocks(self):
         p = self.preflight("bad.test")
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
