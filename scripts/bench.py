@@ -45,6 +45,7 @@ local relay = mailshot.relay {
   max_connections = conns, user = os.getenv "USER_NAME", password = os.getenv "USER_PASSWORD",
 }
 local rate = os.getenv "RATE"
+local key = os.getenv "DKIM_KEY"
 return mailshot.campaign {
   recipients = os.getenv "LIST",
   from = "Acme News <news@acme.example>",
@@ -54,6 +55,7 @@ return mailshot.campaign {
   send = relay,
   concurrency = 2 * conns,       -- two messages per session: one pipelined behind the other
   rate = rate and { rate } or nil,
+  dkim = key and { domain = "acme.example", selector = "s1", key_file = key } or nil,
 }
 """
 
@@ -220,6 +222,19 @@ def tls(work):
         print(f"{conns:>5} sessions: {r:8.0f} msgs/s; sink CPU {c:.0f} us/msg = {c * r / 1e6 * 100:.0f}% of one core")
 
 
+def dkim_cost(work, sink):
+    section(f"DKIM signing cost: relay to smtp-sink, 64 sessions, {N} messages, median of {RUNS} runs")
+    base = median_rate(lambda: mailshot_run(work, sink.address, 64, N), N)
+    print(f"  no DKIM          {base:8.0f} msgs/s")
+    for alg in ("rsa-sha256", "ed25519-sha256"):
+        key = os.path.join(work, f"{alg}.key")
+        if not os.path.exists(key):
+            subprocess.run([MAILSHOT, "dkim", "keygen", "--selector", "s1", "--domain", "acme.example",
+                            "--algorithm", alg, "--out", key], check=True, capture_output=True)
+        r = median_rate(lambda: mailshot_run(work, sink.address, 64, N, extra_env={"DKIM_KEY": key}), N)
+        print(f"  {alg:<16} {r:8.0f} msgs/s ({r / base * 100:.0f}% of unsigned)")
+
+
 def rate_limit(work):
     section(f'rate limiter: rate = "100/s" for {RATE_SECONDS} s, receiver timestamps (aiosmtpd)')
     n = 100 * RATE_SECONDS
@@ -266,6 +281,7 @@ def main():
         try:
             throughput(work, sink, sizes)
             memory(work, sink)
+            dkim_cost(work, sink)
         finally:
             sink.stop()
         tls(work)
