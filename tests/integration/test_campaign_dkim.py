@@ -1,4 +1,5 @@
-"""A campaign with DKIM signing: every message the server receives verifies with dkimpy, for RSA and
+"""A campaign with DKIM signing and one-click unsubscribe: every message the server receives verifies with
+dkimpy, for RSA and
 Ed25519; `mailshot dkim keygen` writes a private key (mode 0600) and the TXT record that verifies it;
 a bad key stops the script before anything is sent."""
 import os
@@ -16,6 +17,8 @@ return mailshot.campaign {
   recipients = "list.csv", from = "Acme <news@acme.example>", subject = "Grüße, {{name}}",
   text = "Hello {{name}},\\n\\nnews.\\n", html = "<p>Hello {{name}}</p>",
   dkim = { domain = "acme.example", selector = "s1", key_file = os.getenv "KEY" },
+  unsubscribe = { url = "https://acme.example/u/{{token}}", mailto = "unsub@acme.example",
+                  secret = "a-test-secret-of-some-length" },
   send = relay,
 }
 """
@@ -56,6 +59,11 @@ class CampaignDkimTests(MailshotTestCase):
                 return record
             for m in msgs:
                 self.assertTrue(dkim.verify(m["raw"], dnsfunc=dnsfunc), algorithm)
+                # the one-click unsubscribe headers are there, and signed (RFC 8058 section 4)
+                self.assertEqual(str(m["msg"]["List-Unsubscribe-Post"]), "List-Unsubscribe=One-Click")
+                sig = m["raw"].split(b"\r\n\r\n")[0].replace(b"\r\n", b"").replace(b" ", b"").replace(b"\t", b"")
+                hdrs = sig[sig.index(b"h=") + 2:].split(b";")[0].lower()
+                self.assertIn(b"list-unsubscribe:list-unsubscribe-post", hdrs)
                 self.assertIn(f"a={algorithm};".encode(), m["raw"].replace(b"\r\n\t", b"").replace(b" ", b""))
             tampered = msgs[0]["raw"].replace(b"news.", b"NEWS.")
             self.assertFalse(dkim.verify(tampered, dnsfunc=dnsfunc))
