@@ -9,7 +9,8 @@ local M = {}
 local HELP = [[
 Usage: mailshot COMMAND [OPTIONS]
 
-Send personalized mail campaigns written in Lua, through an SMTP relay.
+Send personalized mail campaigns written in Lua, through an SMTP relay or directly to each
+recipient's mail servers, with fallback rules of your own.
 
 Commands:
   run SCRIPT       run a campaign script; a dry run (messages written to an outbox) unless --send
