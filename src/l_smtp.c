@@ -30,7 +30,7 @@ static FILE *dialogue_log;
 typedef enum { OP_SEND, OP_CHECK } op_kind;
 
 typedef struct send_op {
-  struct send_op *next;     /* every op of the relay */
+  struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
   struct relay *relay;
   lua_State *co;
@@ -54,9 +54,18 @@ typedef struct relay {
 
 /* ---------------- pool bookkeeping ---------------- */
 
+static void op_link(relay *r, send_op *op) {
+  op->prev = NULL;
+  op->next = r->ops;
+  if (r->ops) r->ops->prev = op;
+  r->ops = op;
+}
+
+/* Runs once per finished message: constant time, however many are in flight. */
 static void op_unlink(relay *r, send_op *op) {
-  for (send_op **p = &r->ops; *p; p = &(*p)->next)
-    if (*p == op) { *p = op->next; break; }
+  if (op->prev) op->prev->next = op->next; else r->ops = op->next;
+  if (op->next) op->next->prev = op->prev;
+  op->next = op->prev = NULL;
 }
 
 static void op_free(send_op *op) {
@@ -448,8 +457,7 @@ static int l_relay_send(lua_State *L) {
   op->co = L;
   op->txn = txn;
   op->kind = OP_SEND;
-  op->next = r->ops;
-  r->ops = op;
+  op_link(r, op);
   if (!lua_isyieldable(L)) { op_unlink(r, op); op_free(op); return task_suspend(L); /* raises */ }
   smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
   if (c) start_op(r, op, c); else queue_push(r, op);
@@ -468,8 +476,7 @@ static int l_relay_check(lua_State *L) {
   op->co = L;
   op->kind = OP_CHECK;
   op->conn = c;
-  op->next = r->ops;
-  r->ops = op;
+  op_link(r, op);
   r->extra[r->nextra++] = c;
   smtp_conn_open(c, on_check_done, op);
   return task_suspend(L);

@@ -37,7 +37,6 @@ local function resolve(base, path)
   if not base or path:sub(1, 1) == "/" then return path end
   return base .. "/" .. path
 end
-M.resolve = resolve
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
 local function compile(value, name, helpers)
@@ -163,7 +162,10 @@ end
 -- domain_rate["*"] as every other domain's own limiter).  Slots are taken with begin() and
 -- given back when the server has answered, so the windows hold at the receiver too.
 -- -> { {limiter, token}, ... } | nil, reason
+local NONE_HELD = {}
+
 function Campaign:begin_rate(email)
+  if not self.limiter and not self.domain_rate then return NONE_HELD end   -- the usual case: no per-message work
   local domain = (email:match("@([^@]+)$") or ""):lower()
   local held = {}
   local limiter = self.limiter

@@ -207,7 +207,7 @@ function commands.run(args)
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
-  local run = { dry = not opts.send, outbox = opts.outbox or "outbox", quiet = opts.quiet }
+  local run = { dry = not opts.send, outbox = opts.outbox or "outbox" }
   local err
   if opts.concurrency then run.concurrency, err = positive_int(opts.concurrency, "concurrency") end
   if not err and opts.limit then run.limit, err = positive_int(opts.limit, "limit") end
