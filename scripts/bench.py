@@ -53,7 +53,7 @@ return mailshot.campaign {
   text = mailshot.template.file "body.txt",
   html = os.getenv "HTML" == "1" and mailshot.template.file "body.html" or nil,
   send = relay,
-  concurrency = 2 * conns,       -- two messages per session: one pipelined behind the other
+  concurrency = 3 * conns,       -- pipeline_depth (3) messages per session
   rate = rate and { rate } or nil,
   dkim = key and { domain = "acme.example", selector = "s1", key_file = key } or nil,
 }
@@ -175,7 +175,7 @@ def throughput(work, sink, sizes):
         print(f"{conns:>5} {text:>9.0f} {html:>10.0f} {src:>12.0f} {text / src:>12.2f} {html / src:>12.2f}")
         sys.stdout.flush()
     print(f"(message sizes: text {sizes[False]} bytes, text+html {sizes[True]} bytes; smtp-source -d -s C -l {sizes[False]};"
-          f" mailshot: C sessions, 2*C messages in flight)")
+          f" mailshot: C sessions, 3*C messages per run at once)")
 
 
 def memory(work, sink):

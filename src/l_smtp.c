@@ -380,7 +380,7 @@ static int l_relay_new(lua_State *L) {
   lua_Number maxm = field_num(L, 1, "max_messages_per_connection", 0);
   luaL_argcheck(L, maxm >= 0 && maxm <= 1e9, 1, "max_messages_per_connection must be >= 0");
   cfg->max_messages = (int)maxm;
-  lua_Number depth = field_num(L, 1, "pipeline_depth", 2);
+  lua_Number depth = field_num(L, 1, "pipeline_depth", 3);
   luaL_argcheck(L, depth >= 0 && depth <= 4, 1, "pipeline_depth must be 0 (no pipelining), 1, 2, 3 or 4");
   cfg->pipeline_depth = (int)depth;
   lua_Number maxc = field_num(L, 1, "max_connections", 8);

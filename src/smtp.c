@@ -793,7 +793,13 @@ static void on_io(loop *l, int fd, int events, void *data) {
     if (c->state != ST_DEAD && !c->free_pending) read_input(c);
   }
   if (c->state == ST_HANDSHAKE && !c->free_pending) on_handshake(c);
-  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE) want_flush(c);
+  /* Write what the replies just released (the next message's body, the commands of the one
+   * queued behind it) now, before the loop resumes any Lua task: on a single session the
+   * round trip is the bottleneck, and the tasks' work can overlap the server's. */
+  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE && c->out_off < c->out.len) {
+    loop_cancel_deferred(c->loop, &c->flusher);
+    flush(c);
+  }
   c->busy--;
   if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
   if (c->state != ST_HANDSHAKE) update_watch(c);

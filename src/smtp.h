@@ -36,7 +36,7 @@ typedef struct smtp_config {
   int timeout_connect_ms, timeout_greeting_ms, timeout_command_ms, timeout_data_end_ms;
   int idle_timeout_ms;     /* an idle session is QUIT after this long (0: kept) */
   int max_messages;        /* QUIT a session after this many messages (0: no limit) */
-  int pipeline_depth;      /* messages a PIPELINING session carries at once (1 or 2) */
+  int pipeline_depth;      /* messages a PIPELINING session carries at once (0-4) */
   FILE *trace;             /* dialogue log (AUTH masked), or NULL */
 } smtp_config;
 
