@@ -117,7 +117,7 @@ build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h src/*.h) | buil
 build/fuzz/fuzz_csv: src/csv_reader.c
 build/fuzz/fuzz_csv: FUZZ_LIBS = -lcsv
 build/fuzz/fuzz_smtp_proto: src/smtp_proto.c
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c
 build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
 
 fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)

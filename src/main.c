@@ -22,6 +22,7 @@ int luaopen_mailshot_csv(lua_State *L);
 int luaopen_mailshot_resolver(lua_State *L);
 int luaopen_mailshot_util(lua_State *L);
 int luaopen_mailshot_dkim(lua_State *L);
+int luaopen_mailshot_text(lua_State *L);
 
 /* package.preload loader for an embedded module; upvalue = its index in mailshot_lua_modules */
 static int load_embedded(lua_State *L) {
@@ -49,6 +50,7 @@ static void setup_modules(lua_State *L, const char *lua_path) {
   preload(L, "mailshot.resolver", luaopen_mailshot_resolver);
   preload(L, "mailshot.util", luaopen_mailshot_util);
   preload(L, "mailshot.dkim", luaopen_mailshot_dkim);
+  preload(L, "mailshot.text", luaopen_mailshot_text);
   if (lua_path) {
     lua_getglobal(L, "package");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", lua_path, lua_path);

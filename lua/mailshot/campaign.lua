@@ -16,7 +16,7 @@ local suppress = require "mailshot.suppress"
 local unsubscribe = require "mailshot.unsubscribe"
 local util = require "mailshot.util"
 
-local find, gsub, byte, concat = string.find, string.gsub, string.byte, table.concat
+local csv_row = require("mailshot.text").csv_row
 
 local M = {}
 local Campaign = {}
@@ -264,19 +264,6 @@ end
 
 local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
 
-local SPACE = { [9] = true, [10] = true, [11] = true, [12] = true, [13] = true, [32] = true }
-
--- RFC 4180 quoting, when a value has a quote, comma or line break, or spaces at either end
--- (a spreadsheet would trim them).  Checks the end bytes directly: a "%s$" pattern would
--- rescan the string from every position.
-local function csv_field(v)
-  if v == nil then return "" end
-  if type(v) ~= "string" then v = tostring(v) end
-  if v == "" then return v end
-  if find(v, '[",\r\n]') or SPACE[byte(v, 1)] or SPACE[byte(v, -1)] then return '"' .. gsub(v, '"', '""') .. '"' end
-  return v
-end
-
 local Report = {}
 Report.__index = Report
 
@@ -288,12 +275,11 @@ local function open_report(path)
   return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0 } }, Report)
 end
 
-local report_row = {}   -- reused: adding a row never yields
-
+-- One row: RFC 4180 quoting when a value has a quote, comma or line break, or spaces at either
+-- end (a spreadsheet would trim them); text.csv_row does it in C.
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
-  for i = 1, #REPORT_COLUMNS do report_row[i] = csv_field(r[REPORT_COLUMNS[i]]) end
-  self.f:write(concat(report_row, ","), "\r\n")
+  self.f:write(csv_row(r, REPORT_COLUMNS), "\r\n")
 end
 
 function Report:close() self.f:close() end

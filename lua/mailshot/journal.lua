@@ -21,6 +21,7 @@
 
 local util = require "mailshot.util"
 local core = require "mailshot.core"
+local tsv_record = require("mailshot.text").tsv_record
 
 local M = {}
 local Journal = {}
@@ -40,11 +41,12 @@ local function split(line)
   return out
 end
 
--- Read an existing journal: header fields and the last record of each line.
-local function load_journal(path)
+-- Read an existing journal: header fields and the last record of each line (only the header
+-- when header_only: a run that starts over needs no more, and a big journal costs time).
+local function load_journal(path, header_only)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local data = f:read("a")
+  local data = header_only and ((f:read("L") or "") .. "\n"):match("^[^\n]*\n") or f:read("a")
   f:close()
   local state = { records = {}, torn = data ~= "" and data:sub(-1) ~= "\n" }
   local first = true
@@ -76,7 +78,7 @@ function M.open(path, opts)
   if not lock then
     return nil, ("campaign %s is already running (%s: %s)"):format(opts.name, path .. ".lock", lerr)
   end
-  local previous, err = load_journal(path)
+  local previous, err = load_journal(path, not opts.resume)
   if err then lock:unlock(); return nil, err end
   if previous and previous.fingerprint then
     if not opts.resume and not opts.force then
@@ -114,10 +116,9 @@ function M.open(path, opts)
   return j, previous
 end
 
+-- A record: tab-separated fields with \t \n \r \\ escaped (text.tsv_record, in C).
 local function record(kind, line, email, r)
-  local t = { kind, line, esc(email) }
-  if r then for i, k in ipairs(FIELDS) do t[3 + i] = esc(r[k]) end end
-  return table.concat(t, "\t") .. "\n"
+  return tsv_record(kind, line, email, r, r and FIELDS)
 end
 
 --- The message for this row is about to be sent.  The mark is written (with every other mark

@@ -25,6 +25,7 @@ local byte, char, find, sub, gsub, match, format, lower, gmatch, unpack =
       string.match, string.format, string.lower, string.gmatch, string.unpack
 local concat, sort = table.concat, table.sort
 local utf8_len, random, time = utf8.len, math.random, os.time
+local text = require "mailshot.text"
 
 local M = {}
 
@@ -532,87 +533,12 @@ end
 
 ---------------------------------------------------------------- bodies & parts
 
--- crlf(s) -> s with every line break (CRLF, CR or LF) as CRLF.  One gsub
--- whose matches are whole lines: a pattern tried at every position costs
--- about three times as much.  Every line, the last one too, gets a CRLF;
--- the last one's is dropped when s does not end with a line break.
-local function crlf(s)
-  local r = gsub(s, "([^\r\n]*)\r?\n?", "%1\r\n")
-  local b = byte(s, -1)
-  if b == 10 or b == 13 then return r end
-  return sub(r, 1, -3)
-end
-
--- lines_fit(t) -> true when no line of t (CRLF line breaks) is longer than
--- MAX_LINE octets.  Jumps JUMP octets ahead to the next LF: when that LF is
--- at most MAX_LINE + 1 octets from the line start, every line up to it
--- fits.  Otherwise it goes line by line past the jump, so the cost stays
--- one memchr() per line at worst.
-local JUMP = 800
-local function lines_fit(t)
-  local n, pos = #t, 1                   -- pos: start of a line
-  while n - pos >= MAX_LINE do           -- what is left could hold a long line
-    local lf = find(t, "\n", pos + JUMP, true)
-    if lf and lf - pos <= MAX_LINE + 1 then
-      pos = lf + 1
-    else
-      local stop = pos + JUMP
-      repeat
-        lf = find(t, "\n", pos, true)
-        if not lf then return n - pos < MAX_LINE end      -- the last line
-        if lf - pos > MAX_LINE + 1 then return false end   -- "\r\n" not counted
-        pos = lf + 1
-      until pos > stop
-    end
-  end
-  return true
-end
-
--- lf_to_crlf(s) -> s (LF line breaks only) with CRLF line breaks | nil
--- when a line is over MAX_LINE octets.  Line by line with find (memchr)
--- and one concat: about 0.14 us a line and nothing a byte, where crlf()
--- costs 3.5 ns a byte; so when the first 16 lines average under 40
--- octets, the rest goes through crlf().  The lines go in a table kept
--- between calls (nothing in here yields; dropped when it grew big).
-local lines_buf = {}
-local function lf_to_crlf(s)
-  local out, k, pos = lines_buf, 0, 1
-  while true do
-    local lf = find(s, "\n", pos, true)
-    if not lf then
-      if #s - pos >= MAX_LINE then return nil end   -- the last line
-      k = k + 1
-      out[k] = sub(s, pos)
-      break
-    end
-    if lf - pos > MAX_LINE then return nil end
-    k = k + 1
-    out[k] = sub(s, pos, lf - 1)
-    pos = lf + 1
-    if k == 16 and pos <= 16 * 40 then
-      local rest = crlf(sub(s, pos))       -- starts a line: joins with a CRLF
-      if not lines_fit(rest) then return nil end
-      k = k + 1
-      out[k] = rest
-      break
-    end
-  end
-  local r = concat(out, CRLF, 1, k)
-  if k > 1000 then lines_buf = {} end
-  return r
-end
-
--- Content-Transfer-Encoding for a text body, and its encoded form.
+-- Content-Transfer-Encoding for a text body, and its encoded form.  Line breaks become CRLF
+-- (text.crlf, in C: one pass over the bytes); 7bit/8bit only while no line is over MAX_LINE.
 local function encode_text(s, eightbit)
   local ascii = utf8_len(s) == #s        -- C loop; nil on invalid UTF-8
   if (ascii or eightbit) and not find(s, "\0", 1, true) then
-    local r
-    if find(s, "\r", 1, true) then
-      r = crlf(s)
-      if not lines_fit(r) then r = nil end
-    else
-      r = lf_to_crlf(s)
-    end
+    local r = text.crlf(s, MAX_LINE)
     if r then return r, ascii and "7bit" or "8bit" end
   end
   return qp(s), "quoted-printable"

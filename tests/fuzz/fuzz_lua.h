@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "l_text.h"
+
 extern const struct { const char *name, *path; const char *src; size_t len; } mailshot_lua_modules[];
 
 #define LUA_COV_SIZE (1 << 16)
@@ -109,6 +111,8 @@ static void fuzz_lua_init (const char *checker)
     lua_pushcclosure(L, load_embedded, 1);
     lua_setfield(L, -2, mailshot_lua_modules[i].name);
   }
+  lua_pushcfunction(L, luaopen_mailshot_text);   /* the C primitives mime.lua uses */
+  lua_setfield(L, -2, "mailshot.text");
   lua_pop(L, 1);
   lua_register(L, "fail", fuzz_fail);
   lua_register(L, "coverage", fuzz_coverage);

@@ -1,7 +1,6 @@
 -- Benchmark for mime.build: microseconds of CPU per message for the
 -- message shapes a campaign sends.  Not a test (nothing is asserted).
 --   MAILSHOT_LUA_PATH=lua ./mailshot exec tests/lua/bench_mime.lua [MIME_FILE]
---   lua5.4 tests/lua/bench_mime.lua [MIME_FILE]
 -- MIME_FILE: another copy of mime.lua to measure instead (A/B comparisons).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 

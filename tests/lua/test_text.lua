@@ -1,0 +1,142 @@
+-- test_text.lua - mailshot.text, the C string primitives behind the MIME builder, the report and
+-- the journal: each is checked against a plain Lua reference implementation of the same rule, on
+-- hand-picked edge cases and on random strings made of the bytes that matter (CR, LF, quote,
+-- comma, tab, backslash, space, NUL, 8-bit).
+-- Run: make mailshot && ./mailshot exec tests/lua/test_text.lua
+
+local text = require "mailshot.text"
+
+local passed, failed = 0, 0
+
+local function case(name, f)
+  local ok, err = pcall(f)
+  if ok then
+    passed = passed + 1
+  else
+    failed = failed + 1
+    print("FAIL " .. name .. "\n     " .. tostring(err))
+  end
+end
+
+local function eq(got, want, what)
+  if got ~= want then
+    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
+  end
+end
+
+-- References: the Lua code these primitives replaced (mime.lua's crlf + lines_fit, the report's
+-- csv_field, the journal's esc).
+local function ref_crlf(s, max_line)
+  local r = s:gsub("([^\r\n]*)\r?\n?", "%1\r\n")
+  local b = s:byte(-1)
+  if not (b == 10 or b == 13) then r = r:sub(1, -3) end
+  if max_line then
+    for line in (r .. "\r\n"):gmatch("(.-)\r\n") do
+      if #line > max_line then return nil end
+    end
+  end
+  return r
+end
+
+local function ref_csv_field(v)
+  if v == nil then return "" end
+  v = tostring(v)
+  if v:find('[",\r\n]') or v:find("^%s") or v:find("%s$") then return '"' .. v:gsub('"', '""') .. '"' end
+  return v
+end
+
+local ESC = { ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r", ["\\"] = "\\\\" }
+local function ref_esc(v) return (tostring(v == nil and "" or v):gsub("[\t\n\r\\]", ESC)) end
+
+local ALPHABET = { "\r", "\n", "\r\n", "a", "b", " ", '"', ",", "\t", "\\", "\0", "\195\169", "xyz" }
+local function random_string(max_parts)
+  local t = {}
+  for i = 1, math.random(0, max_parts) do t[i] = ALPHABET[math.random(#ALPHABET)] end
+  return table.concat(t)
+end
+
+case("crlf: every kind of line break becomes CRLF", function()
+  eq(text.crlf("a\nb"), "a\r\nb")
+  eq(text.crlf("a\rb\r"), "a\r\nb\r\n")
+  eq(text.crlf("x\r\r\ny"), "x\r\n\r\ny")
+  eq(text.crlf("\n\n"), "\r\n\r\n")
+  eq(text.crlf("\n\r"), "\r\n\r\n")
+  eq(text.crlf(""), "")
+  eq(text.crlf("no break"), "no break")
+end)
+
+case("crlf: a string already in CRLF form comes back as the same string", function()
+  local s = "line one\r\nline two\r\n"
+  eq(text.crlf(s), s)
+  eq(text.crlf(s, 998), s)
+end)
+
+case("crlf: a line over max_line gives nil, the line break not counted", function()
+  local ten = string.rep("x", 10)
+  eq(text.crlf(ten .. "\nab", 10), ten .. "\r\nab")
+  eq(text.crlf(ten .. "x\nab", 10), nil)
+  eq(text.crlf("ab\r\n" .. ten .. "x", 10), nil, "last line")
+  eq(text.crlf("ab\r\n" .. ten, 10), "ab\r\n" .. ten)
+  eq(text.crlf(ten .. "\r\n", 10), ten .. "\r\n")
+  eq(text.crlf(ten .. "x\r\n", 10), nil, "a CRLF line")
+end)
+
+case("crlf agrees with the Lua reference on 20,000 random strings", function()
+  math.randomseed(7)
+  for i = 1, 20000 do
+    local s = random_string(40)
+    local max = (i % 3 == 0) and math.random(0, 12) or nil
+    local got, want = text.crlf(s, max), ref_crlf(s, max)
+    if got ~= want then
+      error(string.format("crlf(%q, %s): expected %q, got %q", s, tostring(max), tostring(want), tostring(got)))
+    end
+  end
+end)
+
+case("csv_row: quoting as RFC 4180, nil empty, numbers as tostring", function()
+  local keys = { "a", "b", "c", "d", "e", "f", "g" }
+  eq(text.csv_row({ a = 1, b = "x,y", c = 'say "hi"', d = nil, e = " lead", f = "trail\t", g = "a\nb" }, keys),
+     '1,"x,y","say ""hi""",," lead","trail\t","a\nb"')
+  eq(text.csv_row({}, { "a" }), "")
+  eq(text.csv_row({ a = true, b = 2.5 }, { "a", "b" }), "true,2.5")
+end)
+
+case("csv_row agrees with the Lua reference on 5,000 random rows", function()
+  math.randomseed(11)
+  local keys = { "line", "email", "status", "response" }
+  for _ = 1, 5000 do
+    local r = { line = math.random(1, 1e6), email = random_string(8), status = random_string(3),
+                response = math.random() < 0.2 and nil or random_string(20) }
+    local want = {}
+    for i, k in ipairs(keys) do want[i] = ref_csv_field(r[k]) end
+    eq(text.csv_row(r, keys), table.concat(want, ","), "row")
+  end
+end)
+
+case("tsv_record: escapes, nil fields, the short form", function()
+  eq(text.tsv_record("I", 12, "a@b"), "I\t12\ta@b\n")
+  eq(text.tsv_record("F", 3, "x\ty", { status = "sent", code = 250, response = "a\\b\r\nc" },
+                     { "status", "code", "enhanced", "response" }),
+     "F\t3\tx\\ty\tsent\t250\t\ta\\\\b\\r\\nc\n")
+  eq(text.tsv_record("D", 4, nil, {}, { "status" }), "D\t4\t\t\n")
+end)
+
+case("tsv_record agrees with the Lua reference on 5,000 random records", function()
+  math.randomseed(13)
+  local keys = { "status", "code", "response" }
+  for _ = 1, 5000 do
+    local email, r = random_string(6), { status = random_string(3), code = math.random(200, 599), response = random_string(20) }
+    local want = { "F", "42", ref_esc(email) }
+    for _, k in ipairs(keys) do want[#want + 1] = ref_esc(r[k]) end
+    eq(text.tsv_record("F", 42, email, r, keys), table.concat(want, "\t") .. "\n", "record")
+  end
+end)
+
+case("wrong argument types are programmer errors", function()
+  assert(not pcall(text.crlf, {}), "crlf({})")
+  assert(not pcall(text.csv_row, "x", {}), "csv_row('x')")
+  assert(not pcall(text.tsv_record, "F", 1, "e", "not a table", {}), "tsv_record with a string row")
+end)
+
+print(string.format("test_text.lua: %d passed, %d failed", passed, failed))
+return failed == 0 and 0 or 1
