@@ -20,7 +20,15 @@ line, masked):  "<conn>\\t<flags>\\t<line>"  where flags is "-" or a comma list 
   pipelined  more client bytes were already buffered behind this line when it was read
              (the client did not wait for the reply: pipelining)
 AUTH arguments and continuation lines are replaced by "********".
-"""
+
+--disconnect-on WHAT aborts the connection (no reply) on a command (EHLO, MAIL, RCPT, DATA, ...),
+at GREETING, at DATA-END (the final dot, the whole message received) or at DATA-BODY: in the
+middle of the message, once --disconnect-after-bytes N bytes of it (default 200, counted as
+sent after the 354, before dot-unstuffing) have been read and before the final dot.  A message
+that ends before N bytes is accepted as usual (logged as a warning), never dropped.  The drops
+can be limited to the first N (--disconnect-times N) and to transactions with a recipient
+containing PATTERN (--disconnect-rcpt PATTERN: DATA, DATA-BODY, DATA-END only).  Every drop is
+logged on stderr as "conn <n>: disconnecting on <WHAT>..."."""
 
 import argparse
 import asyncio
@@ -111,7 +119,17 @@ def parse_args(argv=None):
                    help="sleep before replying; WHAT is GREETING, a command (EHLO, MAIL, RCPT, "
                         "DATA, ...) or DATA-END (the final dot)")
     p.add_argument("--disconnect-on", action="append", default=[], metavar="WHAT",
-                   help="close the connection without replying on WHAT (command or DATA-END)")
+                   help="close the connection without replying on WHAT (GREETING, a command, "
+                        "DATA-END, or DATA-BODY: mid-message, see --disconnect-after-bytes)")
+    p.add_argument("--disconnect-after-bytes", type=int, default=200, metavar="N",
+                   help="DATA-BODY: drop once N bytes of the message were read (before the final "
+                        "dot; a shorter message is accepted, not dropped) (default 200)")
+    p.add_argument("--disconnect-times", type=int, default=0, metavar="N",
+                   help="only the first N disconnects happen, then the server behaves "
+                        "(0 = every time, the default)")
+    p.add_argument("--disconnect-rcpt", action="append", default=[], metavar="PATTERN",
+                   help="disconnect only in a transaction with a recipient containing PATTERN "
+                        "(so only at DATA, DATA-BODY or DATA-END; repeatable)")
     p.add_argument("--timeout", type=float, default=60, help="idle timeout per connection")
     p.add_argument("--verbose", "-v", action="store_true")
     a = p.parse_args(argv)
@@ -145,6 +163,10 @@ def parse_args(argv=None):
             p.error(f"--delay expects WHAT:SECONDS, got {d!r}")
     a.delays = delays
     a.disconnect_on = {w.upper() for w in a.disconnect_on}
+    if a.disconnect_after_bytes < 1:
+        p.error("--disconnect-after-bytes must be at least 1")
+    if a.disconnect_times < 0:
+        p.error("--disconnect-times must not be negative")
     return a
 
 
@@ -159,6 +181,7 @@ class Store:
         existing = [int(f[:6]) for f in os.listdir(maildir) if f.endswith(".json") and f[:6].isdigit()]
         self.seq = max(existing, default=0)
         self.conn_seq = 0
+        self.disconnects = 0            # connections dropped by --disconnect-on so far
         self.log_fp = open(os.path.join(maildir, "session.log"), "a", buffering=1, encoding="utf-8",
                            errors="backslashreplace")
 
@@ -184,7 +207,8 @@ class Store:
 
 
 class LoggingReader(asyncio.StreamReader):
-    """StreamReader that records every command line read outside of DATA."""
+    """StreamReader that records every command line read outside of DATA and hands the
+    message bytes read inside DATA to TestSMTP._data_read (for --disconnect-on DATA-BODY)."""
 
     owner = None  # the TestSMTP instance
 
@@ -192,8 +216,19 @@ class LoggingReader(asyncio.StreamReader):
         line = await super().readuntil(separator)
         owner = self.owner
         if owner is not None:
-            owner._line_read(line, buffered=len(self._buffer) > 0)
+            if owner.mode == "data":
+                await owner._data_read(line)
+            else:
+                owner._line_read(line, buffered=len(self._buffer) > 0)
         return line
+
+    async def read(self, n=-1):
+        # aiosmtpd's DATA loop uses read() only to drain an over-long line
+        chunk = await super().read(n)
+        owner = self.owner
+        if owner is not None and owner.mode == "data":
+            await owner._data_read(chunk)
+        return chunk
 
 
 class TestSMTP(SMTP):
@@ -203,6 +238,8 @@ class TestSMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.conn_id = store.next_conn()
         self.mode = "cmd"               # cmd | data | auth
+        self.data_bytes = 0             # message bytes read in the current DATA
+        self.data_line_start = True     # the next DATA read starts a line (it may be the dot)
         self.last_buffered = False
         self.messages_in_conn = 0
         self.pipelining_advertised = False
@@ -257,15 +294,42 @@ class TestSMTP(SMTP):
         if secs:
             await asyncio.sleep(secs)
 
-    def _maybe_disconnect(self, what):
+    def _maybe_disconnect(self, what, detail=""):
         if what in self.opts.disconnect_on:
-            log.info("conn %d: disconnecting on %s as configured", self.conn_id, what)
+            if self.opts.disconnect_rcpt:
+                rcpts = self.envelope.rcpt_tos if self.envelope is not None else []
+                if not any(pat in r for pat in self.opts.disconnect_rcpt for r in rcpts):
+                    return False
+            if self.opts.disconnect_times and self.store.disconnects >= self.opts.disconnect_times:
+                return False
+            self.store.disconnects += 1
+            log.info("conn %d: disconnecting on %s%s as configured", self.conn_id, what, detail)
             if self.transport is not None:
                 self.transport.abort() if hasattr(self.transport, "abort") else self.transport.close()
             if self._original_transport is not None:
                 self._original_transport.abort()
             return True
         return False
+
+    async def _data_read(self, chunk):
+        """Bytes of the message read after the 354: drop the connection mid-message once
+        --disconnect-after-bytes of them arrived (DATA-BODY), never at or after the final dot."""
+        at_line_start = self.data_line_start
+        self.data_line_start = chunk.endswith(b"\r\n")
+        if "DATA-BODY" not in self.opts.disconnect_on:
+            return
+        if at_line_start and chunk == b".\r\n":
+            if self.data_bytes < self.opts.disconnect_after_bytes:
+                log.warning("conn %d: DATA-BODY: the message ended after %d bytes, before "
+                            "--disconnect-after-bytes %d; not dropped", self.conn_id,
+                            self.data_bytes, self.opts.disconnect_after_bytes)
+            return
+        before = self.data_bytes
+        self.data_bytes += len(chunk)
+        if before < self.opts.disconnect_after_bytes <= self.data_bytes:
+            if self._maybe_disconnect("DATA-BODY", f" after {self.data_bytes} bytes of the message "
+                                                   f"(before the final dot)"):
+                await asyncio.sleep(3600)   # connection_lost() cancels us right away
 
     async def _improper_pipelining(self):
         if (self.opts.reject_unauth_pipelining and not self.pipelining_advertised
@@ -353,6 +417,8 @@ class TestSMTP(SMTP):
         if await self._improper_pipelining():
             return
         self.mode = "data"
+        self.data_bytes = 0
+        self.data_line_start = True
         try:
             await super().smtp_DATA(arg)
         finally:
