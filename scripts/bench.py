@@ -167,15 +167,16 @@ def section(title):
 
 def throughput(work, sink, sizes):
     section(f"relay to smtp-sink: {N} personalized messages, median of {RUNS} runs (msgs/s)")
-    print(f"{'conc':>5} {'text':>9} {'text+html':>10} {'smtp-source':>12} {'text/source':>12} {'html/source':>12}")
+    print(f"{'conc':>5} {'text':>9} {'source':>9} {'ratio':>6}   {'text+html':>9} {'source':>9} {'ratio':>6}")
     for conns in (1, 8, 64):
         text = median_rate(lambda: mailshot_run(work, sink.address, conns, N), N)
-        html = median_rate(lambda: mailshot_run(work, sink.address, conns, N, html=True), N)
         src = median_rate(lambda: smtp_source(sink.address, conns, N, sizes[False]), N)
-        print(f"{conns:>5} {text:>9.0f} {html:>10.0f} {src:>12.0f} {text / src:>12.2f} {html / src:>12.2f}")
+        html = median_rate(lambda: mailshot_run(work, sink.address, conns, N, html=True), N)
+        src_html = median_rate(lambda: smtp_source(sink.address, conns, N, sizes[True]), N)
+        print(f"{conns:>5} {text:>9.0f} {src:>9.0f} {text / src:>6.2f}   {html:>9.0f} {src_html:>9.0f} {html / src_html:>6.2f}")
         sys.stdout.flush()
-    print(f"(message sizes: text {sizes[False]} bytes, text+html {sizes[True]} bytes; smtp-source -d -s C -l {sizes[False]};"
-          f" mailshot: C sessions, 3*C messages per run at once)")
+    print(f"(source: smtp-source -d -s C -l SIZE with each message's size: text {sizes[False]} bytes, text+html "
+          f"{sizes[True]} bytes; mailshot: C sessions, 3*C messages per run at once)")
 
 
 def memory(work, sink):
