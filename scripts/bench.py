@@ -7,7 +7,8 @@ the CSV; text only, and text+HTML) through a relay pointed at smtp-sink, then ru
 with the same count and size against the same sink, and prints both rates and their ratio (medians of
 RUNS runs).  Then: peak RSS at 10,000 and 1,000,000 recipients (and the rate of each), STARTTLS rates
 against tests/servers/tls_sink.c (with the sink's own CPU time per message, to show it is not the
-bottleneck), and the rate limiter over a run at "100/s".
+bottleneck), the DKIM signing cost, the live progress line's cost (a pseudo-terminal as stderr,
+against no progress at all), and the rate limiter over a run at "100/s".
 
 Environment: BENCH_N (default 20000), BENCH_RUNS (3), BENCH_BIG (1000000; 0 skips), BENCH_RATE_SECONDS (60).
 Every server listens on 127.0.0.1 only.
@@ -104,14 +105,38 @@ def write_list(path, n):
             f.write(f"user{i}@example.com,Name{i},Our offer number {i}\n")
 
 
-def run_timed(cmd, env=None, cwd=None):
-    """Run cmd; return (wall seconds, peak RSS in MB of that very process, stdout)."""
-    t = time.monotonic()
-    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_chunks, err_chunks = [], []
+LAST_STDERR = ""                   # of the last run_timed()
+
+
+def run_timed(cmd, env=None, cwd=None, tty=False):
+    """Run cmd; return (wall seconds, peak RSS in MB of that very process, stdout).  With tty, its
+    stderr is a pseudo-terminal (mailshot then draws its live progress line there)."""
     import threading
-    readers = [threading.Thread(target=lambda f=f, acc=acc: acc.append(f.read())) for f, acc in
-               ((p.stdout, out_chunks), (p.stderr, err_chunks))]
+    master = slave = None
+    if tty:
+        master, slave = os.openpty()
+    t = time.monotonic()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, text=True,
+                         stderr=slave if tty else subprocess.PIPE)
+    out_chunks, err_chunks = [], []
+    if tty:
+        os.close(slave)
+
+        def read_tty(acc=err_chunks):
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:          # EIO: the child closed its end
+                    break
+                if not chunk:
+                    break
+                acc.append(chunk.decode(errors="replace"))
+            os.close(master)
+        readers = [threading.Thread(target=lambda: out_chunks.append(p.stdout.read())),
+                   threading.Thread(target=read_tty)]
+    else:
+        readers = [threading.Thread(target=lambda f=f, acc=acc: acc.append(f.read())) for f, acc in
+                   ((p.stdout, out_chunks), (p.stderr, err_chunks))]
     for r in readers:
         r.start()
     _, status, usage = os.wait4(p.pid, 0)      # this child's own rusage, not the maximum of all children
@@ -120,17 +145,40 @@ def run_timed(cmd, env=None, cwd=None):
     p.returncode = os.waitstatus_to_exitcode(status)
     dt = time.monotonic() - t
     out, err = "".join(out_chunks), "".join(err_chunks)
+    global LAST_STDERR
+    LAST_STDERR = err
     if p.returncode not in (0,):
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {out[-500:]} {err[-1500:]}")
     return dt, usage.ru_maxrss / 1024, out
 
 
-def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None):
+def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None, live=False):
+    """One campaign run; live: with its live progress line on a terminal (else none at all)."""
     env = dict(os.environ, SINK=sink, CONNS=str(conns), LIST=os.path.join(work, f"list-{n}.csv"),
                HTML="1" if html else "0", TLS=tls)
     env.update(extra_env or {})
-    return run_timed([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--send", "--force", "--quiet", "--progress", "0",
-                      "--report", os.path.join(work, "report.csv")], env=env, cwd=work)
+    quiet = [] if live else ["--quiet", "--progress", "0"]
+    return run_timed([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--send", "--force", *quiet,
+                      "--report", os.path.join(work, "report.csv")], env=env, cwd=work, tty=live)
+
+
+def progress_cost(work, sink):
+    """The live progress line (4 refreshes a second on a terminal) against none, runs interleaved."""
+    n = 5 * N                      # long enough for the line to be redrawn a dozen times or more
+    section(f"progress view: relay to smtp-sink, 64 sessions, {n} messages, median of {max(RUNS, 5)} runs each")
+    write_list(os.path.join(work, f"list-{n}.csv"), n)
+    quiet, live, redraws = [], [], 0
+    for _ in range(max(RUNS, 5)):
+        quiet.append(n / mailshot_run(work, sink.address, 64, n)[0])
+        dt, _, _ = mailshot_run(work, sink.address, 64, n, live=True)
+        live.append(n / dt)
+        redraws = LAST_STDERR.count("\r\x1b[K") - 1      # the last one erases the line
+    if redraws < 1:
+        raise RuntimeError("the live progress line was never drawn: " + LAST_STDERR[-300:])
+    q, lv = statistics.median(quiet), statistics.median(live)
+    print(f"  no progress     {q:8.0f} msgs/s")
+    print(f"  live line       {lv:8.0f} msgs/s  ({(lv / q - 1) * 100:+.1f}%; the last run drew it {redraws} times)")
+    os.unlink(os.path.join(work, f"list-{n}.csv"))
 
 
 def smtp_source(sink, conns, n, size):
@@ -283,6 +331,7 @@ def main():
             throughput(work, sink, sizes)
             memory(work, sink)
             dkim_cost(work, sink)
+            progress_cost(work, sink)
         finally:
             sink.stop()
         tls(work)
