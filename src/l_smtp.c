@@ -504,10 +504,12 @@ static int l_relay_stats(lua_State *L) {
   int idle = 0, waiting = 0;
   for (int i = 0; i < r->nconns; i++) idle += smtp_conn_ready(r->conns[i]);
   for (send_op *op = r->queue_head; op; op = op->qnext) waiting++;
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 5);
   set_int(L, "connections", r->nconns);
   set_int(L, "idle", idle);
   set_int(L, "waiting", waiting);
+  set_int(L, "max_connections", r->max_connections);
+  set_int(L, "pipeline_depth", r->cfg.pipeline_depth);
   return 1;
 }
 

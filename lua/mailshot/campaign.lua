@@ -19,6 +19,16 @@ local util = require "mailshot.util"
 local csv_row = require("mailshot.text").csv_row
 
 local M = {}
+
+-- Without a `concurrency`: a relay's sessions each carry pipeline_depth messages, so that many
+-- per session keep every pipeline full; anything else (a function, a direct sender) gets 8.
+local function default_concurrency(send)
+  local ok, st = pcall(function() return send:stats() end)
+  if ok and type(st) == "table" and st.max_connections and st.pipeline_depth then
+    return math.max(1, st.max_connections * math.max(st.pipeline_depth, 1))
+  end
+  return 8
+end
 local Campaign = {}
 Campaign.__index = Campaign
 
@@ -95,7 +105,7 @@ function M.new(def)
   for k, v in pairs(def) do c[k] = v end
   c.base_dir = template.base_dir
   c.recipients_path = resolve(c.base_dir, def.recipients)
-  c.concurrency = math.floor(def.concurrency or 8)
+  c.concurrency = math.floor(def.concurrency or default_concurrency(def.send))
   if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
   c.email_field = def.email_field or "email"
   c.tpl = {}

@@ -98,5 +98,27 @@ case("a closed port is a temporary connect failure", function()
   assert(res.message:find("refused"), res.message)
 end)
 
+case("a campaign's default concurrency fills its relay's pipelines; explicit values win", function()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p '" .. dir .. "'"))
+  local f = assert(io.open(dir .. "/r.csv", "w"))
+  f:write("email\nx@example.com\n")
+  f:close()
+  local function campaign(send, concurrency)
+    return mailshot.campaign { recipients = dir .. "/r.csv", from = "a@example.com", subject = "s", text = "t",
+                               send = send, concurrency = concurrency }
+  end
+  local r = mailshot.relay { server = "127.0.0.1:9", tls = "none" }
+  local st = r:stats()
+  assert(st.max_connections == 8 and st.pipeline_depth == 3, "defaults 8 x 3")
+  assert(campaign(r).concurrency == 24, campaign(r).concurrency)
+  local small = mailshot.relay { server = "127.0.0.1:9", tls = "none", max_connections = 2, pipeline_depth = 0 }
+  assert(campaign(small).concurrency == 2, campaign(small).concurrency)
+  assert(campaign(r, 5).concurrency == 5, "explicit")
+  assert(campaign(function() end).concurrency == 8, "a function")
+  os.execute("rm -rf '" .. dir .. "'")
+end)
+
 print(("test_runtime.lua: %d passed, %d failed"):format(passed, failed))
 return failed == 0 and 0 or 1
