@@ -7,17 +7,10 @@ local csv = require "mailshot.csv"
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local DATA = here .. "../data/csv/"
 
-local passed, failed, temps = 0, 0, {}
+local check = dofile(here .. "check.lua")
+local case, eq_deep, checkerr = check.case, check.eq_deep, check.checkerr
 
-local function case (name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    io.stderr:write("FAIL: ", name, "\n  ", tostring(err), "\n")
-  end
-end
+local temps = {}
 
 -- A temp file with these bytes; removed at the end.
 local function tmpfile (content)
@@ -27,27 +20,6 @@ local function tmpfile (content)
   assert(f:close())
   temps[#temps + 1] = path
   return path
-end
-
-local function show (v)
-  if type(v) ~= "table" then return string.format("%q", v) end
-  local parts = {}
-  for k, x in pairs(v) do parts[#parts + 1] = tostring(k) .. "=" .. show(x) end
-  table.sort(parts)
-  return "{" .. table.concat(parts, ", ") .. "}"
-end
-
-local function same (a, b)
-  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
-  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
-  for k in pairs(b) do if a[k] == nil then return false end end
-  return true
-end
-
-local function eq (got, want, what)
-  if not same(got, want) then
-    error(string.format("%s: got %s, want %s", what or "value", show(got), show(want)), 2)
-  end
 end
 
 -- Reads every result up to the end: { {row=..., line=...} | {bad=message, line=...} }.
@@ -63,13 +35,6 @@ local function readall (r)
   end
 end
 
--- f(...) must raise an error containing msg.
-local function checkerr (msg, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "no error, want one with: " .. msg)
-  assert(tostring(err):find(msg, 1, true), "error \"" .. tostring(err) .. "\", want one with: " .. msg)
-end
-
 -- csv.open must fail with "path: ...msg...".
 local function checkopenerr (path, opts, msg)
   local r, err = csv.open(path, opts)
@@ -82,19 +47,19 @@ end
 
 case("the header lists the column names, trimmed", function ()
   local r = assert(csv.open(DATA .. "recipients.csv"))
-  eq(r:header(), { "email", "first_name", "last name", "note" }, "header")
+  eq_deep(r:header(), { "email", "first_name", "last name", "note" }, "header")
   local h = r:header()
   h[1] = "changed"
-  eq(r:header()[1], "email", "header() returns a copy")
-  eq(r:line(), 1, "line after the header")
-  eq(r:path(), DATA .. "recipients.csv", "path")
+  eq_deep(r:header()[1], "email", "header() returns a copy")
+  eq_deep(r:line(), 1, "line after the header")
+  eq_deep(r:path(), DATA .. "recipients.csv", "path")
   r:close()
 end)
 
 case("rows are tables keyed by column, with the line they start on", function ()
   local r = assert(csv.open(DATA .. "recipients.csv"))
   local all = readall(r)
-  eq(all, {
+  eq_deep(all, {
     { line = 2, row = { email = "ann@example.org", first_name = "Ann", ["last name"] = "Lee", note = "" } },
     { line = 3, row = { email = "bob@example.org", first_name = "Bob", ["last name"] = 'O"Brien',
                         note = 'likes "quotes", commas' } },
@@ -102,16 +67,16 @@ case("rows are tables keyed by column, with the line they start on", function ()
                         note = "line one\nline two\nline three" } },
     { line = 9, row = { email = "dora@example.org", first_name = "Dora", ["last name"] = "  Ng  ", note = "last" } },
   }, "rows")
-  eq(r:line(), 9, "line at the end")
-  eq(r:read(), nil, "read after the end")
+  eq_deep(r:line(), 9, "line at the end")
+  eq_deep(r:read(), nil, "read after the end")
   r:close()
 end)
 
 case("a UTF-8 BOM is ignored; ';' works as a character and by name", function ()
   for _, d in ipairs { ";", "semicolon" } do
     local r = assert(csv.open(DATA .. "semicolon_bom.csv", { delimiter = d }))
-    eq(r:header(), { "email", "amount", "city" }, "header")
-    eq(readall(r), {
+    eq_deep(r:header(), { "email", "amount", "city" }, "header")
+    eq_deep(readall(r), {
       { line = 2, row = { email = "eve@example.org", amount = "1,50", city = "Paris; France" } },
       { line = 3, row = { email = "finn@example.org", amount = "2", city = "Oslo" } },
     }, "rows with " .. d)
@@ -122,7 +87,7 @@ end)
 case("tab and comma delimiters by name and as characters", function ()
   for _, d in ipairs { "\t", "tab" } do
     local r = assert(csv.open(DATA .. "tabs.tsv", { delimiter = d }))
-    eq(readall(r), {
+    eq_deep(readall(r), {
       { line = 2, row = { email = "gus@example.org", name = "Gus Grey", city = "" } },
       { line = 3, row = { email = "", name = "hal", city = "Rome" } },
     }, "rows with " .. d)
@@ -130,25 +95,25 @@ case("tab and comma delimiters by name and as characters", function ()
   end
   for _, d in ipairs { ",", "comma" } do
     local r = assert(csv.open(DATA .. "recipients.csv", { delimiter = d }))
-    eq(#r:header(), 4, "columns with " .. d)
+    eq_deep(#r:header(), 4, "columns with " .. d)
     r:close()
   end
 end)
 
 case("CRLF lines, lone CRs and a last row without newline keep line numbers right", function ()
   local r = assert(csv.open(tmpfile('a,b\r\n1,"x\r\ny"\r\n\r\n2,z\r3,end')))
-  eq(readall(r), {
+  eq_deep(readall(r), {
     { line = 2, row = { a = "1", b = "x\r\ny" } },
     { line = 5, row = { a = "2", b = "z" } },
     { line = 6, row = { a = "3", b = "end" } },
   }, "rows")
-  eq(r:line(), 6, "lines in the file")
+  eq_deep(r:line(), 6, "lines in the file")
   r:close()
 end)
 
 case("a bad row gives false, line, message, and reading goes on", function ()
   local r = assert(csv.open(DATA .. "malformed.csv"))
-  eq(readall(r), {
+  eq_deep(readall(r), {
     { line = 2, row = { email = "ivy@example.org", name = "Ivy" } },
     { line = 3, bad = "stray quote in field 2" },
     { line = 4, row = { email = "kim@example.org", name = "Kim" } },
@@ -164,7 +129,7 @@ end)
 
 case("a NUL byte makes the row bad", function ()
   local r = assert(csv.open(tmpfile("a,b\n1,x\0y\n2,ok\n")))
-  eq(readall(r), {
+  eq_deep(readall(r), {
     { line = 2, bad = "NUL byte in field 2" },
     { line = 3, row = { a = "2", b = "ok" } },
   }, "results")
@@ -173,7 +138,7 @@ end)
 
 case("an unterminated quote is one bad row at the end of the file", function ()
   local r = assert(csv.open(tmpfile('a,b\n1,2\n3,"open\n4,5\n')))
-  eq(readall(r), {
+  eq_deep(readall(r), {
     { line = 2, row = { a = "1", b = "2" } },
     { line = 3, bad = "unterminated quoted field 2 (runs to the end of the file)" },
   }, "results")
@@ -184,9 +149,9 @@ case("a 1 MiB field comes through whole", function ()
   local big = string.rep("0123456789abcdef", 65536)
   local r = assert(csv.open(tmpfile('id,body\n1,"' .. big .. '"\n2,small\n')))
   local row, line = r:read()
-  eq(line, 2, "line")
+  eq_deep(line, 2, "line")
   assert(row.body == big, "1 MiB field differs")
-  eq({ r:read() }, { { id = "2", body = "small" }, 3 }, "next row")
+  eq_deep({ r:read() }, { { id = "2", body = "small" }, 3 }, "next row")
   r:close()
 end)
 
@@ -212,16 +177,16 @@ case("misuse raises", function ()
   checkerr("string expected", csv.open)
   checkerr("mailshot.csv.reader expected", csv.open(path).read, {})
   local r = assert(csv.open(path, { delimiter = "|", quote = "'" }))  -- any single byte will do
-  eq(r:header(), { 'email , first_name ,"last name",note' }, "one column: no '|', and '\"' is plain")
+  eq_deep(r:header(), { 'email , first_name ,"last name",note' }, "one column: no '|', and '\"' is plain")
   r:close()
 end)
 
 case("a closed reader raises on use; close, __gc and <close> are safe", function ()
   local path = DATA .. "recipients.csv"
   local r = assert(csv.open(path))
-  eq(tostring(r), "csv reader (" .. path .. ")", "tostring")
-  eq(r:close(), true, "close")
-  eq(tostring(r), "csv reader (closed)", "tostring when closed")
+  eq_deep(tostring(r), "csv reader (" .. path .. ")", "tostring")
+  eq_deep(r:close(), true, "close")
+  eq_deep(tostring(r), "csv reader (closed)", "tostring when closed")
   for _, m in ipairs { "read", "header", "line", "path", "close" } do
     checkerr("attempt to use a closed csv reader", r[m], r)
   end
@@ -231,7 +196,7 @@ case("a closed reader raises on use; close, __gc and <close> are safe", function
     kept = r2
     assert(r2:read())
   end
-  eq(tostring(kept), "csv reader (closed)", "closed at the end of its block")
+  eq_deep(tostring(kept), "csv reader (closed)", "closed at the end of its block")
   do
     local r3 <close> = assert(csv.open(path))
     r3:close()  -- and then __close on a closed reader: quiet
@@ -267,10 +232,10 @@ case("200,000 rows are all read, with the right last line, in bounded memory", f
     end
   end
   local dt = os.clock() - t0
-  eq(count, n, "rows")
-  eq(last, n + 1, "last line")
-  eq(r:line(), n + 1, "lines in the file")
-  eq(r:read(), nil, "read after the end")
+  eq_deep(count, n, "rows")
+  eq_deep(last, n + 1, "last line")
+  eq_deep(r:line(), n + 1, "lines in the file")
+  eq_deep(r:read(), nil, "read after the end")
   r:close()
   collectgarbage()
   collectgarbage()
@@ -283,5 +248,4 @@ end)
 ---------------------------------------------------------------- tally
 
 for _, path in ipairs(temps) do os.remove(path) end
-print(string.format("tests/lua/test_csv.lua: %d cases, %d passed, %d failed", passed + failed, passed, failed))
-if failed > 0 then os.exit(1) end
+return check.finish("test_csv.lua")

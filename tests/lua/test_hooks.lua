@@ -1,10 +1,9 @@
 -- test_hooks.lua - the ready-made on_result hooks.
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case = check.case
+
 local hooks = require "mailshot.hooks"
-local passed, failed = 0, 0
-local function case(name, fn)
-  local ok, err = pcall(fn)
-  if ok then passed = passed + 1 else failed = failed + 1; print("FAIL " .. name .. ": " .. tostring(err)) end
-end
 
 case("a 4.7.x policy block becomes final, other 4xx stay temporary", function()
   local r = { ok = false, code = 450, enhanced = "4.7.1", temporary = true, message = "blocked" }
@@ -36,5 +35,4 @@ case("chain runs every hook and lets one replace the result", function()
   assert(not pcall(hooks.chain, "x"))
 end)
 
-print(("test_hooks.lua: %d passed, %d failed"):format(passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_hooks.lua")

@@ -6,48 +6,13 @@
 local HERE = (debug and debug.getinfo(1, "S").source:match("^@(.*/)")) or "tests/lua/"
 package.path = HERE .. "../../lua/?.lua;" .. HERE .. "../../lua/?/init.lua;" .. package.path
 
-local globals_before = {}
-for k in pairs(_G) do globals_before[k] = true end
+local check = dofile(HERE .. "check.lua")
+local case, eq, checkerr = check.case, check.eq, check.checkerr
+-- fails(parts, f, ...): f(...) returns nil and a message containing every part.
+local fails = check.fails_call
+local no_new_globals = check.globals_snapshot()
 
 local idna = require "mailshot.idna"
-
-local passed, failed = 0, 0
-
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
-
--- fails(parts, f, ...): f(...) returns nil and a message containing every part.
-local function fails(parts, f, ...)
-  local v, err = f(...)
-  if v ~= nil then error(string.format("expected nil, message; got %q", tostring(v)), 2) end
-  if type(err) ~= "string" then error("expected an error message, got " .. type(err), 2) end
-  for _, p in ipairs(type(parts) == "table" and parts or { parts }) do
-    if not string.find(err, p, 1, true) then
-      error(string.format("error %q does not contain %q", err, p), 2)
-    end
-  end
-end
-
-local function checkerr(part, f, ...)
-  local ok, err = pcall(f, ...)
-  if ok then error("expected an error, got none", 2) end
-  if not string.find(tostring(err), part, 1, true) then
-    error(string.format("error %q does not contain %q", tostring(err), part), 2)
-  end
-end
 
 local U = utf8.char
 
@@ -392,11 +357,6 @@ case("performance: 20k to_ascii conversions (rate printed, not asserted)", funct
   print(string.format("     idna: 20000 conversions in %.2fs CPU = %.0f/s", dt, 20000 / math.max(dt, 1e-9)))
 end)
 
-case("the module writes no globals", function()
-  for k in pairs(_G) do assert(globals_before[k], "new global " .. tostring(k)) end
-end)
+case("the module writes no globals", no_new_globals)
 
-print(string.format("test_idna.lua: %d passed, %d failed", passed, failed))
--- the mailshot runner takes the chunk's return value as exit status; plain lua5.4 does not
-if failed > 0 and package.preload["mailshot.core"] == nil then os.exit(1) end
-return failed == 0 and 0 or 1
+return check.finish("test_idna.lua")

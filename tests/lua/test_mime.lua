@@ -4,60 +4,18 @@
 --   ./mailshot exec tests/lua/test_mime.lua
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 
-local globals_before = {}
-for k in pairs(_G) do globals_before[k] = true end
+local HERE = (debug and debug.getinfo(1, "S").source:match("^@(.*/)")) or "tests/lua/"
+local check = dofile(HERE .. "check.lua")
+local case, eq, contains, checkerr = check.case, check.eq, check.contains, check.checkerr
+local no_new_globals = check.globals_snapshot()
 
 local mime = require "mailshot.mime"
 
 local PYTHON = "/usr/bin/python3"
-local HERE = (debug and debug.getinfo(1, "S").source:match("^@(.*/)")) or "tests/lua/"
 local CHECKER = HERE .. "mime_check.py"
 
-local passed, failed = 0, 0
-
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
-
-local function contains(s, part)
-  if type(s) ~= "string" or not string.find(s, part, 1, true) then
-    error(string.format("%q does not contain %q", tostring(s), part), 2)
-  end
-end
-
-local function checkerr(parts, f, ...)
-  local ok, err = pcall(f, ...)
-  if ok then error("expected an error, got none", 2) end
-  err = tostring(err)
-  for _, p in ipairs(type(parts) == "table" and parts or { parts }) do
-    if not string.find(err, p, 1, true) then
-      error(string.format("error %q does not contain %q", err, p), 2)
-    end
-  end
-end
-
 -- fails(parts, m): mime.build(m) returns nil and a message containing parts.
-local function fails(parts, m)
-  local data, err = mime.build(m)
-  if data ~= nil then error("expected nil, message; got a message", 2) end
-  for _, p in ipairs(type(parts) == "table" and parts or { parts }) do
-    if not string.find(tostring(err), p, 1, true) then
-      error(string.format("error %q does not contain %q", tostring(err), p), 2)
-    end
-  end
-end
+local function fails(parts, m) return check.fails(parts, mime.build(m)) end
 
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
@@ -898,9 +856,6 @@ case("performance: 10k builds with an attachment (rate printed, not asserted)", 
   print(string.format("     mime: %d builds (100 kB attachment) in %.2fs CPU = %.0f msg/s", 10000, dt, 10000 / dt))
 end)
 
-case("the module writes no globals", function()
-  for k in pairs(_G) do assert(globals_before[k], "new global " .. tostring(k)) end
-end)
+case("the module writes no globals", no_new_globals)
 
-print(string.format("test_mime.lua: %d passed, %d failed", passed, failed))
-if failed > 0 then os.exit(1) end
+return check.finish("test_mime.lua")

@@ -2,20 +2,12 @@
 -- (warm-up) rules, state/restore, and FIFO among tasks on the real scheduler.
 --   MAILSHOT_LUA_PATH=lua ./mailshot exec tests/lua/test_rate.lua
 -- Most cases run on a fake clock (deterministic, instant); the scheduler cases take ~0.5 s.
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, checkerr, near = check.case, check.checkerr, check.near   -- checkerr: plain substring
+
 local mailshot = require "mailshot"
 local rate = require "mailshot.rate"
-
-local passed, failed = 0, 0
-local function case(name, fn)
-  local ok, err = pcall(fn)
-  if ok then passed = passed + 1 else failed = failed + 1; print("FAIL " .. name .. ": " .. tostring(err)) end
-end
-local function checkerr(pattern, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "expected an error matching " .. pattern)
-  assert(tostring(err):find(pattern, 1, true), ("error %q does not match %q"):format(tostring(err), pattern))
-end
-local function near(a, b, what) assert(math.abs(a - b) < 1e-9, ("%s: expected %.12g, got %.12g"):format(what or "time", b, a)) end
 
 -- A fake clock: sleep advances it at once and is logged, so a test sees every wait.
 local function fake_clock(t)
@@ -374,5 +366,4 @@ case("begin/complete: a slot counts until the answer, then from the answer's tim
   checkerr("unknown or completed token", l.complete, l, a)
 end)
 
-print(("test_rate.lua: %d passed, %d failed"):format(passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_rate.lua")

@@ -1,18 +1,11 @@
 -- test_runtime.lua - tasks on the event loop: spawn, join, sleep, suspend/wake, errors, relay
 -- option checking.  Run by `mailshot exec` (it runs as a task itself).
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, checkerr_match = check.case, check.checkerr_match
+
 local mailshot = require "mailshot"
 local core = mailshot.core
-
-local passed, failed = 0, 0
-local function case(name, fn)
-  local ok, err = pcall(fn)
-  if ok then passed = passed + 1 else failed = failed + 1; print("FAIL " .. name .. ": " .. tostring(err)) end
-end
-local function checkerr(pattern, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "expected an error matching " .. pattern)
-  assert(tostring(err):find(pattern), ("error %q does not match %q"):format(tostring(err), pattern))
-end
 
 case("sleeping tasks wake in deadline order, concurrently", function()
   local order, t0 = {}, mailshot.now()
@@ -66,16 +59,16 @@ case("waiting outside a task is refused with a clear error", function()
   local co = coroutine.create(function() return pcall(mailshot.sleep, 0) end)
   local _, ok, err = coroutine.resume(co)
   assert(ok == false and err:find("coroutine of your own"), tostring(err))
-  checkerr("must run inside a task", function() return table.sort({ 2, 1 }, function() mailshot.sleep(0) end) end)
+  checkerr_match("must run inside a task", function() return table.sort({ 2, 1 }, function() mailshot.sleep(0) end) end)
 end)
 
 case("relay options are checked when the relay is made", function()
-  checkerr("'server'", mailshot.relay, {})
-  checkerr("not host:port", mailshot.relay, { server = "example.com:notaport" })
-  checkerr("'tls' must be", mailshot.relay, { server = "127.0.0.1:25", tls = "maybe" })
-  checkerr("'password' is not", mailshot.relay, { server = "127.0.0.1:25", user = "u" })
-  checkerr("timeout", mailshot.relay, { server = "127.0.0.1:25", timeout = -1 })
-  checkerr("helo", mailshot.relay, { server = "127.0.0.1:25", helo = "two words" })
+  checkerr_match("'server'", mailshot.relay, {})
+  checkerr_match("not host:port", mailshot.relay, { server = "example.com:notaport" })
+  checkerr_match("'tls' must be", mailshot.relay, { server = "127.0.0.1:25", tls = "maybe" })
+  checkerr_match("'password' is not", mailshot.relay, { server = "127.0.0.1:25", user = "u" })
+  checkerr_match("timeout", mailshot.relay, { server = "127.0.0.1:25", timeout = -1 })
+  checkerr_match("helo", mailshot.relay, { server = "127.0.0.1:25", helo = "two words" })
   local r = mailshot.relay { server = "127.0.0.1:2525", tls = "none" }
   assert(tostring(r) == "relay (127.0.0.1:2525)", tostring(r))
   r:close()
@@ -120,5 +113,4 @@ case("a campaign's default concurrency fills its relay's pipelines; explicit val
   os.execute("rm -rf '" .. dir .. "'")
 end)
 
-print(("test_runtime.lua: %d passed, %d failed"):format(passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_runtime.lua")

@@ -4,44 +4,13 @@
 --      (or MAILSHOT_LUA_PATH=lua ./mailshot exec tests/lua/test_suppress.lua to test the tree)
 -- Fixture files are written at test time into a fresh folder made from os.tmpname().
 
-local globals_before = {}
-for k in pairs(_G) do globals_before[k] = true end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, eq, checkerr = check.case, check.eq, check.checkerr
+local fails = check.fails   -- fails(part, v, err): v is nil and err contains part
+local no_new_globals = check.globals_snapshot()
 
 local suppress = require "mailshot.suppress"
-
-local passed, failed = 0, 0
-
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
-
-local function checkerr(part, f, ...)
-  local ok, err = pcall(f, ...)
-  if ok then error("expected an error, got none", 2) end
-  if not string.find(tostring(err), part, 1, true) then
-    error(string.format("error %q does not contain %q", tostring(err), part), 2)
-  end
-end
-
--- fails(part, v, err): v is nil and err contains part.
-local function fails(part, v, err)
-  if v ~= nil then error("expected nil, message; got " .. tostring(v), 2) end
-  if not string.find(tostring(err), part, 1, true) then
-    error(string.format("error %q does not contain %q", tostring(err), part), 2)
-  end
-end
 
 -- One temporary folder for every fixture, removed at the end.
 local DIR = os.tmpname()
@@ -353,11 +322,8 @@ case("memory: 100,000 entries (bytes per entry printed; bounded at 250)", functi
   assert(per < 250, "bytes per entry " .. per)
 end)
 
-case("the module writes no globals", function()
-  for k in pairs(_G) do assert(globals_before[k], "new global " .. tostring(k)) end
-end)
+case("the module writes no globals", no_new_globals)
 
 os.execute("rm -rf '" .. DIR .. "'")
 
-print(string.format("test_suppress.lua: %d passed, %d failed", passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_suppress.lua")

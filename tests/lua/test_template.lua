@@ -3,44 +3,12 @@
 --   ./mailshot exec tests/lua/test_template.lua
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 
-local globals_before = {}
-for k in pairs(_G) do globals_before[k] = true end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, eq, checkerr, contains = check.case, check.eq, check.checkerr, check.contains
+local no_new_globals = check.globals_snapshot()
 
 local template = require "mailshot.template"
-
-local passed, failed = 0, 0
-
--- case(name, f): run one named behaviour; a failed assert is reported, the
--- run goes on.
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
-
--- checkerr(parts, f, ...): f(...) raises, and the message contains each
--- plain substring in `parts` (a string or a list).
-local function checkerr(parts, f, ...)
-  local ok, err = pcall(f, ...)
-  if ok then error("expected an error, got none", 2) end
-  err = tostring(err)
-  for _, p in ipairs(type(parts) == "table" and parts or { parts }) do
-    if not string.find(err, p, 1, true) then
-      error(string.format("error %q does not contain %q", err, p), 2)
-    end
-  end
-  return err
-end
 
 -- render_ok(src, row, opts) -> rendered string; asserts success.
 local function render_ok(src, row, opts, name)
@@ -57,12 +25,6 @@ local function missing(src, row, opts, name)
   if s ~= nil then error("expected nil, got " .. string.format("%q", s), 2) end
   assert(type(err) == "string", "second result is the message")
   return err
-end
-
-local function contains(s, part)
-  if not string.find(s, part, 1, true) then
-    error(string.format("%q does not contain %q", s, part), 2)
-  end
 end
 
 ---------------------------------------------------------------- values
@@ -468,11 +430,7 @@ Your code: {{code}} <{{email}}>
   print(string.format("     template: %d renders in %.2fs CPU = %.0f rows/s", 100000, dt, 100000 / dt))
 end)
 
-case("the modules write no globals", function()
-  for k in pairs(_G) do
-    assert(globals_before[k], "new global " .. tostring(k))
-  end
-end)
+case("the modules write no globals", no_new_globals)
 
 case("sections nested too deep are a syntax error naming the template and line (fuzz finding)", function()
   local src = ("{{#if name}}"):rep(190) .. "x" .. ("{{/if}}"):rep(190)
@@ -482,5 +440,4 @@ case("sections nested too deep are a syntax error naming the template and line (
   assert(fine:render({ name = "n" }) == "x")
 end)
 
-print(string.format("test_template.lua: %d passed, %d failed", passed, failed))
-if failed > 0 then os.exit(1) end
+return check.finish("test_template.lua")

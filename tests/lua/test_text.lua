@@ -4,25 +4,11 @@
 -- comma, tab, backslash, space, NUL, 8-bit).
 -- Run: make mailshot && ./mailshot exec tests/lua/test_text.lua
 
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, eq = check.case, check.eq
+
 local text = require "mailshot.text"
-
-local passed, failed = 0, 0
-
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
 
 -- References: the Lua code these primitives replaced (mime.lua's crlf + lines_fit, the report's
 -- csv_field, the journal's esc).
@@ -138,5 +124,4 @@ case("wrong argument types are programmer errors", function()
   assert(not pcall(text.tsv_record, "F", 1, "e", "not a table", {}), "tsv_record with a string row")
 end)
 
-print(string.format("test_text.lua: %d passed, %d failed", passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_text.lua")

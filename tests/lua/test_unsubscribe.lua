@@ -4,44 +4,14 @@
 --      (or MAILSHOT_LUA_PATH=lua ./mailshot exec tests/lua/test_unsubscribe.lua to test the tree)
 -- The expected token below was computed independently with Python's hmac/base64 modules.
 
-local globals_before = {}
-for k in pairs(_G) do globals_before[k] = true end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local check = dofile(here .. "check.lua")
+local case, eq, checkerr = check.case, check.eq, check.checkerr
+local fails = check.fails   -- fails(part, v, err): v is nil and err contains part
+local no_new_globals = check.globals_snapshot()
 
 local unsubscribe = require "mailshot.unsubscribe"
 local util = require "mailshot.util"
-
-local passed, failed = 0, 0
-
-local function case(name, f)
-  local ok, err = pcall(f)
-  if ok then
-    passed = passed + 1
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. "\n     " .. tostring(err))
-  end
-end
-
-local function eq(got, want, what)
-  if got ~= want then
-    error(string.format("%s: expected %q, got %q", what or "value", tostring(want), tostring(got)), 2)
-  end
-end
-
-local function checkerr(part, f, ...)
-  local ok, err = pcall(f, ...)
-  if ok then error("expected an error, got none", 2) end
-  if not string.find(tostring(err), part, 1, true) then
-    error(string.format("error %q does not contain %q", tostring(err), part), 2)
-  end
-end
-
-local function fails(part, v, err)
-  if v ~= nil then error("expected nil, message; got " .. tostring(v), 2) end
-  if not string.find(tostring(err), part, 1, true) then
-    error(string.format("error %q does not contain %q", tostring(err), part), 2)
-  end
-end
 
 local SECRET = "0123456789abcdef0123"
 -- python3: b64(e) + "." + b64(hmac.new(SECRET, b"\n" + e, sha256).digest()[:16]), e = b"ann@example.net"
@@ -242,9 +212,6 @@ case("unsubscribe.headers makes the object once per options table", function()
   eq(tostring(unsubscribe.new(OPTS)), "unsubscribe (https://acme.example/u/{{token}}, mailto:unsub@acme.example)")
 end)
 
-case("the module writes no globals", function()
-  for k in pairs(_G) do assert(globals_before[k], "new global " .. tostring(k)) end
-end)
+case("the module writes no globals", no_new_globals)
 
-print(string.format("test_unsubscribe.lua: %d passed, %d failed", passed, failed))
-return failed == 0 and 0 or 1
+return check.finish("test_unsubscribe.lua")
