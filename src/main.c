@@ -12,10 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "embedded.h"
 #include "loop.h"
 #include "task.h"
-
-extern const struct { const char *name, *path; const char *src; size_t len; } mailshot_lua_modules[];
 
 int luaopen_mailshot_smtp(lua_State *L);
 int luaopen_mailshot_csv(lua_State *L);
@@ -23,18 +22,6 @@ int luaopen_mailshot_resolver(lua_State *L);
 int luaopen_mailshot_util(lua_State *L);
 int luaopen_mailshot_dkim(lua_State *L);
 int luaopen_mailshot_text(lua_State *L);
-
-/* package.preload loader for an embedded module; upvalue = its index in mailshot_lua_modules */
-static int load_embedded(lua_State *L) {
-  int i = (int)lua_tointeger(L, lua_upvalueindex(1));
-  char chunkname[300];
-  snprintf(chunkname, sizeof chunkname, "@%s", mailshot_lua_modules[i].path);
-  if (luaL_loadbuffer(L, mailshot_lua_modules[i].src, mailshot_lua_modules[i].len, chunkname) != LUA_OK)
-    return lua_error(L);
-  lua_pushstring(L, mailshot_lua_modules[i].name);
-  lua_call(L, 1, 1);
-  return 1;
-}
 
 static void preload(lua_State *L, const char *name, lua_CFunction f) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
@@ -60,13 +47,7 @@ static void setup_modules(lua_State *L, const char *lua_path) {
     lua_pop(L, 1);
     return;
   }
-  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  for (int i = 0; mailshot_lua_modules[i].name; i++) {
-    lua_pushinteger(L, i);
-    lua_pushcclosure(L, load_embedded, 1);
-    lua_setfield(L, -2, mailshot_lua_modules[i].name);
-  }
-  lua_pop(L, 1);
+  embedded_preload(L);
 }
 
 int main(int argc, char **argv) {

@@ -29,9 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "embedded.h"
 #include "l_text.h"
 
-extern const struct { const char *name, *path; const char *src; size_t len; } mailshot_lua_modules[];
 
 #define LUA_COV_SIZE (1 << 16)
 __attribute__((used, section("__libfuzzer_extra_counters")))
@@ -56,20 +56,6 @@ static void cov_hook (lua_State *L, lua_Debug *ar)
   if (lua_cov[i] < 255)
     lua_cov[i]++;
   lua_cov_prev = loc >> 1;
-}
-
-/* package.preload loader for an embedded module; upvalue = its index in mailshot_lua_modules
- * (a copy of src/main.c's, which we do not link) */
-static int load_embedded (lua_State *L)
-{
-  int i = (int)lua_tointeger(L, lua_upvalueindex(1));
-  char chunkname[300];
-  snprintf(chunkname, sizeof chunkname, "@%s", mailshot_lua_modules[i].path);
-  if (luaL_loadbuffer(L, mailshot_lua_modules[i].src, mailshot_lua_modules[i].len, chunkname) != LUA_OK)
-    return lua_error(L);
-  lua_pushstring(L, mailshot_lua_modules[i].name);
-  lua_call(L, 1, 1);
-  return 1;
 }
 
 /* fail(msg): a broken invariant.  Aborts, so that libFuzzer saves the input. */
@@ -105,12 +91,8 @@ static void fuzz_lua_init (const char *checker)
   if (!L)
     abort();
   luaL_openlibs(L);
+  embedded_preload(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  for (int i = 0; mailshot_lua_modules[i].name; i++) {
-    lua_pushinteger(L, i);
-    lua_pushcclosure(L, load_embedded, 1);
-    lua_setfield(L, -2, mailshot_lua_modules[i].name);
-  }
   lua_pushcfunction(L, luaopen_mailshot_text);   /* the C primitives mime.lua uses */
   lua_setfield(L, -2, "mailshot.text");
   lua_pop(L, 1);
