@@ -2,7 +2,11 @@
 #
 #   make            build ./mailshot
 #   make demo       install missing Debian packages, build, dry-run the example campaign
-#   make check      install missing Debian packages, build, run every test
+#   make check      install missing Debian packages, build, run every test (make test), then every test again
+#                   under valgrind (make valgrind); what .ci/run runs
+#   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan
+#   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
+#                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
@@ -34,7 +38,8 @@ DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix 
 # clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14
 DEB_TEST  += clang libclang-rt-14-dev
 
-.PHONY: all deps demo check test unit luatest integration bench install clean
+.PHONY: all deps demo check test unit luatest integration valgrind valgrind-unit valgrind-luatest \
+        valgrind-integration bench install clean
 all: mailshot
 
 build build/asan:
@@ -63,7 +68,7 @@ build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
 	$(CC) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
 
 deps:
-	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench fuzz fuzz-smoke,$(MAKECMDGOALS)),$(DEB_TEST))
+	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench fuzz fuzz-smoke valgrind,$(MAKECMDGOALS)),$(DEB_TEST))
 
 # A TLS-capable sink for the benchmark (smtp-sink has no STARTTLS).
 build/tls_sink: tests/servers/tls_sink.c | build
@@ -80,6 +85,8 @@ demo: deps
 
 check: deps
 	@$(MAKE) --no-print-directory test
+	@$(MAKE) --no-print-directory valgrind-unit valgrind-luatest valgrind-integration
+	@echo "valgrind: all tests passed"
 
 test: mailshot build/asan/mailshot unit luatest integration fuzz-smoke
 	@echo "all tests passed"
@@ -93,6 +100,33 @@ luatest: build/asan/mailshot
 # Integration tests drive the ASan build; test_valgrind runs the plain one under valgrind.
 integration: mailshot build/asan/mailshot
 	MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest discover -s tests/integration -t . -v
+
+# Every test again under valgrind (memcheck, full leak check), on the plain build: the ASan runtime and
+# valgrind do not mix.  Any error, or a definitely or indirectly lost block, fails.  The unit tests are
+# built a second time without ASan (build/test_NAME).  The integration tests wrap each mailshot they
+# start (tests/integration/harness.py, MAILSHOT_VALGRIND=1, the same flags as below) and fail on any
+# non-empty valgrind log; loads are smaller there (harness.scaled).  tests/valgrind.supp, when present,
+# holds suppressions for third-party code only.  About 9 minutes on 2 cores, so not part of `make test`
+# (the quick loop); `make check` runs both.
+VALGRIND_SUPP  := $(wildcard tests/valgrind.supp)
+VALGRIND       := valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect \
+                  --show-leak-kinds=definite,indirect --error-exitcode=99 $(VALGRIND_SUPP:%=--suppressions=%)
+
+build/test_%: tests/unit/test_%.c tests/unit/check.h $(OBJ)
+	$(CC) $(CFLAGS) -Isrc -o $@ $< $(OBJ) $(LDLIBS)
+
+valgrind: deps
+	@$(MAKE) --no-print-directory valgrind-unit valgrind-luatest valgrind-integration
+	@echo "valgrind: all tests passed"
+
+valgrind-unit: $(UNIT_SRC:tests/unit/test_%.c=build/test_%)
+	@for t in $^; do echo "valgrind $$t"; $(VALGRIND) $$t || exit 1; done
+
+valgrind-luatest: mailshot
+	@for t in tests/lua/test_*.lua; do echo "valgrind ./mailshot exec $$t"; MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec $$t || exit 1; done
+
+valgrind-integration: mailshot
+	MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest discover -s tests/integration -t . -v
 
 # libFuzzer targets (tests/fuzz/), built with clang, ASan and UBSan; undefined behaviour aborts, so
 # libFuzzer reports it.  fuzz-smoke (part of `make test`) runs each one FUZZ_SECONDS on a copy of its

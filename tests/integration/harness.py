@@ -25,6 +25,16 @@ DNS (direct delivery): self.start_dns(zone={...}) runs dnsmasq with a test zone 
 self.start_silent_dns() a server that never answers (rcode="SERVFAIL": one that always fails),
 dns_query(address, name, qtype) is a tiny client, and self.start_smtpd_many(["127.0.0.2",
 "127.0.0.3"]) starts several SMTP servers ("MX hosts") sharing one port.
+
+Valgrind (`make valgrind`): with MAILSHOT_VALGRIND=1 every mailshot the tests start (run_mailshot, and
+Popen(self.mailshot_cmd(...)) for the ones a test drives itself) runs under valgrind (memcheck, full leak
+check) on MAILSHOT, which must then be the plain build (./mailshot, not build/asan/mailshot).  Each run
+logs to self.tmp/valgrind/valgrind.PID.log; with -q valgrind writes there only what it reports, so any
+non-empty log fails the test with its content: right after run_mailshot, and for every other run when
+the test ends (after its processes are stopped).  Exit codes are not used for this: tests check
+mailshot's own, and some kill it with SIGKILL.  Under valgrind everything is 20-50x slower: a test picks
+its load sizes and waits with scaled(native, under_valgrind), and one that cannot run there is skipped
+with skip_under_valgrind(reason).  tests/valgrind.supp holds the suppressions (third-party code only).
 """
 
 import atexit
@@ -48,6 +58,12 @@ REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SYSTEM_PYTHON = "/usr/bin/python3"
 SMTPD = os.path.join(REPO_ROOT, "tests", "servers", "smtpd.py")
 MAILSHOT = os.path.abspath(os.environ.get("MAILSHOT", os.path.join(REPO_ROOT, "mailshot")))
+
+# MAILSHOT_VALGRIND=1: run every mailshot under valgrind (see the module docstring)
+VALGRIND = os.environ.get("MAILSHOT_VALGRIND", "") not in ("", "0")
+VALGRIND_SUPPRESSIONS = os.path.join(REPO_ROOT, "tests", "valgrind.supp")
+VALGRIND_ARGS = ("-q", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect",
+                 "--show-leak-kinds=definite,indirect", "--error-exitcode=99")
 
 READY_TIMEOUT = 10.0
 STOP_GRACE = 3.0
@@ -116,6 +132,63 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
 def sanitizer_errors(text):
     """Lines of text that look like ASan/UBSan/LSan reports (empty list if none)."""
     return [ln for ln in (text or "").splitlines() if any(m in ln for m in SANITIZER_MARKERS)]
+
+
+def scaled(native, under_valgrind):
+    """native, or under_valgrind when the tests run under valgrind (MAILSHOT_VALGRIND=1).
+
+    For load sizes (recipients, messages) and for waits that give mailshot time to get somewhere;
+    never for a bound a test asserts."""
+    return under_valgrind if VALGRIND else native
+
+
+def skip_under_valgrind(reason):
+    """Decorator: skip this test (or class) under MAILSHOT_VALGRIND=1, saying why."""
+    return unittest.skipIf(VALGRIND, f"not run under valgrind: {reason}")
+
+
+_valgrind_checked = {}
+
+
+def _valgrind_prefix(log_dir):
+    """The valgrind command line that runs MAILSHOT and logs to log_dir/valgrind.PID.log."""
+    exe = shutil.which("valgrind")
+    if exe is None:
+        raise AssertionError("MAILSHOT_VALGRIND=1 but valgrind is not installed (apt-get install valgrind)")
+    if MAILSHOT not in _valgrind_checked:      # the ASan runtime and valgrind do not mix
+        try:
+            with open(MAILSHOT, "rb") as f:
+                _valgrind_checked[MAILSHOT] = b"__asan_init" not in f.read()
+        except OSError:
+            _valgrind_checked[MAILSHOT] = True  # a missing binary is reported by the caller
+    if not _valgrind_checked[MAILSHOT]:
+        raise AssertionError(f"MAILSHOT_VALGRIND=1 needs the plain build, not an ASan one: "
+                             f"MAILSHOT={MAILSHOT} (use MAILSHOT=./mailshot)")
+    os.makedirs(log_dir, exist_ok=True)
+    argv = [exe, *VALGRIND_ARGS, f"--log-file={os.path.join(log_dir, 'valgrind.%p.log')}"]
+    if os.path.exists(VALGRIND_SUPPRESSIONS):
+        argv.append(f"--suppressions={VALGRIND_SUPPRESSIONS}")
+    return argv
+
+
+def valgrind_reports(log_dir, pid=None):
+    """[(path, text)] of the non-empty valgrind logs in log_dir (only PID's with pid=)."""
+    try:
+        names = sorted(os.listdir(log_dir))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if not (name.startswith("valgrind.") and name.endswith(".log")):
+            continue
+        if pid is not None and name != f"valgrind.{pid}.log":
+            continue
+        path = os.path.join(log_dir, name)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            out.append((path, text))
+    return out
 
 
 def _kill_group(proc, grace=STOP_GRACE):
@@ -1087,8 +1160,12 @@ class MailshotTestCase(unittest.TestCase):
         self._servers = []
         self._procs = []
         self._secrets = set()
-        # cleanups run LIFO even when setUp of a subclass or the test fails
+        self._valgrind_seen = set()
+        # cleanups run LIFO even when setUp of a subclass or the test fails:
+        # stop processes, then read their valgrind logs, then remove self.tmp
         self.addCleanup(self._cleanup_tmp)
+        if VALGRIND:
+            self.addCleanup(self._check_valgrind_logs)
         self.addCleanup(self._cleanup_processes)
 
     def _cleanup_processes(self):
@@ -1096,6 +1173,27 @@ class MailshotTestCase(unittest.TestCase):
             srv.stop()
         for p in self._procs:
             _kill_group(p, grace=1.0)
+
+    @property
+    def valgrind_log_dir(self):
+        return os.path.join(self.tmp, "valgrind")
+
+    def _check_valgrind_logs(self, pid=None, what="a mailshot run of this test"):
+        """Fail the test with every non-empty valgrind log not reported yet (pid=: that run's only)."""
+        bad = [(p, t) for p, t in valgrind_reports(self.valgrind_log_dir, pid) if p not in self._valgrind_seen]
+        if bad:
+            self._valgrind_seen.update(p for p, _ in bad)
+            self.fail(f"valgrind reported errors in {what}:\n" +
+                      "\n".join(f"--- {p} ---\n{t}" for p, t in bad))
+
+    def mailshot_cmd(self, *args):
+        """The command list that runs MAILSHOT with args: [MAILSHOT, *args], or under
+        MAILSHOT_VALGRIND=1 the same under valgrind, logging to self.tmp/valgrind/ (checked when the
+        test ends).  For tests that start mailshot with subprocess.Popen themselves."""
+        args = [str(a) for a in args]
+        if not VALGRIND:
+            return [MAILSHOT, *args]
+        return [*_valgrind_prefix(self.valgrind_log_dir), MAILSHOT, *args]
 
     def _cleanup_tmp(self):
         if self.keep_tmp:
@@ -1139,14 +1237,15 @@ class MailshotTestCase(unittest.TestCase):
         """Declare a string that must never appear in mailshot's argv."""
         self._secrets.add(secret)
 
-    def run_mailshot(self, *args, env=None, timeout=120, input=None, cwd=None,
+    def run_mailshot(self, *args, env=None, timeout=None, input=None, cwd=None,
                      check_sanitizers=True):
         """Run MAILSHOT with args (cwd defaults to self.tmp); return CompletedProcess (text).
 
         env entries are added to a copy of os.environ (a value of None removes the variable).
         Passwords go in env, never in args: an arg containing a known AUTH password fails the test.
         On timeout the process group is killed and the test fails with the output so far.
-        With check_sanitizers, ASan/UBSan reports in stderr fail the test."""
+        With check_sanitizers, ASan/UBSan reports in stderr fail the test.  Under MAILSHOT_VALGRIND=1
+        anything valgrind reported for this run does.  timeout: 120 s by default, 600 s under valgrind."""
         args = [str(a) for a in args]
         for a in args:
             for s in self._secrets:
@@ -1162,7 +1261,9 @@ class MailshotTestCase(unittest.TestCase):
                 full_env.pop(k, None)
             else:
                 full_env[k] = str(v)
-        proc = subprocess.Popen([MAILSHOT, *args], cwd=cwd or self.tmp, env=full_env,
+        if timeout is None:
+            timeout = scaled(120, 600)
+        proc = subprocess.Popen(self.mailshot_cmd(*args), cwd=cwd or self.tmp, env=full_env,
                                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -1183,6 +1284,8 @@ class MailshotTestCase(unittest.TestCase):
             bad = sanitizer_errors(err)
             if bad:
                 self.fail(f"sanitizer report from mailshot {' '.join(args)}:\n{err}")
+        if VALGRIND:
+            self._check_valgrind_logs(proc.pid, f"mailshot {' '.join(args)}")
         return r
 
     # convenience assertions

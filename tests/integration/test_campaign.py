@@ -85,9 +85,9 @@ class CampaignTests(MailshotTestCase):
         srv = self.start_smtpd(tls=True, auth={"news": PW}, delay=["DATA-END:0.003"])
         master, slave = pty.openpty()
         env = dict(os.environ, **self.relay_env(srv))
-        from tests.integration.harness import MAILSHOT
-        proc = subprocess.Popen([MAILSHOT, "run", script, "--send", "--report", self.path("r.csv"), "--concurrency", "2"],
-                                stdout=subprocess.PIPE, stderr=slave, env=env, cwd=self.tmp)
+        proc = subprocess.Popen(self.mailshot_cmd("run", script, "--send", "--report", self.path("r.csv"), "--concurrency", "2"),
+                                stdout=subprocess.PIPE, stderr=slave, env=env, cwd=self.tmp, start_new_session=True)
+        self._procs.append(proc)                    # killed when the test ends, should it fail half-way
         os.close(slave)
         chunks = []
         try:

@@ -328,6 +328,26 @@ class SelfCheck(MailshotTestCase):
             self.assertLess(time.monotonic() - t0, 5)
             self.assertFalse(process_group_alive(self._procs[-1].pid))
 
+    def test_valgrind_logs_fail_the_test_once_with_their_content(self):
+        # what MAILSHOT_VALGRIND=1 relies on: valgrind -q creates every log, and writes only reports
+        d = self.valgrind_log_dir
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, "valgrind.100.log"), "w").close()
+        self._check_valgrind_logs()                 # empty: nothing to say
+        with open(os.path.join(d, "valgrind.101.log"), "w") as f:
+            f.write("==101== Conditional jump or move depends on uninitialised value(s)\n")
+        self._check_valgrind_logs(pid=100)          # another run's log is not this run's
+        with self.assertRaisesRegex(AssertionError, r"(?s)valgrind reported errors.*valgrind\.101\.log.*uninitialised"):
+            self._check_valgrind_logs()
+        self._check_valgrind_logs()                 # reported once: not again when the test ends
+        cmd = self.mailshot_cmd("run", 1)
+        self.assertEqual(cmd[-3:], [harness.MAILSHOT, "run", "1"])
+        if harness.VALGRIND:
+            self.assertTrue(os.path.basename(cmd[0]) == "valgrind" and "--leak-check=full" in cmd, cmd)
+            self.assertIn(f"--log-file={d}/valgrind.%p.log", cmd)
+        else:
+            self.assertEqual(cmd, [harness.MAILSHOT, "run", "1"])
+
     def test_csv_helpers(self):
         p = self.path("l.csv")
         write_csv(p, ["email", "name"], [["a@x.test", "Ann, \"A\""], {"email": "b@y.test"}])

@@ -8,7 +8,7 @@ import subprocess
 import time
 import unittest
 
-from tests.integration.harness import MAILSHOT, MailshotTestCase, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, read_report, scaled, wait_for, write_csv
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -30,22 +30,38 @@ class ResumeTests(MailshotTestCase):
         return os.path.join(d, "c.lua")
 
     def start_run(self, script, srv, *extra):
-        return subprocess.Popen([MAILSHOT, "run", script, "--send", "--report", self.path("r.csv"), "--progress", "0", *extra],
+        proc = subprocess.Popen(self.mailshot_cmd("run", script, "--send", "--report", self.path("r.csv"), "--progress", "0", *extra),
                                 cwd=self.tmp, env=dict(os.environ, SMTP_SERVER=srv.address),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self._procs.append(proc)            # killed when the test ends, should it fail half-way
+        return proc
+
+    def wait_running(self, proc):
+        """Wait until proc has the campaign's journal open: it holds the campaign's lock, and its
+        SIGINT/SIGTERM handling is set up a moment later (under valgrind, start-up takes a second)."""
+        def journal_open():
+            if proc.poll() is not None:
+                raise AssertionError(f"mailshot ended early, status {proc.returncode}")
+            fds = f"/proc/{proc.pid}/fd"
+            try:
+                links = [os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)]
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            return any(ln.endswith(".journal") for ln in links)
+        wait_for(journal_open, timeout=scaled(10, 60), what="mailshot to open its journal")
 
     def received(self, srv):
         return collections.Counter(m["rcpt_tos"][0] for m in srv.messages())
 
     def test_kill_9_at_random_points_then_resume_sends_everyone_exactly_once(self):
-        n = int(os.environ.get("CRASH_N", "20000"))
+        n = int(os.environ.get("CRASH_N", scaled(20000, 3000)))     # valgrind: 3000 (15 s there)
         script = self.campaign(n)
         srv = self.start_smtpd()
         rnd = random.Random(1234)
         kills = 0
         proc = self.start_run(script, srv)
         for attempt in range(4):
-            time.sleep(rnd.uniform(0.5, 3.0))
+            time.sleep(rnd.uniform(*scaled((0.5, 3.0), (1.0, 3.5))))   # valgrind: ~0.7 s to start up
             if proc.poll() is not None:
                 break
             proc.send_signal(signal.SIGKILL)
@@ -97,25 +113,28 @@ class ResumeTests(MailshotTestCase):
                          ["g0@example.com", "g1@example.com", "g2@example.com", "g3@example.com"])
 
     def test_sigint_finishes_messages_in_flight_and_says_how_to_resume(self):
-        script = self.campaign(3000)
+        n = scaled(3000, 1000)                      # valgrind: stopped once the first message arrives
+        script = self.campaign(n)
         srv = self.start_smtpd(delay=["DATA-END:0.002"])
         proc = self.start_run(script, srv)
         time.sleep(1.0)
+        # under valgrind, that second may be all start-up: stop it once it sends
+        wait_for(lambda: srv.message_count() > 0, timeout=scaled(10, 60), what="the first message")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 130, out + err)
         self.assertIn("--resume", out)
         self.assertIn("stopping", err)
         first = read_report(self.path("r.csv"))
-        self.assertTrue(0 < len(first) < 3000)
+        self.assertTrue(0 < len(first) < n, len(first))
         self.assertEqual({r["status"] for r in first}, {"sent"})        # in-flight ones finished
         proc = self.start_run(script, srv, "--resume")
         out, err = proc.communicate(timeout=120)
         self.assertEqual(proc.returncode, 0, out + err)
         self.assertIn(f"resuming c: {len(first)} recipients already final", out)
-        self.assertEqual(len(read_report(self.path("r.csv"))), 3000)
+        self.assertEqual(len(read_report(self.path("r.csv"))), n)
         got = self.received(srv)
-        self.assertEqual((len(got), max(got.values())), (3000, 1))
+        self.assertEqual((len(got), max(got.values())), (n, 1))
 
     def test_a_daily_quota_holds_across_resume_and_a_stop_does_not_wait_for_it(self):
         d = self.path("q")
@@ -126,7 +145,8 @@ class ResumeTests(MailshotTestCase):
         srv = self.start_smtpd()
         for run in range(2):
             proc = self.start_run(os.path.join(d, "c.lua"), srv, *(["--resume"] if run else []))
-            time.sleep(1.5)                         # the quota is used up: the others wait for tomorrow
+            self.wait_running(proc)
+            time.sleep(scaled(1.5, 4.0))            # the quota is used up: the others wait for tomorrow
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)  # ... but a stop does not wait for it
             self.assertEqual(proc.returncode, 130, out + err)
@@ -136,10 +156,12 @@ class ResumeTests(MailshotTestCase):
         self.assertEqual(sorted(r["status"] for r in rep), ["sent", "sent"])   # the rest: untouched, for later
 
     def test_a_second_run_of_the_same_campaign_is_refused(self):
-        script = self.campaign(200)
+        n = scaled(200, 400)                        # valgrind: still running when the second one starts
+        script = self.campaign(n)
         srv = self.start_smtpd(delay=["DATA-END:0.02"])
         proc = self.start_run(script, srv)
         time.sleep(0.5)
+        self.wait_running(proc)
         p = self.run_mailshot("run", script, "--send", "--resume", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
         self.assertEqual(p.returncode, 2)
         self.assertIn("already running", p.stderr)
@@ -149,7 +171,7 @@ class ResumeTests(MailshotTestCase):
         p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
         self.assertEqual(p.returncode, 2)
         self.assertIn("--resume", p.stderr)
-        self.assertEqual(srv.message_count(), 200)
+        self.assertEqual(srv.message_count(), n)
 
     def test_changed_recipients_are_refused_without_force_and_torn_lines_are_ignored(self):
         script = self.campaign(50)

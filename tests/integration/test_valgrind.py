@@ -5,7 +5,8 @@ import shutil
 import subprocess
 import unittest
 
-from tests.integration.harness import MailshotTestCase, REPO_ROOT, make_cert, read_report, write_csv
+from tests.integration.harness import (MailshotTestCase, REPO_ROOT, make_cert, read_report, skip_under_valgrind,
+                                       write_csv)
 
 PLAIN = os.path.abspath(os.environ.get("MAILSHOT_PLAIN", os.path.join(REPO_ROOT, "mailshot")))
 VALGRIND = shutil.which("valgrind")
@@ -13,6 +14,7 @@ PW = "vg-pw"
 
 
 @unittest.skipUnless(VALGRIND and os.access(PLAIN, os.X_OK), "valgrind or the plain build is missing")
+@skip_under_valgrind("redundant: MAILSHOT_VALGRIND=1 runs every test's mailshot under valgrind already")
 class ValgrindTests(MailshotTestCase):
     def vg(self, *args, env=None):
         e = dict(os.environ)

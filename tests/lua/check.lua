@@ -34,8 +34,15 @@
 --                                 call's results: fails("x", f(a))
 --   fails_call(parts, f, ...)     f(...) returns nil and a string message containing every part
 --                                 (plain); returns the message
+-- Sizes
+--   scaled(n, small)        n, or small when MAILSHOT_VALGRIND is set (`make valgrind` runs the tests
+--                           under valgrind, ~30 times slower): for loops whose figures are only printed
+--   under_valgrind          true when MAILSHOT_VALGRIND is set
 
 local M = {}
+
+M.under_valgrind = (os.getenv("MAILSHOT_VALGRIND") or "0") ~= "0"
+function M.scaled(n, small) return M.under_valgrind and small or n end
 
 local passed, failed = 0, 0
 

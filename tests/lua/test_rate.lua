@@ -327,7 +327,9 @@ case("tasks are served first come, first served, and 50/0.2s holds in real time"
   -- The history the limiter recorded is exact; what the tasks read after acquire returned may
   -- be the next clock tick (1 ms) for some and not others.
   assert(max_in_window(recorded, 0.2) <= 50, "max in 0.2 s: " .. max_in_window(recorded, 0.2))
-  assert(max_in_window(times, 0.2 - 0.0011) <= 50, "seen by the tasks: " .. max_in_window(times, 0.1989))
+  -- (under valgrind a task may be resumed several ms after its turn: a wider margin there)
+  local lag = check.scaled(0.0011, 0.02)
+  assert(max_in_window(times, 0.2 - lag) <= 50, "seen by the tasks: " .. max_in_window(times, 0.2 - lag))
   local took = mailshot.now() - t0
   assert(took >= 0.4 and took < 1.0, "took " .. took)  -- 130 = 50 + 50 + 30: two waits of 0.2 s
 end)
