@@ -217,10 +217,14 @@ def throughput(work, sink, sizes):
     section(f"relay to smtp-sink: {N} personalized messages, median of {RUNS} runs (msgs/s)")
     print(f"{'conc':>5} {'text':>9} {'source':>9} {'ratio':>6}   {'text+html':>9} {'source':>9} {'ratio':>6}")
     for conns in (1, 8, 64):
-        text = median_rate(lambda: mailshot_run(work, sink.address, conns, N), N)
-        src = median_rate(lambda: smtp_source(sink.address, conns, N, sizes[False]), N)
-        html = median_rate(lambda: mailshot_run(work, sink.address, conns, N, html=True), N)
-        src_html = median_rate(lambda: smtp_source(sink.address, conns, N, sizes[True]), N)
+        # interleaved runs: a machine that slows down (or speeds up) midway weighs on both sides alike
+        rates = {"text": [], "src": [], "html": [], "src_html": []}
+        for _ in range(RUNS):
+            rates["text"].append(N / mailshot_run(work, sink.address, conns, N)[0])
+            rates["src"].append(N / smtp_source(sink.address, conns, N, sizes[False])[0])
+            rates["html"].append(N / mailshot_run(work, sink.address, conns, N, html=True)[0])
+            rates["src_html"].append(N / smtp_source(sink.address, conns, N, sizes[True])[0])
+        text, src, html, src_html = (statistics.median(rates[k]) for k in ("text", "src", "html", "src_html"))
         print(f"{conns:>5} {text:>9.0f} {src:>9.0f} {text / src:>6.2f}   {html:>9.0f} {src_html:>9.0f} {html / src_html:>6.2f}")
         sys.stdout.flush()
     print(f"(source: smtp-source -d -s C -l SIZE with each message's size: text {sizes[False]} bytes, text+html "

@@ -7,6 +7,10 @@
  *   text.crlf(s [, max_line]) -> t | nil
  *       every line break of s (CRLF, lone CR, lone LF) as CRLF; s itself when it has none to
  *       change.  nil when a line is longer than max_line octets (line break not counted).
+ *   text.kind(s) -> "7bit" | "8bit" | "nul"
+ *       what a body's bytes allow: "nul" when s has a NUL byte, else "8bit" when it has a byte
+ *       over 127, else "7bit" (RFC 2045 §2.7-2.8); a word at a time, where utf8.len decodes
+ *       every character.
  *   text.csv_row(t, keys) -> "v1,v2,...,vn"
  *       t[keys[1]] .. t[keys[n]] as one RFC 4180 row (no line break): nil is empty, other
  *       values go through tostring; a value is quoted when it has a quote, a comma or a line
@@ -15,6 +19,7 @@
  *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\. */
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "l_text.h"
@@ -71,6 +76,25 @@ static int t_crlf(lua_State *L) {
   luaL_buffinitsize(L, &b, n + n / 32 + 16);
   if (!add_crlf(&b, s, n, max_line)) { luaL_pushresult(&b); lua_pushnil(L); return 1; }
   luaL_pushresult(&b);
+  return 1;
+}
+
+static int t_kind(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  int high = 0;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {   /* 8 bytes at a time: a NUL byte or a high bit in any of them */
+    uint64_t w;
+    memcpy(&w, s + i, 8);
+    if (((w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull) != 0) break;   /* a zero byte */
+    high |= (w & 0x8080808080808080ull) != 0;
+  }
+  for (; i < n; i++) {
+    if (s[i] == 0) { lua_pushliteral(L, "nul"); return 1; }
+    high |= s[i] >= 0x80;
+  }
+  if (high) lua_pushliteral(L, "8bit"); else lua_pushliteral(L, "7bit");
   return 1;
 }
 
@@ -164,7 +188,7 @@ static int t_tsv_record(lua_State *L) {
 
 int luaopen_mailshot_text(lua_State *L) {
   static const luaL_Reg fns[] = {
-    { "crlf", t_crlf }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record }, { NULL, NULL }
+    { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record }, { NULL, NULL }
   };
   luaL_newlib(L, fns);
   return 1;

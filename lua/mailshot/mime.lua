@@ -536,10 +536,10 @@ end
 -- Content-Transfer-Encoding for a text body, and its encoded form.  Line breaks become CRLF
 -- (text.crlf, in C: one pass over the bytes); 7bit/8bit only while no line is over MAX_LINE.
 local function encode_text(s, eightbit)
-  local ascii = utf8_len(s) == #s        -- C loop; nil on invalid UTF-8
-  if (ascii or eightbit) and not find(s, "\0", 1, true) then
+  local kind = text.kind(s)              -- "7bit", "8bit" (a byte over 127), "nul"
+  if kind == "7bit" or (kind == "8bit" and eightbit) then
     local r = text.crlf(s, MAX_LINE)
-    if r then return r, ascii and "7bit" or "8bit" end
+    if r then return r, kind end
   end
   return qp(s), "quoted-printable"
 end

@@ -79,6 +79,30 @@ case("crlf agrees with the Lua reference on 20,000 random strings", function()
   end
 end)
 
+case("kind: 7bit, 8bit, nul, at every position of a word", function()
+  eq(text.kind(""), "7bit")
+  eq(text.kind("plain ascii text, long enough for several words"), "7bit")
+  for len = 1, 20 do
+    for pos = 1, len do
+      local before, after = string.rep("a", pos - 1), string.rep("b", len - pos)
+      eq(text.kind(before .. "\0" .. after), "nul", "NUL at " .. pos .. "/" .. len)
+      eq(text.kind(before .. "\200" .. after), "8bit", "0x80 at " .. pos .. "/" .. len)
+      eq(text.kind(before .. "\255" .. after), "8bit", "0xFF at " .. pos .. "/" .. len)
+      eq(text.kind(before .. "\127" .. after), "7bit", "0x7F at " .. pos .. "/" .. len)
+    end
+  end
+  eq(text.kind("\195\169t\195\169\0"), "nul", "NUL wins over 8-bit")
+end)
+
+case("kind agrees with the Lua reference on 20,000 random strings", function()
+  math.randomseed(17)
+  for _ = 1, 20000 do
+    local s = random_string(30)
+    local want = s:find("\0", 1, true) and "nul" or s:find("[\128-\255]") and "8bit" or "7bit"
+    eq(text.kind(s), want, ("kind(%q)"):format(s))
+  end
+end)
+
 case("csv_row: quoting as RFC 4180, nil empty, numbers as tostring", function()
   local keys = { "a", "b", "c", "d", "e", "f", "g" }
   eq(text.csv_row({ a = 1, b = "x,y", c = 'say "hi"', d = nil, e = " lead", f = "trail\t", g = "a\nb" }, keys),
