@@ -301,7 +301,15 @@ local function safe_name(s)
 end
 
 local function one_line(s)
-  return (tostring(s or ""):gsub("[\r\n]+", " "))
+  s = tostring(s or "")
+  if not s:find("[\r\n]") then return s end       -- the usual reply: no copy
+  return (s:gsub("[\r\n]+", " "))
+end
+
+-- The campaign's send, called under pcall (a named function: no closure per message).
+local function call_send(send, msg, row)
+  if type(send) == "function" then return send(msg, row) end
+  return send:send(msg, row)
 end
 
 -- Deliver (or write) one message and return its report row.
@@ -348,10 +356,7 @@ local function process(c, opts, row, line)
     return rep
   end
   if opts.journal_obj then opts.journal_obj:in_flight(line, email) end
-  local sent, res = pcall(function()
-    if type(c.send) == "function" then return c.send(msg, row) end
-    return c.send:send(msg, row)
-  end)
+  local sent, res = pcall(call_send, c.send, msg, row)
   c:complete_rate(held)
   if not sent then error(res, 0) end
   if type(res) ~= "table" then
@@ -544,13 +549,13 @@ function Campaign:run(opts)
   local workers = opts.dry and 1 or (opts.concurrency or self.concurrency)
   local running, main = workers, core.current()
   local failure
+  local function traceback_unless_stopped(e) return e == STOPPED and e or debug.traceback(e) end
   local function worker()
     local ok, e = xpcall(function()
       while not failure do
         local row, line, item = next_row()
         if not row then break end
-        local ok, rep = xpcall(process, function(e) return e == STOPPED and e or debug.traceback(e) end,
-                               self, opts, row, line)
+        local ok, rep = xpcall(process, traceback_unless_stopped, self, opts, row, line)
         if not ok and rep == STOPPED then break end        -- not started: --resume takes the row
         if not ok then
           -- an error in the campaign's own code (send, filter, a template function) costs this
