@@ -46,7 +46,7 @@ end
 local function load_journal(path, header_only)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local data = header_only and ((f:read("L") or "") .. "\n"):match("^[^\n]*\n") or f:read("a")
+  local data = header_only and (f:read("L") or "") or f:read("a")   -- "L": a torn header has no "\n"
   f:close()
   local state = { records = {}, torn = data ~= "" and data:sub(-1) ~= "\n" }
   local first = true
