@@ -23,8 +23,9 @@ local M = {}
 -- Without a `concurrency`: a relay's sessions each carry pipeline_depth messages, so that many
 -- per session keep every pipeline full; anything else (a function, a direct sender) gets 8.
 local function default_concurrency(send)
-  local ok, st = pcall(function() return send:stats() end)
-  if ok and type(st) == "table" and st.max_connections and st.pipeline_depth then
+  local stats = send ~= nil and type(send) ~= "function" and send.stats
+  local st = type(stats) == "function" and stats(send)
+  if type(st) == "table" and st.max_connections and st.pipeline_depth then
     return math.max(1, st.max_connections * math.max(st.pipeline_depth, 1))
   end
   return 8
