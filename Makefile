@@ -85,8 +85,7 @@ demo: deps
 
 check: deps
 	@$(MAKE) --no-print-directory test
-	@$(MAKE) --no-print-directory valgrind-unit valgrind-luatest valgrind-integration
-	@echo "valgrind: all tests passed"
+	@$(MAKE) --no-print-directory valgrind
 
 test: mailshot build/asan/mailshot unit luatest integration fuzz-smoke
 	@echo "all tests passed"

@@ -5,8 +5,8 @@ import shutil
 import subprocess
 import unittest
 
-from tests.integration.harness import (MailshotTestCase, REPO_ROOT, make_cert, read_report, skip_under_valgrind,
-                                       write_csv)
+from tests.integration.harness import (MailshotTestCase, REPO_ROOT, VALGRIND_ARGS, make_cert, read_report,
+                                       skip_under_valgrind, write_csv)
 
 PLAIN = os.path.abspath(os.environ.get("MAILSHOT_PLAIN", os.path.join(REPO_ROOT, "mailshot")))
 VALGRIND = shutil.which("valgrind")
@@ -19,8 +19,7 @@ class ValgrindTests(MailshotTestCase):
     def vg(self, *args, env=None):
         e = dict(os.environ)
         e.update(env or {})
-        cmd = [VALGRIND, "-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect",
-               "--show-leak-kinds=definite,indirect", PLAIN, *args]
+        cmd = [VALGRIND, *VALGRIND_ARGS, PLAIN, *args]      # the flags make valgrind uses too
         return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=self.tmp, timeout=300)
 
     def test_dry_run_send_and_check_are_clean(self):
