@@ -502,21 +502,30 @@ static ssize_t conn_read(struct conn *c)
     }
 }
 
+/* Write what is buffered.  1: all written; 0: the connection is gone, or waits for the socket with
+ * its epoll interest set: the caller returns. */
+static int flush_or_park(struct conn *c)
+{
+    if (!c->outlen)
+        return 1;
+    int r = flush_out(c);
+    if (r == IO_ERR) {
+        conn_free(c);
+        return 0;
+    }
+    if (r == IO_BLOCKED) {
+        set_events(c, c->io_want);
+        return 0;
+    }
+    return 1;
+}
+
 /* Make all the progress possible on a connection; returns with the right epoll interest set. */
 static void conn_drive(struct conn *c)
 {
     for (;;) {
-        if (c->outlen) {
-            int r = flush_out(c);
-            if (r == IO_ERR) {
-                conn_free(c);
-                return;
-            }
-            if (r == IO_BLOCKED) {
-                set_events(c, c->io_want);
-                return;
-            }
-        }
+        if (!flush_or_park(c))
+            return;
         if (c->want_close || stop) {
             if (c->want_close)
                 conn_free(c);
@@ -567,17 +576,8 @@ static void conn_drive(struct conn *c)
         c->inlen += (size_t)n;
         c->pending = (unsigned char)process(c);
         if (!c->pending && !c->more_input && !c->start_tls && !c->want_close && !stop) {
-            if (c->outlen) {
-                int r = flush_out(c);
-                if (r == IO_ERR) {
-                    conn_free(c);
-                    return;
-                }
-                if (r == IO_BLOCKED) {
-                    set_events(c, c->io_want);
-                    return;
-                }
-            }
+            if (!flush_or_park(c))
+                return;
             set_events(c, EPOLLIN);
             return;
         }
