@@ -134,6 +134,15 @@ def sanitizer_errors(text):
     return [ln for ln in (text or "").splitlines() if any(m in ln for m in SANITIZER_MARKERS)]
 
 
+def _read_text(path):
+    """A server's log or stderr as text ("" while the file does not exist yet)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def scaled(native, under_valgrind):
     """native, or under_valgrind when the tests run under valgrind (MAILSHOT_VALGRIND=1).
 
@@ -380,11 +389,7 @@ class SmtpServer:
         return len({e["conn"] for e in self.log_entries()})
 
     def stderr(self):
-        try:
-            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return _read_text(self.stderr_path)
 
     def running(self):
         return self.proc.poll() is None
@@ -775,18 +780,10 @@ class DnsServer:
         return _format_address(self.host, self.port)
 
     def log_text(self):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return _read_text(self.log_path)
 
     def stderr(self):
-        try:
-            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return _read_text(self.stderr_path)
 
     def _all_queries(self):
         import re
