@@ -8,7 +8,9 @@
  *                                          first call those signals no longer kill the process)
  *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit)
  *   util.write_secret(path, data)         (a new file, mode 0600 from the start)
- *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact) */
+ *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact)
+ *   util.line_index(n) -> index           (index:set(i, v), index:get(i) -> v | nil: one integer
+ *                                          per line 1..n, 8 bytes each; what --resume keeps) */
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -278,6 +280,59 @@ static int set_gc(lua_State *L) {
   return 0;
 }
 
+/* ---- an integer per CSV line, for --resume over million-record journals ----
+ * A Lua table of a million records costs over a gigabyte; the journal's reader keeps here,
+ * per line, where that line's last record starts in the file (and its kind), 8 bytes a line,
+ * and reads the record itself again when the campaign reaches the line.  0 means "none". */
+#define INDEX_MT "mailshot.line_index"
+typedef struct { int64_t *v; lua_Integer n; } lindex;
+
+static int u_line_index(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0 && (uint64_t)n < SIZE_MAX / sizeof(int64_t) - 1, 1, "bad size");
+  lindex *ix = lua_newuserdatauv(L, sizeof *ix, 0);
+  ix->v = NULL;
+  ix->n = 0;
+  luaL_setmetatable(L, INDEX_MT);
+  ix->v = calloc((size_t)n + 1, sizeof *ix->v);     /* untouched pages cost no memory */
+  if (!ix->v) return luaL_error(L, "out of memory (an index of %I lines)", n);
+  ix->n = n;
+  return 1;
+}
+
+/* index:set(i, v) -> true, or false when i is outside 1..n (the caller ignores that line) */
+static int index_set(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_Integer i = luaL_checkinteger(L, 2), v = luaL_checkinteger(L, 3);
+  int in = i >= 1 && i <= ix->n;
+  if (in) ix->v[i] = (int64_t)v;
+  lua_pushboolean(L, in);
+  return 1;
+}
+
+/* index:get(i) -> v, or nil when i is outside 1..n or was never set (or set to 0) */
+static int index_get(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  if (i < 1 || i > ix->n || ix->v[i] == 0) lua_pushnil(L);
+  else lua_pushinteger(L, (lua_Integer)ix->v[i]);
+  return 1;
+}
+
+static int index_size(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_pushinteger(L, ix->n);
+  return 1;
+}
+
+static int index_gc(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  free(ix->v);
+  ix->v = NULL;
+  ix->n = 0;
+  return 0;
+}
+
 static int u_exit_now(lua_State *L) {
   _exit((int)luaL_optinteger(L, 1, 1));
 }
@@ -286,6 +341,7 @@ int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
     { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret }, { "new_set", u_new_set },
+    { "line_index", u_line_index },
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };
@@ -298,6 +354,14 @@ int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg setm[] = { { "add", set_add }, { "count", set_count }, { "__gc", set_gc }, { NULL, NULL } };
   if (luaL_newmetatable(L, SET_MT)) {
     luaL_setfuncs(L, setm, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  static const luaL_Reg indexm[] = { { "set", index_set }, { "get", index_get }, { "size", index_size },
+                                     { "__gc", index_gc }, { NULL, NULL } };
+  if (luaL_newmetatable(L, INDEX_MT)) {
+    luaL_setfuncs(L, indexm, 0);
     lua_pushvalue(L, -1);
     lua_setfield(L, -2, "__index");
   }
