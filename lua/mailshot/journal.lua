@@ -6,16 +6,19 @@
 --   I <line> <email>                                in flight: written (write(2)) before the
 --                                                   message is handed to the network
 --   F <line> <email> <status> <code> <enhanced> <stage> <via> <mx> <response>
---                                                   a final outcome (sent, failed, skipped,
---                                                   in-flight = possibly sent)
+--                                                   a final outcome (sent, failed, skipped), or
+--                                                   in-flight: a resumed run did not resend it, and
+--                                                   the next --resume still counts it in flight
 --   D <line> <email> ... (as F)                     deferred: a temporary failure, retried on resume
 --
--- Fields are tab-separated, with \t \n \r \\ escaped.  A later record for a line supersedes an
+-- Fields are tab-separated, with \t \n \r \\ escaped (an F or D record has all ten: one with
+-- fewer was torn by a crash, and is ignored).  A later record for a line supersedes an
 -- earlier one.  The in-flight record reaches the kernel before the message reaches the server,
 -- (all the marks of one turn of the event loop in one write, before the loop polls again: a
 -- message body is only sent on a later turn, after its 354), so a kill -9 at any moment leaves
 -- every message that might have been sent marked; outcomes
--- are buffered and written with the next in-flight record or within 0.1 s, and fsync'ed every
+-- are buffered and written with the next in-flight record, within 0.1 s or once 1,024 wait,
+-- and fsync'ed every
 -- second (a power cut loses at most that second).  A torn last line (a crash inside write) is
 -- closed with a newline on the next open and ignored when read.
 
