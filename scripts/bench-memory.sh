@@ -64,7 +64,9 @@ dt = time.monotonic() - t
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 with open(f"{work}/journal.journal", "rb") as f:
     records = sum(1 for _ in f) - 1
+with open(f"{work}/j.csv", "rb") as f:
+    rows = sum(1 for _ in f) - 1
 what = f"{n} skipped rows" if mode == "skipped" else f"resume, {records}-record journal"
-print(f"--send, {what}: {dt:6.1f} s, peak RSS {rss:6.1f} MB, exit {p.returncode}")
+print(f"--send, {what}: {dt:6.1f} s, peak RSS {rss:6.1f} MB, {rows} report rows, exit {p.returncode}")
 PY
 done

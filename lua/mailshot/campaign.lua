@@ -448,9 +448,12 @@ function Campaign:run(opts)
   end
   local jrn, previous
   if opts.journal then
+    -- a resume indexes the journal by CSV line, and a line never starts past the file's size
+    -- (a line count would miss lines ended by a lone CR)
+    local size, f = nil, opts.resume and io.open(self.recipients_path, "rb")
+    if f then size = f:seek("end"); f:close() end
     jrn, previous = journal.open(opts.journal, { fingerprint = self:fingerprint(opts.script), name = self.name,
-                                                  resume = opts.resume, force = opts.force,
-                                                  lines = opts.resume and (csv.count_lines(self.recipients_path) or 0) + 1 })
+                                                  resume = opts.resume, force = opts.force, max_line = size and size + 1 })
     if not jrn then reader:close(); return nil, previous end
   elseif opts.resume then
     reader:close()

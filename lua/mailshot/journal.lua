@@ -92,9 +92,9 @@ function Previous:close()
 end
 
 -- Read an existing journal's header (only that when header_only: a run that starts over needs
--- no more), and index the last record of each CSV line 1..lines (lines: the recipients file's
--- line count; when nil, the journal's own highest line).  Counts of the kinds in `counts`.
-local function load_journal(path, header_only, lines)
+-- no more), and index the last record of each CSV line up to max_line (no row of the recipients
+-- file can start past it; records beyond are not kept).  Counts of the kinds in `counts`.
+local function load_journal(path, header_only, max_line)
   local f = io.open(path, "rb")
   if not f then return nil end
   local head = f:read("L") or ""                                   -- "L": a torn header has no "\n"
@@ -104,15 +104,7 @@ local function load_journal(path, header_only, lines)
   if not fp then f:close(); return nil, ("%s is not a mailshot journal"):format(path) end
   state.fingerprint, state.name = fp, name
   if header_only then f:close(); return state end
-  if not lines then                                                -- the journal's own highest line
-    lines = 0
-    for l in f:lines("l") do
-      local _, n = classify(l)
-      if n and n > lines then lines = n end
-    end
-    f:seek("set", #head)
-  end
-  local index = util.line_index(lines)
+  local index = util.line_index(max_line)
   local off = #head
   for l in f:lines("L") do
     if l:byte(-1) ~= 10 then state.torn = true; break end          -- a torn last line: ignored
@@ -121,7 +113,7 @@ local function load_journal(path, header_only, lines)
     off = off + #l
   end
   local counts = { final = 0, sent = 0, failed = 0, skipped = 0, inflight = 0, deferred = 0 }
-  for n = 1, lines do
+  for n = 1, index:size() do
     local v = index:get(n)
     if v then
       local code = v & 7
@@ -140,8 +132,8 @@ M.load = load_journal
 
 --- Open (create, or continue) the journal of a campaign.
 --- opts: fingerprint, name, resume (continue an existing one: it must exist), force (accept a
---- different fingerprint, or start over), lines (the recipients file's line count: records of
---- lines past it are not kept).  Returns journal, previous state (or nil) | nil, message.
+--- different fingerprint, or start over), max_line (no CSV row starts past this line: records
+--- of lines past it are not kept; e.g. the recipients file's size in bytes).  Returns journal, previous state (or nil) | nil, message.
 function M.open(path, opts)
   if opts.resume then
     -- a --resume that finds no journal must not start the campaign again: everyone already
@@ -160,7 +152,7 @@ function M.open(path, opts)
   if not lock then
     return nil, ("campaign %s is already running (%s: %s)"):format(opts.name, path .. ".lock", lerr)
   end
-  local previous, err = load_journal(path, not opts.resume, opts.lines)
+  local previous, err = load_journal(path, not opts.resume, opts.max_line)
   if err then lock:unlock(); return nil, err end
   if previous and previous.fingerprint then
     if not opts.resume and not opts.force then

@@ -76,7 +76,7 @@ case("--resume keeps the last record of each line; torn and foreign lines are ig
                   .. "X\t8\tu8@example.com\n"
                   .. F(4, "in-flight", "possibly sent")           -- a resumed run that did not resend it
                   .. F(99, "sent"))                               -- past the recipients file's lines
-  local previous = open(p, { fingerprint = "ab", name = "c", resume = true, lines = 10 })
+  local previous = open(p, { fingerprint = "ab", name = "c", resume = true, max_line = 10 })
   eq(previous:record(1), nil)
   eq(previous:record(2).status, "failed")
   eq(previous:record(3).response, "second")
@@ -87,6 +87,29 @@ case("--resume keeps the last record of each line; torn and foreign lines are ig
   eq(previous:record(3).response, "second", "read again after a seek")
   local c = previous.counts
   eq(table.concat({ c.final, c.sent, c.failed, c.skipped, c.inflight, c.deferred }, " "), "2 1 1 0 1 1")
+  previous:close()
+end)
+
+case("util.line_index grows to the highest line set, never past its limit", function()
+  local ix = require("mailshot.util").line_index(5000)
+  eq(ix:size(), 0)
+  eq(ix:get(1), nil)
+  eq(ix:set(3, 30), true)
+  eq(ix:set(4999, 49990), true)
+  eq(ix:set(5001, 1), false, "past the limit")
+  eq(ix:set(0, 1), false)
+  eq(ix:get(3), 30)
+  eq(ix:get(4999), 49990)
+  eq(ix:get(4998), nil, "never set")
+  eq(ix:get(5001), nil)
+  eq(ix:size(), 4999, "grown to the highest line set")
+  local many = {}
+  for n = 2, 3000 do many[#many + 1] = ("I\t%d\tu%d@example.com\n"):format(n, n) end
+  local p = write("big.journal", "mailshot-journal 1 ab c\n" .. table.concat(many) .. "I\t100000\tfar@example.com\n")
+  local previous = open(p, { fingerprint = "ab", name = "c", resume = true, max_line = 4000 })
+  eq(previous:record(2999).email, "u2999@example.com")
+  eq(previous:record(100000), nil, "past max_line")
+  eq(previous.counts.inflight, 2999)
   previous:close()
 end)
 
