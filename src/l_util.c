@@ -8,7 +8,10 @@
  *                                          first call those signals no longer kill the process)
  *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit)
  *   util.write_secret(path, data)         (a new file, mode 0600 from the start)
- *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact) */
+ *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact)
+ *   util.line_index([limit]) -> index     (index:set(i, v), index:get(i) -> v | nil, index:size():
+ *                                          an integer per line 1..limit, 8 bytes each, grown to
+ *                                          the highest line set; what --resume keeps) */
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -278,6 +281,77 @@ static int set_gc(lua_State *L) {
   return 0;
 }
 
+/* ---- an integer per CSV line, for --resume over million-record journals ----
+ * A Lua table of a million records costs over a gigabyte; the journal's reader keeps here,
+ * per line, where that line's last record starts in the file (and its kind), 8 bytes a line,
+ * and reads the record itself again when the campaign reaches the line.  0 means "none".
+ * The array grows (doubling) to the highest line set, never past `limit`. */
+#define INDEX_MT "mailshot.line_index"
+typedef struct { int64_t *v; lua_Integer n, limit; } lindex;
+
+static int u_line_index(lua_State *L) {
+  lua_Integer limit = luaL_optinteger(L, 1, LUA_MAXINTEGER);
+  luaL_argcheck(L, limit >= 0, 1, "negative limit");
+  lindex *ix = lua_newuserdatauv(L, sizeof *ix, 0);
+  ix->v = NULL;
+  ix->n = 0;
+  ix->limit = limit;
+  luaL_setmetatable(L, INDEX_MT);
+  return 1;
+}
+
+/* Room for lines 1..i (i <= limit): 0 or -1 (out of memory). */
+static int index_grow(lindex *ix, lua_Integer i) {
+  lua_Integer n = ix->n < 512 ? 1024 : ix->n * 2;
+  if (n < i) n = i;
+  if (n > ix->limit) n = ix->limit;
+  if ((uint64_t)n >= SIZE_MAX / sizeof(int64_t) - 1) return -1;
+  int64_t *v = realloc(ix->v, ((size_t)n + 1) * sizeof *v);
+  if (!v) return -1;
+  memset(v + ix->n + 1, 0, (size_t)(n - ix->n) * sizeof *v);
+  if (ix->n == 0) v[0] = 0;
+  ix->v = v;
+  ix->n = n;
+  return 0;
+}
+
+/* index:set(i, v) -> true, or false when i is outside 1..limit (the caller ignores that line) */
+static int index_set(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_Integer i = luaL_checkinteger(L, 2), v = luaL_checkinteger(L, 3);
+  if (i < 1 || i > ix->limit) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (i > ix->n && index_grow(ix, i) < 0) return luaL_error(L, "out of memory (an index of %I lines)", i);
+  ix->v[i] = (int64_t)v;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* index:get(i) -> v, or nil when line i was never set (or set to 0) */
+static int index_get(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  if (i < 1 || i > ix->n || ix->v[i] == 0) lua_pushnil(L);
+  else lua_pushinteger(L, (lua_Integer)ix->v[i]);
+  return 1;
+}
+
+static int index_size(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  lua_pushinteger(L, ix->n);
+  return 1;
+}
+
+static int index_gc(lua_State *L) {
+  lindex *ix = luaL_checkudata(L, 1, INDEX_MT);
+  free(ix->v);
+  ix->v = NULL;
+  ix->n = 0;
+  return 0;
+}
+
 static int u_exit_now(lua_State *L) {
   _exit((int)luaL_optinteger(L, 1, 1));
 }
@@ -286,6 +360,7 @@ int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
     { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret }, { "new_set", u_new_set },
+    { "line_index", u_line_index },
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };
@@ -298,6 +373,14 @@ int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg setm[] = { { "add", set_add }, { "count", set_count }, { "__gc", set_gc }, { NULL, NULL } };
   if (luaL_newmetatable(L, SET_MT)) {
     luaL_setfuncs(L, setm, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  static const luaL_Reg indexm[] = { { "set", index_set }, { "get", index_get }, { "size", index_size },
+                                     { "__gc", index_gc }, { NULL, NULL } };
+  if (luaL_newmetatable(L, INDEX_MT)) {
+    luaL_setfuncs(L, indexm, 0);
     lua_pushvalue(L, -1);
     lua_setfield(L, -2, "__index");
   }

@@ -448,8 +448,12 @@ function Campaign:run(opts)
   end
   local jrn, previous
   if opts.journal then
+    -- a resume indexes the journal by CSV line, and a line never starts past the file's size
+    -- (a line count would miss lines ended by a lone CR)
+    local size, f = nil, opts.resume and io.open(self.recipients_path, "rb")
+    if f then size = f:seek("end"); f:close() end
     jrn, previous = journal.open(opts.journal, { fingerprint = self:fingerprint(opts.script), name = self.name,
-                                                  resume = opts.resume, force = opts.force })
+                                                  resume = opts.resume, force = opts.force, max_line = size and size + 1 })
     if not jrn then reader:close(); return nil, previous end
   elseif opts.resume then
     reader:close()
@@ -475,7 +479,7 @@ function Campaign:run(opts)
     if next(states) then journal.save_rates(opts.journal .. ".rates", states) end
   end
   local started, seen, limit = core.now(), 0, opts.limit
-  local before = previous and previous.records or {}
+  local resend_in_flight = self.resend_in_flight or opts.resend_in_flight
   local addresses = util.new_set()                    -- each address once per campaign
   local resumed = self:resume_notice(previous, opts)
   local stopping
@@ -524,7 +528,7 @@ function Campaign:run(opts)
         goto continue
       end
       seen = seen + 1
-      local old = before[line]
+      local old = previous and previous:record(line)
       local address = row and row[self.email_field]
       local first = not (address and address ~= "") or addresses:add(address:lower())
       if row and old and old.kind == "F" then
@@ -532,9 +536,11 @@ function Campaign:run(opts)
       elseif row and not first then
         add { line = line, email = address, status = "skipped",
               response = "duplicate address: an earlier row has it (addresses are compared ignoring case)" }
-      elseif row and old and old.kind == "I" and not self.resend_in_flight then
+      elseif row and old and old.kind == "I" and not resend_in_flight then
+        -- journalled as an F record of status in-flight, which a later --resume still counts in
+        -- flight: --resume --resend-in-flight can send it then
         add { line = line, email = old.email, status = "in-flight", stage = "resume",
-              response = "possibly sent before the previous run stopped; not sent again (resend_in_flight = false)" }
+              response = "possibly sent before the previous run stopped; not sent again (--resend-in-flight sends it)" }
       elseif row then
         return row, line
       else
@@ -648,19 +654,13 @@ end
 -- What a resumed run says at its start (returned to the caller, who prints it).
 function Campaign:resume_notice(previous, opts)
   if not previous then return nil end
-  local n = { final = 0, sent = 0, failed = 0, skipped = 0, inflight = 0, deferred = 0 }
-  for _, r in pairs(previous.records) do
-    if r.kind == "F" then
-      n.final = n.final + 1
-      if n[r.status] then n[r.status] = n[r.status] + 1 end
-    elseif r.kind == "I" then n.inflight = n.inflight + 1
-    else n.deferred = n.deferred + 1 end
-  end
+  local n = {}
+  for k, v in pairs(previous.counts) do n[k] = v end
   n.text = ("resuming %s: %d recipients already final (%d sent, %d failed, %d skipped), %d deferred to retry now, "
             .. "%d in flight when the last run stopped: %s"):format(self.name, n.final, n.sent, n.failed, n.skipped,
             n.deferred, n.inflight, n.inflight == 0 and "none"
-            or self.resend_in_flight and "sent again (resend_in_flight = true)"
-            or "reported as possibly sent, not sent again (set resend_in_flight = true to resend them)")
+            or (self.resend_in_flight or opts.resend_in_flight) and "sent again"
+            or "reported as possibly sent, not sent again (add --resend-in-flight to send them again)")
   if opts.notice then opts.notice(n.text) end
   return n
 end

@@ -35,7 +35,7 @@ Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
 
 local COMMAND_HELP = {
   run = [=[
-Usage: mailshot run SCRIPT [--send [--resume] [--force]] [--outbox DIR] [--report FILE] [--concurrency N]
+Usage: mailshot run SCRIPT [--send [--resume [--resend-in-flight]] [--force]] [--outbox DIR] [--report FILE] [--concurrency N]
                            [--limit N] [--log FILE] [--quiet] [--progress SECONDS]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
@@ -44,13 +44,18 @@ found relative to the script's folder.
   --send            send for real through the campaign's `send` function (default: dry run);
                     a journal (NAME.journal beside the report) records every outcome
   --resume          continue a stopped or crashed run from its journal: final outcomes are
-                    kept, deferred ones retried, in-flight ones reported as possibly sent
-                    (the campaign's resend_in_flight = true sends them again)
-  --force           resume although the recipients or templates changed, or start over
-                    when a journal exists (the old one is kept as NAME.journal.old)
+                    kept, deferred ones retried, in-flight ones reported as possibly sent.
+                    Refused (exit 2, nothing sent) when there is no journal to continue
+  --resend-in-flight  with --resume: send again the messages that were in flight (possibly
+                    sent) when the last run stopped; the campaign is not considered changed
+  --force           resume although the recipients or templates changed (rows are matched
+                    by line number), or start over when a journal exists (the old one is
+                    kept as NAME.journal.old)
   --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
   --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,response
-                    (default: NAME-report.csv in the current folder, NAME being the script's)
+                    (default: NAME-report.csv in the script's folder, NAME being the script's
+                    name, so that --resume finds it and its journal from any working folder;
+                    a FILE given here is relative to the current folder)
   --concurrency N   messages in flight at once (default: the campaign's, else 8)
   --limit N         stop after N recipient rows
   --give-up-after D retry temporary failures within this run until D (90s, 5m, 4h) after a
@@ -203,7 +208,8 @@ local commands = {}
 function commands.run(args)
   local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
                                   limit = "value", quiet = "flag", log = "value", progress = "value",
-                                  resume = "flag", force = "flag", ["give-up-after"] = "value" }, "run")
+                                  resume = "flag", force = "flag", ["give-up-after"] = "value",
+                                  ["resend-in-flight"] = "flag" }, "run")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
@@ -213,6 +219,7 @@ function commands.run(args)
   if not err and opts.limit then run.limit, err = positive_int(opts.limit, "limit") end
   local every = tonumber(opts.progress or 10)
   if not every or every < 0 then err = "--progress must be a number of seconds" end
+  if opts["resend-in-flight"] and not (opts.resume and opts.send) then err = "--resend-in-flight goes with --send --resume" end
   if err then complain("run: ", err); return 2 end
   if opts.log then
     local ok, lerr = require("mailshot.smtp").log(opts.log)
@@ -221,7 +228,9 @@ function commands.run(args)
   local c
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
-  run.report = opts.report or (c.name .. "-report.csv")
+  -- the default report, and the journal beside it, live in the script's folder: the same
+  -- command finds them again from any working folder (--resume must never miss a journal)
+  run.report = opts.report or ((pos[1]:match("^(.*)/[^/]*$") or ".") .. "/" .. c.name .. "-report.csv")
   if opts["give-up-after"] then
     local ok, r = pcall(campaign.retry_config, { first = c.retry and c.retry.first, max = c.retry and c.retry.max,
                                                  give_up_after = opts["give-up-after"] })
@@ -233,6 +242,7 @@ function commands.run(args)
     run.journal = dir .. "/" .. c.name .. ".journal"
     run.script = pos[1]
     run.resume, run.force, run.signals = opts.resume, opts.force, true
+    run.resend_in_flight = opts["resend-in-flight"]
     run.relay_limiters = mailshot.relay_limiters()
     run.notice = function(text) say("mailshot: ", text) end
   elseif opts.resume then
@@ -252,6 +262,8 @@ function commands.run(args)
   counts, err = c:run(run)
   mailshot.close_relays()
   if not counts then complain(err); return 2 end
+  -- the command that continues this run (--report only when it was given: the default is found)
+  local again = opts.report and (" --report " .. opts.report) or ""
   do
     local done = counts.sent + counts.failed + counts.written
     local extra = ""
@@ -262,12 +274,12 @@ function commands.run(args)
       run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
       counts.failed, counts.skipped, extra, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
       run.dry and " (dry run: nothing was sent; add --send)"
-      or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send --resume)"):format(pos[1]) or ""))
+      or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send --resume%s)"):format(pos[1], again) or ""))
   end
   if counts.stopped then
     say(("mailshot: %s stopped by SIG%s; the journal %s has every outcome. To continue:"):format(
       c.name, counts.stopped, run.journal))
-    say(("  mailshot run %s --send --resume --report %s"):format(pos[1], run.report))
+    say(("  mailshot run %s --send --resume%s"):format(pos[1], again))
     return counts.stopped == "INT" and 130 or 143
   end
   return (counts.failed == 0 and counts.deferred == 0) and 0 or 1

@@ -6,16 +6,19 @@
 --   I <line> <email>                                in flight: written (write(2)) before the
 --                                                   message is handed to the network
 --   F <line> <email> <status> <code> <enhanced> <stage> <via> <mx> <response>
---                                                   a final outcome (sent, failed, skipped,
---                                                   in-flight = possibly sent)
+--                                                   a final outcome (sent, failed, skipped), or
+--                                                   in-flight: a resumed run did not resend it, and
+--                                                   the next --resume still counts it in flight
 --   D <line> <email> ... (as F)                     deferred: a temporary failure, retried on resume
 --
--- Fields are tab-separated, with \t \n \r \\ escaped.  A later record for a line supersedes an
+-- Fields are tab-separated, with \t \n \r \\ escaped (an F or D record has all ten: one with
+-- fewer was torn by a crash, and is ignored).  A later record for a line supersedes an
 -- earlier one.  The in-flight record reaches the kernel before the message reaches the server,
 -- (all the marks of one turn of the event loop in one write, before the loop polls again: a
 -- message body is only sent on a later turn, after its 354), so a kill -9 at any moment leaves
 -- every message that might have been sent marked; outcomes
--- are buffered and written with the next in-flight record or within 0.1 s, and fsync'ed every
+-- are buffered and written with the next in-flight record, within 0.1 s or once 1,024 wait,
+-- and fsync'ed every
 -- second (a power cut loses at most that second).  A torn last line (a crash inside write) is
 -- closed with a newline on the next open and ignored when read.
 
@@ -41,44 +44,115 @@ local function split(line)
   return out
 end
 
--- Read an existing journal: header fields and the last record of each line (only the header
--- when header_only: a run that starts over needs no more, and a big journal costs time).
-local function load_journal(path, header_only)
+-- What --resume keeps of a journal: for each CSV line, where its last record starts in the file
+-- and what kind it is, in one integer (offset * 8 + code) of a util.line_index, 8 bytes a line:
+-- a million records cost 8 MB, not the gigabyte a Lua table of records would.  The record
+-- itself is read again (Previous:record) when the campaign reaches its line.
+local CODE_INFLIGHT, CODE_DEFERRED = 1, 2
+local CODE_FINAL = { sent = 3, failed = 4, skipped = 5 }
+local FINAL_STATUS = { [3] = "sent", [4] = "failed", [5] = "skipped" }
+local NFIELDS = 3 + #FIELDS
+
+-- The code of one whole record line, and its CSV line; nil for a torn or foreign line.  An
+-- F record of status in-flight (a resumed run that did not resend it) stays in flight: a
+-- later --resume --resend-in-flight may still send it.
+local F_PATTERN = "^([FD])\t(%d+)\t[^\t]*\t([^\t]*)" .. ("\t[^\t]*"):rep(NFIELDS - 4) .. "$"
+local function classify(line)
+  local n = line:match("^I\t(%d+)\t[^\t]*$")
+  if n then return CODE_INFLIGHT, math.tointeger(n) end
+  local kind, m, status = line:match(F_PATTERN)
+  if not kind then return nil end
+  m = math.tointeger(m)
+  if kind == "D" then return CODE_DEFERRED, m end
+  if status == "in-flight" then return CODE_INFLIGHT, m end
+  return CODE_FINAL[status], m
+end
+
+local Previous = {}
+Previous.__index = Previous
+
+--- The last record of CSV line n: { kind = "I"|"F"|"D", line, email, status, code, ... } or nil.
+function Previous:record(n)
+  local v = self.index:get(n)
+  if not v then return nil end
+  local off, code = v >> 3, v & 7
+  local f = self.f
+  if off ~= self.pos then f:seek("set", off) end     -- records are mostly in line order
+  local text = f:read("l")
+  self.pos = text and off + #text + 1 or nil
+  local t = split(text or "")
+  local rec = { kind = code == CODE_INFLIGHT and "I" or code == CODE_DEFERRED and "D" or "F", line = n, email = t[3] }
+  for i, k in ipairs(FIELDS) do rec[k] = t[3 + i] end
+  if code == CODE_INFLIGHT then rec.status = nil end
+  return rec
+end
+
+function Previous:close()
+  if self.f then self.f:close(); self.f = nil end
+end
+
+-- Read an existing journal's header (only that when header_only: a run that starts over needs
+-- no more), and index the last record of each CSV line up to max_line (no row of the recipients
+-- file can start past it; records beyond are not kept).  Counts of the kinds in `counts`.
+local function load_journal(path, header_only, max_line)
   local f = io.open(path, "rb")
   if not f then return nil end
-  local data = header_only and (f:read("L") or "") or f:read("a")   -- "L": a torn header has no "\n"
-  f:close()
-  local state = { records = {}, torn = data ~= "" and data:sub(-1) ~= "\n" }
-  local first = true
-  for line in data:gmatch("([^\n]*)\n") do
-    if first then
-      local fp, name = line:match("^mailshot%-journal 1 (%x+) ?(.*)$")
-      if not fp then return nil, ("%s is not a mailshot journal"):format(path) end
-      state.fingerprint, state.name, first = fp, name, false
-    else
-      local t = split(line)
-      local kind, n = t[1], math.tointeger(tonumber(t[2]))
-      if n and (kind == "I" or kind == "F" or kind == "D") then
-        local rec = { kind = kind, line = n, email = t[3] }
-        for i, k in ipairs(FIELDS) do rec[k] = t[3 + i] end
-        state.records[n] = rec
-      end   -- anything else is a torn or foreign line: ignored
+  local head = f:read("L") or ""                                   -- "L": a torn header has no "\n"
+  local state = setmetatable({ torn = head ~= "" and head:sub(-1) ~= "\n" }, Previous)
+  if head == "" or state.torn then f:close(); return state end    -- an empty or header-less file
+  local fp, name = head:match("^mailshot%-journal 1 (%x+) ?(.*)\n$")
+  if not fp then f:close(); return nil, ("%s is not a mailshot journal"):format(path) end
+  state.fingerprint, state.name = fp, name
+  if header_only then f:close(); return state end
+  local index = util.line_index(max_line)
+  local off = #head
+  for l in f:lines("L") do
+    if l:byte(-1) ~= 10 then state.torn = true; break end          -- a torn last line: ignored
+    local code, n = classify(l:sub(1, -2))
+    if code and n then index:set(n, off * 8 + code) end            -- a later record supersedes
+    off = off + #l
+  end
+  local counts = { final = 0, sent = 0, failed = 0, skipped = 0, inflight = 0, deferred = 0 }
+  for n = 1, index:size() do
+    local v = index:get(n)
+    if v then
+      local code = v & 7
+      local status = FINAL_STATUS[code]
+      if status then
+        counts.final, counts[status] = counts.final + 1, counts[status] + 1
+      elseif code == CODE_INFLIGHT then counts.inflight = counts.inflight + 1
+      else counts.deferred = counts.deferred + 1 end
     end
   end
-  if first then state.fingerprint = nil end   -- an empty or header-less file
+  f:setvbuf("full", 1 << 16)
+  state.f, state.pos, state.index, state.counts = f, nil, index, counts
   return state
 end
 M.load = load_journal
 
 --- Open (create, or continue) the journal of a campaign.
---- opts: fingerprint, name, resume (continue an existing one), force (accept a different
---- fingerprint, or start over).  Returns journal, previous state (or nil) | nil, message.
+--- opts: fingerprint, name, resume (continue an existing one: it must exist), force (accept a
+--- different fingerprint, or start over), max_line (no CSV row starts past this line: records
+--- of lines past it are not kept; e.g. the recipients file's size in bytes).  Returns journal, previous state (or nil) | nil, message.
 function M.open(path, opts)
+  if opts.resume then
+    -- a --resume that finds no journal must not start the campaign again: everyone already
+    -- sent to would get a second copy (a mistyped --report, another working folder)
+    local f, err, errno = io.open(path, "rb")
+    if f then f:close()
+    elseif errno == 2 then
+      return nil, ("--resume: no journal %s, so nothing to resume and nothing was sent. The journal sits beside "
+                   .. "the report (by default NAME-report.csv beside the script; else the first run's --report "
+                   .. "FILE): check --report. To start the campaign from the beginning, run it without --resume"):format(path)
+    else
+      return nil, ("journal %s: %s"):format(path, err)
+    end
+  end
   local lock, lerr = util.lock(path .. ".lock")
   if not lock then
     return nil, ("campaign %s is already running (%s: %s)"):format(opts.name, path .. ".lock", lerr)
   end
-  local previous, err = load_journal(path, not opts.resume)
+  local previous, err = load_journal(path, not opts.resume, opts.max_line)
   if err then lock:unlock(); return nil, err end
   if previous and previous.fingerprint then
     if not opts.resume and not opts.force then
@@ -87,6 +161,7 @@ function M.open(path, opts)
                    .. "or --force to start it over (the old journal is kept as %s.old)"):format(path, path)
     end
     if opts.resume and previous.fingerprint ~= opts.fingerprint and not opts.force then
+      previous:close()
       lock:unlock()
       return nil, ("the recipients file or the templates changed since the journal %s was written; "
                    .. "--resume would match rows by their line numbers and could skip or repeat people. "
@@ -100,9 +175,14 @@ function M.open(path, opts)
     previous = nil
   end
   local f, ferr = io.open(path, "ab")
-  if not f then lock:unlock(); return nil, ("journal %s: %s"):format(path, ferr) end
+  if not f then
+    if previous then previous:close() end
+    lock:unlock()
+    return nil, ("journal %s: %s"):format(path, ferr)
+  end
   f:setvbuf("full", 1 << 16)
-  local j = setmetatable({ f = f, path = path, lock = lock, buf = {}, n = 0, last_sync = core.now() }, Journal)
+  local j = setmetatable({ f = f, path = path, lock = lock, buf = {}, n = 0, last_sync = core.now(),
+                          previous = previous }, Journal)
   j.deferred_flush = function()
     j.flush_queued = false
     if j.f then j:flush() end
@@ -121,12 +201,18 @@ local function record(kind, line, email, r)
   return tsv_record(kind, line, email, r, r and FIELDS)
 end
 
+-- Records wait in a buffer for the next flush; past this many they are written at once: a
+-- long run of rows that never wait on the network (skipped, or final in the journal) gives the
+-- flushing task no turn, and must not pile up in memory.
+local MAX_BUFFERED = 1024
+
 --- The message for this row is about to be sent.  The mark is written (with every other mark
 --- of this turn of the loop, in one write) before the loop next polls: the message's body can
 --- only go out after its 354 reply, which needs that poll.
 function Journal:in_flight(line, email)
   self.n = self.n + 1
   self.buf[self.n] = record("I", line, email)
+  if self.n >= MAX_BUFFERED then self:write_buffer() end
   if not self.flush_queued then
     self.flush_queued = true
     core.defer(self.deferred_flush)
@@ -137,14 +223,20 @@ end
 function Journal:outcome(rep, deferred)
   self.n = self.n + 1
   self.buf[self.n] = record(deferred and "D" or "F", rep.line, rep.email, rep)
+  if self.n >= MAX_BUFFERED then self:write_buffer() end
 end
 
---- Write what is buffered (one write), and fsync at most once a second.
-function Journal:flush(sync)
+-- Hand the buffered records to the file's own buffer (64 KiB: it writes when full).
+function Journal:write_buffer()
   if self.n > 0 then
     self.f:write(table.concat(self.buf, "", 1, self.n))
     self.buf, self.n = {}, 0
   end
+end
+
+--- Write what is buffered (one write), and fsync at most once a second.
+function Journal:flush(sync)
+  self:write_buffer()
   local now = core.now()
   if sync or now - self.last_sync >= 1 then
     util.fsync(self.f)
@@ -159,6 +251,7 @@ function Journal:close()
   self:flush(true)
   self.f:close()
   self.f = nil
+  if self.previous then self.previous:close() end
   self.lock:unlock()
 end
 

@@ -3,6 +3,7 @@ campaign lock, changed inputs, torn journal lines, deferred recipients retried o
 import collections
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -201,6 +202,120 @@ class ResumeTests(MailshotTestCase):
                               env={"SMTP_SERVER": srv.address})
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["u7@example.com"], ["new@example.com"]])
+
+    def test_resume_from_another_folder_finds_the_journal_beside_the_script(self):
+        script = self.campaign(6)
+        here = os.path.dirname(script)
+        srv = self.start_smtpd(reject_rcpt=[("u3@", 451, "4.2.1 try later")])
+        # the first run, from the script's folder, without --report: u3 stays deferred
+        p = self.run_mailshot("run", "c.lua", "--send", "--give-up-after", "0", "--progress", "0",
+                              env={"SMTP_SERVER": srv.address}, cwd=here)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertTrue(os.path.exists(os.path.join(here, "c.journal")))
+        self.assertEqual(srv.message_count(), 5)
+        srv.stop()
+        srv = self.start_smtpd()
+        other = self.path("elsewhere")
+        os.makedirs(other)
+        # the same campaign resumed from another folder: only u3 is sent, nobody gets a second copy
+        p = self.run_mailshot("run", script, "--send", "--resume", "--progress", "0",
+                              env={"SMTP_SERVER": srv.address}, cwd=other)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("5 recipients already final", p.stdout)
+        self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["u3@example.com"]])
+        self.assertEqual(os.listdir(other), [])                     # nothing written in the working folder
+        rep = read_report(os.path.join(here, "c-report.csv"))
+        self.assertEqual(sorted((r["email"], r["status"]) for r in rep),
+                         [(f"u{i}@example.com", "sent") for i in range(6)])
+
+    def test_resume_without_a_journal_refuses_and_sends_nothing(self):
+        script = self.campaign(5)
+        srv = self.start_smtpd()
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        srv.stop()
+        srv = self.start_smtpd()
+        os.makedirs(self.path("typo"))
+        # a --report in a mistyped folder (a typo in its name only keeps the folder: the journal,
+        # NAME.journal beside it, is found, and the new report gets every row)
+        for report in (os.path.join("typo", "r.csv"), os.path.join("nofolder", "r.csv")):
+            with self.subTest(report=report):
+                p = self.run_mailshot("run", script, "--send", "--resume", "--report", report,
+                                      env={"SMTP_SERVER": srv.address})
+                self.assertEqual(p.returncode, 2, p.stdout + p.stderr)
+                journal = os.path.join(os.path.dirname(report) or ".", "c.journal")
+                self.assertIn(f"--resume: no journal {journal}", p.stderr)
+                self.assertIn("nothing was sent", p.stderr)
+                self.assertIn("run it without --resume", p.stderr)
+                self.assertFalse(os.path.exists(self.path(report)))
+        self.assertEqual(os.listdir(self.path("typo")), [])            # not even a lock file
+        self.assertEqual(srv.message_count(), 0)
+        self.assertEqual(srv.connections(), 0)
+
+    def summary(self, out):
+        """The run's last line, as {status: count} (and "total")."""
+        m = re.search(r": (\d+) recipients: (\d+) sent, (\d+) failed, (\d+) skipped(?:, (\d+) deferred)?"
+                      r"(?:, (\d+) possibly sent)? in ", out)
+        self.assertIsNotNone(m, out)
+        keys = ("total", "sent", "failed", "skipped", "deferred", "in-flight")
+        return {k: int(v or 0) for k, v in zip(keys, m.groups())}
+
+    def test_kill_9_with_messages_in_flight_then_resend_in_flight_sends_them_once(self):
+        n = 20
+        script = self.campaign(n)
+        hung = self.start_smtpd(delay=["DATA-END:3600"])    # takes the messages, never answers the dot
+        proc = self.start_run(script, hung)
+        wait_for(lambda: sum(1 for l in hung.log_lines() if l.upper().startswith("DATA")) >= 2,
+                 timeout=scaled(20, 90), what="messages sent and waiting for their reply")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        self.assertEqual(hung.message_count(), 0)
+        hung.stop()
+        srv = self.start_smtpd()
+        # a plain --resume: the in-flight ones are reported possibly sent, and the advice names the flag
+        proc = self.start_run(script, srv, "--resume")
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, out + err)
+        self.assertRegex(out, r"resuming c: 0 recipients already final .* (\d+) in flight when the last run "
+                              r"stopped: reported as possibly sent, not sent again \(add --resend-in-flight")
+        counts = self.summary(out)
+        in_flight = {r["email"] for r in read_report(self.path("r.csv")) if r["status"] == "in-flight"}
+        self.assertTrue(2 <= len(in_flight) <= 8, in_flight)
+        self.assertEqual(counts, {"total": n, "sent": n - len(in_flight), "failed": 0, "skipped": 0,
+                                  "deferred": 0, "in-flight": len(in_flight)})
+        self.assertEqual(set(self.received(srv)), {f"u{i}@example.com" for i in range(n)} - in_flight)
+        # --resume --force (same inputs) does not turn them final: they stay possibly sent, unsent
+        proc = self.start_run(script, srv, "--resume", "--force")
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, out + err)
+        self.assertIn(f"{n - len(in_flight)} recipients already final ({n - len(in_flight)} sent, 0 failed, "
+                      f"0 skipped), 0 deferred to retry now, {len(in_flight)} in flight", out)
+        self.assertEqual(self.summary(out)["in-flight"], len(in_flight))
+        self.assertEqual(srv.message_count(), n - len(in_flight))
+        # --resend-in-flight: the same campaign (no change to the script), they are sent once each
+        proc = self.start_run(script, srv, "--resume", "--resend-in-flight")
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, out + err)
+        self.assertIn(f"{len(in_flight)} in flight when the last run stopped: sent again", out)
+        self.assertEqual(self.summary(out), {"total": n, "sent": n, "failed": 0, "skipped": 0, "deferred": 0,
+                                             "in-flight": 0})
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual(sorted(int(r["line"]) for r in rep), list(range(2, n + 2)))   # each one once
+        self.assertEqual({r["status"] for r in rep}, {"sent"})
+        self.assertEqual(self.received(srv), collections.Counter(f"u{i}@example.com" for i in range(n)))
+        # and a later --resume has nothing left to send
+        proc = self.start_run(script, srv, "--resume", "--resend-in-flight")
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, out + err)
+        self.assertIn(f"{n} recipients already final ({n} sent", out)
+        self.assertEqual(srv.message_count(), n)
+
+    def test_resend_in_flight_needs_resume(self):
+        script = self.campaign(2)
+        p = self.run_mailshot("run", script, "--send", "--resend-in-flight", "--report", "r.csv")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--resend-in-flight goes with --send --resume", p.stderr)
+        self.assertFalse(os.path.exists(self.path("r.csv")))
 
 
 if __name__ == "__main__":
