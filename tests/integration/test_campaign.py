@@ -71,7 +71,7 @@ class CampaignTests(MailshotTestCase):
             log = f.read()
         self.assertNotIn(PW, log)
         self.assertIn("AUTH PLAIN ********", log)
-        self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
+        self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} \[s\d+\] 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
         self.assertRegex(log, r"< 250 .*queued")
         progress = [l for l in p.stderr.splitlines() if l.startswith("mailshot: campaign: ")]
         self.assertTrue(progress, p.stderr)
