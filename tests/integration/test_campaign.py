@@ -204,13 +204,15 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         self.assertEqual((r["status"], r["code"], r["stage"]), ("deferred", "421", "greeting"))
         self.assertIn("Too many connections", r["response"])
 
-    def test_wrong_password_fails_every_message_at_auth(self):
+    def test_wrong_password_defers_every_message_at_auth(self):
+        # not sent, left for --resume once the password is fixed (issue 10 item 5; test_faults
+        # HostileServerTests has the many-row case)
         script = self.example_copy([["a@example.com", "A"]])
         srv = self.start_smtpd(tls=True, auth={"news": PW})
         p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv, password="nope"))
         self.assertEqual(p.returncode, 1)
         r = read_report(self.path("r.csv"))[0]
-        self.assertEqual((r["status"], r["code"], r["stage"]), ("failed", "535", "auth"))
+        self.assertEqual((r["status"], r["code"], r["stage"]), ("deferred", "535", "auth"))
         self.assertEqual(srv.message_count(), 0)
 
     def test_csv_value_cannot_add_a_header_or_a_recipient(self):
