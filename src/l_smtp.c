@@ -151,9 +151,13 @@ static void relay_refuse_logins(relay *r, const smtp_result *res) {
   if (r->auth_refused) return;
   r->auth_refused = 1;
   r->auth_refusal = *res;
-  fprintf(stderr, "mailshot: relay %s:%s refused our login (%d%s%s %.200s): no further logins this run; "
-          "fix the credentials, then run again with --resume\n", r->cfg.host, r->cfg.port, res->code,
-          res->enhanced[0] ? " " : "", res->enhanced, res->message);
+  char words[201];                     /* the server's words on one line (a multi-line reply has '\n') */
+  snprintf(words, sizeof words, "%.200s", res->message);
+  for (char *p = words; *p; p++) if (*p == '\n') *p = ' ';
+  /* on a terminal, clear the live progress line first so this line stands alone */
+  fprintf(stderr, "%smailshot: relay %s:%s refused our login (%d%s%s %s): no further logins this run; "
+          "fix the credentials, then run again with --resume\n", isatty(2) ? "\r\033[K" : "",
+          r->cfg.host, r->cfg.port, res->code, res->enhanced[0] ? " " : "", res->enhanced, words);
 }
 
 /* The result of a send the refused login stops: not sent, deferred (`defer`: not retried within the
