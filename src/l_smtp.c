@@ -117,6 +117,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   set_bool(L, "temporary", !res->ok && res->temporary);
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
   set_str(L, "via", "relay");
+  if (res->defer) set_bool(L, "defer", 1);
   if (txn && txn->nrcpt > 1) {
     set_int(L, "accepted", res->accepted);
     lua_createtable(L, txn->nrcpt, 0);
@@ -162,16 +163,23 @@ static void relay_refuse_logins(relay *r, const smtp_result *res) {
 
 /* The result of a send the refused login stops: not sent, deferred (`defer`: not retried within the
  * run, left to --resume), with the server's words.  first: the send whose login was refused. */
-static void push_auth_refusal(lua_State *L, const relay *r, int first) {
+static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
   smtp_result res = r->auth_refusal;
   res.ok = 0;
   res.temporary = 1;
+  res.defer = 1;
   snprintf(res.message, sizeof res.message, "not sent: relay %s:%s refused our login%s (%d%s%s %.3000s); no "
            "further login was attempted in this run: fix the credentials, then run again with --resume",
            r->cfg.host, r->cfg.port, first ? "" : " earlier in this run", r->auth_refusal.code,
            r->auth_refusal.enhanced[0] ? " " : "", r->auth_refusal.enhanced, r->auth_refusal.message);
+  res.accepted = out->accepted;
+  *out = res;
+}
+
+static void push_auth_refusal(lua_State *L, const relay *r) {
+  smtp_result res = { 0 };
+  auth_refusal_result(r, &res, 0);
   push_result(L, &res, NULL);
-  set_bool(L, "defer", 1);
 }
 
 static void push_words(lua_State *L, const char *s) {
@@ -261,7 +269,7 @@ static void queue_push(relay *r, send_op *op) {
 /* A send waiting its turn when the login was refused: it ends now, with no session. */
 static void refuse_waiter(relay *r, send_op *op) {
   lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) { push_auth_refusal(co, r, 0); task_wake(co, 1); } else task_wake(co, 0);
+  if (lua_checkstack(co, 8)) { push_auth_refusal(co, r); task_wake(co, 1); } else task_wake(co, 0);
   op_unlink(r, op);
   op_free(op);
 }
@@ -287,10 +295,8 @@ static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
   lua_State *co = op->co;
-  int refused = is_auth_refusal(&t->res);
-  if (refused) relay_refuse_logins(r, &t->res);
   if (lua_checkstack(co, 8)) {
-    if (refused) push_auth_refusal(co, r, 1); else push_result(co, &t->res, t);
+    push_result(co, &t->res, t);
     task_wake(co, 1);
   } else {
     task_wake(co, 0);   /* cannot happen with a sane stack; the caller sees nil */
@@ -300,9 +306,19 @@ static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   next_waiter(r, c);
 }
 
+/* Every transaction's end passes here first: a refused login stops the relay's logins. */
+static void on_send_result(smtp_conn *c, smtp_txn *t, void *ud) {
+  send_op *op = ud;
+  if (is_auth_refusal(&t->res)) {
+    relay_refuse_logins(op->relay, &t->res);
+    auth_refusal_result(op->relay, &t->res, 1);
+  }
+  on_send_done(c, t, ud);
+}
+
 static void start_op(relay *r, send_op *op, smtp_conn *c) {
   op->conn = c;
-  if (smtp_conn_send(c, op->txn, on_send_done, op) < 0) {
+  if (smtp_conn_send(c, op->txn, on_send_result, op) < 0) {
     /* the session cannot take it after all: back to the head of the line */
     op->qnext = r->queue_head;
     r->queue_head = op;
@@ -512,7 +528,7 @@ static int l_relay_send(lua_State *L) {
   }
   if (r->auth_refused) {               /* the login was refused earlier: no new one */
     smtp_txn_free(txn);
-    push_auth_refusal(L, r, 0);
+    push_auth_refusal(L, r);
     return 1;
   }
   send_op *op = calloc(1, sizeof *op);
