@@ -50,6 +50,10 @@ typedef struct relay {
   int nextra;
   lua_State *closer;        /* task waiting in close() */
   int closing_count, closed;
+  /* The server refused our login for good (a 535 bad password ...): no session logs in again in
+   * this run; every send gets this refusal at once, deferred for --resume. */
+  int auth_refused;
+  smtp_result auth_refusal;
 } relay;
 
 /* ---------------- pool bookkeeping ---------------- */
@@ -113,6 +117,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   set_bool(L, "temporary", !res->ok && res->temporary);
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
   set_str(L, "via", "relay");
+  if (res->defer) set_bool(L, "defer", 1);
   if (txn && txn->nrcpt > 1) {
     set_int(L, "accepted", res->accepted);
     lua_createtable(L, txn->nrcpt, 0);
@@ -128,6 +133,53 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
     }
     lua_setfield(L, -2, "recipients");
   }
+}
+
+/* ---------------- a refused login stops the relay ---------------- */
+
+/* A permanent refusal of our credentials (RFC 4954 §6: 535 authentication failed, 534 mechanism too
+ * weak, 538 encryption required; RFC 3463 5.7.8): trying again with the same password can only
+ * fail again, and a server counts failed logins: after a few hundred it locks the account. A 454
+ * (temporary) or our own refusal to log in without TLS (no code: nothing was sent) is not one. */
+static int is_auth_refusal(const smtp_result *res) {
+  if (res->ok || !res->stage || strcmp(res->stage, "auth") != 0) return 0;
+  return res->code == 535 || res->code == 534 || res->code == 538
+      || (res->code >= 500 && res->code < 600 && strcmp(res->enhanced, "5.7.8") == 0);
+}
+
+/* The first refusal stops the relay's logins: one line on stderr, and the refusal kept for the rest. */
+static void relay_refuse_logins(relay *r, const smtp_result *res) {
+  if (r->auth_refused) return;
+  r->auth_refused = 1;
+  r->auth_refusal = *res;
+  char words[201];                     /* the server's words on one line (a multi-line reply has '\n') */
+  snprintf(words, sizeof words, "%.200s", res->message);
+  for (char *p = words; *p; p++) if (*p == '\n') *p = ' ';
+  /* on a terminal, clear the live progress line first so this line stands alone */
+  fprintf(stderr, "%smailshot: relay %s:%s refused our login (%d%s%s %s): no further logins this run; "
+          "fix the credentials, then run again with --resume\n", isatty(2) ? "\r\033[K" : "",
+          r->cfg.host, r->cfg.port, res->code, res->enhanced[0] ? " " : "", res->enhanced, words);
+}
+
+/* The result of a send the refused login stops: not sent, deferred (`defer`: not retried within the
+ * run, left to --resume), with the server's words.  first: the send whose login was refused. */
+static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
+  smtp_result res = r->auth_refusal;
+  res.ok = 0;
+  res.temporary = 1;
+  res.defer = 1;
+  snprintf(res.message, sizeof res.message, "not sent: relay %s:%s refused our login%s (%d%s%s %.3000s); no "
+           "further login was attempted in this run: fix the credentials, then run again with --resume",
+           r->cfg.host, r->cfg.port, first ? "" : " earlier in this run", r->auth_refusal.code,
+           r->auth_refusal.enhanced[0] ? " " : "", r->auth_refusal.enhanced, r->auth_refusal.message);
+  res.accepted = out->accepted;
+  *out = res;
+}
+
+static void push_auth_refusal(lua_State *L, const relay *r) {
+  smtp_result res = { 0 };
+  auth_refusal_result(r, &res, 0);
+  push_result(L, &res, NULL);
 }
 
 static void push_words(lua_State *L, const char *s) {
@@ -214,10 +266,23 @@ static void queue_push(relay *r, send_op *op) {
   r->queue_tail = op;
 }
 
+/* A send waiting its turn when the login was refused: it ends now, with no session. */
+static void refuse_waiter(relay *r, send_op *op) {
+  lua_State *co = op->co;
+  if (lua_checkstack(co, 8)) { push_auth_refusal(co, r); task_wake(co, 1); } else task_wake(co, 0);
+  op_unlink(r, op);
+  op_free(op);
+}
+
 /* A session finished a transaction or is gone: give it (or a new one, within
  * max_connections) to the sends waiting their turn. */
 static void next_waiter(relay *r, smtp_conn *c) {
   if (c && smtp_conn_dead(c)) { pool_remove(r, c); smtp_conn_free(c); c = NULL; }
+  if (r->auth_refused) {             /* no new session, no new login: the waiting sends end here */
+    send_op *op;
+    while ((op = queue_pop(r)) != NULL) refuse_waiter(r, op);
+    return;
+  }
   while (r->queue_head && c && smtp_conn_can_take(c)) start_op(r, queue_pop(r), c);
   while (r->queue_head && r->nconns < r->max_connections) {
     smtp_conn *fresh = smtp_conn_new(r->loop, &r->cfg);
@@ -241,9 +306,19 @@ static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   next_waiter(r, c);
 }
 
+/* Every transaction's end passes here first: a refused login stops the relay's logins. */
+static void on_send_result(smtp_conn *c, smtp_txn *t, void *ud) {
+  send_op *op = ud;
+  if (is_auth_refusal(&t->res)) {
+    relay_refuse_logins(op->relay, &t->res);
+    auth_refusal_result(op->relay, &t->res, 1);
+  }
+  on_send_done(c, t, ud);
+}
+
 static void start_op(relay *r, send_op *op, smtp_conn *c) {
   op->conn = c;
-  if (smtp_conn_send(c, op->txn, on_send_done, op) < 0) {
+  if (smtp_conn_send(c, op->txn, on_send_result, op) < 0) {
     /* the session cannot take it after all: back to the head of the line */
     op->qnext = r->queue_head;
     r->queue_head = op;
@@ -449,6 +524,11 @@ static int l_relay_send(lua_State *L) {
   if (!txn) {
     /* a bad envelope is this message's permanent failure, decided before any network */
     push_refusal(L, strstr(err, "sender") ? "mail" : "rcpt", err);
+    return 1;
+  }
+  if (r->auth_refused) {               /* the login was refused earlier: no new one */
+    smtp_txn_free(txn);
+    push_auth_refusal(L, r);
     return 1;
   }
   send_op *op = calloc(1, sizeof *op);

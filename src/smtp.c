@@ -71,7 +71,12 @@ struct smtp_conn {
   const char *auth_mech;
   int busy, free_pending, watched, messages;
   char peer[64];
+  unsigned long id;             /* the session's number in the dialogue log: [s1], [s2], ... */
+  const char *raw;              /* the reply being handled, as received (c->in), for EHLO */
+  size_t rawlen;
 };
+
+static unsigned long session_seq;  /* the loop is one thread: a plain counter numbers the sessions */
 
 const char *smtp_strstate(const smtp_conn *c) { return state_names[c->state]; }
 
@@ -139,21 +144,56 @@ static void flush(smtp_conn *c);
 static void read_input(smtp_conn *c);
 static void pump(smtp_conn *c);
 
-static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
-  if (!c->cfg->trace) return;
-  va_list ap;
-  va_start(ap, fmt);
-  if (c->cfg->trace != stderr) {       /* a log file: wall-clock time first */
+/* Bytes written as they are in the dialogue log: printable ASCII but the backslash. Everything else
+ * (CR, LF, ESC, any control byte, bytes >= 0x80, the backslash itself) becomes \xNN, so no byte from
+ * a server can end a log line, start a forged one or drive a terminal. */
+static int trace_plain(unsigned char ch) { return ch >= 0x20 && ch < 0x7f && ch != '\\'; }
+
+/* One dialogue log line: "[HH:MM:SS.mmm ][sN] PEER DIR TEXT", DIR being ">" (us), "<" (one line of a
+ * server reply: a multi-line reply gives one log line each), "--" (a note) or "!!" (a failure). */
+static void trace_line(smtp_conn *c, const char *dir, const char *p, size_t n) {
+  FILE *f = c->cfg->trace;
+  if (f != stderr) {                   /* a log file: wall-clock time first */
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     localtime_r(&ts.tv_sec, &tm);
-    fprintf(c->cfg->trace, "%02d:%02d:%02d.%03ld ", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+    fprintf(f, "%02d:%02d:%02d.%03ld ", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
   }
-  fprintf(c->cfg->trace, "%s %s ", c->peer[0] ? c->peer : c->cfg->host, dir);
-  vfprintf(c->cfg->trace, fmt, ap);
-  fputc('\n', c->cfg->trace);
+  fprintf(f, "[s%lu] %s %s ", c->id, c->peer[0] ? c->peer : c->cfg->host, dir);
+  size_t i = 0;
+  while (i < n) {
+    size_t run = i;
+    while (run < n && trace_plain((unsigned char)p[run])) run++;
+    if (run > i) fwrite(p + i, 1, run - i, f);
+    if (run < n) fprintf(f, "\\x%02X", (unsigned char)p[run++]);
+    i = run;
+  }
+  fputc('\n', f);
+}
+
+static void trace(smtp_conn *c, const char *dir, const char *fmt, ...) {
+  if (!c->cfg->trace) return;
+  char text[2048];                     /* commands are at most 1100 bytes; notes are short */
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(text, sizeof text, fmt, ap);
   va_end(ap);
+  if (n < 0) return;
+  trace_line(c, dir, text, (size_t)n < sizeof text ? (size_t)n : sizeof text - 1);
+}
+
+/* A server reply in the log: each of its lines as received, on a log line of its own. */
+static void trace_reply(smtp_conn *c, const char *p, size_t n) {
+  if (!c->cfg->trace) return;
+  while (n > 0) {
+    const char *e = memchr(p, '\n', n);
+    size_t l = e ? (size_t)(e - p) : n;
+    trace_line(c, "<", p, l > 0 && p[l - 1] == '\r' ? l - 1 : l);
+    if (!e) break;
+    n -= l + 1;
+    p = e + 1;
+  }
 }
 
 static int is_waiting(smtp_state st) { return st != ST_NEW && st != ST_DEAD; }
@@ -410,6 +450,7 @@ static void on_handshake(smtp_conn *c) {
   if (c->handshake_after_starttls) {
     memset(&c->caps, 0, sizeof c->caps);   /* RFC 3207 §4.2: forget what we knew, EHLO again */
     send_ehlo(c);
+    arm_timer(c);                           /* the EHLO wait starts now, not with the handshake */
   } else {
     c->state = ST_GREETING;
     arm_timer(c);
@@ -661,7 +702,8 @@ static void on_reply(smtp_conn *c) {
   case ST_EHLO:
     if (ok2) {
       c->ehlo_ok = 1;
-      smtp_caps_parse(&c->reply, &c->caps);
+      /* from every line as received: the reply's text may have been cut at 4 KiB */
+      smtp_caps_parse_raw(c->raw, c->rawlen, &c->caps);
       if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
       free(c->ehlo_text);
       c->ehlo_text = strdup(c->reply.text);
@@ -718,16 +760,21 @@ static int closing_reply(smtp_conn *c) {
   return 1;
 }
 
-static void process_input(smtp_conn *c) {
+/* Handles the complete replies in c->in; returns how many (0: only part of one has come). */
+static int process_input(smtp_conn *c) {
   size_t off = 0;
+  int replies = 0;
   char err[160];
   while (off < c->inlen && c->state != ST_DEAD && !c->free_pending) {
     int r = smtp_reply_parse(c->in + off, c->inlen - off, c->caps.enhancedstatuscodes, &c->reply, err, sizeof err);
     if (r == 0) break;
-    if (r < 0) { fail(c, stage_of(c), 1, "protocol error: %s", err); return; }
+    if (r < 0) { fail(c, stage_of(c), 1, "protocol error: %s", err); return replies; }
+    c->raw = c->in + off;
+    c->rawlen = (size_t)r;
+    trace_reply(c, c->raw, c->rawlen);
     off += (size_t)r;
-    trace(c, "<", "%d%s%s %s", c->reply.code, c->reply.enhanced[0] ? " " : "", c->reply.enhanced, c->reply.text);
-    if (closing_reply(c)) return;
+    replies++;
+    if (closing_reply(c)) return replies;
     smtp_state before = c->state;
     on_reply(c);
     if (before == ST_STARTTLS && c->state == ST_HANDSHAKE) {
@@ -735,12 +782,13 @@ static void process_input(smtp_conn *c) {
        * must never be read as replies inside the TLS session */
       if (off < c->inlen) trace(c, "--", "discarded %zu bytes sent before the TLS handshake", c->inlen - off);
       c->inlen = 0;
-      return;
+      return replies;
     }
   }
-  if (c->state == ST_DEAD) return;
+  if (c->state == ST_DEAD) return replies;
   memmove(c->in, c->in + off, c->inlen - off);
   c->inlen -= off;
+  return replies;
 }
 
 static void read_input(smtp_conn *c) {
@@ -760,10 +808,15 @@ static void read_input(smtp_conn *c) {
     }
     size_t space = IN_MAX - c->inlen;
     c->inlen += (size_t)n;
-    process_input(c);
+    int replies = process_input(c);
     if (c->state == ST_DEAD || c->free_pending || c->state == ST_HANDSHAKE) return;
-    if (c->state == ST_READY) arm_ready_timer(c);   /* progress: the next reply gets a full timeout */
-    else arm_timer(c);
+    /* A wait's timeout counts from its start: only a complete reply starts the next wait with a
+     * full timeout.  Part of a reply restarts nothing, or a server dripping a byte a second would
+     * hold the session for ever against a timeout of seconds. */
+    if (replies > 0) {
+      if (c->state == ST_READY) arm_ready_timer(c);
+      else arm_timer(c);
+    }
     /* a short read drained the socket (epoll is level-triggered, so anything that arrives
      * later wakes us again): skip the read() that would only say EAGAIN */
     if ((size_t)n < space && (!c->s.ssl || SSL_pending(c->s.ssl) == 0)) return;
@@ -818,7 +871,11 @@ static void on_timeout(loop *l, void *data) {
   }
   else {
     int ms = wait_ms(c);
-    fail(c, st, 1, "timed out after %g s waiting for the %s reply", ms / 1000.0, st);
+    if (c->inlen > 0 && c->state != ST_CONNECT && c->state != ST_HANDSHAKE)
+      fail(c, st, 1, "timed out after %g s waiting for the %s reply (%zu bytes of it came; a reply must be "
+                     "complete within the timeout)", ms / 1000.0, st, c->inlen);
+    else
+      fail(c, st, 1, "timed out after %g s waiting for the %s reply", ms / 1000.0, st);
   }
   c->busy--;
   if (c->free_pending && c->busy == 0) smtp_conn_free(c);
@@ -833,6 +890,7 @@ smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg) {
   if (!c->in) { free(c); return NULL; }
   c->loop = lp;
   c->cfg = cfg;
+  c->id = ++session_seq;
   c->s.fd = -1;
   loop_timer_init(&c->timer, on_timeout, c);
   c->flusher.fn = deferred_flush;

@@ -31,7 +31,7 @@ typedef struct smtp_config {
   char *user, *password;   /* AUTH when user is set; password is wiped on free by the owner */
   int allow_plaintext_auth;
   char helo[256];          /* our name for EHLO/HELO */
-  int timeout_ms;          /* every single wait: connect, handshake, each reply */
+  int timeout_ms;          /* every single wait: connect, handshake, each reply, from the wait's start */
   /* per-stage overrides (0: timeout_ms), after RFC 5321 §4.5.3.2's list of waits */
   int timeout_connect_ms, timeout_greeting_ms, timeout_command_ms, timeout_data_end_ms;
   int idle_timeout_ms;     /* an idle session is QUIT after this long (0: kept) */
@@ -57,6 +57,8 @@ typedef struct smtp_result {
                               "rcpt","data","message","rset","quit" */
   char message[SMTP_REPLY_TEXT_MAX];
   int accepted;            /* recipients accepted */
+  int defer;               /* set by the relay (l_smtp.c): not worth retrying within this run (a
+                              refused login), left to --resume */
 } smtp_result;
 
 typedef struct smtp_conn smtp_conn;

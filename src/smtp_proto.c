@@ -373,6 +373,43 @@ smtp_caps_parse(const smtp_reply *ehlo_reply, smtp_caps *caps)
   }
 }
 
+void
+smtp_caps_parse_raw(const char *buf, size_t len, smtp_caps *caps)
+{
+  char line[SMTP_LINE_MAX + 1];
+  size_t pos = 0;
+  int first = 1;
+
+  memset(caps, 0, sizeof(*caps));
+  while (pos < len) {
+    const char *p = buf + pos, *e = memchr(p, '\n', len - pos);
+    size_t n = e ? (size_t)(e - p) : len - pos, elen;
+    pos += n + (e != NULL);
+    if (n > 0 && p[n - 1] == '\r')
+      n--;
+    if (first || n <= 4) {      /* the greeting line (RFC 5321 §4.1.1.1), or "250" with no keyword */
+      first = 0;
+      continue;
+    }
+    p += 4;                     /* "250-" / "250 " */
+    n -= 4;
+    if (n > SMTP_LINE_MAX)      /* cannot happen after smtp_reply_parse(); bounds the copy anyway */
+      n = SMTP_LINE_MAX;
+    /* as smtp_reply_line() does: an enhanced code of the reply's class is not part of the keyword */
+    if ((elen = smtp_enhanced_len(p, n, (p[-4] - '0') * 100, 1)) > 0) {
+      while (elen < n && p[elen] == ' ')
+        elen++;
+      p += elen;
+      n -= elen;
+    }
+    for (size_t i = 0; i < n; i++) {
+      unsigned char c = (unsigned char)p[i];
+      line[i] = (c < 0x20 && c != '\t') || c == 0x7f ? '?' : (char)c;
+    }
+    smtp_caps_line(caps, line, n);
+  }
+}
+
 /* ---------------------------------------------------------------- envelope addresses */
 
 static int

@@ -75,6 +75,14 @@ typedef struct {
  * value gives size 0 with size_present 1; a value too big for the type saturates. auth and names keep
  * whole words / whole lines only: what does not fit is left out, never cut in the middle. */
 void smtp_caps_parse(const smtp_reply *ehlo_reply, smtp_caps *caps);
+/* The same from the raw bytes of ONE complete EHLO reply, as smtp_reply_parse() accepted them (buf/len:
+ * exactly the bytes it consumed). Every line is read, so a reply whose text exceeds SMTP_REPLY_TEXT_MAX
+ * (hundreds of long keyword lines: 4 KiB of text is easily reached) keeps every capability, where
+ * smtp_caps_parse() on the truncated text would lose those past the cut. The parser's own bounds
+ * (SMTP_REPLY_LINES_MAX lines, SMTP_REPLY_BYTES_MAX bytes) still apply, and beyond them the reply is a
+ * protocol error: the session fails closed rather than going on without a capability. Control bytes in a
+ * keyword line become '?', as in the reply text. */
+void smtp_caps_parse_raw(const char *buf, size_t len, smtp_caps *caps);
 
 /* Envelope address check against command injection: returns 1 if `addr` (WITHOUT the angle brackets)
  * may go inside MAIL FROM:<...> / RCPT TO:<...>, else 0 with a reason in why.

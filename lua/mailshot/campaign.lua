@@ -375,6 +375,11 @@ local function process(c, opts, row, line)
   rep.via, rep.mx = res.via, res.mx
   rep.temporary = res.retry == true or (res.temporary and res.retry ~= false)
   rep.retry = res.retry
+  if res.defer and not res.ok then
+    -- not sent, and no use trying again within this run (a relay that refused our login):
+    -- deferred at once, for --resume
+    rep.temporary, rep.retry = true, false
+  end
   rep.response = one_line(res.message)
   if c.bounces_path and not res.ok and not rep.temporary and tostring(res.enhanced or ""):match("^5%.1%.") then
     -- a hard bounce (5.1.x: no such user or domain): the next campaign skips this address

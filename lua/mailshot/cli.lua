@@ -61,7 +61,8 @@ found relative to the script's folder.
   --give-up-after D retry temporary failures within this run until D (90s, 5m, 4h) after a
                     message's first try (default: the campaign's retry.give_up_after, 4h);
                     0: no retries in this run (they stay deferred for --resume)
-  --log FILE        append the SMTP dialogue of every session to FILE (AUTH data masked)
+  --log FILE        append the SMTP dialogue of every session to FILE (AUTH data masked): lines
+                    "TIME [sN] PEER > sent" / "< received" (one per reply line), other bytes as \xNN
   --quiet           no live progress line: a plain progress line every 10 s instead (also
                     what happens when stderr is not a terminal)
   --progress SECS   seconds between plain progress lines (default 10; 0: none)

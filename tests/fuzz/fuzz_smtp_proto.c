@@ -48,6 +48,15 @@ fuzz_replies(const char *d, size_t len)
       smtp_caps_parse(&r, &caps);
       ASSERT(strnlen(caps.auth, sizeof(caps.auth)) < sizeof(caps.auth));
       ASSERT(strnlen(caps.names, sizeof(caps.names)) < sizeof(caps.names));
+      {
+        /* what the session uses: the raw bytes; it agrees with the text whenever the text is whole */
+        smtp_caps raw;
+        smtp_caps_parse_raw(d + off, (size_t)n, &raw);
+        ASSERT(strnlen(raw.auth, sizeof(raw.auth)) < sizeof(raw.auth));
+        ASSERT(strnlen(raw.names, sizeof(raw.names)) < sizeof(raw.names));
+        ASSERT(r.truncated || enhanced || (raw.starttls == caps.starttls && raw.pipelining == caps.pipelining
+                               && strcmp(raw.auth, caps.auth) == 0));
+      }
       /* the reply alone parses the same, and any shorter prefix of it needs more bytes */
       ASSERT(smtp_reply_parse(d + off, (size_t)n, enhanced, &r2, err, sizeof(err)) == n);
       ASSERT(r2.code == r.code && r2.nlines == r.nlines && strcmp(r2.text, r.text) == 0);

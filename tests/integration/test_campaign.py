@@ -71,7 +71,7 @@ class CampaignTests(MailshotTestCase):
             log = f.read()
         self.assertNotIn(PW, log)
         self.assertIn("AUTH PLAIN ********", log)
-        self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
+        self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} \[s\d+\] 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
         self.assertRegex(log, r"< 250 .*queued")
         progress = [l for l in p.stderr.splitlines() if l.startswith("mailshot: campaign: ")]
         self.assertTrue(progress, p.stderr)
@@ -204,13 +204,15 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         self.assertEqual((r["status"], r["code"], r["stage"]), ("deferred", "421", "greeting"))
         self.assertIn("Too many connections", r["response"])
 
-    def test_wrong_password_fails_every_message_at_auth(self):
+    def test_wrong_password_defers_every_message_at_auth(self):
+        # not sent, left for --resume once the password is fixed (issue 10 item 5; test_faults
+        # HostileServerTests has the many-row case)
         script = self.example_copy([["a@example.com", "A"]])
         srv = self.start_smtpd(tls=True, auth={"news": PW})
         p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv, password="nope"))
         self.assertEqual(p.returncode, 1)
         r = read_report(self.path("r.csv"))[0]
-        self.assertEqual((r["status"], r["code"], r["stage"]), ("failed", "535", "auth"))
+        self.assertEqual((r["status"], r["code"], r["stage"]), ("deferred", "535", "auth"))
         self.assertEqual(srv.message_count(), 0)
 
     def test_csv_value_cannot_add_a_header_or_a_recipient(self):

@@ -5,9 +5,10 @@ import os
 import re
 import socket
 import threading
+import time
 import unittest
 
-from tests.integration.harness import MailshotTestCase, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, make_cert, read_report, scaled, write_csv
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -154,6 +155,194 @@ class FaultTests(MailshotTestCase):
                 for r in rep.values():
                     self.assertEqual((r["status"], r["stage"]), ("deferred", "greeting"), r)
                     self.assertRegex(r["response"], "protocol error|closed by the server")
+
+
+# A campaign that logs in (issue 10 items 5 and 13): the password comes from the environment.
+AUTH_CAMPAIGN = """
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", ca_file = os.getenv "SMTP_CA_FILE",
+                               user = "news", password = os.getenv "SMTP_PASSWORD", timeout = 5,
+                               max_connections = 4 }
+local send = relay
+if os.getenv "FALLBACK" then
+  -- relay, then another path (a function standing for direct delivery) when the rule says so
+  send = mailshot.fallback { relay, function(msg)
+    return { ok = true, code = 250, message = "delivered by the other path", via = "other" }
+  end }
+end
+return mailshot.campaign {
+  recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello {{email}}",
+  send = send, concurrency = 8, retry = { first = "0.1s", max = "0.2s", give_up_after = "3s" },
+}
+"""
+
+# One relay:send, timed, for the hostile-reply tests (items 6 and 8).
+SEND_ONE = r"""
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = os.getenv "SMTP_TLS",
+                               ca_file = os.getenv "SMTP_CA_FILE", user = os.getenv "SMTP_USER",
+                               password = os.getenv "SMTP_PASSWORD", timeout = tonumber(os.getenv "TIMEOUT") }
+local r = relay:send { from = "s@example.org", to = "r@example.com", data = "Subject: t\n\nhi\n" }
+print(("ok=%s stage=%s message=%s"):format(tostring(r.ok), tostring(r.stage), tostring(r.message)))
+"""
+
+GOOD_PW, BAD_PW = "right-horse-battery", "wrong-horse-battery"
+
+
+class HostileServerTests(MailshotTestCase):
+    """Issue 10 items 5, 6, 8, 13: a refused login, a dripping server, a huge EHLO reply, forged
+    log lines."""
+
+    def campaign(self, n, text=AUTH_CAMPAIGN):
+        d = self.path("c")
+        os.makedirs(d, exist_ok=True)
+        write_csv(os.path.join(d, "list.csv"), ["email"], [[f"u{i}@example.com"] for i in range(n)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(text)
+        return os.path.join(d, "c.lua")
+
+    def send_one(self, srv, **env):
+        script = self.path("one.lua")
+        with open(script, "w") as f:
+            f.write(SEND_ONE)
+        cert, _ = make_cert(self.tmp)
+        e = {"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert, "SMTP_TLS": "none", "TIMEOUT": "10"}
+        e.update(env)
+        t0 = time.monotonic()
+        p = self.run_mailshot("exec", script, env=e, timeout=scaled(120, 300))
+        elapsed = time.monotonic() - t0
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        m = re.search(r"^ok=(\w+) stage=(\S+) message=(.*)$", p.stdout, re.M)
+        self.assertIsNotNone(m, p.stdout)
+        return m.group(1) == "true", m.group(2), m.group(3), elapsed
+
+    def auth_attempts(self, srv):
+        return sum(1 for ln in srv.log_lines() if ln.upper().startswith("AUTH "))
+
+    # ---- item 5: a refused login stops the relay's logins
+
+    def test_a_wrong_password_costs_at_most_one_login_per_connection_and_the_rows_wait_for_resume(self):
+        n = scaled(60, 50)
+        srv = self.start_smtpd(tls=True, auth={"news": GOOD_PW})
+        script = self.campaign(n)
+        cert, _ = make_cert(self.tmp)
+        env = {"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert, "SMTP_PASSWORD": BAD_PW}
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=env, timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 1, p.stderr[-3000:])
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual(sorted(r["email"] for r in rep), sorted(f"u{i}@example.com" for i in range(n)))
+        for r in rep:
+            self.assertEqual((r["status"], r["stage"]), ("deferred", "auth"), r)
+            self.assertIn("535", r["response"])
+            self.assertIn("Authentication credentials invalid", r["response"])   # the server's words
+            self.assertIn("no further login was attempted", r["response"])
+        # max_connections = 4: at most one failed login per connection that was open at the time
+        attempts = self.auth_attempts(srv)
+        self.assertGreaterEqual(attempts, 1)
+        self.assertLessEqual(attempts, 4, srv.log_lines())
+        self.assertEqual(srv.message_count(), 0)
+        said = [l for l in p.stderr.splitlines() if "refused our login" in l]
+        self.assertEqual(len(said), 1, p.stderr[-3000:])
+        self.assertRegex(said[0], r"^mailshot: relay 127\.0\.0\.1:\d+ refused our login \(535 5\.7\.8 .*\): "
+                                  r"no further logins this run; fix the credentials, then run again with --resume$")
+        self.assertNotIn(BAD_PW, p.stdout + p.stderr)
+        # fixed password, --resume: every deferred row is sent now
+        env["SMTP_PASSWORD"] = GOOD_PW
+        p = self.run_mailshot("run", script, "--send", "--resume", "--report", "r.csv", env=env,
+                              timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual([r["status"] for r in rep], ["sent"] * n)
+        self.assertEqual(srv.message_count(), n)
+
+    def test_a_refused_login_still_falls_back_to_the_other_path_when_the_rule_says_so(self):
+        srv = self.start_smtpd(tls=True, auth={"news": GOOD_PW})
+        script = self.campaign(20)
+        cert, _ = make_cert(self.tmp)
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", timeout=scaled(60, 300),
+                              env={"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert, "SMTP_PASSWORD": BAD_PW,
+                                   "FALLBACK": "1"})
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual(len(rep), 20)
+        for r in rep:
+            self.assertEqual((r["status"], r["via"]), ("sent", "other"), r)
+        self.assertLessEqual(self.auth_attempts(srv), 4, srv.log_lines())
+        self.assertEqual(sum("refused our login" in l for l in p.stderr.splitlines()), 1, p.stderr)
+
+    # ---- item 6: a reply must be complete within the timeout
+
+    def test_a_server_dripping_a_reply_byte_by_byte_times_out_within_the_wait(self):
+        # greeting ~36 bytes at 1 byte/s (~36 s); EHLO reply ~1.6 KB at 10 bytes/s (~160 s)
+        for what, drip, extra, stage in (("GREETING", "GREETING:1000", {}, "greeting"),
+                                         ("EHLO", "EHLO:100", {"ehlo_padding": 20}, "ehlo")):
+            with self.subTest(what=what):
+                srv = self.start_smtpd(drip=[drip], **extra)
+                ok, st, msg, elapsed = self.send_one(srv, TIMEOUT="2")
+                self.assertFalse(ok, msg)
+                self.assertEqual(st, stage, msg)
+                self.assertRegex(msg, rf"^timed out after 2 s waiting for the {stage} reply \(\d+ bytes of it came")
+                self.assertLess(elapsed, scaled(15, 60), msg)
+                self.assertIn("dripping", srv.stderr())      # the drip really ran
+                srv.stop()
+
+    # ---- item 8: a long EHLO reply keeps its capabilities
+
+    def test_an_ehlo_reply_of_several_kilobytes_keeps_starttls_and_auth(self):
+        srv = self.start_smtpd(tls=True, auth={"news": GOOD_PW}, ehlo_padding=100)   # ~7.6 KB
+        ok, st, msg, _ = self.send_one(srv, SMTP_TLS="starttls", SMTP_USER="news", SMTP_PASSWORD=GOOD_PW)
+        self.assertTrue(ok, f"{st}: {msg}")
+        (m,) = srv.messages()
+        self.assertTrue(m["tls"])
+        self.assertEqual(m["auth_user"], "news")
+
+    def test_an_ehlo_reply_beyond_our_bounds_fails_closed(self):
+        srv = self.start_smtpd(tls=True, ehlo_padding=1100)                           # > 1000 lines, ~80 KB
+        ok, st, msg, _ = self.send_one(srv, SMTP_TLS="starttls")
+        self.assertFalse(ok, msg)
+        self.assertEqual(st, "ehlo", msg)
+        self.assertRegex(msg, r"^protocol error: reply (has more than 1000 lines|longer than 65536 octets)")
+        self.assertEqual(srv.message_count(), 0)
+
+    # ---- item 13: the dialogue log cannot be forged, and tells sessions apart
+
+    def test_the_log_attributes_every_line_and_escapes_injected_bytes(self):
+        # a greeting whose continuation lines look like our own log lines, with CR and ESC inside
+        inject = r"> AUTH PLAIN Zm9yZ2Vk\n[s99] 127.0.0.1 > QUIT\rx\n\x1b[31mred\x1b[0m"
+        srv = self.start_smtpd(tls=True, auth={"news": GOOD_PW}, greeting_lines=inject,
+                               delay=["DATA-END:0.1"])
+        script = self.campaign(12)
+        cert, _ = make_cert(self.tmp)
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", "--log", "d.log",
+                              timeout=scaled(60, 300),
+                              env={"SMTP_SERVER": srv.address, "SMTP_CA_FILE": cert, "SMTP_PASSWORD": GOOD_PW})
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        with open(self.path("d.log"), "rb") as f:
+            raw = f.read()
+        self.assertNotIn(b"\x1b", raw)
+        self.assertNotIn(b"\r", raw)
+        self.assertNotIn(GOOD_PW.encode(), raw)
+        line_re = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \[s(\d+)\] 127\.0\.0\.1 (>|<|--|!!) (.*)$")
+        sessions = collections.defaultdict(list)
+        for ln in raw.decode("ascii").split("\n")[:-1]:
+            m = line_re.match(ln)
+            self.assertIsNotNone(m, ln)
+            sessions[int(m.group(1))].append((m.group(2), m.group(3)))
+        # one id per connection the server saw, several at once (concurrency 8, max_connections 4)
+        self.assertGreaterEqual(len(sessions), 2, list(sessions))
+        self.assertEqual(len(sessions), srv.connections())
+        ours = re.compile(r"^(EHLO \S+|STARTTLS|AUTH PLAIN \*{8}|MAIL FROM:<[^>]*>.*|RCPT TO:<[^>]*>|DATA|"
+                          r"\[message: \d+ bytes\]|RSET|QUIT)$")
+        for sid, lines in sessions.items():
+            for d, text in lines:
+                if d == ">":
+                    self.assertRegex(text, ours, f"[s{sid}] a client line that we never sent")
+            theirs = [t for d, t in lines if d == "<"]
+            # the forged lines arrive as the server's, escaped, each on its own "<" line
+            self.assertIn(r"220-> AUTH PLAIN Zm9yZ2Vk", theirs)
+            self.assertIn(r"220-[s99] 127.0.0.1 > QUIT\x0Dx", theirs)
+            self.assertIn(r"220-\x1B[31mred\x1B[0m", theirs)
+            self.assertEqual(sum(t == "AUTH PLAIN ********" for d, t in lines if d == ">"), 1)
 
 
 if __name__ == "__main__":

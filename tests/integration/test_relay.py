@@ -116,7 +116,8 @@ for w = 1, 2 do assert(tasks[w]:join()) end
         self.assertEqual(srv.message_count(), 10)
         self.assertEqual(srv.connections(), 1)
         # client trace: a message's body, then the next MAIL before the reply to the first dot
-        lines = [l.split(" ", 2)[1:] for l in p.stderr.splitlines() if " > " in l or " < " in l]
+        # trace lines: "[sN] PEER DIR TEXT"
+        lines = [l.split(" ", 3)[2:] for l in p.stderr.splitlines() if " > " in l or " < " in l]
         overlapped = 0
         for i, (d, text) in enumerate(lines):
             if d == ">" and text.startswith("[message:"):

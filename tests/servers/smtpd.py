@@ -28,7 +28,13 @@ sent after the 354, before dot-unstuffing) have been read and before the final d
 that ends before N bytes is accepted as usual (logged as a warning), never dropped.  The drops
 can be limited to the first N (--disconnect-times N) and to transactions with a recipient
 containing PATTERN (--disconnect-rcpt PATTERN: DATA, DATA-BODY, DATA-END only).  Every drop is
-logged on stderr as "conn <n>: disconnecting on <WHAT>..."."""
+logged on stderr as "conn <n>: disconnecting on <WHAT>...".
+
+Hostile replies: --drip WHAT:MS sends the reply to WHAT (GREETING or a command) one byte every MS
+milliseconds (a server that keeps a client waiting without ever going quiet); --ehlo-padding N puts
+N long keyword lines first in the EHLO reply (a reply of several KB); --greeting-lines TEXT sends
+extra "220-" lines before the greeting (lines separated by \n; Python escapes such as \r and \x1b
+are decoded, to inject bytes)."""
 
 import argparse
 import asyncio
@@ -130,6 +136,12 @@ def parse_args(argv=None):
     p.add_argument("--disconnect-rcpt", action="append", default=[], metavar="PATTERN",
                    help="disconnect only in a transaction with a recipient containing PATTERN "
                         "(so only at DATA, DATA-BODY or DATA-END; repeatable)")
+    p.add_argument("--drip", action="append", default=[], metavar="WHAT:MS",
+                   help="send the reply to WHAT (GREETING or a command) one byte every MS milliseconds")
+    p.add_argument("--ehlo-padding", type=int, default=0, metavar="N",
+                   help="N padding keyword lines (about 70 bytes each) first in the EHLO reply")
+    p.add_argument("--greeting-lines", default=None, metavar="TEXT",
+                   help="extra 220- lines before the greeting (\\n separates lines; escapes decoded)")
     p.add_argument("--timeout", type=float, default=60, help="idle timeout per connection")
     p.add_argument("--verbose", "-v", action="store_true")
     a = p.parse_args(argv)
@@ -163,6 +175,17 @@ def parse_args(argv=None):
             p.error(f"--delay expects WHAT:SECONDS, got {d!r}")
     a.delays = delays
     a.disconnect_on = {w.upper() for w in a.disconnect_on}
+    drips = {}
+    for d in a.drip:
+        what, sep, ms = d.rpartition(":")
+        try:
+            drips[what.upper()] = float(ms) / 1000
+        except ValueError:
+            p.error(f"--drip expects WHAT:MS, got {d!r}")
+    a.drips = drips
+    if a.greeting_lines is not None:
+        raw = a.greeting_lines.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        a.greeting_lines = [x.encode("latin-1") for x in raw.replace("\\n", "\n").split("\n")]
     if a.disconnect_after_bytes < 1:
         p.error("--disconnect-after-bytes must be at least 1")
     if a.disconnect_times < 0:
@@ -241,6 +264,7 @@ class TestSMTP(SMTP):
         self.data_bytes = 0             # message bytes read in the current DATA
         self.data_line_start = True     # the next DATA read starts a line (it may be the dot)
         self.last_buffered = False
+        self.drip = None                # seconds per byte for the reply being written (--drip)
         self.messages_in_conn = 0
         self.pipelining_advertised = False
         with warnings.catch_warnings():
@@ -293,6 +317,20 @@ class TestSMTP(SMTP):
         secs = self.opts.delays.get(what)
         if secs:
             await asyncio.sleep(secs)
+        self.drip = self.opts.drips.get(what)
+
+    async def push(self, status):
+        """aiosmtpd's push, or one byte at a time with --drip (for the reply being dripped)."""
+        if not self.drip:
+            return await super().push(status)
+        data = (status.encode("utf-8") if isinstance(status, str) else status) + b"\r\n"
+        log.info("conn %d: dripping %d bytes, one every %g s", self.conn_id, len(data), self.drip)
+        for i in range(len(data)):
+            if self.transport is None or self.transport.is_closing():
+                return
+            self._writer.write(data[i:i + 1])
+            await self._writer.drain()
+            await asyncio.sleep(self.drip)
 
     def _maybe_disconnect(self, what, detail=""):
         if what in self.opts.disconnect_on:
@@ -343,6 +381,8 @@ class TestSMTP(SMTP):
         await self._maybe_delay("GREETING")
         if self._maybe_disconnect("GREETING"):
             return
+        if self.opts.greeting_lines:
+            self._writer.write(b"".join(b"220-" + x + b"\r\n" for x in self.opts.greeting_lines))
         if self.opts.greeting_code != 220:
             await self.push(f"{self.opts.greeting_code} {self.opts.hostname} {self.opts.greeting_text}")
             log.info("conn %d: greeted with %d, closing", self.conn_id, self.opts.greeting_code)
@@ -365,6 +405,7 @@ class TestSMTP(SMTP):
         self.session.host_name = hostname
         tls = self.is_tls()
         resp = [self.hostname]
+        resp += [f"X-PADDING-{i:04d} " + "p" * 60 for i in range(self.opts.ehlo_padding)]
         if not self.opts.no_pipelining:
             resp.append("PIPELINING")
         if self.data_size_limit:

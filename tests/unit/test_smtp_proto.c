@@ -352,9 +352,13 @@ test_classification_follows_first_digit(void)
 static void
 caps_of(const char *ehlo, smtp_caps *c)
 {
+  smtp_caps raw;
   int n = parse(ehlo, 0);
   CHECK_INT(n, (long long)strlen(ehlo));
   smtp_caps_parse(&R, c);
+  /* the session parses the raw bytes: on a reply that fits the text, both must agree */
+  smtp_caps_parse_raw(ehlo, strlen(ehlo), &raw);
+  CHECK(memcmp(&raw, c, sizeof raw) == 0);
 }
 
 static void
@@ -451,6 +455,37 @@ test_caps_edge_cases(void)
   /* NULL reply: all zero */
   smtp_caps_parse(NULL, &c);
   CHECK(!c.pipelining && c.names[0] == '\0');
+}
+
+/* Issue 10 item 8: a 7 KB EHLO reply (padding lines first, as some appliances send) overflows the
+ * 4 KB reply text; the capabilities after the cut must not be lost. */
+static void
+test_caps_from_ehlo_longer_than_the_reply_text(void)
+{
+  smtp_buf b = { 0 };
+  smtp_caps c;
+  int ok = smtp_buf_printf(&b, "250-big.example.org Hello\r\n") == 0;
+  for (int i = 0; i < 100 && ok; i++)
+    ok = smtp_buf_printf(&b, "250-X-PADDING-%03d %060d\r\n", i, i) == 0;
+  ok = ok && smtp_buf_printf(&b, "250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n") == 0;
+  CHECK(ok);
+  CHECK(b.len > 6000 && b.len < 9000);
+  CHECK_INT(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)), (long long)b.len);
+  CHECK_INT(R.truncated, 1);                                   /* the text lost the tail... */
+  CHECK_INT(R.nlines, 105);
+  smtp_caps_parse_raw(b.data, b.len, &c);                      /* ...the capabilities do not */
+  CHECK(c.starttls && c.auth_plain && c.auth_login && c.eightbitmime && c.size_present);
+  CHECK_INT(c.size, 1000);
+  CHECK_STR(c.auth, "PLAIN LOGIN");
+  CHECK(strncmp(c.names, "X-PADDING-000 ", 14) == 0);
+  /* a control byte in a keyword line is made safe, as in the reply text */
+  {
+    const char *esc = "250-x\r\n250-STARTTLS\r\n250 X-\033[2J\r\n";
+    smtp_caps_parse_raw(esc, strlen(esc), &c);
+  }
+  CHECK(c.starttls);
+  CHECK_STR(c.names, "STARTTLS X-?[2J");
+  smtp_buf_free(&b);
 }
 
 static void
@@ -824,6 +859,7 @@ main(void)
   test_caps_keywords_are_case_insensitive();
   test_caps_edge_cases();
   test_caps_long_lists_keep_whole_words();
+  test_caps_from_ehlo_longer_than_the_reply_text();
   test_addr_ok_accepts_good_addresses();
   test_addr_ok_rejects_injection_and_malformed();
   test_addr_ok_length_limits();
