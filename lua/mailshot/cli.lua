@@ -109,6 +109,7 @@ Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
 ]=],
   preflight = [=[
 Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS] [--connect [--port N]]
+                              [--allow-private]
 
 Render every message of the campaign (nothing is sent), then check the From domain's SPF
 record, the DKIM key published at the campaign's selector (and that it matches the private
@@ -122,6 +123,10 @@ the exit status is 1 when one of them is blocking, else 0.
   --connect          also probe each distinct MX host: connect, EHLO, STARTTLS (no MAIL, no
                      RCPT), and report the ones that fail or offer no TLS
   --port N           the MX hosts' port for --connect (default 25)
+  --allow-private    accept MX addresses that are not on the internet (loopback, 10.x,
+                     192.168.x, link-local, ...), as direct delivery's allow_private does:
+                     without it they are never probed, and a domain whose every mail server
+                     is such is reported
 ]=],
   dkim = [=[
 Usage: mailshot dkim keygen --selector S --domain D [--algorithm rsa-sha256|ed25519-sha256]
@@ -445,7 +450,8 @@ function commands.dkim(args)
 end
 
 function commands.preflight(args)
-  local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value" }, "preflight")
+  local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value",
+                                  ["allow-private"] = "flag" }, "preflight")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.preflight); return 0 end
   if #pos ~= 1 then complain("preflight: expected one campaign script"); return 2 end
@@ -453,7 +459,8 @@ function commands.preflight(args)
   if not c then complain(err); return 2 end
   local res
   res, err = require("mailshot.preflight").run(c, { dns = opts.dns, timeout = tonumber(opts.timeout or 3),
-                                                     connect = opts.connect, port = tonumber(opts.port) })
+                                                     connect = opts.connect, port = tonumber(opts.port),
+                                                     allow_private = opts["allow-private"] })
   if not res then complain(err); return 2 end
   say(("mailshot preflight: %s: %d rows, %d distinct domains, From domain %s"):format(
     c.name, res.rows, (function() local n = 0 for _ in pairs(res.domains) do n = n + 1 end return n end)(),
