@@ -77,7 +77,7 @@ Nothing is sent and nothing is written.
 ]=],
   check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
-                      [--insecure] [--helo NAME] [--timeout SECONDS] [--verbose]
+                      [--insecure] [--helo NAME] [--timeout SECONDS] [--dns IP[:PORT]] [--verbose]
 
 Test an SMTP relay the way a campaign would use it: connect, read the greeting, EHLO, upgrade
 to TLS, authenticate, QUIT.  Prints the greeting, capabilities, TLS version, cipher and
@@ -92,6 +92,8 @@ a one-line reason with the server's own words.
   --insecure           do not verify the server's certificate (explicit opt-out)
   --helo NAME          the name to give in EHLO (default: this machine's host name)
   --timeout SECONDS    for each step (default 30)
+  --dns IP[:PORT]      resolve HOST with this DNS server (comma-separated for several) instead
+                       of the system's; /etc/hosts is read first either way
   --verbose            print the SMTP dialogue (the password is masked)
 ]=],
   mx = [=[
@@ -331,7 +333,7 @@ end
 function commands.check(args)
   local opts, pos = parse(args, { tls = "value", user = "value", ["password-file"] = "value", ["ca-file"] = "value",
                                   insecure = "flag", helo = "value", timeout = "value", verbose = "flag",
-                                  password = "value" }, "check")
+                                  password = "value", dns = "value" }, "check")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.check); return 0 end
   if opts.password then
@@ -342,7 +344,7 @@ function commands.check(args)
   if #pos ~= 1 then complain("check: expected HOST:PORT (see mailshot check --help)"); return 2 end
   local o = { server = pos[1], tls = opts.tls or "starttls", user = opts.user, ca_file = opts["ca-file"],
               verify = not opts.insecure, helo = opts.helo, timeout = tonumber(opts.timeout or 30),
-              trace = opts.verbose or nil }
+              trace = opts.verbose or nil, dns = opts.dns }
   if not o.timeout then complain("check: --timeout must be a number"); return 2 end
   if o.user then
     local p, err = check_password(opts)
