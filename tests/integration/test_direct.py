@@ -210,6 +210,26 @@ class DirectTests(MailshotTestCase):
         self.assertTrue(r["ok"], r)
         self.assertEqual(self.landed(self.servers[1]), ["p@a.test"])
 
+    def test_a_campaign_reports_private_only_domains_as_failed_at_dns(self):
+        camp = self.path("camp")
+        os.makedirs(camp)
+        write_csv(os.path.join(camp, "list.csv"), ["email"], [["r1@a.test"], ["r2@a.test"]])
+        with open(os.path.join(camp, "c.lua"), "w") as f:
+            f.write('''local mailshot = require "mailshot"
+return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello",
+  send = mailshot.direct_sender { dns = os.getenv "DNS", port = tonumber(os.getenv "PORT"), timeout = 3 } }
+''')
+        p = self.run_mailshot("run", os.path.join(camp, "c.lua"), "--send", "--report", "r.csv",
+                              env={"DNS": self.dns.address, "PORT": str(self.port)})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual([(r["email"], r["status"], r["stage"], r["via"]) for r in rep],
+                         [("r1@a.test", "failed", "dns", "direct"), ("r2@a.test", "failed", "dns", "direct")])
+        for r in rep:
+            self.assertIn("mx1.a.test 127.0.0.3 (loopback)", r["response"])
+            self.assertIn("allow_private = true", r["response"])
+        self.assertEqual(sum(s.connections() for s in self.servers), 0)
+
     def test_private_refusal_falls_back_to_the_relay(self):
         # a relay has its own policy and may well deliver to an internal domain
         relay = self.start_smtpd()
