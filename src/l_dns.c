@@ -4,8 +4,10 @@
  *   local r = resolver.new{ servers = "127.0.0.1:5353", timeout = 2, tries = 2 }
  *   local records, kind, msg = r:query("example.com", "MX")
  *     records: { {host=, preference=, ttl=}, ... } for MX, { {address=, ttl=}, ... } for A/AAAA,
- *              { {text=, ttl=} } for TXT;
+ *              { {text=, ttl=} } for TXT (only records owned by the name asked, or by its CNAME chain);
  *     or nil, kind ("nxdomain", "nodata", "timeout", "servfail", "refused", "error"), message
+ *
+ *   resolver.address_class("127.0.0.1") -> "loopback" (nil for a global unicast address)
  *
  * The caching, IDN conversion and MX ordering rules are in lua/mailshot/dns.lua. */
 #include <lauxlib.h>
@@ -44,12 +46,12 @@ static int push_answer(lua_State *L, dns_status st, const char *msg, const dns_r
     const dns_rr *rr = &rrs[i];
     lua_createtable(L, 0, 3);
     if (rr->type == DNS_T_MX) {
-      lua_pushstring(L, rr->data);
+      lua_pushlstring(L, rr->data, rr->len);
       lua_setfield(L, -2, "host");
       lua_pushinteger(L, rr->pref);
       lua_setfield(L, -2, "preference");
     } else {
-      lua_pushstring(L, rr->data);
+      lua_pushlstring(L, rr->data, rr->len);
       lua_setfield(L, -2, rr->type == DNS_T_TXT ? "text" : "address");
     }
     lua_pushinteger(L, rr->ttl);
@@ -72,10 +74,7 @@ static void on_done(void *ud, dns_status st, const char *msg, const dns_rr *rrs,
   q->done = 1;
   q->st = st;
   snprintf(q->msg, sizeof q->msg, "%s", msg ? msg : "");
-  if (nrr > 0 && (q->rrs = malloc((size_t)nrr * sizeof *rrs)) != NULL) {
-    memcpy(q->rrs, rrs, (size_t)nrr * sizeof *rrs);
-    q->nrr = nrr;
-  }
+  if (nrr > 0 && (q->rrs = dns_rrs_copy(rrs, nrr)) != NULL) q->nrr = nrr;
 }
 
 static lresolver *check_resolver(lua_State *L) {
@@ -127,7 +126,7 @@ static int l_query(lua_State *L) {
   dns_query(lr->r, name, type, on_done, q);
   if (q->done) {
     int n = push_answer(L, q->st, q->msg, q->rrs, q->nrr);
-    free(q->rrs);
+    dns_rrs_free(q->rrs, q->nrr);
     free(q);
     return n;
   }
@@ -149,10 +148,18 @@ static int l_gc(lua_State *L) {
   return 0;
 }
 
+/* resolver.address_class(text) -> nil for a global unicast address, else why direct delivery
+ * must not connect to it ("loopback", "private (RFC 1918)", ..., "not an IP address") */
+static int l_address_class(lua_State *L) {
+  const char *why = dns_address_class(luaL_checkstring(L, 1));
+  if (why) lua_pushstring(L, why); else lua_pushnil(L);
+  return 1;
+}
+
 int luaopen_mailshot_resolver(lua_State *L) {
   static const luaL_Reg methods[] = { { "query", l_query }, { "stats", l_stats }, { "close", l_gc }, { NULL, NULL } };
   static const luaL_Reg meta[] = { { "__gc", l_gc }, { "__close", l_gc }, { NULL, NULL } };
-  static const luaL_Reg funcs[] = { { "new", l_new }, { NULL, NULL } };
+  static const luaL_Reg funcs[] = { { "new", l_new }, { "address_class", l_address_class }, { NULL, NULL } };
   static int initialised;
   if (!initialised) {
     int st = ares_library_init(ARES_LIB_INIT_ALL);

@@ -2,7 +2,8 @@
  *
  *   relay = smtp.relay{ server = "host:port", tls = "starttls"|"tls"|"none", user=, password=,
  *                       ca_file=, verify=true, helo=, timeout=60, max_connections=8,
- *                       allow_plaintext_auth=false, source=, trace=false }
+ *                       allow_plaintext_auth=false, source=, trace=false,
+ *                       dns="IP[:PORT],...", dns_timeout=3 }   (for a server given by name)
  *   result = relay:send{ from = "a@x", to = "b@y" | {...}, data = "RFC 5322 text" }
  *   info   = relay:check()
  *   relay:close()
@@ -17,6 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dns.h"
+#include "net.h"
 #include "smtp.h"
 #include "task.h"
 #include "tls.h"
@@ -404,6 +407,23 @@ static char *dup_secret(lua_State *L, const char *s) {
   return d;
 }
 
+/* A relay given by name gets its own c-ares resolver (options dns = "IP[:PORT],...", default the
+ * system's resolv.conf, and dns_timeout = seconds per try): /etc/hosts first, then DNS, with the
+ * system's search list, as getaddrinfo did, but without blocking the loop.  An IP address needs
+ * none. */
+static int open_resolver(lua_State *L, relay *r, char *err, size_t errlen) {
+  smtp_config *cfg = &r->cfg;
+  const char *target = cfg->connect_addr[0] ? cfg->connect_addr : cfg->host;
+  struct sockaddr_storage ss;
+  socklen_t len;
+  const char *servers = field_str(L, 1, "dns", NULL);
+  lua_Number timeout = field_num(L, 1, "dns_timeout", 3);
+  luaL_argcheck(L, timeout > 0 && timeout <= 60, 1, "dns_timeout must be in (0, 60] seconds");
+  if (net_numeric_addr(target, cfg->port, &ss, &len) == 0) return 0;
+  cfg->resolver = dns_resolver_new_ex(r->loop, servers, (int)(timeout * 1000), 2, 1, err, errlen);
+  return cfg->resolver ? 0 : -1;
+}
+
 /* smtp.relay(opts) -> relay */
 static int l_relay_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -480,6 +500,7 @@ static int l_relay_new(lua_State *L) {
   cfg->user = user && *user ? dup_secret(L, user) : NULL;
   cfg->password = cfg->user ? dup_secret(L, password) : NULL;
   r->loop = task_loop(L);
+  if (open_resolver(L, r, err, sizeof err) < 0) { lua_pushnil(L); lua_pushstring(L, err); return 2; }
   r->closed = 0;
   return 1;
 }
@@ -607,6 +628,8 @@ static int l_relay_gc(lua_State *L) {
   r->cfg.user = r->cfg.password = NULL;
   if (r->cfg.ssl_ctx) SSL_CTX_free(r->cfg.ssl_ctx);
   r->cfg.ssl_ctx = NULL;
+  dns_resolver_free(r->cfg.resolver);   /* after the sessions: they cancelled their lookups */
+  r->cfg.resolver = NULL;
   r->closed = 1;
   return 0;
 }

@@ -40,21 +40,19 @@ int net_split_hostport(const char *s, char *host, size_t hostlen, char *port, si
   return 0;
 }
 
-int net_resolve(const char *host, const char *port, struct addrinfo **out, char *err, size_t errlen) {
-  struct addrinfo hints = { 0 };
+int net_numeric_addr(const char *host, const char *port, struct sockaddr_storage *ss, socklen_t *len) {
+  struct addrinfo hints = { 0 }, *ai = NULL;
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
-  int r = getaddrinfo(host, port, &hints, out);
-  if (r == EAI_NONAME) {
-    hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
-    r = getaddrinfo(host, port, &hints, out);
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;   /* no lookup: returns at once */
+  if (getaddrinfo(host, port, &hints, &ai) != 0) return -1;
+  int ok = ai && ai->ai_addrlen <= sizeof *ss;
+  if (ok) {
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    *len = ai->ai_addrlen;
   }
-  if (r != 0) {
-    snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(r));
-    return -1;
-  }
-  return 0;
+  freeaddrinfo(ai);
+  return ok ? 0 : -1;
 }
 
 void net_addr_str(const struct sockaddr *sa, char *buf, size_t len) {

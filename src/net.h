@@ -21,10 +21,10 @@ typedef struct net_stream {
   char err[256];
 } net_stream;
 
-/* Resolve host:port to a list of addresses (numeric hosts never touch DNS).  Blocking for
- * names: relays are looked up once per connection attempt.  (Issue 3 moves names onto c-ares.)
- * Returns 0 and a list to free with freeaddrinfo, or -1 with a message in err. */
-int net_resolve(const char *host, const char *port, struct addrinfo **out, char *err, size_t errlen);
+/* host:port when host is an IP address ("192.0.2.1", "::1", "fe80::1%eth0"): 0 with the socket
+ * address filled in; -1 for anything else (a name: resolve it with dns_resolve, on the loop).
+ * Never blocks: no name service is asked. */
+int net_numeric_addr(const char *host, const char *port, struct sockaddr_storage *ss, socklen_t *len);
 
 /* Split "host:port", "[v6]:port" or "host" (then default_port) into its parts. */
 int net_split_hostport(const char *s, char *host, size_t hostlen, char *port, size_t portlen,

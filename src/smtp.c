@@ -8,6 +8,7 @@
  * trip.  Replies are parsed once, by smtp_reply_parse(); the failure class comes from
  * smtp_reply_class(). */
 #include "smtp.h"
+#include "dns.h"
 #include "net.h"
 #include "tls.h"
 
@@ -64,7 +65,9 @@ struct smtp_conn {
   smtp_reply reply;
   smtp_caps caps;
   smtp_result res;              /* the session's own outcome (open, or why it died) */
-  struct addrinfo *addrs, *next_addr;
+  dns_addr *addrs;              /* where to connect, tried in turn */
+  int naddrs, next_addr;
+  dns_lookup *lookup;           /* the host name's lookup in flight, or NULL */
   char connect_err[256];
   char *greeting, *ehlo_text;
   int ehlo_ok, tls_on, authenticated, handshake_after_starttls, retiring;
@@ -384,11 +387,10 @@ static void expect_reply(smtp_conn *c, exp_kind kind, smtp_txn *t) {
 /* ---------------- connecting ---------------- */
 
 static void try_connect(smtp_conn *c) {
-  while (c->next_addr) {
-    struct addrinfo *ai = c->next_addr;
-    c->next_addr = ai->ai_next;
-    net_addr_str(ai->ai_addr, c->peer, sizeof c->peer);
-    int fd = net_connect_start(ai->ai_addr, ai->ai_addrlen, c->cfg->source[0] ? c->cfg->source : NULL,
+  while (c->next_addr < c->naddrs) {
+    const dns_addr *a = &c->addrs[c->next_addr++];
+    net_addr_str((const struct sockaddr *)&a->ss, c->peer, sizeof c->peer);
+    int fd = net_connect_start((const struct sockaddr *)&a->ss, a->len, c->cfg->source[0] ? c->cfg->source : NULL,
                                c->connect_err, sizeof c->connect_err);
     if (fd < 0) continue;
     c->s.fd = fd;
@@ -903,9 +905,11 @@ void smtp_conn_free(smtp_conn *c) {
   /* Freed from inside one of its own callbacks (a relay dropping a dead session): the
    * transactions it still holds get their callbacks all the same (fail_all is delivering
    * them); only the open/quit operation is forgotten. */
+  dns_lookup_cancel(c->lookup);   /* a lookup in flight no longer calls us back */
+  c->lookup = NULL;
   if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
   close_socket(c);
-  if (c->addrs) freeaddrinfo(c->addrs);
+  free(c->addrs);
   smtp_buf_free(&c->out);
   free(c->exp);
   free(c->in);
@@ -923,15 +927,45 @@ static int begin(smtp_conn *c, int op, smtp_done_fn *fn, void *ud) {
   return 0;
 }
 
+static const char *connect_target(const smtp_conn *c) {
+  return c->cfg->connect_addr[0] ? c->cfg->connect_addr : c->cfg->host;
+}
+
+/* The host name's addresses are known (or not): connect to them in turn. */
+static void on_resolved(void *ud, dns_status st, const char *msg, const dns_addr *addrs, int n) {
+  smtp_conn *c = ud;
+  c->lookup = NULL;
+  c->busy++;
+  if (st != DNS_OK || n < 1) {
+    /* temporary whatever the answer: the relay's name is our configuration, not the recipient's */
+    fail(c, "connect", 1, "cannot resolve %s: %s", connect_target(c), msg);
+  } else if (!(c->addrs = malloc((size_t)n * sizeof *addrs))) {
+    fail(c, "connect", 1, "out of memory");
+  } else {
+    memcpy(c->addrs, addrs, (size_t)n * sizeof *addrs);
+    c->naddrs = n;
+    c->next_addr = 0;
+    try_connect(c);
+  }
+  c->busy--;
+  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+}
+
+/* An IP address is used as it is; a name is looked up on the loop (never getaddrinfo, which
+ * would block every other session while the DNS server takes its time). */
 static void open_connection(smtp_conn *c) {
-  char err[256];
-  const char *target = c->cfg->connect_addr[0] ? c->cfg->connect_addr : c->cfg->host;
-  if (net_resolve(target, c->cfg->port, &c->addrs, err, sizeof err) < 0) {
-    fail(c, "connect", 1, "%s", err);
+  const char *target = connect_target(c);
+  dns_addr a;
+  if (c->lookup || c->addrs) return;   /* already under way */
+  if (net_numeric_addr(target, c->cfg->port, &a.ss, &a.len) == 0) {
+    on_resolved(c, DNS_OK, "", &a, 1);
     return;
   }
-  c->next_addr = c->addrs;
-  try_connect(c);
+  if (!c->cfg->resolver) {
+    fail(c, "connect", 1, "cannot resolve %s: no resolver", target);
+    return;
+  }
+  c->lookup = dns_resolve(c->cfg->resolver, target, c->cfg->port, on_resolved, c);
 }
 
 /* Run f inside the re-entrancy guard, then write what it queued. */

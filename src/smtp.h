@@ -19,11 +19,16 @@ typedef enum {
   SMTP_TLS_OPPORTUNISTIC  /* STARTTLS when offered, plaintext otherwise (direct delivery) */
 } smtp_tls_mode;
 
+struct dns_resolver;
+
 /* What a session needs to know; owned by the caller (a relay) and outliving its sessions. */
 typedef struct smtp_config {
   char host[256];          /* name or address literal: for TLS name checks and SNI */
   char port[8];
   char connect_addr[64];   /* when set, connect here instead of resolving host */
+  /* resolves a host (or connect_addr) that is a name, on the loop (/etc/hosts, then DNS);
+   * NULL when it is an IP address.  Outlives the sessions. */
+  struct dns_resolver *resolver;
   char source[64];         /* local address to bind, or "" */
   smtp_tls_mode tls;
   int verify;              /* check certificate chain and name */

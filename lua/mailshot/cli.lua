@@ -83,7 +83,7 @@ Nothing is sent and nothing is written.
 ]=],
   check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
-                      [--insecure] [--helo NAME] [--timeout SECONDS] [--verbose]
+                      [--insecure] [--helo NAME] [--timeout SECONDS] [--dns IP[:PORT]] [--verbose]
 
 Test an SMTP relay the way a campaign would use it: connect, read the greeting, EHLO, upgrade
 to TLS, authenticate, QUIT.  Prints the greeting, capabilities, TLS version, cipher and
@@ -98,6 +98,8 @@ a one-line reason with the server's own words.
   --insecure           do not verify the server's certificate (explicit opt-out)
   --helo NAME          the name to give in EHLO (default: this machine's host name)
   --timeout SECONDS    for each step (default 30)
+  --dns IP[:PORT]      resolve HOST with this DNS server (comma-separated for several) instead
+                       of the system's; /etc/hosts is read first either way
   --verbose            print the SMTP dialogue (the password is masked)
 ]=],
   mx = [=[
@@ -115,6 +117,7 @@ Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
 ]=],
   preflight = [=[
 Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS] [--connect [--port N]]
+                              [--allow-private]
 
 Render every message of the campaign (nothing is sent), then check the From domain's SPF
 record, the DKIM key published at the campaign's selector (and that it matches the private
@@ -128,6 +131,10 @@ the exit status is 1 when one of them is blocking, else 0.
   --connect          also probe each distinct MX host: connect, EHLO, STARTTLS (no MAIL, no
                      RCPT), and report the ones that fail or offer no TLS
   --port N           the MX hosts' port for --connect (default 25)
+  --allow-private    accept MX addresses that are not on the internet (loopback, 10.x,
+                     192.168.x, link-local, ...), as direct delivery's allow_private does:
+                     without it they are never probed, and a domain whose every mail server
+                     is such is reported
 ]=],
   dkim = [=[
 Usage: mailshot dkim keygen --selector S --domain D [--algorithm rsa-sha256|ed25519-sha256]
@@ -339,7 +346,7 @@ end
 function commands.check(args)
   local opts, pos = parse(args, { tls = "value", user = "value", ["password-file"] = "value", ["ca-file"] = "value",
                                   insecure = "flag", helo = "value", timeout = "value", verbose = "flag",
-                                  password = "value" }, "check")
+                                  password = "value", dns = "value" }, "check")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.check); return 0 end
   if opts.password then
@@ -350,7 +357,7 @@ function commands.check(args)
   if #pos ~= 1 then complain("check: expected HOST:PORT (see mailshot check --help)"); return 2 end
   local o = { server = pos[1], tls = opts.tls or "starttls", user = opts.user, ca_file = opts["ca-file"],
               verify = not opts.insecure, helo = opts.helo, timeout = tonumber(opts.timeout or 30),
-              trace = opts.verbose or nil }
+              trace = opts.verbose or nil, dns = opts.dns }
   if not o.timeout then complain("check: --timeout must be a number"); return 2 end
   if o.user then
     local p, err = check_password(opts)
@@ -458,7 +465,8 @@ function commands.dkim(args)
 end
 
 function commands.preflight(args)
-  local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value" }, "preflight")
+  local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value",
+                                  ["allow-private"] = "flag" }, "preflight")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.preflight); return 0 end
   if #pos ~= 1 then complain("preflight: expected one campaign script"); return 2 end
@@ -466,7 +474,8 @@ function commands.preflight(args)
   if not c then complain(err); return 2 end
   local res
   res, err = require("mailshot.preflight").run(c, { dns = opts.dns, timeout = tonumber(opts.timeout or 3),
-                                                     connect = opts.connect, port = tonumber(opts.port) })
+                                                     connect = opts.connect, port = tonumber(opts.port),
+                                                     allow_private = opts["allow-private"] })
   if not res then complain(err); return 2 end
   say(("mailshot preflight: %s: %d rows, %d distinct domains, From domain %s"):format(
     c.name, res.rows, (function() local n = 0 for _ in pairs(res.domains) do n = n + 1 end return n end)(),

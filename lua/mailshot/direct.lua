@@ -7,6 +7,17 @@
 -- its answer is the outcome (a 5xx is permanent; a 4xx is temporary and is not tried elsewhere,
 -- as MTAs do).  Sessions to a host are pooled (one relay object per host and address), and a
 -- domain gets at most `max_per_domain` connections at a time.
+--
+-- Private addresses: a recipient domain's DNS decides where direct delivery connects, so a list
+-- with an address at a hostile (or broken) domain could make mailshot deliver to this machine or
+-- the local network (an MX whose address is 127.0.0.1 or 10.0.0.5).  By default no connection
+-- goes to an address that is not global unicast (loopback, RFC 1918, link-local, CGNAT,
+-- multicast, reserved...: dns.address_class); `allow_private = true` allows them (tests, an
+-- internal network).  A domain whose every mail server is refused fails permanently at stage
+-- "dns" (result.dns = "private"); a mix uses the public ones.  `user@localhost` (RFC 6761: this
+-- machine, not an internet domain) is refused the same way, and with allow_private goes to ::1
+-- then 127.0.0.1 without DNS.  Address literals (`user@[192.0.2.1]`) are never delivered to, and
+-- an MX record naming an IP address instead of a host is not used (dns.plan).
 
 local core = require "mailshot.core"
 local smtp = require "mailshot.smtp"
@@ -30,7 +41,7 @@ local BEFORE_TRANSACTION = { connect = true, tls = true, greeting = true, ehlo =
 
 local OPTIONS = { dns = true, helo = true, port = true, source = true, timeout = true, tls = true,
                   max_per_domain = true, ca_file = true, dns_timeout = true, trace = true, rate = true,
-                  domain_rate = true, timeouts = true }
+                  domain_rate = true, timeouts = true, allow_private = true }
 
 --- A direct sender: `sender:send(msg)` -> result (a relay's result plus via, mx, address, attempts).
 function M.new(opts)
@@ -41,6 +52,9 @@ function M.new(opts)
   end
   local mode = TLS_MODES[opts.tls or "opportunistic"]
   if not mode then error("mailshot.direct_sender: tls must be \"opportunistic\", \"require\", \"verify\" or \"none\"", 3) end
+  if opts.allow_private ~= nil and type(opts.allow_private) ~= "boolean" then
+    error("mailshot.direct_sender: allow_private must be true or false", 3)
+  end
   local port = math.tointeger(opts.port or 25)
   if not port or port < 1 or port > 65535 then error("mailshot.direct_sender: port must be 1..65535", 3) end
   return setmetatable({
@@ -49,6 +63,7 @@ function M.new(opts)
     mode = mode,
     port = port,
     dns_opts = { server = opts.dns, timeout = opts.dns_timeout },
+    allow_private = opts.allow_private == true,
     max_per_domain = opts.max_per_domain or 2,
     pools = {},        -- "host|address|tls" -> relay
     domains = {},      -- domain -> { active = n, waiting = { threads } }
@@ -133,23 +148,104 @@ function Direct:try(msg, host, address, attempts)
   return r
 end
 
+local ALLOW_HINT = "set allow_private = true in the direct sender's options to allow them"
+
+--- The private-address policy applied to a plan (in place): each host's addresses that are not
+--- global unicast move from `addresses` to `refused` = { { address, why }, ... }, unless
+--- allow_private.  Returns the number of addresses left to try, and whether every host is out
+--- for a reason of policy (refused addresses, or an MX given as an IP address): then the
+--- domain cannot be delivered to directly, now or later.
+function M.screen(plan, allow_private)
+  local usable, policy_only = 0, true
+  for _, h in ipairs(plan) do
+    h.refused = {}
+    if not allow_private then
+      local keep = {}
+      for _, a in ipairs(h.addresses or {}) do
+        local why = dns.address_class(a)
+        if why then h.refused[#h.refused + 1] = { address = a, why = why } else keep[#keep + 1] = a end
+      end
+      h.addresses = keep
+    end
+    usable = usable + #h.addresses
+    if #h.addresses > 0 or (#h.refused == 0 and h.error_kind ~= "mx_literal") then policy_only = false end
+  end
+  return usable, policy_only
+end
+
+--- "mx1.a.test 127.0.0.3 (loopback)" for each refused address of a screened plan.
+function M.refusals(plan)
+  local out = {}
+  for _, h in ipairs(plan) do
+    for _, r in ipairs(h.refused or {}) do out[#out + 1] = ("%s %s (%s)"):format(h.host, r.address, r.why) end
+    if h.error_kind == "mx_literal" then out[#out + 1] = h.error end
+  end
+  return out
+end
+
+local function refused_attempts(h, attempts)
+  for _, r in ipairs(h.refused or {}) do
+    attempts[#attempts + 1] = { host = h.host, address = r.address, ok = false, code = 0, stage = "dns",
+      message = ("refused %s (%s): direct delivery does not connect to private or reserved addresses"):format(r.address, r.why) }
+  end
+end
+
+-- RFC 6761 §6.3: "localhost" and names under it are this machine, not an internet domain.
+local function is_localhost(domain)
+  return domain == "localhost" or domain:sub(-10) == ".localhost"
+end
+
+-- The hosts to try for domain: { plan } or nil, failure result.
+function Direct:plan(domain)
+  if is_localhost(domain) then
+    if not self.allow_private then
+      return nil, failure(("%s is this machine, not an internet mail domain (RFC 6761): direct delivery refuses it; %s"):format(
+        domain, (ALLOW_HINT:gsub("them$", "it"))), false, "dns", { dns = "localhost", domain = domain })
+    end
+    return { { host = domain, preference = 0, implicit = true, addresses = { "::1", "127.0.0.1" } } }
+  end
+  local plan, err, kind = dns.plan(domain, self.dns_opts)
+  if not plan then
+    local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
+    return nil, failure(err, not permanent, "dns", { dns = kind, domain = domain })
+  end
+  local usable, policy_only = M.screen(plan, self.allow_private)
+  if usable == 0 and policy_only then
+    local attempts = {}
+    for _, h in ipairs(plan) do
+      refused_attempts(h, attempts)
+      if h.error_kind == "mx_literal" then
+        attempts[#attempts + 1] = { host = h.host, ok = false, code = 0, message = h.error, stage = "dns" }
+      end
+    end
+    local private = false
+    for _, a in ipairs(attempts) do private = private or a.address ~= nil end
+    local msg = ("direct delivery refuses every mail server of %s: %s"):format(domain, table.concat(M.refusals(plan), "; "))
+    if private then msg = msg .. ("; private and reserved addresses are not on the internet (%s)"):format(ALLOW_HINT) end
+    return nil, failure(msg, false, "dns", { dns = private and "private" or "mx_literal", domain = domain, attempts = attempts })
+  end
+  return plan
+end
+
 --- Deliver msg ({ from, to, data }) to the recipient domain's mail servers.
 function Direct:send(msg)
   local rcpts = recipients_of(msg)
   local domain
   for _, a in ipairs(rcpts) do
+    if type(a) == "string" and a:find("@%[[^@]*%]$") then
+      return failure(("%s: the domain is an address literal; direct delivery only delivers to domain names"):format(a),
+                     false, "dns", { dns = "literal" })
+    end
     local d, err = idna.address_domain_ascii(a)
     if not d then return failure(("invalid recipient %s: %s"):format(a, err), false, "rcpt") end
+    d = d:lower()
     if domain and d ~= domain then
       return failure("direct delivery takes one recipient domain per message (" .. domain .. ", " .. d .. ")", false, "rcpt")
     end
     domain = d
   end
-  local plan, err, kind = dns.plan(domain, self.dns_opts)
-  if not plan then
-    local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
-    return failure(err, not permanent, "dns", { dns = kind, domain = domain })
-  end
+  local plan, refusal = self:plan(domain)
+  if not plan then return refusal end
   local limiter = self:limiter(domain)
   local token
   if limiter then
@@ -161,6 +257,7 @@ function Direct:send(msg)
   local ok, result = pcall(function()
     local attempts, last = {}, nil
     for _, h in ipairs(plan) do
+      refused_attempts(h, attempts)
       if h.error then
         attempts[#attempts + 1] = { host = h.host, ok = false, code = 0, message = h.error, stage = "dns" }
       end

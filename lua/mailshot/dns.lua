@@ -168,9 +168,21 @@ local function shuffle_equal(list)
   end
 end
 
+--- Why an address must not be connected to by direct delivery: nil for a global unicast
+--- address, else "loopback", "private (RFC 1918)", "link-local", "multicast", ... (C: dns.c).
+M.address_class = resolver.address_class
+
+-- An MX host spelt as an IP address ("127.0.0.1", "[10.0.0.1]", "::1"): RFC 5321 §5.1 says MX
+-- records name hosts, so such a record is a mistake (or a trick); it is not used, as Exim does
+-- by default (allow_mx_to_ip = false).
+local function ip_literal(host)
+  return host:sub(1, 1) == "[" or resolver.address_class(host) ~= "not an IP address"
+end
+
 --- The direct sender's plan for a domain (RFC 5321 §5.1): hosts in the order they are tried,
 --- each with its addresses (IPv6 first, then IPv4).
 ---   { { host, preference, implicit, addresses = { "::1", "127.0.0.2" }, error = "..." }, ... }
+--- An MX host given as an IP address gets no addresses and error_kind = "mx_literal".
 --- or nil, message, kind when the domain cannot receive mail or the lookup failed.
 --- No MX records means the domain's own addresses (an implicit MX).
 function M.plan(domain, opts)
@@ -188,6 +200,11 @@ function M.plan(domain, opts)
   for _, h in ipairs(hosts) do
     h.addresses = {}
     local problems = {}
+    if not h.implicit and ip_literal(h.host) then
+      h.error = ("MX host %s is an IP address, not a host name (RFC 5321 section 5.1): not used"):format(h.host)
+      h.error_kind = "mx_literal"
+      goto next_host
+    end
     for _, fam in ipairs(families) do
       local list, aerr, akind = M[fam](h.host, opts)
       if list then
@@ -200,6 +217,7 @@ function M.plan(domain, opts)
       h.error = #problems > 0 and table.concat(problems, "; ") or ("%s has no address"):format(h.host)
       h.error_kind = "noaddress"
     end
+    ::next_host::
   end
   if hosts[1].implicit and #hosts[1].addresses == 0 then
     return nil, ("%s has neither MX nor address records"):format(name), "nodata"

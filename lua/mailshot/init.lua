@@ -100,6 +100,8 @@ function M.relay(opts)
   if o.password_file then o.password = read_secret_file(o.password_file); o.password_file = nil end
   if o.ca_file == "" then o.ca_file = nil end
   if o.tls == "" then o.tls = nil end
+  if o.dns == "" then o.dns = nil end
+  if type(o.dns) == "table" then o.dns = table.concat(o.dns, ",") end   -- as direct_sender's dns
   local limits = o.rate
   o.rate = nil
   local rules = limits and M.rate.parse(limits)

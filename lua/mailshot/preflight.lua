@@ -10,6 +10,7 @@
 local core = require "mailshot.core"
 local csv = require "mailshot.csv"
 local dns = require "mailshot.dns"
+local direct = require "mailshot.direct"
 local idna = require "mailshot.idna"
 local mime = require "mailshot.mime"
 local suppress = require "mailshot.suppress"
@@ -144,7 +145,9 @@ function M.probe(hosts, opts, res, add)
   if running > 0 then core.suspend() end
 end
 
---- Run the preflight of campaign c.  opts: dns (server), relay_addresses.  Returns a report:
+--- Run the preflight of campaign c.  opts: dns (server), relay_addresses, connect, port,
+--- allow_private (direct delivery's policy: without it, MX addresses that are not global
+--- unicast are not probed, and a domain whose every mail server is such is reported).  Returns a report:
 --- { problems = { {rank, text} ... sorted }, domains = { [d] = n }, rows, invalid, suppressed,
 ---   duplicates, render_errors, bad_domains = { [d] = reason }, blocking = n }
 function M.run(c, opts)
@@ -204,14 +207,20 @@ function M.run(c, opts)
   for d in pairs(res.domains) do names[#names + 1] = d end
   table.sort(names)
   local hosts = {}                                   -- "host address" -> true, for --connect
+  local refused = {}                                 -- "host address" -> why, not probed
+  res.private_domains = {}                           -- domain -> what direct delivery refuses
   for _, d in ipairs(names) do
     pending = pending + 1
     core.spawn(function()
       local plan, perr, kind = dns.plan(d, dopts)
       if not plan then res.bad_domains[d] = { kind = kind, text = perr }
       else
+        -- the same policy as direct delivery: no connection to private or reserved addresses
+        local usable, policy_only = direct.screen(plan, opts.allow_private)
+        if usable == 0 and policy_only then res.private_domains[d] = table.concat(direct.refusals(plan), "; ") end
         for _, h in ipairs(plan) do
           if h.addresses[1] then hosts[h.host .. " " .. h.addresses[1]] = h end
+          for _, r in ipairs(h.refused) do refused[h.host .. " " .. r.address] = r.why end
         end
       end
       pending = pending - 1
@@ -219,12 +228,23 @@ function M.run(c, opts)
     end)
   end
   if pending > 0 then core.suspend() end
-  if opts.connect then M.probe(hosts, opts, res, add) end
+  if opts.connect then
+    M.probe(hosts, opts, res, add)
+    for key, why in pairs(refused) do
+      local host, address = key:match("^(%S+) (%S+)$")
+      add("warning", "MX %s (%s): not probed: a %s address, which direct delivery refuses (--allow-private probes it)",
+          host, address, why)
+    end
+  end
   for _, d in ipairs(names) do
     local bad = res.bad_domains[d]
     if bad then
       local rank = (bad.kind == "timeout" or bad.kind == "servfail") and "warning" or "warning"
       add(rank, "recipients: %d at %s, which cannot receive mail: %s", res.domains[d], d, bad.text)
+    end
+    if res.private_domains[d] then
+      add("warning", "recipients: %d at %s, whose every mail server direct delivery refuses (private or reserved "
+          .. "addresses; --allow-private accepts them; a relay may still deliver): %s", res.domains[d], d, res.private_domains[d])
     end
   end
 

@@ -12,6 +12,8 @@ local mailshot = require "mailshot"
 local direct = mailshot.direct_sender {
   dns = os.getenv "DNS", port = tonumber(os.getenv "PORT"), timeout = 3, dns_timeout = 0.5,
   helo = "mailshot.test", tls = os.getenv "TLS",
+  -- every test MX is on 127.0.0.x; ALLOW_PRIVATE=0 leaves the option out: the default
+  allow_private = os.getenv "ALLOW_PRIVATE" ~= "0" or nil,
 }
 local relay = os.getenv "RELAY" and mailshot.relay { server = os.getenv "RELAY", tls = "none", timeout = 3 }
 local send = direct
@@ -65,12 +67,14 @@ class DirectTests(MailshotTestCase):
                    ("dead.test", "mx1.dead.test", 10), ("dead.test", "mx2.dead.test", 20),
                    ("busy.test", "mx1.busy.test", 5), ("busy.test", "mx2.busy.test", 50),
                    ("picky.test", "mx.picky.test", 10), ("tls.test", "mx.tls.test", 10),
-                   ("alldead.test", "mx.alldead.test", 10), ("xn--bcher-kva.test", "mx1.a.test", 10)],
+                   ("alldead.test", "mx.alldead.test", 10), ("xn--bcher-kva.test", "mx1.a.test", 10),
+                   ("lit.test", "127.0.0.2", 10), ("lit.test", "[127.0.0.3]", 20)],
             "a": [("mx1.a.test", "127.0.0.3"), ("mx2.a.test", "127.0.0.2"),
                   ("mx1.dead.test", "127.0.0.9"), ("mx2.dead.test", "127.0.0.3"),
                   ("mx1.busy.test", "127.0.0.5"), ("mx2.busy.test", "127.0.0.2"),
                   ("mx.picky.test", "127.0.0.6"), ("mx.tls.test", "127.0.0.7"),
-                  ("mx.alldead.test", "127.0.0.9"), ("implicit.test", "127.0.0.2")],
+                  ("mx.alldead.test", "127.0.0.9"), ("implicit.test", "127.0.0.2"),
+                  ("127.0.0.2", "127.0.0.2")],
             "null_mx": ["null.test"],
         })
 
@@ -187,6 +191,89 @@ class DirectTests(MailshotTestCase):
         self.assertTrue(r["ok"], r)
         self.assertEqual([a[1] for a in r["attempts"]], ["::1", "127.0.0.2"])
 
+    def test_private_addresses_are_refused_unless_allowed(self):
+        res = self.send(["p@a.test", "q@implicit.test"], ALLOW_PRIVATE="0")
+        r = res["p@a.test"]
+        self.assertEqual((r["ok"], r["temporary"], r["stage"], r["dns"], r["code"]), (False, False, "dns", "private", 0), r)
+        self.assertIn("direct delivery refuses every mail server of a.test", r["message"])
+        self.assertIn("mx1.a.test 127.0.0.3 (loopback)", r["message"])
+        self.assertIn("mx2.a.test 127.0.0.2 (loopback)", r["message"])
+        self.assertIn("allow_private = true", r["message"])
+        self.assertEqual([a[:2] + [a[3]] for a in r["attempts"]],
+                         [["mx1.a.test", "127.0.0.3", "dns"], ["mx2.a.test", "127.0.0.2", "dns"]])
+        r = res["q@implicit.test"]                 # no MX: the domain's own (private) address
+        self.assertEqual((r["ok"], r["temporary"], r["dns"]), (False, False, "private"), r)
+        self.assertIn("implicit.test 127.0.0.2 (loopback)", r["message"])
+        self.assertEqual(sum(s.connections() for s in self.servers), 0)
+        # allowed: delivered as before
+        r = self.send(["p@a.test"], ALLOW_PRIVATE="1")["p@a.test"]
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(self.landed(self.servers[1]), ["p@a.test"])
+
+    def test_a_campaign_reports_private_only_domains_as_failed_at_dns(self):
+        camp = self.path("camp")
+        os.makedirs(camp)
+        write_csv(os.path.join(camp, "list.csv"), ["email"], [["r1@a.test"], ["r2@a.test"]])
+        with open(os.path.join(camp, "c.lua"), "w") as f:
+            f.write('''local mailshot = require "mailshot"
+return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello",
+  send = mailshot.direct_sender { dns = os.getenv "DNS", port = tonumber(os.getenv "PORT"), timeout = 3 } }
+''')
+        p = self.run_mailshot("run", os.path.join(camp, "c.lua"), "--send", "--report", "r.csv",
+                              env={"DNS": self.dns.address, "PORT": str(self.port)})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        rep = read_report(self.path("r.csv"))
+        self.assertEqual([(r["email"], r["status"], r["stage"], r["via"]) for r in rep],
+                         [("r1@a.test", "failed", "dns", "direct"), ("r2@a.test", "failed", "dns", "direct")])
+        for r in rep:
+            self.assertIn("mx1.a.test 127.0.0.3 (loopback)", r["response"])
+            self.assertIn("allow_private = true", r["response"])
+        self.assertEqual(sum(s.connections() for s in self.servers), 0)
+
+    def test_private_refusal_falls_back_to_the_relay(self):
+        # a relay has its own policy and may well deliver to an internal domain
+        relay = self.start_smtpd()
+        r = self.send(["f@a.test"], ALLOW_PRIVATE="0", RELAY=relay.address, ORDER="direct,relay")["f@a.test"]
+        self.assertTrue(r["ok"], r)
+        self.assertEqual((r["via"], r["tries"]), ("relay", ["direct", "relay"]))
+
+    def test_localhost_and_address_literals_are_refused(self):
+        local = self.start_smtpd(host="127.0.0.1", port=self.port)
+        res = self.send(["x@localhost", "y@mail.localhost", "z@[127.0.0.1]", "w@[IPv6:::1]"], ALLOW_PRIVATE="0")
+        for to in ("x@localhost", "y@mail.localhost"):
+            r = res[to]
+            self.assertEqual((r["ok"], r["temporary"], r["stage"], r["dns"]), (False, False, "dns", "localhost"), r)
+            self.assertIn("not an internet mail domain", r["message"])
+            self.assertIn("allow_private = true", r["message"])
+        for to in ("z@[127.0.0.1]", "w@[IPv6:::1]"):
+            r = res[to]
+            self.assertEqual((r["ok"], r["temporary"], r["stage"], r["dns"]), (False, False, "dns", "literal"), r)
+            self.assertIn("address literal", r["message"])
+        self.assertEqual(local.connections(), 0)
+        self.assertEqual([q for q in self.dns.queries() if "localhost" in q[1]], [])   # never asked DNS
+        # allowed: localhost is this machine (::1, then 127.0.0.1), without DNS; literals stay refused
+        res = self.send(["x@localhost", "z@[127.0.0.1]"], ALLOW_PRIVATE="1")
+        self.assertTrue(res["x@localhost"]["ok"], res["x@localhost"])
+        self.assertEqual((res["x@localhost"]["mx"], res["x@localhost"]["address"]), ("localhost", "127.0.0.1"))
+        self.assertEqual([m["rcpt_tos"][0] for m in local.messages()], ["x@localhost"])
+        self.assertEqual(res["z@[127.0.0.1]"]["dns"], "literal")
+        self.assertEqual([q for q in self.dns.queries() if "localhost" in q[1]], [])
+
+    def test_an_mx_naming_an_ip_address_is_not_used(self):
+        # lit.test's MX records are "127.0.0.2" and "[127.0.0.3]": not host names (RFC 5321
+        # 5.1), even though a record for the name "127.0.0.2" exists; refused even when private
+        # addresses are allowed, and for good
+        for allow in ("0", "1"):
+            r = self.send(["l@lit.test"], ALLOW_PRIVATE=allow)["l@lit.test"]
+            self.assertEqual((r["ok"], r["temporary"], r["stage"], r["dns"]), (False, False, "dns", "mx_literal"), r)
+            self.assertIn("MX host 127.0.0.2 is an IP address, not a host name", r["message"])
+            self.assertIn("MX host [127.0.0.3] is an IP address", r["message"])
+        self.assertEqual(sum(s.connections() for s in self.servers), 0)
+        self.assertNotIn(("A", "127.0.0.2"), self.dns.queries())
+        p = self.run_mailshot("mx", "lit.test", "--dns", self.dns.address, "--timeout", "0.5")
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertIn("MX host 127.0.0.2 is an IP address", p.stdout)
+
     def test_mx_command_says_what_it_found(self):
         def mx(domain, dns=None):
             return self.run_mailshot("mx", domain, "--dns", dns or self.dns.address, "--timeout", "0.5")
@@ -243,7 +330,7 @@ class DirectTests(MailshotTestCase):
             f.write('''
 local mailshot = require "mailshot"
 local direct = mailshot.direct_sender { dns = os.getenv "DNS", port = tonumber(os.getenv "PORT"), timeout = 5,
-                                        helo = "mailshot.test" }
+                                        helo = "mailshot.test", allow_private = true }
 local relay = mailshot.relay { server = os.getenv "RELAY", tls = "none" }
 return mailshot.campaign {
   recipients = "list.csv", from = "news@acme.example", subject = "Hi {{name}}", text = "Hello {{name}}",

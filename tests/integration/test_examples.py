@@ -38,7 +38,8 @@ class ExampleTests(MailshotTestCase):
         shutil.copy(os.path.join(REPO_ROOT, "scripts", "examples", "fallback", "campaign.lua"), d)
         write_csv(os.path.join(d, "recipients.csv"), ["email", "first_name"],
                   [["a@good.test", "A"], ["b@relayonly.test", "B"], ["c@flaky.test", "C"], ["bad@good.test", "D"]])
-        env = {"DNS_SERVER": dns.address, "DIRECT_PORT": str(port), "SMTP_SERVER": relay.address, "SMTP_TLS": "none",
+        env = {"DNS_SERVER": dns.address, "DIRECT_PORT": str(port), "DIRECT_ALLOW_PRIVATE": "1",
+               "SMTP_SERVER": relay.address, "SMTP_TLS": "none",
                "RELAY_ONLY_DOMAINS": "relayonly.test", "RETRY_AFTER": "0.2"}
         p = self.run_mailshot("run", os.path.join(d, "campaign.lua"), "--send", "--report", "r.csv", env=env)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)     # bad@ is refused for good

@@ -65,14 +65,28 @@ class PreflightTests(MailshotTestCase):
     def test_connect_probes_each_mx_host_without_mail_or_rcpt(self):
         servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)
         p = self.run_mailshot("preflight", self.script, "--dns", self.dns.address, "--connect", "--port", str(port),
-                              env={"FROM_DOMAIN": "acme.test", "KEY": self.key})
+                              "--allow-private", env={"FROM_DOMAIN": "acme.test", "KEY": self.key})
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertRegex(p.stdout, r"info\s+MX mx\.good\.test \(127\.0\.0\.2\): TLSv1\.[23]")
+        self.assertNotIn("direct delivery refuses", p.stdout)
         cmds = servers[0].commands()
         self.assertIn("EHLO", cmds)
         self.assertIn("STARTTLS", cmds)
         self.assertNotIn("MAIL", cmds)
         self.assertNotIn("RCPT", cmds)
+
+    def test_connect_follows_direct_deliverys_private_address_policy(self):
+        # without --allow-private the probe does not connect to 127.0.0.2, and says why
+        servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)
+        p = self.run_mailshot("preflight", self.script, "--dns", self.dns.address, "--connect", "--port", str(port),
+                              env={"FROM_DOMAIN": "acme.test", "KEY": self.key})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"warning\s+MX mx\.good\.test \(127\.0\.0\.2\): not probed: a loopback address, "
+                                   r"which direct delivery refuses \(--allow-private probes it\)")
+        self.assertRegex(p.stdout, r"warning\s+recipients: 2 at good\.test, whose every mail server direct delivery "
+                                   r"refuses .*: mx\.good\.test 127\.0\.0\.2 \(loopback\)")
+        self.assertNotIn("TLSv1", p.stdout)
+        self.assertEqual(servers[0].connections(), 0)
 
     def test_each_planted_fault_is_found_and_blocks(self):
         p = self.preflight("bad.test")

@@ -25,6 +25,9 @@ local relay = mailshot.relay {
 local direct = mailshot.direct_sender {
   dns  = os.getenv "DNS_SERVER",                 -- nil: the system's resolvers
   port = tonumber(os.getenv "DIRECT_PORT" or "25"),
+  -- mail servers on private addresses (127.x, 10.x, 192.168.x, ...) are refused unless allowed:
+  -- the tests' servers are on 127.0.0.x
+  allow_private = os.getenv "DIRECT_ALLOW_PRIVATE" == "1",
 }
 
 local RELAY_ONLY = { ["hotmail.com"] = true, ["outlook.com"] = true, ["live.com"] = true, ["msn.com"] = true }
