@@ -31,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +73,7 @@ struct csv_reader {
   size_t ncols;             /* 0 while reading the header itself */
   char **names;
   char *namebuf;
+  size_t name_probes;       /* debug: occupied hash slots looked at while checking the header */
   char err[256];            /* "path: reason" for open errors and CSV_ROW_IOERR */
 };
 
@@ -357,9 +359,62 @@ int csv_reader_next (csv_reader *r, csv_row *out)
 
 /* ---------------------------------------------------------------- open, header, close */
 
+/* FNV-1a: column names come from the user's own file, so no defence against chosen collisions. */
+static uint32_t name_hash (const char *s)
+{
+  uint32_t h = 2166136261u;
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 16777619u;
+  return h;
+}
+
 static int is_space (unsigned char c)
 {
   return c == ' ' || (c >= '\t' && c <= '\r');
+}
+
+/* Checks that the n names are unique, in time linear in n (headers of 100,000+ columns exist: a
+ * pairwise check took 30 s at 120,000).  An open-addressing hash set of column indexes, at most half
+ * full; the first duplicate in column order is reported with the column it repeats.  Returns 0, or -1
+ * with r->err set. */
+static int check_unique (csv_reader *r, size_t n, unsigned long line)
+{
+  size_t cap = 16, mask, *slot;
+  uint32_t *hash;
+  int rc = 0;
+  while (cap < 2 * n)
+    cap *= 2;  /* n is bounded by CSV_READER_MAX_ROW: no overflow */
+  mask = cap - 1;
+  slot = malloc(cap * sizeof *slot);
+  hash = malloc(n * sizeof *hash);
+  if (!slot || !hash) {
+    seterr(r->err, sizeof r->err, "%s: out of memory", r->path);
+    rc = -1;
+    goto done;
+  }
+  for (size_t k = 0; k < cap; k++)
+    slot[k] = SIZE_MAX;  /* empty */
+  for (size_t i = 0; i < n && rc == 0; i++) {
+    size_t k;
+    hash[i] = name_hash(r->names[i]);
+    for (k = hash[i] & mask; slot[k] != SIZE_MAX; k = (k + 1) & mask) {
+      size_t j = slot[k];
+      r->name_probes++;
+      if (hash[j] == hash[i] && strcmp(r->names[j], r->names[i]) == 0) {
+        seterr(r->err, sizeof r->err, "%s: line %lu: duplicate column name \"%.60s\" (columns %zu and %zu)",
+               r->path, line, r->names[i], j + 1, i + 1);
+        rc = -1;
+        break;
+      }
+    }
+    slot[k] = i;
+  }
+  if (rc == 0)
+    r->ncols = n;
+done:
+  free(slot);
+  free(hash);
+  return rc;
 }
 
 /* Copies the header row's names, trimmed, and checks them.  Returns 0, or -1 with r->err set. */
@@ -388,15 +443,8 @@ static int take_header (csv_reader *r, const csv_row *row)
       seterr(r->err, sizeof r->err, "%s: line %lu: column %zu has an empty name", r->path, row->line, i + 1);
       return -1;
     }
-    for (size_t j = 0; j < i; j++)
-      if (strcmp(r->names[j], r->names[i]) == 0) {
-        seterr(r->err, sizeof r->err, "%s: line %lu: duplicate column name \"%.60s\" (columns %zu and %zu)",
-               r->path, row->line, r->names[i], j + 1, i + 1);
-        return -1;
-      }
   }
-  r->ncols = n;
-  return 0;
+  return check_unique(r, n, row->line);
 }
 
 static int read_header (csv_reader *r)
@@ -501,4 +549,9 @@ size_t csv_reader_buffer_size (const csv_reader *r)
 {
   /* libcsv 3.0.3 declares csv_get_buffer_size without const; it only reads */
   return r->bufcap + r->fieldcap * sizeof(csv_field) + csv_get_buffer_size((struct csv_parser *)&r->parser);
+}
+
+size_t csv_reader_header_probes (const csv_reader *r)
+{
+  return r->name_probes;
 }

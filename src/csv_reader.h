@@ -79,4 +79,8 @@ unsigned long csv_reader_line(const csv_reader *r);
  * a long file does not grow the reader. */
 size_t csv_reader_buffer_size(const csv_reader *r);
 
+/* Debug: how many name comparisons checking the header for duplicates took (a hash set: about one
+ * per column, not one per pair of columns).  Lets tests prove that the check is linear. */
+size_t csv_reader_header_probes(const csv_reader *r);
+
 #endif

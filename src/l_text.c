@@ -14,7 +14,8 @@
  *   text.csv_row(t, keys) -> "v1,v2,...,vn"
  *       t[keys[1]] .. t[keys[n]] as one RFC 4180 row (no line break): nil is empty, other
  *       values go through tostring; a value is quoted when it has a quote, a comma or a line
- *       break, or white space at either end (a spreadsheet would trim it).
+ *       break, or white space at either end (a spreadsheet would trim it).  A value that starts
+ *       with = + - @ TAB CR (a spreadsheet formula) or ' gets one ' prepended, and is quoted.
  *   text.tsv_record(kind, line, email [, t, keys]) -> "kind\tline\temail[\tt[k]...]\n"
  *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\. */
 #include <lauxlib.h>
@@ -115,11 +116,22 @@ static int push_fields(lua_State *L, int t, int keys) {
   return (int)n;
 }
 
+/* A cell a spreadsheet would read as a formula (= + - @, or TAB/CR before one), or one that starts
+ * with the quote we prefix, gets one ' in front (OWASP "CSV injection"): taking one leading ' off any
+ * cell that starts with one gives the raw text back. */
+static int needs_prefix(const char *v, size_t n) {
+  static const char lead[] = "=+-@\t\r'";
+  return n > 0 && memchr(lead, v[0], sizeof lead - 1) != NULL;
+}
+
 static void add_csv_field(luaL_Buffer *b, const char *v, size_t n) {
-  int quote = n > 0 && (memchr(v, '"', n) || memchr(v, ',', n) || memchr(v, '\r', n) || memchr(v, '\n', n)
-                        || is_space((unsigned char)v[0]) || is_space((unsigned char)v[n - 1]));
+  int prefix = needs_prefix(v, n);
+  int quote = prefix || (n > 0 && (memchr(v, '"', n) || memchr(v, ',', n) || memchr(v, '\r', n)
+                                   || memchr(v, '\n', n) || is_space((unsigned char)v[0])
+                                   || is_space((unsigned char)v[n - 1])));
   if (!quote) { luaL_addlstring(b, v, n); return; }
   luaL_addchar(b, '"');
+  if (prefix) luaL_addchar(b, '\'');
   for (const char *p = v, *end = v + n; p < end;) {
     const char *q = memchr(p, '"', (size_t)(end - p));
     size_t run = q ? (size_t)(q - p) + 1 : (size_t)(end - p);

@@ -8,6 +8,9 @@
  *                                          first call those signals no longer kill the process)
  *   util.exit_now(status)                 (_exit: no flushing of other handles, no atexit)
  *   util.write_secret(path, data)         (a new file, mode 0600 from the start)
+ *   util.replace_file(path, data) -> true | nil, err
+ *                                         (a fresh 0600 file renamed over path: never writes
+ *                                          through a symlink or into a file already there)
  *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact)
  *   util.line_index([limit]) -> index     (index:set(i, v), index:get(i) -> v | nil, index:size():
  *                                          an integer per line 1..limit, 8 bytes each, grown to
@@ -195,6 +198,48 @@ static int u_write_secret(lua_State *L) {
   return 1;
 }
 
+/* Writes len bytes of data to fd; 0, or -1 with errno. */
+static int write_all(int fd, const char *data, size_t len) {
+  size_t off = 0;
+  while (off < len) {
+    ssize_t n = write(fd, data + off, len - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -1;
+    off += (size_t)n;
+  }
+  return 0;
+}
+
+/* util.replace_file(path, data) -> true | nil, "path: reason"
+ * Outbox files live in a folder others may write to, or that a previous run filled: a symlink
+ * planted at path must not redirect the write.  So data goes to a new file in the same folder
+ * (mkostemp: O_CREAT|O_EXCL, a random name, mode 0600; O_EXCL never follows a symlink), which is
+ * then renamed over path: rename() replaces whatever path is, a symlink included, and never
+ * follows it.  A file from a previous run is replaced, as a plain open for writing would. */
+static int u_replace_file(lua_State *L) {
+  size_t plen, len;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  const char *data = luaL_checklstring(L, 2, &len);
+  static const char suffix[] = ".tmp-XXXXXX";
+  if (strlen(path) != plen) return luaL_argerror(L, 1, "path contains a NUL byte");
+  char *tmp = malloc(plen + sizeof suffix);
+  if (!tmp) return luaL_error(L, "out of memory");
+  memcpy(tmp, path, plen);
+  memcpy(tmp + plen, suffix, sizeof suffix);
+  int e = 0, fd = mkostemp(tmp, O_CLOEXEC);
+  if (fd < 0) e = errno;
+  else {
+    if (write_all(fd, data, len) != 0) e = errno;
+    if (close(fd) != 0 && !e) e = errno;
+    if (!e && rename(tmp, path) != 0) e = errno;
+    if (e) unlink(tmp);  /* best effort: the error reported is the first one */
+  }
+  free(tmp);
+  if (e) { errno = e; return luaL_fileresult(L, 0, path); }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* ---- a compact set of strings, for "each address once" over million-row lists ----
  * Only a 64-bit keyed hash of each string is kept (8 bytes a slot, the table at most half
  * full: ~16-32 bytes per address instead of ~100 for a Lua table of strings).  The key is
@@ -359,7 +404,8 @@ static int u_exit_now(lua_State *L) {
 int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
-    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now }, { "write_secret", u_write_secret }, { "new_set", u_new_set },
+    { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now },
+    { "write_secret", u_write_secret }, { "replace_file", u_replace_file }, { "new_set", u_new_set },
     { "line_index", u_line_index },
     { NULL, NULL }
   };

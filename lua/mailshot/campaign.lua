@@ -343,10 +343,9 @@ local function process(c, opts, row, line)
   if not msg then rep.status, rep.stage, rep.response = "failed", "render", err; return rep end
   if opts.dry then
     local path = ("%s/%06d-%s.eml"):format(opts.outbox, line, safe_name(email))
-    local f, ferr = io.open(path, "wb")
-    if not f then rep.status, rep.stage, rep.response = "failed", "write", ferr; return rep end
-    f:write(msg.data)
-    f:close()
+    -- a new 0600 file renamed over path: a symlink planted in the outbox is replaced, not followed
+    local ok_w, ferr = util.replace_file(path, msg.data)
+    if not ok_w then rep.status, rep.stage, rep.response = "failed", "write", ferr; return rep end
     rep.status, rep.response = "written", path
     return rep
   end

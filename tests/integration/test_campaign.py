@@ -242,6 +242,42 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["ok@example.com"]])
         self.assertNotIn("RCPT TO:<y@example.net>", "\n".join(srv.log_lines()))
 
+    def test_report_cells_that_a_spreadsheet_would_run_as_formulas_get_a_quote_prefix(self):
+        # OWASP "CSV injection": a cell starting with = + - @ (TAB, CR) is a formula in a spreadsheet.
+        # The report prepends one ' to those and to cells starting with ' (so one ' off gives the raw text).
+        rows = [["=sum@example.com", "A"], ["+plus@example.com", "B"], ["-minus@example.com", "C"],
+                ["ok1@example.com", "D"], ["ok2@example.com", "E"], ["@at@example.com", "F"],
+                ["'quote@example.com", "G"], ["plain@example.com", "H"]]
+        replies = {"+plus@example.com": '=HYPERLINK("http://evil.test","x")',
+                   "-minus@example.com": "+cmd|' /C calc'!A0",
+                   "ok1@example.com": "-2+3 no such user",
+                   "ok2@example.com": "@SUM(1+1) mailbox full"}
+        script = self.example_copy(rows)
+        srv = self.start_smtpd(tls=True, auth={"news": PW},
+                               reject_rcpt=[(addr.lstrip("+-"), 550, text) for addr, text in replies.items()])
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env=self.relay_env(srv))
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        with open(self.path("r.csv"), newline="", encoding="utf-8") as f:
+            raw = f.read()
+        rep = {int(r["line"]): r for r in read_report(self.path("r.csv"))}
+        self.assertEqual(sorted(rep), list(range(2, 10)))
+        emails = [rep[n]["email"] for n in range(2, 10)]
+        self.assertEqual(emails, ["'=sum@example.com", "'+plus@example.com", "'-minus@example.com", "ok1@example.com",
+                                  "ok2@example.com", "'@at@example.com", "''quote@example.com", "plain@example.com"])
+        self.assertEqual([e[1:] if e.startswith("'") else e for e in emails], [r[0] for r in rows], "raw text back")
+        self.assertEqual([rep[n]["status"] for n in range(2, 10)],
+                         ["sent", "failed", "failed", "failed", "failed", "skipped", "sent", "sent"])
+        for n, (addr, text) in zip((3, 4, 5, 6), replies.items()):
+            self.assertEqual(rep[n]["response"], "'" + text, addr)
+        self.assertTrue(rep[7]["response"].startswith("invalid email address"), rep[7])
+        # no cell of the file (CSV-parsed) starts with a formula character
+        for r in rep.values():
+            for k, v in r.items():
+                self.assertNotIn(v[:1], ("=", "+", "-", "@", "\t", "\r"), (k, v))
+        self.assertIn('"\'=sum@example.com"', raw)     # quoted as well, as OWASP recommends
+        self.assertEqual(sorted(m["rcpt_tos"][0] for m in srv.messages()),
+                         ["'quote@example.com", "=sum@example.com", "plain@example.com"])
+
     def test_starttls_response_injection_is_discarded(self):
         # CVE-2011-0411: the server appends "250 injected" to its STARTTLS reply in plaintext
         script = self.example_copy([["a@example.com", "A"], ["b@example.com", "B"]])

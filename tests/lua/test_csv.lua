@@ -245,6 +245,20 @@ case("200,000 rows are all read, with the right last line, in bounded memory", f
                       .. "(garbage rows), +%.0f KiB after", count, dt, count / dt, peak, after))
 end)
 
+case("a 200,000-column header opens, and a duplicate in it is named (linear check)", function ()
+  local names = {}
+  for i = 1, 200000 do names[i] = "c" .. i end
+  local header = table.concat(names, ",")
+  local r = assert(csv.open(tmpfile(header .. "\n" .. header:gsub("c", "v") .. "\n")))
+  local h = r:header()
+  eq_deep({ #h, h[1], h[200000] }, { 200000, "c1", "c200000" }, "header")
+  local row = r:read()
+  eq_deep({ row.c1, row.c123456, row.c200000 }, { "v1", "v123456", "v200000" }, "row keyed by column")
+  r:close()
+  checkopenerr(tmpfile(header .. ",c1\n"), nil, 'duplicate column name "c1" (columns 1 and 200001)')
+  checkopenerr(tmpfile("c150000," .. header .. "\n"), nil, 'duplicate column name "c150000" (columns 1 and 150001)')
+end)
+
 ---------------------------------------------------------------- tally
 
 for _, path in ipairs(temps) do os.remove(path) end

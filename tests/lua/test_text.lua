@@ -27,6 +27,7 @@ end
 local function ref_csv_field(v)
   if v == nil then return "" end
   v = tostring(v)
+  if v:find("^[=+%-@\t\r']") then return '"\'' .. v:gsub('"', '""') .. '"' end
   if v:find('[",\r\n]') or v:find("^%s") or v:find("%s$") then return '"' .. v:gsub('"', '""') .. '"' end
   return v
 end
@@ -34,7 +35,8 @@ end
 local ESC = { ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r", ["\\"] = "\\\\" }
 local function ref_esc(v) return (tostring(v == nil and "" or v):gsub("[\t\n\r\\]", ESC)) end
 
-local ALPHABET = { "\r", "\n", "\r\n", "a", "b", " ", '"', ",", "\t", "\\", "\0", "\195\169", "xyz" }
+local ALPHABET = { "\r", "\n", "\r\n", "a", "b", " ", '"', ",", "\t", "\\", "\0", "\195\169", "xyz",
+                   "=", "+", "-", "@", "'" }
 local function random_string(max_parts)
   local t = {}
   for i = 1, math.random(0, max_parts) do t[i] = ALPHABET[math.random(#ALPHABET)] end
@@ -109,6 +111,16 @@ case("csv_row: quoting as RFC 4180, nil empty, numbers as tostring", function()
      '1,"x,y","say ""hi""",," lead","trail\t","a\nb"')
   eq(text.csv_row({}, { "a" }), "")
   eq(text.csv_row({ a = true, b = 2.5 }, { "a", "b" }), "true,2.5")
+end)
+
+case("csv_row: formula cells (= + - @ TAB CR) and cells starting with ' get one ' prepended", function()
+  local keys = { "a", "b", "c", "d", "e", "f", "g", "h", "i" }
+  eq(text.csv_row({ a = "=1+2", b = "+x", c = "-5", d = "@SUM(A1)", e = "\t=x", f = "\r=x", g = "'quoted",
+                    h = '=HYPERLINK("http://a.test","x")', i = -3 }, keys),
+     [["'=1+2","'+x","'-5","'@SUM(A1)","']] .. "\t=x" .. [[","']] .. "\r=x" .. [[","''quoted",]]
+       .. [["'=HYPERLINK(""http://a.test"",""x"")","'-3"]])
+  eq(text.csv_row({ a = "a=b", b = "x-", c = " =x", d = "", e = "\0=" }, { "a", "b", "c", "d", "e" }),
+     'a=b,x-," =x",,\0=', "only the first character counts")
 end)
 
 case("csv_row agrees with the Lua reference on 5,000 random rows", function()
