@@ -33,7 +33,7 @@ typedef struct send_op {
   struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
   struct relay *relay;
-  lua_State *co;
+  task_wait wait;           /* the task parked in send() or check(): only this op wakes it */
   smtp_txn *txn;
   smtp_conn *conn;
   op_kind kind;
@@ -48,7 +48,8 @@ typedef struct relay {
   send_op *queue_head, *queue_tail;   /* sends waiting for a session (chained by qnext) */
   smtp_conn *extra[64];     /* sessions outside the pool: check() and closing ones */
   int nextra;
-  lua_State *closer;        /* task waiting in close() */
+  task_wait closer;         /* the task waiting in close() */
+  int closing;              /* close() counts the QUITs it waits for */
   int closing_count, closed;
 } relay;
 
@@ -69,6 +70,7 @@ static void op_unlink(relay *r, send_op *op) {
 }
 
 static void op_free(send_op *op) {
+  task_wait_cancel(&op->wait);   /* a no-op once the task was woken */
   smtp_txn_free(op->txn);
   free(op);
 }
@@ -180,10 +182,10 @@ static void quit_done(smtp_conn *c, void *ud) {
   relay *r = ud;
   extra_remove(r, c);
   smtp_conn_free(c);
-  if (r->closer && --r->closing_count == 0) {
-    lua_State *co = r->closer;
-    r->closer = NULL;
-    task_wake(co, 0);
+  /* the last QUIT close() waits for (not one that ended before close() could park) */
+  if (r->closing && --r->closing_count == 0 && r->closer.co) {
+    r->closing = 0;
+    task_wait_done(&r->closer, 0);
   }
 }
 
@@ -191,7 +193,9 @@ static void quit_done(smtp_conn *c, void *ud) {
 static void quit_extra(relay *r, smtp_conn *c) {
   if (smtp_conn_ready(c) && r->nextra < (int)(sizeof r->extra / sizeof r->extra[0])) {
     r->extra[r->nextra++] = c;
-    if (smtp_conn_quit(c, quit_done, r) == 0) { if (r->closer) r->closing_count++; return; }
+    if (r->closing) r->closing_count++;   /* before: quit_done may run before smtp_conn_quit returns */
+    if (smtp_conn_quit(c, quit_done, r) == 0) return;
+    if (r->closing) r->closing_count--;
     extra_remove(r, c);
   }
   smtp_conn_free(c);
@@ -229,12 +233,12 @@ static void next_waiter(relay *r, smtp_conn *c) {
 static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
-  lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) {
+  lua_State *co = task_wait_target(&op->wait);   /* NULL: nobody to tell (dropped safely) */
+  if (co && lua_checkstack(co, 8)) {
     push_result(co, &t->res, t);
-    task_wake(co, 1);
+    task_wait_done(&op->wait, 1);
   } else {
-    task_wake(co, 0);   /* cannot happen with a sane stack; the caller sees nil */
+    task_wait_done(&op->wait, 0);   /* cannot happen with a sane stack; the caller sees nil */
   }
   op_unlink(r, op);
   op_free(op);
@@ -273,8 +277,9 @@ static smtp_conn *pick_session(relay *r) {
 static void on_check_done(smtp_conn *c, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
-  lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) { push_check(co, c, r); task_wake(co, 1); } else task_wake(co, 0);
+  lua_State *co = task_wait_target(&op->wait);
+  if (co && lua_checkstack(co, 8)) { push_check(co, c, r); task_wait_done(&op->wait, 1); }
+  else task_wait_done(&op->wait, 0);
   op_unlink(r, op);
   op_free(op);
   extra_remove(r, c);
@@ -451,14 +456,14 @@ static int l_relay_send(lua_State *L) {
     push_refusal(L, strstr(err, "sender") ? "mail" : "rcpt", err);
     return 1;
   }
+  if (!task_can_wait(L)) { smtp_txn_free(txn); return task_suspend(L); /* raises */ }
   send_op *op = calloc(1, sizeof *op);
   if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->co = L;
   op->txn = txn;
   op->kind = OP_SEND;
   op_link(r, op);
-  if (!lua_isyieldable(L)) { op_unlink(r, op); op_free(op); return task_suspend(L); /* raises */ }
+  task_wait_begin(L, &op->wait, "relay:send");   /* before start_op: it may finish at once */
   smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
   if (c) start_op(r, op, c); else queue_push(r, op);
   return task_suspend(L);
@@ -468,15 +473,15 @@ static int l_relay_send(lua_State *L) {
 static int l_relay_check(lua_State *L) {
   relay *r = check_relay(L);
   if (r->nextra >= (int)(sizeof r->extra / sizeof r->extra[0])) return luaL_error(L, "too many checks at once");
-  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
   send_op *op = calloc(1, sizeof *op);
   smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
   if (!op || !c) { free(op); smtp_conn_free(c); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->co = L;
   op->kind = OP_CHECK;
   op->conn = c;
   op_link(r, op);
+  task_wait_begin(L, &op->wait, "relay:check");
   r->extra[r->nextra++] = c;
   smtp_conn_open(c, on_check_done, op);
   return task_suspend(L);
@@ -486,17 +491,19 @@ static int l_relay_check(lua_State *L) {
 static int l_relay_close(lua_State *L) {
   relay *r = luaL_checkudata(L, 1, RELAY_MT);
   if (r->closed) return 0;
-  int yieldable = lua_isyieldable(L);
-  if (yieldable) r->closer = L;
+  /* wait for the QUITs when we can, and when no other task already waits in close() */
+  int wait = task_can_wait(L) && !r->closing;
+  if (wait) { r->closing = 1; r->closing_count = 0; }
   for (int i = r->nconns - 1; i >= 0; i--) {
     smtp_conn *c = r->conns[i];
     if (!smtp_conn_ready(c)) continue;
     pool_remove(r, c);
     quit_extra(r, c);
   }
-  if (yieldable && r->closing_count > 0) return task_suspend(L);
-  r->closer = NULL;
-  return 0;
+  if (!wait) return 0;
+  if (r->closing_count == 0) { r->closing = 0; return 0; }
+  task_wait_begin(L, &r->closer, "relay:close");
+  return task_suspend(L);
 }
 
 static int l_relay_stats(lua_State *L) {
@@ -520,8 +527,12 @@ static int l_relay_gc(lua_State *L) {
   r->nconns = r->nextra = 0;
   free(r->conns);
   r->conns = NULL;
+  /* tasks still parked in send() or check() (the state is closing, or a `<close>` relay went
+   * out of scope under them) are not woken: their waits are cancelled, never completed */
   while (r->ops) { send_op *op = r->ops; r->ops = op->next; op_free(op); }
   r->queue_head = r->queue_tail = NULL;
+  r->closing = 0;
+  task_wait_cancel(&r->closer);
   if (r->cfg.password) { explicit_bzero(r->cfg.password, strlen(r->cfg.password)); free(r->cfg.password); }
   free(r->cfg.user);
   r->cfg.user = r->cfg.password = NULL;

@@ -121,18 +121,24 @@ static int u_fsync(lua_State *L) {
 /* ---- signals through signalfd, on the loop ---- */
 
 static int sigfd = -1;
-static lua_State *sig_waiter;
+static task_wait sig_wait;       /* the task parked in wait_signal(): only a signal wakes it */
 static int sig_pending;          /* a signal that came while nobody waited */
+
+/* The task parked in wait_signal, if it still waits there (else its wait is released). */
+static lua_State *sig_waiter(void) {
+  lua_State *co = task_wait_target(&sig_wait);
+  if (!co) task_wait_cancel(&sig_wait);
+  return co;
+}
 
 static void on_signal(loop *l, int fd, int events, void *data) {
   struct signalfd_siginfo si;
   while (read(fd, &si, sizeof si) == (ssize_t)sizeof si) {
     int name = si.ssi_signo == SIGINT ? 'I' : 'T';
-    if (sig_waiter) {
-      lua_State *co = sig_waiter;
-      sig_waiter = NULL;
+    lua_State *co = sig_waiter();
+    if (co && lua_checkstack(co, 1)) {
       lua_pushstring(co, name == 'I' ? "INT" : "TERM");
-      task_wake(co, 1);
+      task_wait_done(&sig_wait, 1);
     } else {
       sig_pending = name;
     }
@@ -155,9 +161,9 @@ static int u_wait_signal(lua_State *L) {
     sig_pending = 0;
     return 1;
   }
-  if (sig_waiter) return luaL_error(L, "another task already waits for signals");
-  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
-  sig_waiter = L;
+  if (sig_waiter()) return luaL_error(L, "another task already waits for signals");
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  task_wait_begin(L, &sig_wait, "util.wait_signal");
   return task_suspend(L);
 }
 
@@ -168,7 +174,7 @@ static int u_stop_signals(lua_State *L) {
     close(sigfd);
     sigfd = -1;
   }
-  sig_waiter = NULL;
+  task_wait_cancel(&sig_wait);   /* the waiting task, if any, is not woken any more */
   return 0;
 }
 

@@ -48,6 +48,43 @@ case("suspend and wake pass values", function()
   assert(s == "hello" and n == 42)
 end)
 
+case("a task sleeping is woken by its timer only: core.wake and coroutine.resume are refused", function()
+  local steps = {}
+  local t = core.spawn(function()
+    core.sleep(0.2)
+    steps[#steps + 1] = "slept"
+    steps[#steps + 1] = "suspend:" .. tostring(core.suspend())   -- the sleep's timer must not end this
+  end)
+  mailshot.sleep(0.05)
+  checkerr_match("waiting in core%.sleep; only its completion can wake it", core.wake, t, "stray")
+  checkerr_match("resumed by its scheduler only", coroutine.resume, t, "stray")
+  checkerr_match("resumed by its scheduler only", coroutine.close, t)
+  mailshot.sleep(0.4)                              -- the timer fired long ago
+  assert(table.concat(steps, " ") == "slept", table.concat(steps, " "))
+  core.wake(t, "mine")
+  mailshot.sleep(0)
+  assert(table.concat(steps, " ") == "slept suspend:mine", table.concat(steps, " "))
+end)
+
+case("a task parked in core.suspend takes one wake-up: a second core.wake is refused", function()
+  local got = {}
+  local t = core.spawn(function()
+    got[#got + 1] = core.suspend()
+    core.sleep(0.05)                               -- a second wake would cut this short
+    got[#got + 1] = "slept"
+  end)
+  mailshot.sleep(0)
+  core.wake(t, "first")
+  checkerr_match("task is not suspended", core.wake, t, "second")
+  mailshot.sleep(0.2)
+  assert(table.concat(got, " ") == "first slept", table.concat(got, " "))
+  checkerr_match("not a task", core.wake, t)       -- it ended
+  local co = coroutine.create(function() coroutine.yield() end)
+  coroutine.resume(co)
+  checkerr_match("not a task", core.wake, co)      -- a coroutine of one's own is not the scheduler's
+  assert(coroutine.resume(co))                     -- and coroutine.resume still works on it
+end)
+
 case("10,000 tasks run at once", function()
   local n, tasks = 0, {}
   for i = 1, 10000 do tasks[i] = mailshot.spawn(function() mailshot.sleep(0.001); n = n + 1 end) end
