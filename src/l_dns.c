@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "dns.h"
+#include "l_check.h"
 #include "task.h"
 
 #define RESOLVER_MT "mailshot.resolver"
@@ -98,6 +99,7 @@ static int l_new(lua_State *L) {
   if (lua_istable(L, 1)) {
     lua_getfield(L, 1, "servers");
     servers = luaL_optstring(L, -1, NULL);
+    if (l_has_nul(L, -1)) return luaL_error(L, "option 'servers' must not contain a NUL byte");
     lua_getfield(L, 1, "timeout");
     timeout = luaL_optnumber(L, -1, timeout);
     lua_getfield(L, 1, "tries");
@@ -124,8 +126,15 @@ static int type_of(lua_State *L, int idx) {
 /* resolver:query(name, type) -> records | nil, kind, message */
 static int l_query(lua_State *L) {
   lresolver *lr = check_resolver(L);
-  const char *name = luaL_checkstring(L, 2);
+  size_t len;
+  const char *name = luaL_checklstring(L, 2, &len);
   int type = type_of(L, 3);
+  if (memchr(name, '\0', len)) {   /* C would ask for the name cut at the NUL: another name */
+    lua_pushnil(L);
+    lua_pushstring(L, dns_status_name(DNS_ERROR));
+    lua_pushliteral(L, "invalid name: it contains a NUL byte");
+    return 3;
+  }
   if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
   lquery *q = calloc(1, sizeof *q);
   if (!q) return luaL_error(L, "out of memory");

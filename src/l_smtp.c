@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "l_check.h"
 #include "smtp.h"
 #include "task.h"
 #include "tls.h"
@@ -299,8 +300,15 @@ static const char *field_str(lua_State *L, int t, const char *k, const char *def
   const char *v = def;
   if (ty == LUA_TSTRING) v = lua_tostring(L, -1);
   else if (ty != LUA_TNIL) luaL_error(L, "option '%s' must be a string", k);
+  if (l_has_nul(L, -1)) luaL_error(L, "option '%s' must not contain a NUL byte", k);
   lua_pop(L, 1);
-  return v;   /* still anchored in the options table */
+  return v;   /* a string (no conversion): still anchored in the options table */
+}
+
+/* A string option copied into a fixed buffer: too long is an error, never a silent cut. */
+static void field_copy(lua_State *L, const char *k, const char *v, char *buf, size_t size) {
+  if (strlen(v) >= size) luaL_error(L, "option '%s' is too long (at most %d bytes)", k, (int)size - 1);
+  memcpy(buf, v, strlen(v) + 1);
 }
 
 static int field_bool(lua_State *L, int t, const char *k, int def) {
@@ -392,13 +400,13 @@ static int l_relay_new(lua_State *L) {
   luaL_argcheck(L, maxc >= 1 && maxc <= 10000, 1, "max_connections must be in [1, 10000]");
   r->max_connections = (int)maxc;
   const char *helo = field_str(L, 1, "helo", NULL);
-  if (helo) snprintf(cfg->helo, sizeof cfg->helo, "%s", helo); else default_helo(cfg->helo, sizeof cfg->helo);
+  if (helo) field_copy(L, "helo", helo, cfg->helo, sizeof cfg->helo); else default_helo(cfg->helo, sizeof cfg->helo);
   for (const char *p = cfg->helo; *p; p++)
     if ((unsigned char)*p <= ' ' || *p == 0x7f) return luaL_error(L, "option 'helo' must be one word");
   const char *source = field_str(L, 1, "source", NULL);
-  if (source) snprintf(cfg->source, sizeof cfg->source, "%s", source);
+  if (source) field_copy(L, "source", source, cfg->source, sizeof cfg->source);
   const char *addr = field_str(L, 1, "address", NULL);   /* connect here, keep server's name for TLS */
-  if (addr) snprintf(cfg->connect_addr, sizeof cfg->connect_addr, "%s", addr);
+  if (addr) field_copy(L, "address", addr, cfg->connect_addr, sizeof cfg->connect_addr);
   if (field_bool(L, 1, "trace", 0)) cfg->trace = stderr;
   else if (dialogue_log) cfg->trace = dialogue_log;
   const char *user = field_str(L, 1, "user", NULL);
@@ -414,16 +422,31 @@ static int l_relay_new(lua_State *L) {
   return 1;
 }
 
+/* The list of recipients at idx into out (pointers into the table's own strings).  Strings
+ * only: a number would be converted on the stack, into a string that nothing holds once
+ * popped (a use after free), and a number is no address anyway: a programmer's mistake. */
 static int table_len_strings(lua_State *L, int idx, const char **out, int max) {
   int n = (int)luaL_len(L, idx);
   luaL_argcheck(L, n >= 1 && n <= max, 2, "'to' must list 1 to 1000 addresses");
   for (int i = 0; i < n; i++) {
-    lua_rawgeti(L, idx, i + 1);
+    if (lua_rawgeti(L, idx, i + 1) != LUA_TSTRING)
+      luaL_error(L, "message field 'to'[%d] must be a string (got %s)", i + 1, luaL_typename(L, -1));
     out[i] = lua_tostring(L, -1);
-    if (!out[i]) luaL_error(L, "'to'[%d] must be a string", i + 1);
     lua_pop(L, 1);   /* still referenced by the table */
   }
   return n;
+}
+
+/* Does any of the n strings of list idx (or the string at idx) hold a NUL byte? */
+static int any_nul(lua_State *L, int idx, int n) {
+  if (lua_type(L, idx) == LUA_TSTRING) return l_has_nul(L, idx);
+  int found = 0;
+  for (int i = 1; i <= n && !found; i++) {
+    lua_rawgeti(L, idx, i);
+    found = l_has_nul(L, -1);
+    lua_pop(L, 1);
+  }
+  return found;
 }
 
 static void push_refusal(lua_State *L, const char *stage, const char *msg) {
@@ -437,8 +460,10 @@ static void push_refusal(lua_State *L, const char *stage, const char *msg) {
 static int l_relay_send(lua_State *L) {
   relay *r = check_relay(L);
   luaL_checktype(L, 2, LUA_TTABLE);
-  lua_getfield(L, 2, "from");
-  const char *from = luaL_optstring(L, -1, "");
+  int fty = lua_getfield(L, 2, "from");
+  if (fty != LUA_TNIL && fty != LUA_TSTRING) return luaL_error(L, "message field 'from' must be a string");
+  const char *from = fty == LUA_TNIL ? "" : lua_tostring(L, -1);
+  int from_idx = lua_gettop(L);
   lua_getfield(L, 2, "data");
   size_t len;
   const char *data = lua_tolstring(L, -1, &len);
@@ -449,6 +474,10 @@ static int l_relay_send(lua_State *L) {
   if (ty == LUA_TSTRING) { to[0] = lua_tostring(L, -1); nto = 1; }
   else if (ty == LUA_TTABLE) nto = table_len_strings(L, lua_gettop(L), to, 1000);
   else return luaL_error(L, "message field 'to' must be a string or a list of strings");
+  /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
+   * permanent failure, like any bad envelope, before any network */
+  if (l_has_nul(L, from_idx)) { push_refusal(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
+  if (any_nul(L, lua_gettop(L), nto)) { push_refusal(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
   char err[300];
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, err, sizeof err);
   if (!txn) {
@@ -550,7 +579,7 @@ static int l_relay_tostring(lua_State *L) {
 }
 
 static int l_log(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "a");
   if (!f) return luaL_fileresult(L, 0, path);
   setvbuf(f, NULL, _IOLBF, 0);   /* a line at a time: the log is for watching a run */

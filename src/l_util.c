@@ -25,6 +25,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "l_check.h"
 #include "task.h"
 
 static void push_hex(lua_State *L, const unsigned char *d, unsigned n) {
@@ -60,7 +61,7 @@ static int u_hmac_sha256(lua_State *L) {
 }
 
 static int u_sha256_file(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "rb");
   if (!f) return luaL_fileresult(L, 0, path);
   EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -86,7 +87,7 @@ static int u_sha256_file(lua_State *L) {
 typedef struct { int fd; } ulock;
 
 static int u_lock(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   ulock *lk = lua_newuserdatauv(L, sizeof *lk, 0);
   lk->fd = -1;
   luaL_setmetatable(L, LOCK_MT);
@@ -181,7 +182,7 @@ static int u_stop_signals(lua_State *L) {
 /* util.write_secret(path, data): create path (it must not exist) with mode 0600 and write data:
  * a private key is never readable by others, not even for a moment. */
 static int u_write_secret(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
   int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
