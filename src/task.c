@@ -331,8 +331,9 @@ static int core_wake(lua_State *L) {
 /* coroutine.resume and coroutine.close, refusing a task (upvalue 1: the original function):
  * resuming a task behind the scheduler's back is a stray wake-up too. */
 static int guarded_coroutine(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);   /* here, so that the error names the function called */
   lua_State *co = lua_tothread(L, 1);
-  if (co && rec_of(co)->co == co)
+  if (rec_of(co)->co == co)
     return luaL_error(L, "a mailshot task is resumed by its scheduler only, not by coroutine.resume "
                          "or coroutine.close (core.wake wakes a task parked in core.suspend)");
   lua_pushvalue(L, lua_upvalueindex(1));
