@@ -17,6 +17,7 @@
 #include <lauxlib.h>
 
 #include "csv_reader.h"
+#include "l_check.h"
 
 #define READER_MT "mailshot.csv.reader"
 
@@ -89,7 +90,7 @@ static void getoptions (lua_State *L, int arg, csv_options *opt)
 /* csv.open(path [, options]) -> reader | nil, "path: reason" */
 static int csv_open (lua_State *L)
 {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   csv_options opt = { 0, 0 };
   char err[256];
   LReader *p;
@@ -210,7 +211,7 @@ static int r_tostring (lua_State *L)
  * lets a progress view show a total (rows = lines - 1 when no quoted field holds a newline). */
 static int csv_count_lines (lua_State *L)
 {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "rb");
   if (f == NULL) return luaL_fileresult(L, 0, path);
   static char buf[65536];

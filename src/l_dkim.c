@@ -22,6 +22,7 @@
 #include <lauxlib.h>
 
 #include "dkim.h"
+#include "l_check.h"
 
 #define SIGNER_MT "mailshot.dkim.signer"
 #define SIGNER_BUF_KEEP (1024 * 1024)   /* a scratch buffer bigger than this is freed after use */
@@ -69,6 +70,8 @@ static const char *optstring (lua_State *L, int arg, const char *key)
 {
   if (lua_type(L, -1) != LUA_TSTRING)
     luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a string", key));
+  if (l_has_nul(L, -1))   /* C would cut it there: another domain, selector or file */
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s must not contain a NUL byte", key));
   return lua_tostring(L, -1);   /* stays valid: the table at arg holds it */
 }
 
@@ -130,9 +133,12 @@ static void buildstore (lua_State *L, int arg, LSigner *p, const sopts *so)
     luaL_argcheck(L, nh < 1000, arg, "too many headers");
   }
   size = (nh + 1) * sizeof(char *) + dl + sl;
+  /* raw reads, both times: an __index could give a longer name the second time (an overflow) */
   for (size_t i = 1; i <= nh; i++) {
-    if (lua_geti(L, -1, (lua_Integer)i) != LUA_TSTRING)
+    if (lua_rawgeti(L, -1, (lua_Integer)i) != LUA_TSTRING)
       luaL_argerror(L, arg, "headers must be a list of names");
+    if (l_has_nul(L, -1))
+      luaL_argerror(L, arg, "headers: a name must not contain a NUL byte");
     size += lua_rawlen(L, -1) + 1;
     lua_pop(L, 1);
   }
@@ -146,7 +152,7 @@ static void buildstore (lua_State *L, int arg, LSigner *p, const sopts *so)
   for (size_t i = 1; i <= nh; i++) {
     size_t n;
     const char *h;
-    lua_geti(L, -1, (lua_Integer)i);
+    lua_rawgeti(L, -1, (lua_Integer)i);
     h = lua_tolstring(L, -1, &n);
     names[i - 1] = memcpy(s, h, n + 1);
     s += n + 1;

@@ -17,16 +17,18 @@
 #include <string.h>
 
 #include "dns.h"
+#include "l_check.h"
 #include "task.h"
 
 #define RESOLVER_MT "mailshot.resolver"
 
 typedef struct { dns_resolver *r; } lresolver;
 
-/* One query from Lua: results are kept here when the answer comes before the task yields. */
+/* One query from Lua: results are kept here when the answer comes before the task yields.
+ * Owned by the query (freed by on_done) once the task parked. */
 typedef struct {
-  lua_State *co;
-  int suspended;       /* the task has yielded: push and wake */
+  task_wait wait;      /* the parked task: only this query's answer wakes it */
+  int suspended;       /* the task has parked: push and wake */
   int done;
   dns_status st;
   char msg[128];
@@ -63,10 +65,15 @@ static int push_answer(lua_State *L, dns_status st, const char *msg, const dns_r
 
 static void on_done(void *ud, dns_status st, const char *msg, const dns_rr *rrs, int nrr) {
   lquery *q = ud;
-  if (st == DNS_CANCELLED) { if (q->suspended) free(q); else q->done = 1; return; }   /* shutting down */
+  if (st == DNS_CANCELLED) {
+    if (!q->suspended) { q->done = 1; q->st = st; snprintf(q->msg, sizeof q->msg, "the resolver was closed"); return; }
+    msg = "the resolver was closed";   /* the parked task gets nil, "cancelled", msg */
+    nrr = 0;
+  }
   if (q->suspended) {
-    int n = lua_checkstack(q->co, nrr + 8) ? push_answer(q->co, st, msg, rrs, nrr) : 0;
-    task_wake(q->co, n);
+    lua_State *co = task_wait_target(&q->wait);   /* NULL: nobody to tell (dropped safely) */
+    int n = co && lua_checkstack(co, nrr + 8) ? push_answer(co, st, msg, rrs, nrr) : 0;
+    task_wait_done(&q->wait, n);
     free(q);
     return;
   }
@@ -91,6 +98,7 @@ static int l_new(lua_State *L) {
   if (lua_istable(L, 1)) {
     lua_getfield(L, 1, "servers");
     servers = luaL_optstring(L, -1, NULL);
+    if (l_has_nul(L, -1)) return luaL_error(L, "option 'servers' must not contain a NUL byte");
     lua_getfield(L, 1, "timeout");
     timeout = luaL_optnumber(L, -1, timeout);
     lua_getfield(L, 1, "tries");
@@ -117,12 +125,18 @@ static int type_of(lua_State *L, int idx) {
 /* resolver:query(name, type) -> records | nil, kind, message */
 static int l_query(lua_State *L) {
   lresolver *lr = check_resolver(L);
-  const char *name = luaL_checkstring(L, 2);
+  size_t len;
+  const char *name = luaL_checklstring(L, 2, &len);
   int type = type_of(L, 3);
-  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  if (memchr(name, '\0', len)) {   /* C would ask for the name cut at the NUL: another name */
+    lua_pushnil(L);
+    lua_pushstring(L, dns_status_name(DNS_ERROR));
+    lua_pushliteral(L, "invalid name: it contains a NUL byte");
+    return 3;
+  }
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
   lquery *q = calloc(1, sizeof *q);
   if (!q) return luaL_error(L, "out of memory");
-  q->co = L;
   dns_query(lr->r, name, type, on_done, q);
   if (q->done) {
     int n = push_answer(L, q->st, q->msg, q->rrs, q->nrr);
@@ -131,6 +145,7 @@ static int l_query(lua_State *L) {
     return n;
   }
   q->suspended = 1;
+  task_wait_begin(L, &q->wait, "resolver:query");   /* no answer can come before we yield */
   return task_suspend(L);
 }
 

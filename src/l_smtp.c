@@ -20,6 +20,7 @@
 
 #include "dns.h"
 #include "net.h"
+#include "l_check.h"
 #include "smtp.h"
 #include "task.h"
 #include "tls.h"
@@ -36,7 +37,7 @@ typedef struct send_op {
   struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
   struct relay *relay;
-  lua_State *co;
+  task_wait wait;           /* the task parked in send() or check(): only this op wakes it */
   smtp_txn *txn;
   smtp_conn *conn;
   op_kind kind;
@@ -51,7 +52,8 @@ typedef struct relay {
   send_op *queue_head, *queue_tail;   /* sends waiting for a session (chained by qnext) */
   smtp_conn *extra[64];     /* sessions outside the pool: check() and closing ones */
   int nextra;
-  lua_State *closer;        /* task waiting in close() */
+  task_wait closer;         /* the task waiting in close() */
+  int closing;              /* close() counts the QUITs it waits for */
   int closing_count, closed;
   /* The server refused our login for good (a 535 bad password ...): no session logs in again in
    * this run; every send gets this refusal at once, deferred for --resume. */
@@ -76,6 +78,7 @@ static void op_unlink(relay *r, send_op *op) {
 }
 
 static void op_free(send_op *op) {
+  task_wait_cancel(&op->wait);   /* a no-op once the task was woken */
   smtp_txn_free(op->txn);
   free(op);
 }
@@ -235,10 +238,10 @@ static void quit_done(smtp_conn *c, void *ud) {
   relay *r = ud;
   extra_remove(r, c);
   smtp_conn_free(c);
-  if (r->closer && --r->closing_count == 0) {
-    lua_State *co = r->closer;
-    r->closer = NULL;
-    task_wake(co, 0);
+  /* the last QUIT close() waits for (not one that ended before close() could park) */
+  if (r->closing && --r->closing_count == 0 && r->closer.co) {
+    r->closing = 0;
+    task_wait_done(&r->closer, 0);
   }
 }
 
@@ -246,7 +249,9 @@ static void quit_done(smtp_conn *c, void *ud) {
 static void quit_extra(relay *r, smtp_conn *c) {
   if (smtp_conn_ready(c) && r->nextra < (int)(sizeof r->extra / sizeof r->extra[0])) {
     r->extra[r->nextra++] = c;
-    if (smtp_conn_quit(c, quit_done, r) == 0) { if (r->closer) r->closing_count++; return; }
+    if (r->closing) r->closing_count++;   /* before: quit_done may run before smtp_conn_quit returns */
+    if (smtp_conn_quit(c, quit_done, r) == 0) return;
+    if (r->closing) r->closing_count--;
     extra_remove(r, c);
   }
   smtp_conn_free(c);
@@ -269,12 +274,24 @@ static void queue_push(relay *r, send_op *op) {
   r->queue_tail = op;
 }
 
-/* A send waiting its turn when the login was refused: it ends now, with no session. */
-static void refuse_waiter(relay *r, send_op *op) {
-  lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) { push_auth_refusal(co, r); task_wake(co, 1); } else task_wake(co, 0);
+/* An operation ends: its task (if it still waits on it) gets the result, and the op is freed. */
+static void complete_op(relay *r, send_op *op, const smtp_result *res, const smtp_txn *t) {
+  lua_State *co = task_wait_target(&op->wait);   /* NULL: nobody to tell (dropped safely) */
+  if (co && lua_checkstack(co, 8)) {
+    push_result(co, res, t);
+    task_wait_done(&op->wait, 1);
+  } else {
+    task_wait_done(&op->wait, 0);   /* cannot happen with a sane stack; the caller sees nil */
+  }
   op_unlink(r, op);
   op_free(op);
+}
+
+/* A send waiting its turn when the login was refused: it ends now, with no session. */
+static void refuse_waiter(relay *r, send_op *op) {
+  smtp_result res = { 0 };
+  auth_refusal_result(r, &res, 0);
+  complete_op(r, op, &res, NULL);
 }
 
 /* A session finished a transaction or is gone: give it (or a new one, within
@@ -297,15 +314,7 @@ static void next_waiter(relay *r, smtp_conn *c) {
 static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
-  lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) {
-    push_result(co, &t->res, t);
-    task_wake(co, 1);
-  } else {
-    task_wake(co, 0);   /* cannot happen with a sane stack; the caller sees nil */
-  }
-  op_unlink(r, op);
-  op_free(op);
+  complete_op(r, op, &t->res, t);
   next_waiter(r, c);
 }
 
@@ -351,8 +360,9 @@ static smtp_conn *pick_session(relay *r) {
 static void on_check_done(smtp_conn *c, void *ud) {
   send_op *op = ud;
   relay *r = op->relay;
-  lua_State *co = op->co;
-  if (lua_checkstack(co, 8)) { push_check(co, c, r); task_wake(co, 1); } else task_wake(co, 0);
+  lua_State *co = task_wait_target(&op->wait);
+  if (co && lua_checkstack(co, 8)) { push_check(co, c, r); task_wait_done(&op->wait, 1); }
+  else task_wait_done(&op->wait, 0);
   op_unlink(r, op);
   op_free(op);
   extra_remove(r, c);
@@ -372,8 +382,15 @@ static const char *field_str(lua_State *L, int t, const char *k, const char *def
   const char *v = def;
   if (ty == LUA_TSTRING) v = lua_tostring(L, -1);
   else if (ty != LUA_TNIL) luaL_error(L, "option '%s' must be a string", k);
+  if (l_has_nul(L, -1)) luaL_error(L, "option '%s' must not contain a NUL byte", k);
   lua_pop(L, 1);
-  return v;   /* still anchored in the options table */
+  return v;   /* a string (no conversion): still anchored in the options table */
+}
+
+/* A string option copied into a fixed buffer: too long is an error, never a silent cut. */
+static void field_copy(lua_State *L, const char *k, const char *v, char *buf, size_t size) {
+  if (strlen(v) >= size) luaL_error(L, "option '%s' is too long (at most %d bytes)", k, (int)size - 1);
+  memcpy(buf, v, strlen(v) + 1);
 }
 
 static int field_bool(lua_State *L, int t, const char *k, int def) {
@@ -482,13 +499,13 @@ static int l_relay_new(lua_State *L) {
   luaL_argcheck(L, maxc >= 1 && maxc <= 10000, 1, "max_connections must be in [1, 10000]");
   r->max_connections = (int)maxc;
   const char *helo = field_str(L, 1, "helo", NULL);
-  if (helo) snprintf(cfg->helo, sizeof cfg->helo, "%s", helo); else default_helo(cfg->helo, sizeof cfg->helo);
+  if (helo) field_copy(L, "helo", helo, cfg->helo, sizeof cfg->helo); else default_helo(cfg->helo, sizeof cfg->helo);
   for (const char *p = cfg->helo; *p; p++)
     if ((unsigned char)*p <= ' ' || *p == 0x7f) return luaL_error(L, "option 'helo' must be one word");
   const char *source = field_str(L, 1, "source", NULL);
-  if (source) snprintf(cfg->source, sizeof cfg->source, "%s", source);
+  if (source) field_copy(L, "source", source, cfg->source, sizeof cfg->source);
   const char *addr = field_str(L, 1, "address", NULL);   /* connect here, keep server's name for TLS */
-  if (addr) snprintf(cfg->connect_addr, sizeof cfg->connect_addr, "%s", addr);
+  if (addr) field_copy(L, "address", addr, cfg->connect_addr, sizeof cfg->connect_addr);
   if (field_bool(L, 1, "trace", 0)) cfg->trace = stderr;
   else if (dialogue_log) cfg->trace = dialogue_log;
   const char *user = field_str(L, 1, "user", NULL);
@@ -505,16 +522,31 @@ static int l_relay_new(lua_State *L) {
   return 1;
 }
 
+/* The list of recipients at idx into out (pointers into the table's own strings).  Strings
+ * only: a number would be converted on the stack, into a string that nothing holds once
+ * popped (a use after free), and a number is no address anyway: a programmer's mistake. */
 static int table_len_strings(lua_State *L, int idx, const char **out, int max) {
   int n = (int)luaL_len(L, idx);
   luaL_argcheck(L, n >= 1 && n <= max, 2, "'to' must list 1 to 1000 addresses");
   for (int i = 0; i < n; i++) {
-    lua_rawgeti(L, idx, i + 1);
+    if (lua_rawgeti(L, idx, i + 1) != LUA_TSTRING)
+      luaL_error(L, "message field 'to'[%d] must be a string (got %s)", i + 1, luaL_typename(L, -1));
     out[i] = lua_tostring(L, -1);
-    if (!out[i]) luaL_error(L, "'to'[%d] must be a string", i + 1);
     lua_pop(L, 1);   /* still referenced by the table */
   }
   return n;
+}
+
+/* Does any of the n strings of list idx (or the string at idx) hold a NUL byte? */
+static int any_nul(lua_State *L, int idx, int n) {
+  if (lua_type(L, idx) == LUA_TSTRING) return l_has_nul(L, idx);
+  int found = 0;
+  for (int i = 1; i <= n && !found; i++) {
+    lua_rawgeti(L, idx, i);
+    found = l_has_nul(L, -1);
+    lua_pop(L, 1);
+  }
+  return found;
 }
 
 static void push_refusal(lua_State *L, const char *stage, const char *msg) {
@@ -528,8 +560,10 @@ static void push_refusal(lua_State *L, const char *stage, const char *msg) {
 static int l_relay_send(lua_State *L) {
   relay *r = check_relay(L);
   luaL_checktype(L, 2, LUA_TTABLE);
-  lua_getfield(L, 2, "from");
-  const char *from = luaL_optstring(L, -1, "");
+  int fty = lua_getfield(L, 2, "from");
+  if (fty != LUA_TNIL && fty != LUA_TSTRING) return luaL_error(L, "message field 'from' must be a string");
+  const char *from = fty == LUA_TNIL ? "" : lua_tostring(L, -1);
+  int from_idx = lua_gettop(L);
   lua_getfield(L, 2, "data");
   size_t len;
   const char *data = lua_tolstring(L, -1, &len);
@@ -540,6 +574,10 @@ static int l_relay_send(lua_State *L) {
   if (ty == LUA_TSTRING) { to[0] = lua_tostring(L, -1); nto = 1; }
   else if (ty == LUA_TTABLE) nto = table_len_strings(L, lua_gettop(L), to, 1000);
   else return luaL_error(L, "message field 'to' must be a string or a list of strings");
+  /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
+   * permanent failure, like any bad envelope, before any network */
+  if (l_has_nul(L, from_idx)) { push_refusal(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
+  if (any_nul(L, lua_gettop(L), nto)) { push_refusal(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
   char err[300];
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, err, sizeof err);
   if (!txn) {
@@ -552,14 +590,14 @@ static int l_relay_send(lua_State *L) {
     push_auth_refusal(L, r);
     return 1;
   }
+  if (!task_can_wait(L)) { smtp_txn_free(txn); return task_suspend(L); /* raises */ }
   send_op *op = calloc(1, sizeof *op);
   if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->co = L;
   op->txn = txn;
   op->kind = OP_SEND;
   op_link(r, op);
-  if (!lua_isyieldable(L)) { op_unlink(r, op); op_free(op); return task_suspend(L); /* raises */ }
+  task_wait_begin(L, &op->wait, "relay:send");   /* before start_op: it may finish at once */
   smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
   if (c) start_op(r, op, c); else queue_push(r, op);
   return task_suspend(L);
@@ -569,15 +607,15 @@ static int l_relay_send(lua_State *L) {
 static int l_relay_check(lua_State *L) {
   relay *r = check_relay(L);
   if (r->nextra >= (int)(sizeof r->extra / sizeof r->extra[0])) return luaL_error(L, "too many checks at once");
-  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
   send_op *op = calloc(1, sizeof *op);
   smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
   if (!op || !c) { free(op); smtp_conn_free(c); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->co = L;
   op->kind = OP_CHECK;
   op->conn = c;
   op_link(r, op);
+  task_wait_begin(L, &op->wait, "relay:check");
   r->extra[r->nextra++] = c;
   smtp_conn_open(c, on_check_done, op);
   return task_suspend(L);
@@ -587,17 +625,19 @@ static int l_relay_check(lua_State *L) {
 static int l_relay_close(lua_State *L) {
   relay *r = luaL_checkudata(L, 1, RELAY_MT);
   if (r->closed) return 0;
-  int yieldable = lua_isyieldable(L);
-  if (yieldable) r->closer = L;
+  /* wait for the QUITs when we can, and when no other task already waits in close() */
+  int wait = task_can_wait(L) && !r->closing;
+  if (wait) { r->closing = 1; r->closing_count = 0; }
   for (int i = r->nconns - 1; i >= 0; i--) {
     smtp_conn *c = r->conns[i];
     if (!smtp_conn_ready(c)) continue;
     pool_remove(r, c);
     quit_extra(r, c);
   }
-  if (yieldable && r->closing_count > 0) return task_suspend(L);
-  r->closer = NULL;
-  return 0;
+  if (!wait) return 0;
+  if (r->closing_count == 0) { r->closing = 0; return 0; }
+  task_wait_begin(L, &r->closer, "relay:close");
+  return task_suspend(L);
 }
 
 static int l_relay_stats(lua_State *L) {
@@ -621,8 +661,12 @@ static int l_relay_gc(lua_State *L) {
   r->nconns = r->nextra = 0;
   free(r->conns);
   r->conns = NULL;
+  /* tasks still parked in send() or check() (the state is closing, or a `<close>` relay went
+   * out of scope under them) are not woken: their waits are cancelled, never completed */
   while (r->ops) { send_op *op = r->ops; r->ops = op->next; op_free(op); }
   r->queue_head = r->queue_tail = NULL;
+  r->closing = 0;
+  task_wait_cancel(&r->closer);
   if (r->cfg.password) { explicit_bzero(r->cfg.password, strlen(r->cfg.password)); free(r->cfg.password); }
   free(r->cfg.user);
   r->cfg.user = r->cfg.password = NULL;
@@ -642,7 +686,7 @@ static int l_relay_tostring(lua_State *L) {
 }
 
 static int l_log(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "a");
   if (!f) return luaL_fileresult(L, 0, path);
   setvbuf(f, NULL, _IOLBF, 0);   /* a line at a time: the log is for watching a run */

@@ -31,6 +31,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "l_check.h"
 #include "task.h"
 
 static void push_hex(lua_State *L, const unsigned char *d, unsigned n) {
@@ -66,7 +67,7 @@ static int u_hmac_sha256(lua_State *L) {
 }
 
 static int u_sha256_file(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "rb");
   if (!f) return luaL_fileresult(L, 0, path);
   EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -92,7 +93,7 @@ static int u_sha256_file(lua_State *L) {
 typedef struct { int fd; } ulock;
 
 static int u_lock(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   ulock *lk = lua_newuserdatauv(L, sizeof *lk, 0);
   lk->fd = -1;
   luaL_setmetatable(L, LOCK_MT);
@@ -127,18 +128,24 @@ static int u_fsync(lua_State *L) {
 /* ---- signals through signalfd, on the loop ---- */
 
 static int sigfd = -1;
-static lua_State *sig_waiter;
+static task_wait sig_wait;       /* the task parked in wait_signal(): only a signal wakes it */
 static int sig_pending;          /* a signal that came while nobody waited */
+
+/* The task parked in wait_signal, if it still waits there (else its wait is released). */
+static lua_State *sig_waiter(void) {
+  lua_State *co = task_wait_target(&sig_wait);
+  if (!co) task_wait_cancel(&sig_wait);
+  return co;
+}
 
 static void on_signal(loop *l, int fd, int events, void *data) {
   struct signalfd_siginfo si;
   while (read(fd, &si, sizeof si) == (ssize_t)sizeof si) {
     int name = si.ssi_signo == SIGINT ? 'I' : 'T';
-    if (sig_waiter) {
-      lua_State *co = sig_waiter;
-      sig_waiter = NULL;
+    lua_State *co = sig_waiter();
+    if (co && lua_checkstack(co, 1)) {
       lua_pushstring(co, name == 'I' ? "INT" : "TERM");
-      task_wake(co, 1);
+      task_wait_done(&sig_wait, 1);
     } else {
       sig_pending = name;
     }
@@ -161,9 +168,9 @@ static int u_wait_signal(lua_State *L) {
     sig_pending = 0;
     return 1;
   }
-  if (sig_waiter) return luaL_error(L, "another task already waits for signals");
-  if (!lua_isyieldable(L)) return task_suspend(L);   /* raises the "inside a task" error */
-  sig_waiter = L;
+  if (sig_waiter()) return luaL_error(L, "another task already waits for signals");
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
+  task_wait_begin(L, &sig_wait, "util.wait_signal");
   return task_suspend(L);
 }
 
@@ -174,14 +181,14 @@ static int u_stop_signals(lua_State *L) {
     close(sigfd);
     sigfd = -1;
   }
-  sig_waiter = NULL;
+  task_wait_cancel(&sig_wait);   /* the waiting task, if any, is not woken any more */
   return 0;
 }
 
 /* util.write_secret(path, data): create path (it must not exist) with mode 0600 and write data:
  * a private key is never readable by others, not even for a moment. */
 static int u_write_secret(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = l_checkcstring(L, 1);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
   int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);

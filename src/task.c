@@ -11,6 +11,24 @@
 
 typedef struct { lua_State *co; int nargs; } ready_entry;
 
+/* What a task is doing.  Each suspension has exactly one wake-up: core.wake for T_SUSPENDED,
+ * the completion of the C wait (by token) for T_WAITING; a task that is ready or running takes
+ * none, so a second wake or a stray completion can never resume it half-way through another
+ * wait. */
+enum { T_ACTIVE, T_SUSPENDED, T_WAITING, T_ENDED };
+
+/* One per task, found from its thread's extra space (every other thread's extra space points
+ * at the scheduler's `none`).  A full userdata: the value of the task's entry in TASKS_KEY, so
+ * it lives exactly as long as the task is anchored. */
+typedef struct task_rec {
+  sched *s;
+  lua_State *co;            /* the task's thread; NULL in `none` */
+  int state;
+  const char *what;         /* T_WAITING: the C primitive's name, for core.wake's error */
+  unsigned long token;      /* T_WAITING: the current C wait */
+  int holds;                /* C waits not yet done or cancelled: the task stays anchored */
+} task_rec;
+
 struct sched {
   lua_State *L;          /* main state */
   loop *loop;
@@ -20,12 +38,15 @@ struct sched {
   lua_State *main_task;
   int main_done, main_failed, main_status;
   loop_deferred lua_deferred;   /* runs the functions given to core.defer */
+  task_rec none;         /* the record of every thread that is not a task */
+  unsigned long tokens;  /* the last C wait's token */
 };
 
-#define TASKS_KEY "mailshot.tasks"   /* registry table: thread -> true while it lives */
+#define TASKS_KEY "mailshot.tasks"   /* registry table: thread -> its task_rec while it lives */
 #define DEFER_KEY "mailshot.deferred" /* registry list of functions for core.defer */
 
-sched *sched_of(lua_State *L) { return *(sched **)lua_getextraspace(L); }
+static task_rec *rec_of(lua_State *L) { return *(task_rec **)lua_getextraspace(L); }
+sched *sched_of(lua_State *L) { return rec_of(L)->s; }
 loop *task_loop(lua_State *L) { return sched_of(L)->loop; }
 
 static void ready_push(sched *s, lua_State *co, int nargs) {
@@ -43,11 +64,14 @@ static void ready_push(sched *s, lua_State *co, int nargs) {
   loop_wake(s->loop);
 }
 
-static void anchor(lua_State *L, lua_State *co, int on) {
+/* The task is over and no C wait holds it: drop its record and let the thread be collected. */
+static void unanchor(sched *s, lua_State *co) {
+  lua_State *L = s->L;
+  *(task_rec **)lua_getextraspace(co) = &s->none;   /* the record goes with the table entry */
   lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
   lua_pushthread(co);
   lua_xmove(co, L, 1);
-  if (on) lua_pushboolean(L, 1); else lua_pushnil(L);
+  lua_pushnil(L);
   lua_rawset(L, -3);
   lua_pop(L, 1);
 }
@@ -60,6 +84,9 @@ static void report_error(sched *s, lua_State *co) {
 }
 
 static void resume_one(sched *s, lua_State *co, int nargs) {
+  task_rec *t = rec_of(co);
+  if (t->co != co || t->state == T_ENDED) return;   /* cannot happen: one wake-up per suspension */
+  t->state = T_ACTIVE;
   int nres = 0;
   s->suspending = 0;
   int st = lua_resume(co, s->L, nargs, &nres);
@@ -87,7 +114,8 @@ static void resume_one(sched *s, lua_State *co, int nargs) {
     loop_stop(s->loop);
   }
   lua_settop(co, 0);
-  anchor(s->L, co, 0);
+  t->state = T_ENDED;
+  if (t->holds == 0) unanchor(s, co);   /* else the last C wait to finish does it */
 }
 
 /* The idle hook: resume what is ready; tasks woken meanwhile wait for the next turn so that
@@ -128,7 +156,9 @@ sched *sched_new(lua_State *L, loop *lp) {
   if (!s) return NULL;
   s->L = L;
   s->loop = lp;
-  *(sched **)lua_getextraspace(L) = s;
+  s->none.s = s;
+  s->none.state = T_ACTIVE;
+  *(task_rec **)lua_getextraspace(L) = &s->none;   /* threads made later start with a copy */
   lua_newtable(L);
   lua_setfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
   lua_newtable(L);
@@ -149,11 +179,20 @@ void sched_free(sched *s) {
 void task_spawn(lua_State *L, int nargs) {
   sched *s = sched_of(L);
   lua_State *co = lua_newthread(L);          /* fn args... co */
+  task_rec *t = lua_newuserdatauv(L, sizeof *t, 0);
+  *t = (task_rec){ .s = s, .co = co, .state = T_ACTIVE };
+  lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);                         /* TASKS_KEY[co] = t */
+  lua_pop(L, 2);                             /* fn args... co */
+  *(task_rec **)lua_getextraspace(co) = t;
   lua_insert(L, -(nargs + 2));               /* co fn args... */
   lua_xmove(L, co, nargs + 1);               /* co */
-  anchor(L, co, 1);
   ready_push(s, co, nargs);
 }
+
+int task_can_wait(lua_State *L) { return lua_isyieldable(L) && rec_of(L)->co == L; }
 
 int task_suspend(lua_State *L) {
   if (!lua_isyieldable(L))
@@ -161,18 +200,47 @@ int task_suspend(lua_State *L) {
                          "(mailshot.spawn), not in the main chunk or across a C call (table.sort, gsub...)");
   /* a coroutine of the user's own would get our yield and then be resumed by the scheduler
    * behind its owner's back: refuse */
-  lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
-  lua_pushthread(L);
-  int is_task = lua_rawget(L, -2) != LUA_TNIL;
-  lua_pop(L, 2);
-  if (!is_task)
+  if (rec_of(L)->co != L)
     return luaL_error(L, "this call waits on the network or a timer and must run in a task "
                          "(mailshot.spawn), not in a coroutine of your own");
   sched_of(L)->suspending = 1;
   return lua_yield(L, 0);
 }
 
-void task_wake(lua_State *co, int nresults) { ready_push(sched_of(co), co, nresults); }
+void task_wait_begin(lua_State *L, task_wait *w, const char *what) {
+  task_rec *t = rec_of(L);
+  if (t->co != L) { luaL_error(L, "%s must run in a task", what); return; }   /* callers check first */
+  t->state = T_WAITING;
+  t->what = what;
+  t->token = ++t->s->tokens;
+  t->holds++;
+  *w = (task_wait){ .s = t->s, .co = L, .token = t->token };
+}
+
+lua_State *task_wait_target(task_wait *w) {
+  if (!w->co) return NULL;
+  const task_rec *t = rec_of(w->co);   /* still the task's record: w holds it */
+  return t->co == w->co && t->state == T_WAITING && t->token == w->token ? w->co : NULL;
+}
+
+static void wait_release(task_wait *w) {
+  lua_State *co = w->co;
+  if (!co) return;
+  w->co = NULL;
+  task_rec *t = rec_of(co);
+  if (t->co == co && --t->holds == 0 && t->state == T_ENDED) unanchor(w->s, co);
+}
+
+void task_wait_done(task_wait *w, int nresults) {
+  lua_State *co = task_wait_target(w);
+  if (co) {
+    rec_of(co)->state = T_ACTIVE;
+    ready_push(w->s, co, nresults);
+  }
+  wait_release(w);
+}
+
+void task_wait_cancel(task_wait *w) { wait_release(w); }
 
 int sched_exit_status(const sched *s) { return s->main_status; }
 
@@ -199,18 +267,17 @@ static int core_spawn(lua_State *L) {
   return 1;
 }
 
-typedef struct { loop_timer timer; lua_State *co; loop *loop; } sleeper;
+typedef struct { loop_timer timer; task_wait w; loop *loop; } sleeper;
 
 static void sleeper_fire(loop *l, void *data) {
   sleeper *z = data;
-  lua_State *co = z->co;
-  z->co = NULL;
-  task_wake(co, 0);
+  task_wait_done(&z->w, 0);
 }
 
 static int sleeper_gc(lua_State *L) {
   sleeper *z = luaL_checkudata(L, 1, "mailshot.sleeper");
   if (z->loop) loop_timer_stop(z->loop, &z->timer);
+  task_wait_cancel(&z->w);
   return 0;
 }
 
@@ -218,8 +285,9 @@ static int sleeper_gc(lua_State *L) {
 static int core_sleep(lua_State *L) {
   lua_Number sec = luaL_checknumber(L, 1);
   luaL_argcheck(L, sec >= 0 && sec < 1e9, 1, "seconds must be between 0 and 1e9");
+  if (!task_can_wait(L)) return task_suspend(L);     /* raises the "inside a task" error */
   sleeper *z = lua_newuserdatauv(L, sizeof *z, 0);   /* stays on our stack: anchored while we sleep */
-  z->co = L;
+  z->w.co = NULL;
   z->loop = task_loop(L);
   loop_timer_init(&z->timer, sleeper_fire, z);
   if (luaL_newmetatable(L, "mailshot.sleeper")) {
@@ -227,24 +295,66 @@ static int core_sleep(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_setmetatable(L, -2);
+  task_wait_begin(L, &z->w, "core.sleep");
   loop_timer_start(z->loop, &z->timer, (uint64_t)(sec * 1000.0 + 0.5));
   return task_suspend(L);
 }
 
 /* mailshot.core.suspend(): park the running task until someone calls core.wake(it, ...);
  * returns the values given to wake.  The building block for join, semaphores and queues in Lua. */
-static int core_suspend(lua_State *L) { return task_suspend(L); }
+static int core_suspend(lua_State *L) {
+  if (task_can_wait(L)) rec_of(L)->state = T_SUSPENDED;
+  return task_suspend(L);   /* raises when L cannot wait */
+}
 
-/* mailshot.core.wake(thread, ...): queue a suspended task with values. */
+/* mailshot.core.wake(thread, ...): queue a task parked in core.suspend with values.  A task
+ * parked in a C primitive (relay:send, sleep, a DNS query, a signal wait) belongs to that
+ * primitive: waking it would leave the primitive to resume it a second time later, in the
+ * middle of whatever it does next (or after it ended): refused, as is a second wake. */
 static int core_wake(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTHREAD);
   lua_State *co = lua_tothread(L, 1);
-  luaL_argcheck(L, co != L && lua_status(co) == LUA_YIELD, 1, "task is not suspended");
+  const task_rec *t = rec_of(co);
+  luaL_argcheck(L, t->co == co, 1, "not a task (or a task that ended)");
+  if (t->state == T_WAITING)
+    return luaL_error(L, "core.wake: the task is waiting in %s; only its completion can wake it", t->what);
+  luaL_argcheck(L, co != L && t->state == T_SUSPENDED && lua_status(co) == LUA_YIELD, 1,
+                "task is not suspended (it runs, or was woken already)");
   int n = lua_gettop(L) - 1;
   if (!lua_checkstack(co, n + 1)) return luaL_error(L, "stack overflow waking a task");
   lua_xmove(L, co, n);
-  task_wake(co, n);
+  rec_of(co)->state = T_ACTIVE;
+  ready_push(sched_of(co), co, n);
   return 0;
+}
+
+/* coroutine.resume and coroutine.close, refusing a task (upvalue 1: the original function):
+ * resuming a task behind the scheduler's back is a stray wake-up too. */
+static int guarded_coroutine(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);   /* here, so that the error names the function called */
+  lua_State *co = lua_tothread(L, 1);
+  if (rec_of(co)->co == co)
+    return luaL_error(L, "a mailshot task is resumed by its scheduler only, not by coroutine.resume "
+                         "or coroutine.close (core.wake wakes a task parked in core.suspend)");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static void guard_coroutines(lua_State *L) {
+  if (lua_getglobal(L, "coroutine") == LUA_TTABLE) {
+    static const char *const names[] = { "resume", "close" };
+    for (int i = 0; i < 2; i++) {
+      if (lua_getfield(L, -1, names[i]) != LUA_TFUNCTION || lua_tocfunction(L, -1) == guarded_coroutine) {
+        lua_pop(L, 1);   /* missing, or guarded already (the module opened twice) */
+        continue;
+      }
+      lua_pushcclosure(L, guarded_coroutine, 1);
+      lua_setfield(L, -2, names[i]);
+    }
+  }
+  lua_pop(L, 1);
 }
 
 /* mailshot.core.now(): monotonic seconds (float, to the nanosecond), for rates and durations.
@@ -294,6 +404,7 @@ int luaopen_mailshot_core(lua_State *L) {
     { "wake", core_wake }, { "now", core_now }, { "current", core_current },
     { "isatty", core_isatty }, { "defer", core_defer }, { NULL, NULL }
   };
+  guard_coroutines(L);
   luaL_newlib(L, funcs);
   return 1;
 }

@@ -1,10 +1,11 @@
 /* task.h - Lua coroutines as tasks on the event loop (the cosocket model of OpenResty).
  *
- * Every unit of work is a Lua thread.  A C primitive that must wait registers who waits (the
- * coroutine) with whatever will finish the wait (an fd watch, a timer), then returns
- * task_suspend(L).  Whoever finishes the wait pushes the results onto the suspended coroutine
- * and calls task_wake(co, nresults).  All resumes happen in one place, the loop's idle hook, so
- * a callback never re-enters Lua code half-way through its own bookkeeping. */
+ * Every unit of work is a Lua thread.  A C primitive that must wait begins a task_wait, gives it
+ * to whatever will finish the wait (an fd watch, a timer), then returns task_suspend(L).  Whoever
+ * finishes the wait pushes the results onto task_wait_target's thread and calls task_wait_done.
+ * All resumes happen in one place, the loop's idle hook, so a callback never re-enters Lua code
+ * half-way through its own bookkeeping.  Each suspension has exactly one wake-up: core.wake
+ * for core.suspend, the primitive's completion for a wait in C. */
 #ifndef MAILSHOT_TASK_H
 #define MAILSHOT_TASK_H
 #include <lua.h>
@@ -23,20 +24,48 @@ loop  *task_loop(lua_State *L);
  * pushes the new thread.  Errors raised by a task are printed with a traceback. */
 void task_spawn(lua_State *L, int nargs);
 
-/* Yield the running task until task_wake.  Raises if L is not a task.  Use as
- * `return task_suspend(L);` from a lua_CFunction: the values given to task_wake become the
- * function's results. */
+/* Does L run as a task that may wait now?  When not, task_suspend(L) raises the error to give. */
+int  task_can_wait(lua_State *L);
+
+/* Yield the running task.  Raises if L is not a task.  Use as `return task_suspend(L);` from a
+ * lua_CFunction, after core.suspend marked the task wakeable or task_wait_begin gave its wake-up
+ * to a C primitive: the values given to the wake become the function's results. */
 int  task_suspend(lua_State *L);
 
-/* Queue co to resume with the top nresults values of its stack as results. */
-void task_wake(lua_State *co, int nresults);
+/* A wait in C owns its wake-up.  The primitive keeps a task_wait with whatever will finish the
+ * wait (an fd watch, a timer, a query); while the task waits there core.wake refuses it, and
+ * only that completion resumes it.  The task's thread stays anchored until the wait is done or
+ * cancelled, so a completion never touches a collected thread; a completion that comes when
+ * the task no longer waits on it (it ended, or was cancelled) is dropped. */
+typedef struct task_wait {
+  sched *s;
+  lua_State *co;           /* NULL: not waiting (never begun, done or cancelled) */
+  unsigned long token;     /* which wait of the task this is */
+} task_wait;
+
+/* Begin a wait named `what` (a static string such as "relay:send", for error messages) for the
+ * running task L, which must be able to wait (task_can_wait); then arrange the completion and
+ * `return task_suspend(L);`.  The completion may even come before the task yields. */
+void task_wait_begin(lua_State *L, task_wait *w, const char *what);
+
+/* For the completion: the thread to push the results on, or NULL when the task no longer waits
+ * on w (push nothing then; check the stack with lua_checkstack before pushing). */
+lua_State *task_wait_target(task_wait *w);
+
+/* Finish the wait: when it is still the task's, resume it with the top nresults values of
+ * task_wait_target's stack; then release the anchor.  Safe on a wait not begun or finished. */
+void task_wait_done(task_wait *w, int nresults);
+
+/* Give up a wait without waking the task (its owner is being destroyed); releases the anchor. */
+void task_wait_cancel(task_wait *w);
 
 /* Run the loop until the task `main` (a thread) finishes; returns 0 if it finished, -1 if it
  * raised (message printed) or the loop ran dry while it still waited. */
 int  sched_run_main(sched *s, lua_State *main_task);
 int  sched_exit_status(const sched *s);   /* the main task's returned status */
 
-/* Lua module mailshot.core: spawn, sleep, suspend, wake, now, yield. */
+/* Lua module mailshot.core: spawn, sleep, suspend, wake, now, yield.  It also makes
+ * coroutine.resume and coroutine.close refuse a task: only the scheduler resumes tasks. */
 int luaopen_mailshot_core(lua_State *L);
 
 #endif

@@ -48,6 +48,43 @@ case("suspend and wake pass values", function()
   assert(s == "hello" and n == 42)
 end)
 
+case("a task sleeping is woken by its timer only: core.wake and coroutine.resume are refused", function()
+  local steps = {}
+  local t = core.spawn(function()
+    core.sleep(0.2)
+    steps[#steps + 1] = "slept"
+    steps[#steps + 1] = "suspend:" .. tostring(core.suspend())   -- the sleep's timer must not end this
+  end)
+  mailshot.sleep(0.05)
+  checkerr_match("waiting in core%.sleep; only its completion can wake it", core.wake, t, "stray")
+  checkerr_match("resumed by its scheduler only", coroutine.resume, t, "stray")
+  checkerr_match("resumed by its scheduler only", coroutine.close, t)
+  mailshot.sleep(0.4)                              -- the timer fired long ago
+  assert(table.concat(steps, " ") == "slept", table.concat(steps, " "))
+  core.wake(t, "mine")
+  mailshot.sleep(0)
+  assert(table.concat(steps, " ") == "slept suspend:mine", table.concat(steps, " "))
+end)
+
+case("a task parked in core.suspend takes one wake-up: a second core.wake is refused", function()
+  local got = {}
+  local t = core.spawn(function()
+    got[#got + 1] = core.suspend()
+    core.sleep(0.05)                               -- a second wake would cut this short
+    got[#got + 1] = "slept"
+  end)
+  mailshot.sleep(0)
+  core.wake(t, "first")
+  checkerr_match("task is not suspended", core.wake, t, "second")
+  mailshot.sleep(0.2)
+  assert(table.concat(got, " ") == "first slept", table.concat(got, " "))
+  checkerr_match("not a task", core.wake, t)       -- it ended
+  local co = coroutine.create(function() coroutine.yield() end)
+  coroutine.resume(co)
+  checkerr_match("not a task", core.wake, co)      -- a coroutine of one's own is not the scheduler's
+  assert(coroutine.resume(co))                     -- and coroutine.resume still works on it
+end)
+
 case("10,000 tasks run at once", function()
   local n, tasks = 0, {}
   for i = 1, 10000 do tasks[i] = mailshot.spawn(function() mailshot.sleep(0.001); n = n + 1 end) end
@@ -82,6 +119,45 @@ case("a bad envelope is refused before any network", function()
   res = r:send { from = "a@b@example.com", to = "x@example.com", data = "" }
   assert(res.ok == false and res.stage == "mail", res.message)
   assert(r:stats().connections == 0)
+end)
+
+case("numbers in 'to' are an error naming the field (they were a use after free)", function()
+  local r = mailshot.relay { server = "127.0.0.1:9", tls = "none" }
+  -- fresh numbers each time: each one converted to a new string that only the stack held; with
+  -- a thousand of them a collection ran before the first one was read
+  local errs = {}
+  -- an incremental collector that never pauses, in steps of 1 KB: cycles end (and free what
+  -- nothing holds) in the middle of the conversions
+  collectgarbage()
+  local mode = collectgarbage("incremental", 0, 1000, 10)
+  for k = 1, 100 do
+    local to = {}
+    for i = 1, 1000 do to[i] = k * 1000000 + i end
+    local ok, err = pcall(r.send, r, { from = "a@example.com", to = to, data = "x" })
+    errs[k] = not ok and err or "no error"
+  end
+  collectgarbage(mode)
+  for k = 1, 100 do
+    assert(tostring(errs[k]):find("message field 'to'[1] must be a string (got number)", 1, true), errs[k])
+  end
+  checkerr_match("'to'%[2%] must be a string %(got number%)", r.send, r,
+                 { from = "a@example.com", to = { "b@example.com", 12 }, data = "x" })
+  checkerr_match("message field 'to' must be a string or a list", r.send, r, { from = "a@example.com", to = 12, data = "x" })
+  checkerr_match("message field 'from' must be a string", r.send, r, { from = 12, to = "b@example.com", data = "x" })
+  assert(r:stats().connections == 0)
+end)
+
+case("paths and DKIM options with a NUL byte are an error, not cut short", function()
+  local csv, util, dkim = require "mailshot.csv", require "mailshot.util", require "mailshot.dkim"
+  checkerr_match("must not contain a NUL byte", csv.open, "list.csv\0.txt")
+  checkerr_match("must not contain a NUL byte", csv.count_lines, "list.csv\0.txt")
+  checkerr_match("must not contain a NUL byte", util.sha256_file, "/etc/hostname\0x")
+  checkerr_match("must not contain a NUL byte", util.write_secret, "/tmp/x\0y", "data")
+  checkerr_match("must not contain a NUL byte", require("mailshot.smtp").log, "/tmp/x\0y")
+  checkerr_match("domain must not contain a NUL byte", dkim.signer,
+                 { domain = "example.com\0evil", selector = "s", key_file = "k.pem" })
+  checkerr_match("a name must not contain a NUL byte", dkim.signer,
+                 { domain = "example.com", selector = "s", key_file = "k.pem", headers = { "From\0x" } })
 end)
 
 case("a closed port is a temporary connect failure", function()
