@@ -31,8 +31,6 @@
  * (AUTH data masked), for `mailshot run --log FILE`.  Kept open until exit. */
 static FILE *dialogue_log;
 
-typedef enum { OP_SEND, OP_CHECK } op_kind;
-
 typedef struct send_op {
   struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
@@ -40,7 +38,6 @@ typedef struct send_op {
   task_wait wait;           /* the task parked in send() or check(): only this op wakes it */
   smtp_txn *txn;
   smtp_conn *conn;
-  op_kind kind;
 } send_op;
 
 typedef struct relay {
@@ -122,6 +119,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   set_str(L, "message", res->message);
   set_bool(L, "temporary", !res->ok && res->temporary);
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
+  if (!res->ok && smtp_error_name(res->error)) set_str(L, "error", smtp_error_name(res->error));
   set_str(L, "via", "relay");
   if (res->defer) set_bool(L, "defer", 1);
   if (txn && txn->nrcpt > 1) {
@@ -172,7 +170,8 @@ static void relay_refuse_logins(relay *r, const smtp_result *res) {
 static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
   smtp_result res = r->auth_refusal;
   res.ok = 0;
-  res.temporary = 1;
+  res.error = SMTP_ERR_AUTH;
+  res.temporary = smtp_error_temporary(SMTP_ERR_AUTH);
   res.defer = 1;
   snprintf(res.message, sizeof res.message, "not sent: relay %s:%s refused our login%s (%d%s%s %.3000s); no "
            "further login was attempted in this run: fix the credentials, then run again with --resume",
@@ -549,9 +548,9 @@ static int any_nul(lua_State *L, int idx, int n) {
   return found;
 }
 
-static void push_refusal(lua_State *L, const char *stage, const char *msg) {
-  smtp_result res = { 0 };
-  res.stage = stage;
+/* A bad envelope: this message's permanent failure, decided before any network. */
+static void push_invalid(lua_State *L, const char *stage, const char *msg) {
+  smtp_result res = { .error = SMTP_ERR_INVALID, .stage = stage };
   snprintf(res.message, sizeof res.message, "%s", msg);
   push_result(L, &res, NULL);
 }
@@ -576,15 +575,11 @@ static int l_relay_send(lua_State *L) {
   else return luaL_error(L, "message field 'to' must be a string or a list of strings");
   /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
    * permanent failure, like any bad envelope, before any network */
-  if (l_has_nul(L, from_idx)) { push_refusal(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
-  if (any_nul(L, lua_gettop(L), nto)) { push_refusal(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
-  char err[300];
-  smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, err, sizeof err);
-  if (!txn) {
-    /* a bad envelope is this message's permanent failure, decided before any network */
-    push_refusal(L, strstr(err, "sender") ? "mail" : "rcpt", err);
-    return 1;
-  }
+  if (l_has_nul(L, from_idx)) { push_invalid(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
+  if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
+  smtp_result why;
+  smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
+  if (!txn) { push_result(L, &why, NULL); return 1; }   /* a bad envelope: no network */
   if (r->auth_refused) {               /* the login was refused earlier: no new one */
     smtp_txn_free(txn);
     push_auth_refusal(L, r);
@@ -595,7 +590,6 @@ static int l_relay_send(lua_State *L) {
   if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
   op->relay = r;
   op->txn = txn;
-  op->kind = OP_SEND;
   op_link(r, op);
   task_wait_begin(L, &op->wait, "relay:send");   /* before start_op: it may finish at once */
   smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
@@ -612,7 +606,6 @@ static int l_relay_check(lua_State *L) {
   smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
   if (!op || !c) { free(op); smtp_conn_free(c); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->kind = OP_CHECK;
   op->conn = c;
   op_link(r, op);
   task_wait_begin(L, &op->wait, "relay:check");
