@@ -440,6 +440,41 @@ static int open_resolver(lua_State *L, relay *r, char *err, size_t errlen) {
   return cfg->resolver ? 0 : -1;
 }
 
+/* timeouts = { connect =, greeting =, command =, data_end = } in seconds: per-wait overrides. */
+static void read_timeouts(lua_State *L, smtp_config *cfg) {
+  if (lua_getfield(L, 1, "timeouts") == LUA_TTABLE) {
+    static const char *const names[] = { "connect", "greeting", "command", "data_end" };
+    int *slots[] = { &cfg->timeout_connect_ms, &cfg->timeout_greeting_ms, &cfg->timeout_command_ms,
+                     &cfg->timeout_data_end_ms };
+    int t = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+      int i = 0;
+      while (i < 4 && strcmp(k, names[i]) != 0) i++;
+      if (i == 4) luaL_error(L, "option 'timeouts': unknown wait '%s' (connect, greeting, command, data_end)", k);
+      lua_Number v = lua_tonumber(L, -1);
+      if (!lua_isnumber(L, -1) || v <= 0 || v > 3600)
+        luaL_error(L, "option 'timeouts.%s' must be in (0, 3600] seconds", k);
+      *slots[i] = (int)(v * 1000);
+      lua_pop(L, 1);
+    }
+  } else if (!lua_isnil(L, -1)) {
+    luaL_error(L, "option 'timeouts' must be a table");
+  }
+  lua_pop(L, 1);
+}
+
+static smtp_tls_mode read_tls_mode(lua_State *L) {
+  const char *tls = field_str(L, 1, "tls", "starttls");
+  if (!strcmp(tls, "starttls")) return SMTP_TLS_STARTTLS;
+  if (!strcmp(tls, "tls") || !strcmp(tls, "ssl")) return SMTP_TLS_IMPLICIT;
+  if (!strcmp(tls, "none")) return SMTP_TLS_NONE;
+  if (!strcmp(tls, "opportunistic")) return SMTP_TLS_OPPORTUNISTIC;
+  luaL_error(L, "option 'tls' must be \"starttls\", \"tls\" or \"none\" (got \"%s\")", tls);
+  return SMTP_TLS_NONE;   /* not reached */
+}
+
 /* smtp.relay(opts) -> relay */
 static int l_relay_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -448,12 +483,7 @@ static int l_relay_new(lua_State *L) {
   r->closed = 1;                         /* "closed" until fully built: __gc then has nothing to undo */
   luaL_setmetatable(L, RELAY_MT);
   smtp_config *cfg = &r->cfg;
-  const char *tls = field_str(L, 1, "tls", "starttls");
-  if (!strcmp(tls, "starttls")) cfg->tls = SMTP_TLS_STARTTLS;
-  else if (!strcmp(tls, "tls") || !strcmp(tls, "ssl")) cfg->tls = SMTP_TLS_IMPLICIT;
-  else if (!strcmp(tls, "none")) cfg->tls = SMTP_TLS_NONE;
-  else if (!strcmp(tls, "opportunistic")) cfg->tls = SMTP_TLS_OPPORTUNISTIC;
-  else return luaL_error(L, "option 'tls' must be \"starttls\", \"tls\" or \"none\" (got \"%s\")", tls);
+  cfg->tls = read_tls_mode(L);
   const char *server = field_str(L, 1, "server", NULL);
   if (!server) return luaL_error(L, "option 'server' (\"host:port\") is required");
   const char *defport = cfg->tls == SMTP_TLS_IMPLICIT ? "465" : cfg->tls == SMTP_TLS_STARTTLS ? "587" : "25";
@@ -464,27 +494,7 @@ static int l_relay_new(lua_State *L) {
   lua_Number timeout = field_num(L, 1, "timeout", 60);
   luaL_argcheck(L, timeout > 0 && timeout <= 3600, 1, "timeout must be in (0, 3600] seconds");
   cfg->timeout_ms = (int)(timeout * 1000);
-  if (lua_getfield(L, 1, "timeouts") == LUA_TTABLE) {
-    /* timeouts = { connect =, greeting =, command =, data_end = } in seconds */
-    static const char *const names[] = { "connect", "greeting", "command", "data_end" };
-    int *slots[] = { &cfg->timeout_connect_ms, &cfg->timeout_greeting_ms, &cfg->timeout_command_ms,
-                     &cfg->timeout_data_end_ms };
-    int t = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, t)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
-      int i = 0;
-      while (i < 4 && strcmp(k, names[i]) != 0) i++;
-      if (i == 4) return luaL_error(L, "option 'timeouts': unknown wait '%s' (connect, greeting, command, data_end)", k);
-      lua_Number v = lua_tonumber(L, -1);
-      if (!lua_isnumber(L, -1) || v <= 0 || v > 3600) return luaL_error(L, "option 'timeouts.%s' must be in (0, 3600] seconds", k);
-      *slots[i] = (int)(v * 1000);
-      lua_pop(L, 1);
-    }
-  } else if (!lua_isnil(L, -1)) {
-    return luaL_error(L, "option 'timeouts' must be a table");
-  }
-  lua_pop(L, 1);
+  read_timeouts(L, cfg);
   lua_Number idle = field_num(L, 1, "idle_timeout", 60);
   luaL_argcheck(L, idle >= 0 && idle <= 3600, 1, "idle_timeout must be in [0, 3600] seconds");
   cfg->idle_timeout_ms = (int)(idle * 1000);

@@ -6,7 +6,9 @@
  * (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the next message's commands
  * go out right behind the previous message's final dot, so a message costs about one round
  * trip.  Replies are parsed once, by smtp_reply_parse(); the failure class comes from
- * smtp_reply_class(). */
+ * smtp_reply_class().  Every failure names its kind (smtp_error) where it happens: set_result()
+ * records it, fail() ends the session with it; state changes go through set_state(), and every
+ * entry point runs between enter() and leave(). */
 #include "smtp.h"
 #include "dns.h"
 #include "net.h"
@@ -85,6 +87,7 @@ static const char *const error_names[] = {
   NULL, "invalid", "dns", "connect", "timeout", "closed", "tls", "cert", "protocol", "tempfail", "permfail",
   "auth", "local", "internal"
 };
+_Static_assert(sizeof error_names / sizeof error_names[0] == SMTP_ERR_INTERNAL + 1, "a name for every smtp_error");
 
 const char *smtp_error_name(smtp_error e) {
   return e > SMTP_ERR_NONE && e <= SMTP_ERR_INTERNAL ? error_names[e] : NULL;
@@ -771,6 +774,38 @@ static void on_txn_reply(smtp_conn *c) {
 
 /* ---------------- replies ---------------- */
 
+static void on_ehlo_reply(smtp_conn *c) {
+  int code = c->reply.code;
+  if (code >= 200 && code < 300) {
+    c->ehlo_ok = 1;
+    /* from every line as received: the reply's text may have been cut at 4 KiB */
+    smtp_caps_parse_raw(c->raw, c->rawlen, &c->caps);
+    if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
+    free(c->ehlo_text);
+    c->ehlo_text = strdup(c->reply.text);
+    after_ehlo(c);
+  } else if (code >= 500 && code != 554 && !c->tls_on) {   /* an old server: fall back to HELO */
+    set_state(c, ST_HELO);
+    send_cmd(c, NULL, "HELO %s", c->cfg->helo);
+  } else {
+    fail(c, reply_kind(c), "ehlo", NULL);
+  }
+}
+
+/* RFC 4954 §4: 235 ends AUTH PLAIN and LOGIN's password; 334 asks for LOGIN's user name, then password. */
+static void on_auth_reply(smtp_conn *c) {
+  int want = c->state == ST_AUTH_PLAIN || c->state == ST_AUTH_PASS ? 235 : 334;
+  if (c->reply.code != want) { fail(c, reply_kind(c), "auth", NULL); return; }
+  if (want == 235) {
+    c->authenticated = 1;
+    ready(c);
+  } else if (c->state == ST_AUTH_LOGIN) {
+    send_login_secret(c, c->cfg->user, ST_AUTH_USER);
+  } else {
+    send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
+  }
+}
+
 static void on_reply(smtp_conn *c) {
   int code = c->reply.code;
   int ok2 = code >= 200 && code < 300;
@@ -781,20 +816,7 @@ static void on_reply(smtp_conn *c) {
     c->greeting = strdup(c->reply.text);
     send_ehlo(c);
     return;
-  case ST_EHLO:
-    if (ok2) {
-      c->ehlo_ok = 1;
-      /* from every line as received: the reply's text may have been cut at 4 KiB */
-      smtp_caps_parse_raw(c->raw, c->rawlen, &c->caps);
-      if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
-      free(c->ehlo_text);
-      c->ehlo_text = strdup(c->reply.text);
-      after_ehlo(c);
-    } else if (code >= 500 && code != 554 && !c->tls_on) {   /* an old server: fall back to HELO */
-      set_state(c, ST_HELO);
-      send_cmd(c, NULL, "HELO %s", c->cfg->helo);
-    } else fail(c, reply_kind(c), "ehlo", NULL);
-    return;
+  case ST_EHLO: on_ehlo_reply(c); return;
   case ST_HELO:
     if (!ok2) { fail(c, reply_kind(c), "helo", NULL); return; }
     c->ehlo_ok = 0;
@@ -810,19 +832,7 @@ static void on_reply(smtp_conn *c) {
     c->handshake_after_starttls = 1;
     start_handshake(c);
     return;
-  case ST_AUTH_PLAIN: case ST_AUTH_PASS:
-    if (code != 235) { fail(c, reply_kind(c), "auth", NULL); return; }
-    c->authenticated = 1;
-    ready(c);
-    return;
-  case ST_AUTH_LOGIN:
-    if (code != 334) { fail(c, reply_kind(c), "auth", NULL); return; }
-    send_login_secret(c, c->cfg->user, ST_AUTH_USER);
-    return;
-  case ST_AUTH_USER:
-    if (code != 334) { fail(c, reply_kind(c), "auth", NULL); return; }
-    send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
-    return;
+  case ST_AUTH_PLAIN: case ST_AUTH_LOGIN: case ST_AUTH_USER: case ST_AUTH_PASS: on_auth_reply(c); return;
   case ST_READY: on_txn_reply(c); return;
   case ST_QUIT: quit_done(c); return;
   default:

@@ -16,7 +16,9 @@ local function env(k) local v = os.getenv(k); if v ~= "" then return v end end
 local opts = { server = env "SMTP_SERVER", tls = env "SMTP_TLS" or "none", ca_file = env "SMTP_CA_FILE",
                user = env "SMTP_USER", password = env "SMTP_PASSWORD", timeout = tonumber(env "TIMEOUT" or "10"),
                dns = env "DNS", dns_timeout = 1 }
-local to = env "TO" or "rcpt@example.com"
+local to = {}
+for a in (env "TO" or "rcpt@example.com"):gmatch("[^,]+") do to[#to + 1] = a end
+if #to == 1 then to = to[1] end
 local r
 if env "DIRECT" then
   local d = mailshot.direct_sender { dns = opts.dns, port = tonumber(env "PORT"), timeout = 5, tls = "none",
@@ -33,9 +35,9 @@ for _, k in ipairs(FIELDS) do known[k] = true end
 for k in pairs(r) do if not known[k] then unknown[#unknown + 1] = k end end
 table.sort(unknown)
 local function q(v) return '"' .. tostring(v):gsub('[%c"\\]', "") .. '"' end
-print(('{"ok":%s,"error":%s,"stage":%s,"temporary":%s,"code":%d,"defer":%s,"unknown":[%s]}'):format(
+print(('{"ok":%s,"error":%s,"stage":%s,"temporary":%s,"code":%d,"defer":%s,"accepted":%s,"unknown":[%s]}'):format(
   tostring(r.ok), r.error and q(r.error) or "null", r.stage and q(r.stage) or "null", tostring(r.temporary),
-  r.code, tostring(r.defer == true), #unknown > 0 and q(table.concat(unknown, ",")) or ""))
+  r.code, tostring(r.defer == true), tostring(r.accepted or "null"), #unknown > 0 and q(table.concat(unknown, ",")) or ""))
 '''
 
 
@@ -96,6 +98,11 @@ class ErrorKindTests(MailshotTestCase):
         srv = self.start_smtpd()
         r = self.send(SMTP_SERVER=srv.address)
         self.assertEqual(self.kind(r), (True, None, None, False), r)
+
+    def test_a_message_to_several_recipients_has_only_listed_fields(self):
+        srv = self.start_smtpd(reject_rcpt=[("gone@", 550, "5.1.1 No such user")])
+        r = self.send(SMTP_SERVER=srv.address, TO="ok@example.com,gone@example.com")
+        self.assertEqual(self.kind(r) + (r["accepted"],), (True, None, None, False, 1), r)
 
     def test_server_refusals_are_permfail_or_tempfail_by_their_reply_class(self):
         srv = self.start_smtpd(reject_rcpt=[("gone@", 550, "5.1.1 No such user"), ("busy@", 451, "4.3.0 Try later")])
