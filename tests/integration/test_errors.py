@@ -81,11 +81,15 @@ def serve_once(reply):
 
 
 class ErrorKindTests(MailshotTestCase):
-    def send(self, **env):
-        script = self.path("send.lua")
-        with open(script, "w") as f:
+    def setUp(self):
+        super().setUp()
+        self.script = self.path("send.lua")
+        with open(self.script, "w") as f:
             f.write(SEND)
-        p = self.run_mailshot("exec", script, env=env, timeout=60)
+
+    def send(self, **env):
+        """One send with env; its result, once its fields are checked against the one list."""
+        p = self.run_mailshot("exec", self.script, env=env, timeout=60)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         r = json.loads(p.stdout.strip().splitlines()[-1])
         self.assertEqual(r["unknown"], [], f"result fields not in mailshot.result.FIELDS: {r}")
