@@ -297,5 +297,4 @@ function M.load_rates(path)
   return ok and type(states) == "table" and states or {}
 end
 
-M.FIELDS = FIELDS
 return M
