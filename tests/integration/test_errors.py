@@ -157,6 +157,12 @@ class ErrorKindTests(MailshotTestCase):
         r = self.send(SMTP_SERVER=srv.address, SMTP_TLS="starttls")
         self.assertEqual(self.kind(r), (False, "local", "starttls", False), r)
 
+    def test_a_message_over_the_servers_size_is_local_with_the_code_it_would_get(self):
+        srv = self.start_smtpd(size=10)
+        r = self.send(SMTP_SERVER=srv.address)
+        self.assertEqual(self.kind(r) + (r["code"],), (False, "local", "mail", False, 552), r)
+        self.assertEqual(srv.messages(), [])
+
     def test_an_injected_address_is_invalid_before_any_network(self):
         r = self.send(SMTP_SERVER=f"127.0.0.1:{free_port()}", TO="a@b.example>\r\nRCPT TO:<evil@x.test")
         self.assertEqual(self.kind(r), (False, "invalid", "rcpt", False), r)
