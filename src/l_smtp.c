@@ -31,8 +31,6 @@
  * (AUTH data masked), for `mailshot run --log FILE`.  Kept open until exit. */
 static FILE *dialogue_log;
 
-typedef enum { OP_SEND, OP_CHECK } op_kind;
-
 typedef struct send_op {
   struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
@@ -40,7 +38,6 @@ typedef struct send_op {
   task_wait wait;           /* the task parked in send() or check(): only this op wakes it */
   smtp_txn *txn;
   smtp_conn *conn;
-  op_kind kind;
 } send_op;
 
 typedef struct relay {
@@ -122,6 +119,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   set_str(L, "message", res->message);
   set_bool(L, "temporary", !res->ok && res->temporary);
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
+  if (!res->ok && smtp_error_name(res->error)) set_str(L, "error", smtp_error_name(res->error));
   set_str(L, "via", "relay");
   if (res->defer) set_bool(L, "defer", 1);
   if (txn && txn->nrcpt > 1) {
@@ -172,7 +170,8 @@ static void relay_refuse_logins(relay *r, const smtp_result *res) {
 static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
   smtp_result res = r->auth_refusal;
   res.ok = 0;
-  res.temporary = 1;
+  res.error = SMTP_ERR_AUTH;
+  res.temporary = smtp_error_temporary(SMTP_ERR_AUTH);
   res.defer = 1;
   snprintf(res.message, sizeof res.message, "not sent: relay %s:%s refused our login%s (%d%s%s %.3000s); no "
            "further login was attempted in this run: fix the credentials, then run again with --resume",
@@ -441,6 +440,41 @@ static int open_resolver(lua_State *L, relay *r, char *err, size_t errlen) {
   return cfg->resolver ? 0 : -1;
 }
 
+/* timeouts = { connect =, greeting =, command =, data_end = } in seconds: per-wait overrides. */
+static void read_timeouts(lua_State *L, smtp_config *cfg) {
+  if (lua_getfield(L, 1, "timeouts") == LUA_TTABLE) {
+    static const char *const names[] = { "connect", "greeting", "command", "data_end" };
+    int *slots[] = { &cfg->timeout_connect_ms, &cfg->timeout_greeting_ms, &cfg->timeout_command_ms,
+                     &cfg->timeout_data_end_ms };
+    int t = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+      int i = 0;
+      while (i < 4 && strcmp(k, names[i]) != 0) i++;
+      if (i == 4) luaL_error(L, "option 'timeouts': unknown wait '%s' (connect, greeting, command, data_end)", k);
+      lua_Number v = lua_tonumber(L, -1);
+      if (!lua_isnumber(L, -1) || v <= 0 || v > 3600)
+        luaL_error(L, "option 'timeouts.%s' must be in (0, 3600] seconds", k);
+      *slots[i] = (int)(v * 1000);
+      lua_pop(L, 1);
+    }
+  } else if (!lua_isnil(L, -1)) {
+    luaL_error(L, "option 'timeouts' must be a table");
+  }
+  lua_pop(L, 1);
+}
+
+static smtp_tls_mode read_tls_mode(lua_State *L) {
+  const char *tls = field_str(L, 1, "tls", "starttls");
+  if (!strcmp(tls, "starttls")) return SMTP_TLS_STARTTLS;
+  if (!strcmp(tls, "tls") || !strcmp(tls, "ssl")) return SMTP_TLS_IMPLICIT;
+  if (!strcmp(tls, "none")) return SMTP_TLS_NONE;
+  if (!strcmp(tls, "opportunistic")) return SMTP_TLS_OPPORTUNISTIC;
+  luaL_error(L, "option 'tls' must be \"starttls\", \"tls\" or \"none\" (got \"%s\")", tls);
+  return SMTP_TLS_NONE;   /* not reached */
+}
+
 /* smtp.relay(opts) -> relay */
 static int l_relay_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -449,12 +483,7 @@ static int l_relay_new(lua_State *L) {
   r->closed = 1;                         /* "closed" until fully built: __gc then has nothing to undo */
   luaL_setmetatable(L, RELAY_MT);
   smtp_config *cfg = &r->cfg;
-  const char *tls = field_str(L, 1, "tls", "starttls");
-  if (!strcmp(tls, "starttls")) cfg->tls = SMTP_TLS_STARTTLS;
-  else if (!strcmp(tls, "tls") || !strcmp(tls, "ssl")) cfg->tls = SMTP_TLS_IMPLICIT;
-  else if (!strcmp(tls, "none")) cfg->tls = SMTP_TLS_NONE;
-  else if (!strcmp(tls, "opportunistic")) cfg->tls = SMTP_TLS_OPPORTUNISTIC;
-  else return luaL_error(L, "option 'tls' must be \"starttls\", \"tls\" or \"none\" (got \"%s\")", tls);
+  cfg->tls = read_tls_mode(L);
   const char *server = field_str(L, 1, "server", NULL);
   if (!server) return luaL_error(L, "option 'server' (\"host:port\") is required");
   const char *defport = cfg->tls == SMTP_TLS_IMPLICIT ? "465" : cfg->tls == SMTP_TLS_STARTTLS ? "587" : "25";
@@ -465,27 +494,7 @@ static int l_relay_new(lua_State *L) {
   lua_Number timeout = field_num(L, 1, "timeout", 60);
   luaL_argcheck(L, timeout > 0 && timeout <= 3600, 1, "timeout must be in (0, 3600] seconds");
   cfg->timeout_ms = (int)(timeout * 1000);
-  if (lua_getfield(L, 1, "timeouts") == LUA_TTABLE) {
-    /* timeouts = { connect =, greeting =, command =, data_end = } in seconds */
-    static const char *const names[] = { "connect", "greeting", "command", "data_end" };
-    int *slots[] = { &cfg->timeout_connect_ms, &cfg->timeout_greeting_ms, &cfg->timeout_command_ms,
-                     &cfg->timeout_data_end_ms };
-    int t = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, t)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
-      int i = 0;
-      while (i < 4 && strcmp(k, names[i]) != 0) i++;
-      if (i == 4) return luaL_error(L, "option 'timeouts': unknown wait '%s' (connect, greeting, command, data_end)", k);
-      lua_Number v = lua_tonumber(L, -1);
-      if (!lua_isnumber(L, -1) || v <= 0 || v > 3600) return luaL_error(L, "option 'timeouts.%s' must be in (0, 3600] seconds", k);
-      *slots[i] = (int)(v * 1000);
-      lua_pop(L, 1);
-    }
-  } else if (!lua_isnil(L, -1)) {
-    return luaL_error(L, "option 'timeouts' must be a table");
-  }
-  lua_pop(L, 1);
+  read_timeouts(L, cfg);
   lua_Number idle = field_num(L, 1, "idle_timeout", 60);
   luaL_argcheck(L, idle >= 0 && idle <= 3600, 1, "idle_timeout must be in [0, 3600] seconds");
   cfg->idle_timeout_ms = (int)(idle * 1000);
@@ -549,9 +558,9 @@ static int any_nul(lua_State *L, int idx, int n) {
   return found;
 }
 
-static void push_refusal(lua_State *L, const char *stage, const char *msg) {
-  smtp_result res = { 0 };
-  res.stage = stage;
+/* A bad envelope: this message's permanent failure, decided before any network. */
+static void push_invalid(lua_State *L, const char *stage, const char *msg) {
+  smtp_result res = { .error = SMTP_ERR_INVALID, .stage = stage };
   snprintf(res.message, sizeof res.message, "%s", msg);
   push_result(L, &res, NULL);
 }
@@ -576,15 +585,11 @@ static int l_relay_send(lua_State *L) {
   else return luaL_error(L, "message field 'to' must be a string or a list of strings");
   /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
    * permanent failure, like any bad envelope, before any network */
-  if (l_has_nul(L, from_idx)) { push_refusal(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
-  if (any_nul(L, lua_gettop(L), nto)) { push_refusal(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
-  char err[300];
-  smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, err, sizeof err);
-  if (!txn) {
-    /* a bad envelope is this message's permanent failure, decided before any network */
-    push_refusal(L, strstr(err, "sender") ? "mail" : "rcpt", err);
-    return 1;
-  }
+  if (l_has_nul(L, from_idx)) { push_invalid(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
+  if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
+  smtp_result why;
+  smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
+  if (!txn) { push_result(L, &why, NULL); return 1; }   /* a bad envelope: no network */
   if (r->auth_refused) {               /* the login was refused earlier: no new one */
     smtp_txn_free(txn);
     push_auth_refusal(L, r);
@@ -595,7 +600,6 @@ static int l_relay_send(lua_State *L) {
   if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
   op->relay = r;
   op->txn = txn;
-  op->kind = OP_SEND;
   op_link(r, op);
   task_wait_begin(L, &op->wait, "relay:send");   /* before start_op: it may finish at once */
   smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
@@ -612,7 +616,6 @@ static int l_relay_check(lua_State *L) {
   smtp_conn *c = smtp_conn_new(r->loop, &r->cfg);
   if (!op || !c) { free(op); smtp_conn_free(c); return luaL_error(L, "out of memory"); }
   op->relay = r;
-  op->kind = OP_CHECK;
   op->conn = c;
   op_link(r, op);
   task_wait_begin(L, &op->wait, "relay:check");

@@ -6,7 +6,9 @@
  * (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the next message's commands
  * go out right behind the previous message's final dot, so a message costs about one round
  * trip.  Replies are parsed once, by smtp_reply_parse(); the failure class comes from
- * smtp_reply_class(). */
+ * smtp_reply_class().  Every failure names its kind (smtp_error) where it happens: set_result()
+ * records it, fail() ends the session with it; state changes go through set_state(), and every
+ * entry point runs between enter() and leave(). */
 #include "smtp.h"
 #include "dns.h"
 #include "net.h"
@@ -81,7 +83,45 @@ struct smtp_conn {
 
 static unsigned long session_seq;  /* the loop is one thread: a plain counter numbers the sessions */
 
-const char *smtp_strstate(const smtp_conn *c) { return state_names[c->state]; }
+static const char *const error_names[] = {
+  NULL, "invalid", "dns", "connect", "timeout", "closed", "tls", "cert", "protocol", "tempfail", "permfail",
+  "auth", "local", "internal"
+};
+_Static_assert(sizeof error_names / sizeof error_names[0] == SMTP_ERR_INTERNAL + 1, "a name for every smtp_error");
+
+const char *smtp_error_name(smtp_error e) {
+  return e > SMTP_ERR_NONE && e <= SMTP_ERR_INTERNAL ? error_names[e] : NULL;
+}
+
+/* The network, a 4xx, a broken session: another try may work.  A 5xx, a bad envelope, a certificate
+ * that does not verify, our own refusal: it will fail the same way again. */
+int smtp_error_temporary(smtp_error e) {
+  return e != SMTP_ERR_NONE && e != SMTP_ERR_INVALID && e != SMTP_ERR_CERT && e != SMTP_ERR_PERMFAIL
+      && e != SMTP_ERR_LOCAL;
+}
+
+/* Set this to 1 to have every state change in the dialogue log (debugging the machine itself). */
+#ifndef SMTP_TRACE_STATES
+#define SMTP_TRACE_STATES 0
+#endif
+
+static void trace(smtp_conn *c, const char *dir, const char *fmt, ...);
+
+/* Every change of state passes here. */
+static void set_state(smtp_conn *c, smtp_state st) {
+  if (SMTP_TRACE_STATES && c->cfg->trace && st != c->state)
+    trace(c, "--", "state %s -> %s", state_names[c->state], state_names[st]);
+  c->state = st;
+}
+
+/* The re-entrancy guard of every entry point (loop callbacks, public calls): a callback run inside
+ * may free the session; enter() defers that, and leave() does it, returning 1 when c is gone. */
+static void enter(smtp_conn *c) { c->busy++; }
+static int leave(smtp_conn *c) {
+  if (--c->busy > 0 || !c->free_pending) return 0;
+  smtp_conn_free(c);
+  return 1;
+}
 
 static int exp_pending(const smtp_conn *c) { return c->exp_len > c->exp_head; }
 
@@ -95,19 +135,29 @@ static const char *stage_of(const smtp_conn *c) {
 
 static int has_8bit(const char *s) { return smtp_data_has_8bit(s, strlen(s)); }
 
-smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
-                       char *err, size_t errlen) {
-  char why[160];
+static void set_result(smtp_result *r, smtp_error kind, const char *stage, int code, const char *enh,
+                       const char *msg);
+
+/* A bad envelope: this message's permanent failure, before any network. */
+static int envelope_ok(const char *from, const char *const *to, int nto, smtp_result *res) {
+  char why[160], msg[200];
   if (!smtp_addr_ok(from, strlen(from), 1, why, sizeof why)) {
-    snprintf(err, errlen, "invalid sender address: %s", why);
-    return NULL;
+    snprintf(msg, sizeof msg, "invalid sender address: %s", why);
+    set_result(res, SMTP_ERR_INVALID, "mail", 0, "", msg);
+    return 0;
   }
-  if (nto < 1) { snprintf(err, errlen, "no recipient"); return NULL; }
-  for (int i = 0; i < nto; i++)
-    if (!smtp_addr_ok(to[i], strlen(to[i]), 0, why, sizeof why)) {
-      snprintf(err, errlen, "invalid recipient address: %s", why);
-      return NULL;
-    }
+  int i = 0;
+  while (i < nto && smtp_addr_ok(to[i], strlen(to[i]), 0, why, sizeof why)) i++;
+  if (nto >= 1 && i == nto) return 1;
+  if (nto < 1) snprintf(msg, sizeof msg, "no recipient");
+  else snprintf(msg, sizeof msg, "invalid recipient address: %s", why);
+  set_result(res, SMTP_ERR_INVALID, "rcpt", 0, "", msg);
+  return 0;
+}
+
+smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
+                       smtp_result *why) {
+  if (!envelope_ok(from, to, nto, why)) return NULL;
   smtp_txn *t = calloc(1, sizeof *t);
   if (!t) goto nomem;
   t->from = strdup(from);
@@ -125,7 +175,7 @@ smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const c
   return t;
 nomem:
   smtp_txn_free(t);
-  snprintf(err, errlen, "out of memory");
+  set_result(why, SMTP_ERR_INTERNAL, "mail", 0, "", "out of memory");
   return NULL;
 }
 
@@ -203,13 +253,17 @@ static int is_waiting(smtp_state st) { return st != ST_NEW && st != ST_DEAD; }
 
 static void update_watch(smtp_conn *c);
 
+/* Commands may be written: the socket is connected and not in the middle of a TLS handshake. */
+static int can_write(const smtp_conn *c) {
+  return c->state != ST_DEAD && c->state != ST_NEW && c->state != ST_CONNECT && c->state != ST_HANDSHAKE;
+}
+
 static void deferred_flush(loop *l, void *data) {
   smtp_conn *c = data;
-  if (c->state == ST_DEAD || c->state == ST_NEW || c->state == ST_CONNECT || c->state == ST_HANDSHAKE) return;
-  c->busy++;
+  if (!can_write(c)) return;
+  enter(c);
   flush(c);
-  c->busy--;
-  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
+  if (leave(c)) return;
   if (c->state != ST_DEAD) update_watch(c);
 }
 
@@ -260,7 +314,7 @@ static void close_socket(smtp_conn *c) {
   if (c->s.fd >= 0 && c->watched) loop_unwatch(c->loop, c->s.fd);
   c->watched = 0;
   net_close(&c->s);
-  c->state = ST_DEAD;
+  set_state(c, ST_DEAD);
   c->exp_head = c->exp_len = 0;
 }
 
@@ -271,20 +325,39 @@ static void finish(smtp_conn *c) {
   if (op != OP_NONE && c->fn) c->fn(c, c->ud);
 }
 
-static void set_result(smtp_result *r, const char *stage, int temporary, int code, const char *enh, const char *msg) {
+/* Every failure is recorded here, with its kind: the kind decides `temporary`. */
+/* The QUIT was answered, or the server closed, or its reply is late: the polite end is over. */
+static void quit_done(smtp_conn *c) {
+  close_socket(c);
+  c->res.ok = 1;
+  finish(c);
+}
+
+static void set_result(smtp_result *r, smtp_error kind, const char *stage, int code, const char *enh,
+                       const char *msg) {
   int accepted = r->accepted;
   memset(r, 0, sizeof *r);
+  r->error = kind;
   r->stage = stage;
-  r->temporary = temporary;
+  r->temporary = smtp_error_temporary(kind);
   r->code = code;
   r->accepted = accepted;
   snprintf(r->enhanced, sizeof r->enhanced, "%s", enh ? enh : "");
   snprintf(r->message, sizeof r->message, "%s", msg ? msg : "");
 }
 
-static void set_result_reply(smtp_conn *c, smtp_result *r, const char *stage) {
-  set_result(r, stage, smtp_reply_class(&c->reply) != SMTP_CLASS_PERMANENT, c->reply.code,
-             c->reply.enhanced, c->reply.text);
+/* A failure on the server's reply: its class (RFC 5321 §4.2.1) is the kind; a 2xx or 3xx where
+ * another reply was due is the server breaking the dialogue. */
+static smtp_error reply_kind(const smtp_conn *c) {
+  switch (smtp_reply_class(&c->reply)) {
+  case SMTP_CLASS_PERMANENT: return SMTP_ERR_PERMFAIL;
+  case SMTP_CLASS_TEMPORARY: return SMTP_ERR_TEMPFAIL;
+  default: return SMTP_ERR_PROTOCOL;
+  }
+}
+
+static void reply_result(smtp_conn *c, smtp_result *r, const char *stage) {
+  set_result(r, reply_kind(c), stage, c->reply.code, c->reply.enhanced, c->reply.text);
 }
 
 /* The transaction is over: take it off the session, then tell its owner (who may hand the
@@ -321,7 +394,7 @@ static void fail_all(smtp_conn *c, int queued_get_session_stage) {
     if (t->phase == T_DONE) continue;
     if (!t->res.stage) {
       const char *stage = t->phase == T_QUEUED && queued_get_session_stage ? c->res.stage : txn_stage(c, t);
-      set_result(&t->res, stage, c->res.temporary, c->res.code, c->res.enhanced, c->res.message);
+      set_result(&t->res, c->res.error, stage, c->res.code, c->res.enhanced, c->res.message);
     }
     t->res.ok = 0;
     txn_done(c, t);
@@ -329,28 +402,28 @@ static void fail_all(smtp_conn *c, int queued_get_session_stage) {
   finish(c);
 }
 
-static void fail(smtp_conn *c, const char *stage, int temporary, const char *fmt, ...) {
-  char msg[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
+/* The session fails: why (kind, stage, message) goes to the session's result and to every transaction
+ * it holds, and the socket closes.  A server's refusal (SMTP_ERR_TEMPFAIL, SMTP_ERR_PERMFAIL) takes the
+ * code and words of the reply just received: fmt is then NULL, and the log already shows the reply. */
+static void fail(smtp_conn *c, smtp_error kind, const char *stage, const char *fmt, ...) {
   int established = c->state == ST_READY;
-  set_result(&c->res, stage, temporary, 0, "", msg);
-  trace(c, "!!", "%s: %s", stage, msg);
-  close_socket(c);
-  fail_all(c, !established);
-}
-
-static void fail_reply(smtp_conn *c, const char *stage) {
-  int established = c->state == ST_READY;
-  set_result_reply(c, &c->res, stage);
+  if (!fmt) {
+    set_result(&c->res, kind, stage, c->reply.code, c->reply.enhanced, c->reply.text);
+  } else {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    set_result(&c->res, kind, stage, 0, "", msg);
+    trace(c, "!!", "%s: %s", stage, msg);
+  }
   close_socket(c);
   fail_all(c, !established);
 }
 
 static void send_raw(smtp_conn *c, const char *p, size_t n) {
-  if (smtp_buf_append(&c->out, p, n) < 0) fail(c, stage_of(c), 1, "out of memory");
+  if (smtp_buf_append(&c->out, p, n) < 0) fail(c, SMTP_ERR_INTERNAL, stage_of(c), "out of memory");
 }
 
 /* Queue one command line; `shown` replaces it in the trace (for AUTH). */
@@ -360,7 +433,10 @@ static void send_cmd(smtp_conn *c, const char *shown, const char *fmt, ...) {
   va_start(ap, fmt);
   int n = vsnprintf(line, sizeof line - 2, fmt, ap);
   va_end(ap);
-  if (n < 0 || (size_t)n >= sizeof line - 2) { fail(c, stage_of(c), 0, "command too long"); return; }
+  if (n < 0 || (size_t)n >= sizeof line - 2) {
+    fail(c, SMTP_ERR_LOCAL, stage_of(c), "command too long");
+    return;
+  }
   trace(c, ">", "%s", shown ? shown : line);
   memcpy(line + n, "\r\n", 2);
   send_raw(c, line, (size_t)n + 2);
@@ -376,7 +452,7 @@ static void expect_reply(smtp_conn *c, exp_kind kind, smtp_txn *t) {
     } else {
       size_t n = c->exp_cap ? c->exp_cap * 2 : 16;
       expect *e = realloc(c->exp, n * sizeof *e);
-      if (!e) { fail(c, stage_of(c), 1, "out of memory"); return; }
+      if (!e) { fail(c, SMTP_ERR_INTERNAL, stage_of(c), "out of memory"); return; }
       c->exp = e;
       c->exp_cap = n;
     }
@@ -394,21 +470,21 @@ static void try_connect(smtp_conn *c) {
                                c->connect_err, sizeof c->connect_err);
     if (fd < 0) continue;
     c->s.fd = fd;
-    c->state = ST_CONNECT;
+    set_state(c, ST_CONNECT);
     arm_timer(c);
     update_watch(c);
     return;
   }
-  fail(c, "connect", 1, "cannot connect to %s:%s: %s", c->cfg->host, c->cfg->port,
+  fail(c, SMTP_ERR_CONNECT, "connect", "cannot connect to %s:%s: %s", c->cfg->host, c->cfg->port,
        c->connect_err[0] ? c->connect_err : "no address");
 }
 
 static void start_handshake(smtp_conn *c) {
   if (tls_begin(&c->s, c->cfg->ssl_ctx, c->cfg->host, c->cfg->verify) < 0) {
-    fail(c, "tls", 0, "%s", c->s.err);
+    fail(c, SMTP_ERR_LOCAL, "tls", "%s", c->s.err);
     return;
   }
-  c->state = ST_HANDSHAKE;
+  set_state(c, ST_HANDSHAKE);
   arm_timer(c);
 }
 
@@ -422,12 +498,12 @@ static void on_connected(smtp_conn *c) {
   }
   trace(c, "--", "connected to %s port %s", c->peer, c->cfg->port);
   if (c->cfg->tls == SMTP_TLS_IMPLICIT) { start_handshake(c); return; }
-  c->state = ST_GREETING;
+  set_state(c, ST_GREETING);
   arm_timer(c);
 }
 
 static void send_ehlo(smtp_conn *c) {
-  c->state = ST_EHLO;
+  set_state(c, ST_EHLO);
   send_cmd(c, NULL, "EHLO %s", c->cfg->helo);
 }
 
@@ -436,13 +512,13 @@ static void on_handshake(smtp_conn *c) {
   int r = tls_handshake(&c->s, &want);
   if (r == NET_AGAIN) {
     if (loop_watch(c->loop, c->s.fd, want == LOOP_WRITE ? LOOP_WRITE : LOOP_READ, on_io, c) < 0)
-      fail(c, "tls", 1, "epoll: %s", strerror(errno));
+      fail(c, SMTP_ERR_INTERNAL, "tls", "epoll: %s", strerror(errno));
     return;
   }
   if (r < 0) {
     /* a certificate that does not check out will not check out on retry either */
-    int temporary = strstr(c->s.err, "certificate") == NULL;
-    fail(c, "tls", temporary, "%s", c->s.err);
+    int cert = SSL_get_verify_result(c->s.ssl) != X509_V_OK;
+    fail(c, cert ? SMTP_ERR_CERT : SMTP_ERR_TLS, "tls", "%s", c->s.err);
     return;
   }
   c->tls_on = 1;
@@ -454,7 +530,7 @@ static void on_handshake(smtp_conn *c) {
     send_ehlo(c);
     arm_timer(c);                           /* the EHLO wait starts now, not with the handshake */
   } else {
-    c->state = ST_GREETING;
+    set_state(c, ST_GREETING);
     arm_timer(c);
     read_input(c);                          /* the greeting may already sit in OpenSSL's buffer */
   }
@@ -468,11 +544,14 @@ static void start_auth(smtp_conn *c) {
   const smtp_config *cfg = c->cfg;
   if (!cfg->user || !*cfg->user) { ready(c); return; }
   if (!c->tls_on && !cfg->allow_plaintext_auth) {
-    fail(c, "auth", 0, "refusing to send the password over an unencrypted connection "
-                       "(use TLS, or set allow_plaintext_auth = true)");
+    fail(c, SMTP_ERR_LOCAL, "auth", "refusing to send the password over an unencrypted connection "
+                                    "(use TLS, or set allow_plaintext_auth = true)");
     return;
   }
-  if (!c->ehlo_ok || !c->caps.auth[0]) { fail(c, "auth", 0, "the server does not offer AUTH"); return; }
+  if (!c->ehlo_ok || !c->caps.auth[0]) {
+    fail(c, SMTP_ERR_LOCAL, "auth", "the server does not offer AUTH");
+    return;
+  }
   smtp_buf b = { 0 }, raw = { 0 };
   if (c->caps.auth_plain) {
     /* RFC 4616: authzid NUL authcid NUL passwd, sent as the initial response (RFC 4954 §4) */
@@ -480,17 +559,17 @@ static void start_auth(smtp_conn *c) {
             smtp_buf_append(&raw, "", 1) |
             smtp_buf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
             smtp_base64_encode(&b, raw.data, raw.len);
-    if (e) { fail(c, "auth", 1, "out of memory"); goto out; }
+    if (e) { fail(c, SMTP_ERR_INTERNAL, "auth", "out of memory"); goto out; }
     c->auth_mech = "PLAIN";
-    c->state = ST_AUTH_PLAIN;
+    set_state(c, ST_AUTH_PLAIN);
     send_cmd(c, "AUTH PLAIN ********", "AUTH PLAIN %s", b.data);
   } else if (c->caps.auth_login) {
     c->auth_mech = "LOGIN";
-    c->state = ST_AUTH_LOGIN;
+    set_state(c, ST_AUTH_LOGIN);
     send_cmd(c, NULL, "AUTH LOGIN");
   } else {
-    fail(c, "auth", 0, "no AUTH mechanism in common (the server offers: %s; mailshot speaks PLAIN and LOGIN)",
-         c->caps.auth);
+    fail(c, SMTP_ERR_LOCAL, "auth", "no AUTH mechanism in common (the server offers: %s; mailshot speaks PLAIN "
+                                    "and LOGIN)", c->caps.auth);
   }
 out:
   if (raw.data) { explicit_bzero(raw.data, raw.len); smtp_buf_free(&raw); }
@@ -502,11 +581,11 @@ static void after_ehlo(smtp_conn *c) {
   if (!c->tls_on && (m == SMTP_TLS_STARTTLS || (m == SMTP_TLS_OPPORTUNISTIC && c->caps.starttls))) {
     if (!c->caps.starttls) {
       /* never a silent downgrade: the user asked for TLS */
-      fail(c, "starttls", 0, "the server does not offer STARTTLS; refusing to continue in plaintext "
-                             "(tls = \"none\" allows it)");
+      fail(c, SMTP_ERR_LOCAL, "starttls", "the server does not offer STARTTLS; refusing to continue in "
+                                          "plaintext (tls = \"none\" allows it)");
       return;
     }
-    c->state = ST_STARTTLS;
+    set_state(c, ST_STARTTLS);
     send_cmd(c, NULL, "STARTTLS");
     return;
   }
@@ -515,8 +594,11 @@ static void after_ehlo(smtp_conn *c) {
 
 static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next) {
   smtp_buf b = { 0 };
-  if (smtp_base64_encode(&b, secret, strlen(secret)) < 0) { fail(c, "auth", 1, "out of memory"); return; }
-  c->state = next;
+  if (smtp_base64_encode(&b, secret, strlen(secret)) < 0) {
+    fail(c, SMTP_ERR_INTERNAL, "auth", "out of memory");
+    return;
+  }
+  set_state(c, next);
   send_cmd(c, "********", "%s", b.data);
   explicit_bzero(b.data, b.len);
   smtp_buf_free(&b);
@@ -526,7 +608,7 @@ static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next)
 /* ---------------- transactions ---------------- */
 
 static void ready(smtp_conn *c) {
-  c->state = ST_READY;
+  set_state(c, ST_READY);
   loop_timer_stop(c->loop, &c->timer);
   if (c->op == OP_OPEN) {
     c->res.ok = 1;
@@ -542,16 +624,17 @@ static int precheck(smtp_conn *c, smtp_txn *t) {
   if (c->caps.size_present && c->caps.size && t->size > c->caps.size) {
     char msg[160];
     snprintf(msg, sizeof msg, "message of %zu bytes exceeds the server's limit of %llu (SIZE)", t->size, c->caps.size);
-    set_result(&t->res, "mail", 0, 552, "5.3.4", msg);
+    set_result(&t->res, SMTP_ERR_LOCAL, "mail", 552, "5.3.4", msg);
     return -1;
   }
   if (t->eightbit && !c->caps.eightbitmime) {
-    set_result(&t->res, "mail", 0, 0, "", "the message has 8-bit content and the server does not offer 8BITMIME "
-                                           "(build it with eightbit = false)");
+    set_result(&t->res, SMTP_ERR_LOCAL, "mail", 0, "", "the message has 8-bit content and the server does not "
+                                                       "offer 8BITMIME (build it with eightbit = false)");
     return -1;
   }
   if (t->utf8 && !c->caps.smtputf8) {
-    set_result(&t->res, "mail", 0, 0, "", "a non-ASCII address needs SMTPUTF8, which the server does not offer");
+    set_result(&t->res, SMTP_ERR_LOCAL, "mail", 0, "",
+               "a non-ASCII address needs SMTPUTF8, which the server does not offer");
     return -1;
   }
   return 0;
@@ -601,7 +684,7 @@ static void pump(smtp_conn *c) {
   if (c->state != ST_READY || c->nq > 0 || exp_pending(c)) return;
   if (c->cfg->max_messages > 0 && c->messages >= c->cfg->max_messages) c->retiring = 1;
   if (c->retiring && c->op == OP_NONE) {
-    c->state = ST_QUIT;
+    set_state(c, ST_QUIT);
     send_cmd(c, NULL, "QUIT");
     arm_timer(c);
     return;
@@ -618,7 +701,7 @@ static void txn_failed(smtp_conn *c, smtp_txn *t) {
 
 static void on_mail_reply(smtp_conn *c, smtp_txn *t, int ok) {
   t->mail_ok = ok;
-  if (!ok) { set_result_reply(c, &t->res, "mail"); if (!c->caps.pipelining) txn_failed(c, t); }
+  if (!ok) { reply_result(c, &t->res, "mail"); if (!c->caps.pipelining) txn_failed(c, t); }
   else if (!c->caps.pipelining) send_rcpt(c, t, 0);
 }
 
@@ -630,7 +713,7 @@ static void on_rcpt_reply(smtp_conn *c, smtp_txn *t, int ok) {
   free(r->text);
   r->text = strdup(c->reply.text);
   if (ok && t->mail_ok) t->res.accepted++;
-  else if (t->mail_ok && t->res.stage == NULL) set_result_reply(c, &t->res, "rcpt");   /* first refusal */
+  else if (t->mail_ok && t->res.stage == NULL) reply_result(c, &t->res, "rcpt");   /* first refusal */
   if (c->caps.pipelining) return;
   if (i + 1 < t->nrcpt) send_rcpt(c, t, i + 1);
   else if (t->res.accepted == 0) txn_failed(c, t);
@@ -639,7 +722,7 @@ static void on_rcpt_reply(smtp_conn *c, smtp_txn *t, int ok) {
 
 static void on_data_reply(smtp_conn *c, smtp_txn *t) {
   if (c->reply.code != 354) {
-    if (t->mail_ok && t->res.accepted > 0) set_result_reply(c, &t->res, "data");
+    if (t->mail_ok && t->res.accepted > 0) reply_result(c, &t->res, "data");
     txn_failed(c, t);
     return;
   }
@@ -660,9 +743,9 @@ static void on_data_reply(smtp_conn *c, smtp_txn *t) {
 static void on_dot_reply(smtp_conn *c, smtp_txn *t) {
   if (!t->body_abort) {
     int ok = c->reply.code >= 200 && c->reply.code < 300;
-    set_result_reply(c, &t->res, "message");
+    set_result(&t->res, ok ? SMTP_ERR_NONE : reply_kind(c), "message", c->reply.code, c->reply.enhanced,
+               c->reply.text);
     t->res.ok = ok;
-    if (ok) t->res.temporary = 0;
   }
   txn_done(c, t);
   pump(c);
@@ -672,7 +755,7 @@ static void on_txn_reply(smtp_conn *c) {
   if (!exp_pending(c)) {
     /* unsolicited: typically "421 idle timeout" before the server hangs up */
     trace(c, "--", "unsolicited reply while idle; closing");
-    fail_reply(c, "mail");
+    fail(c, reply_kind(c), "mail", NULL);
     return;
   }
   expect e = c->exp[c->exp_head++];
@@ -683,7 +766,7 @@ static void on_txn_reply(smtp_conn *c) {
   case EXP_DATA: on_data_reply(c, e.t); break;
   case EXP_DOT: on_dot_reply(c, e.t); break;
   case EXP_RSET:
-    if (!ok) { fail_reply(c, "rset"); return; }
+    if (!ok) { fail(c, reply_kind(c), "rset", NULL); return; }
     pump(c);
     break;
   }
@@ -691,32 +774,51 @@ static void on_txn_reply(smtp_conn *c) {
 
 /* ---------------- replies ---------------- */
 
+static void on_ehlo_reply(smtp_conn *c) {
+  int code = c->reply.code;
+  if (code >= 200 && code < 300) {
+    c->ehlo_ok = 1;
+    /* from every line as received: the reply's text may have been cut at 4 KiB */
+    smtp_caps_parse_raw(c->raw, c->rawlen, &c->caps);
+    if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
+    free(c->ehlo_text);
+    c->ehlo_text = strdup(c->reply.text);
+    after_ehlo(c);
+  } else if (code >= 500 && code != 554 && !c->tls_on) {   /* an old server: fall back to HELO */
+    set_state(c, ST_HELO);
+    send_cmd(c, NULL, "HELO %s", c->cfg->helo);
+  } else {
+    fail(c, reply_kind(c), "ehlo", NULL);
+  }
+}
+
+/* RFC 4954 §4: 235 ends AUTH PLAIN and LOGIN's password; 334 asks for LOGIN's user name, then password. */
+static void on_auth_reply(smtp_conn *c) {
+  int want = c->state == ST_AUTH_PLAIN || c->state == ST_AUTH_PASS ? 235 : 334;
+  if (c->reply.code != want) { fail(c, reply_kind(c), "auth", NULL); return; }
+  if (want == 235) {
+    c->authenticated = 1;
+    ready(c);
+  } else if (c->state == ST_AUTH_LOGIN) {
+    send_login_secret(c, c->cfg->user, ST_AUTH_USER);
+  } else {
+    send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
+  }
+}
+
 static void on_reply(smtp_conn *c) {
   int code = c->reply.code;
   int ok2 = code >= 200 && code < 300;
   switch (c->state) {
   case ST_GREETING:
-    if (code != 220) { fail_reply(c, "greeting"); return; }
+    if (code != 220) { fail(c, reply_kind(c), "greeting", NULL); return; }
     free(c->greeting);
     c->greeting = strdup(c->reply.text);
     send_ehlo(c);
     return;
-  case ST_EHLO:
-    if (ok2) {
-      c->ehlo_ok = 1;
-      /* from every line as received: the reply's text may have been cut at 4 KiB */
-      smtp_caps_parse_raw(c->raw, c->rawlen, &c->caps);
-      if (c->cfg->pipeline_depth < 2) c->caps.pipelining = c->caps.pipelining && c->cfg->pipeline_depth >= 1;
-      free(c->ehlo_text);
-      c->ehlo_text = strdup(c->reply.text);
-      after_ehlo(c);
-    } else if (code >= 500 && code != 554 && !c->tls_on) {   /* an old server: fall back to HELO */
-      c->state = ST_HELO;
-      send_cmd(c, NULL, "HELO %s", c->cfg->helo);
-    } else fail_reply(c, "ehlo");
-    return;
+  case ST_EHLO: on_ehlo_reply(c); return;
   case ST_HELO:
-    if (!ok2) { fail_reply(c, "helo"); return; }
+    if (!ok2) { fail(c, reply_kind(c), "helo", NULL); return; }
     c->ehlo_ok = 0;
     memset(&c->caps, 0, sizeof c->caps);
     after_ehlo(c);
@@ -724,33 +826,17 @@ static void on_reply(smtp_conn *c) {
   case ST_STARTTLS:
     if (code != 220) {
       if (c->cfg->tls == SMTP_TLS_OPPORTUNISTIC && code < 500 && code != 421) { start_auth(c); return; }
-      fail_reply(c, "starttls");
+      fail(c, reply_kind(c), "starttls", NULL);
       return;
     }
     c->handshake_after_starttls = 1;
     start_handshake(c);
     return;
-  case ST_AUTH_PLAIN: case ST_AUTH_PASS:
-    if (code != 235) { fail_reply(c, "auth"); return; }
-    c->authenticated = 1;
-    ready(c);
-    return;
-  case ST_AUTH_LOGIN:
-    if (code != 334) { fail_reply(c, "auth"); return; }
-    send_login_secret(c, c->cfg->user, ST_AUTH_USER);
-    return;
-  case ST_AUTH_USER:
-    if (code != 334) { fail_reply(c, "auth"); return; }
-    send_login_secret(c, c->cfg->password ? c->cfg->password : "", ST_AUTH_PASS);
-    return;
+  case ST_AUTH_PLAIN: case ST_AUTH_LOGIN: case ST_AUTH_USER: case ST_AUTH_PASS: on_auth_reply(c); return;
   case ST_READY: on_txn_reply(c); return;
-  case ST_QUIT:
-    close_socket(c);
-    c->res.ok = 1;
-    finish(c);
-    return;
+  case ST_QUIT: quit_done(c); return;
   default:
-    fail(c, stage_of(c), 1, "unexpected reply in state %s", state_names[c->state]);
+    fail(c, SMTP_ERR_PROTOCOL, stage_of(c), "unexpected reply in state %s", state_names[c->state]);
     return;
   }
 }
@@ -758,7 +844,7 @@ static void on_reply(smtp_conn *c) {
 /* 421 (RFC 5321 §3.8) in any state: the server is closing the channel. */
 static int closing_reply(smtp_conn *c) {
   if (c->reply.code != 421 || c->state == ST_QUIT) return 0;
-  fail_reply(c, stage_of(c));
+  fail(c, reply_kind(c), stage_of(c), NULL);
   return 1;
 }
 
@@ -770,7 +856,7 @@ static int process_input(smtp_conn *c) {
   while (off < c->inlen && c->state != ST_DEAD && !c->free_pending) {
     int r = smtp_reply_parse(c->in + off, c->inlen - off, c->caps.enhancedstatuscodes, &c->reply, err, sizeof err);
     if (r == 0) break;
-    if (r < 0) { fail(c, stage_of(c), 1, "protocol error: %s", err); return replies; }
+    if (r < 0) { fail(c, SMTP_ERR_PROTOCOL, stage_of(c), "protocol error: %s", err); return replies; }
     c->raw = c->in + off;
     c->rawlen = (size_t)r;
     trace_reply(c, c->raw, c->rawlen);
@@ -795,17 +881,19 @@ static int process_input(smtp_conn *c) {
 
 static void read_input(smtp_conn *c) {
   for (;;) {
-    if (c->inlen == IN_MAX) { fail(c, stage_of(c), 1, "protocol error: reply too long"); return; }
+    if (c->inlen == IN_MAX) { fail(c, SMTP_ERR_PROTOCOL, stage_of(c), "protocol error: reply too long"); return; }
     int want = 0;
     ssize_t n = net_read(&c->s, c->in + c->inlen, IN_MAX - c->inlen, &want);
     if (n == NET_AGAIN) return;
     if (n == NET_EOF || n == NET_ERR) {
       if (c->state == ST_READY && !exp_pending(c) && c->nq == 0) { close_socket(c); return; }   /* idle: fine */
-      if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); return; }
+      if (c->state == ST_QUIT) { quit_done(c); return; }
       if (n == NET_EOF)
-        fail(c, stage_of(c), 1, "connection closed by the server while waiting for the %s reply", stage_of(c));
+        fail(c, SMTP_ERR_CLOSED, stage_of(c), "connection closed by the server while waiting for the %s reply",
+             stage_of(c));
       else
-        fail(c, stage_of(c), 1, "connection lost while waiting for the %s reply: %s", stage_of(c), c->s.err);
+        fail(c, SMTP_ERR_CLOSED, stage_of(c), "connection lost while waiting for the %s reply: %s", stage_of(c),
+             c->s.err);
       return;
     }
     size_t space = IN_MAX - c->inlen;
@@ -831,7 +919,7 @@ static void flush(smtp_conn *c) {
     ssize_t n = net_write(&c->s, c->out.data + c->out_off, c->out.len - c->out_off, &want);
     if (n == NET_AGAIN) break;
     if (n <= 0) {
-      fail(c, stage_of(c), 1, "connection lost while sending: %s", n == 0 ? "closed" : c->s.err);
+      fail(c, SMTP_ERR_CLOSED, stage_of(c), "connection lost while sending: %s", n == 0 ? "closed" : c->s.err);
       return;
     }
     c->out_off += (size_t)n;
@@ -841,7 +929,7 @@ static void flush(smtp_conn *c) {
 
 static void on_io(loop *l, int fd, int events, void *data) {
   smtp_conn *c = data;
-  c->busy++;
+  enter(c);
   if (c->state == ST_CONNECT) on_connected(c);
   else if (c->state != ST_HANDSHAKE) {
     if (c->out_off < c->out.len) flush(c);
@@ -851,20 +939,19 @@ static void on_io(loop *l, int fd, int events, void *data) {
   /* Write what the replies just released (the next message's body, the commands of the one
    * queued behind it) now, before the loop resumes any Lua task: on a single session the
    * round trip is the bottleneck, and the tasks' work can overlap the server's. */
-  if (c->state != ST_DEAD && !c->free_pending && c->state != ST_HANDSHAKE && c->out_off < c->out.len) {
+  if (can_write(c) && !c->free_pending && c->out_off < c->out.len) {
     loop_cancel_deferred(c->loop, &c->flusher);
     flush(c);
   }
-  c->busy--;
-  if (c->free_pending && c->busy == 0) { smtp_conn_free(c); return; }
+  if (leave(c)) return;
   if (c->state != ST_HANDSHAKE) update_watch(c);
 }
 
 static void on_timeout(loop *l, void *data) {
   smtp_conn *c = data;
-  c->busy++;
+  enter(c);
   const char *st = stage_of(c);
-  if (c->state == ST_QUIT) { close_socket(c); c->res.ok = 1; finish(c); }
+  if (c->state == ST_QUIT) quit_done(c);
   else if (c->state == ST_READY && !exp_pending(c) && c->nq == 0) {
     c->retiring = 1;                 /* idle too long: say goodbye */
     pump(c);
@@ -874,13 +961,12 @@ static void on_timeout(loop *l, void *data) {
   else {
     int ms = wait_ms(c);
     if (c->inlen > 0 && c->state != ST_CONNECT && c->state != ST_HANDSHAKE)
-      fail(c, st, 1, "timed out after %g s waiting for the %s reply (%zu bytes of it came; a reply must be "
-                     "complete within the timeout)", ms / 1000.0, st, c->inlen);
+      fail(c, SMTP_ERR_TIMEOUT, st, "timed out after %g s waiting for the %s reply (%zu bytes of it came; a reply "
+                                    "must be complete within the timeout)", ms / 1000.0, st, c->inlen);
     else
-      fail(c, st, 1, "timed out after %g s waiting for the %s reply", ms / 1000.0, st);
+      fail(c, SMTP_ERR_TIMEOUT, st, "timed out after %g s waiting for the %s reply", ms / 1000.0, st);
   }
-  c->busy--;
-  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+  leave(c);
 }
 
 /* ---------------- public ---------------- */
@@ -935,20 +1021,19 @@ static const char *connect_target(const smtp_conn *c) {
 static void on_resolved(void *ud, dns_status st, const char *msg, const dns_addr *addrs, int n) {
   smtp_conn *c = ud;
   c->lookup = NULL;
-  c->busy++;
+  enter(c);
   if (st != DNS_OK || n < 1) {
     /* temporary whatever the answer: the relay's name is our configuration, not the recipient's */
-    fail(c, "connect", 1, "cannot resolve %s: %s", connect_target(c), msg);
+    fail(c, SMTP_ERR_DNS, "connect", "cannot resolve %s: %s", connect_target(c), msg);
   } else if (!(c->addrs = malloc((size_t)n * sizeof *addrs))) {
-    fail(c, "connect", 1, "out of memory");
+    fail(c, SMTP_ERR_INTERNAL, "connect", "out of memory");
   } else {
     memcpy(c->addrs, addrs, (size_t)n * sizeof *addrs);
     c->naddrs = n;
     c->next_addr = 0;
     try_connect(c);
   }
-  c->busy--;
-  if (c->free_pending && c->busy == 0) smtp_conn_free(c);
+  leave(c);
 }
 
 /* An IP address is used as it is; a name is looked up on the loop (never getaddrinfo, which
@@ -962,20 +1047,22 @@ static void open_connection(smtp_conn *c) {
     return;
   }
   if (!c->cfg->resolver) {
-    fail(c, "connect", 1, "cannot resolve %s: no resolver", target);
+    fail(c, SMTP_ERR_DNS, "connect", "cannot resolve %s: no resolver", target);
     return;
   }
   c->lookup = dns_resolve(c->cfg->resolver, target, c->cfg->port, on_resolved, c);
 }
 
-/* Run f inside the re-entrancy guard, then write what it queued. */
-#define GUARDED(c, stmt) do { (c)->busy++; stmt; (c)->busy--; \
-  if ((c)->free_pending && (c)->busy == 0) { smtp_conn_free(c); return 0; } \
-  if ((c)->state != ST_DEAD && (c)->state != ST_CONNECT && (c)->state != ST_HANDSHAKE) want_flush(c); } while (0)
+/* A public call's work, inside the re-entrancy guard; then what it queued is written this turn. */
+static void guarded(smtp_conn *c, void (*work)(smtp_conn *)) {
+  enter(c);
+  work(c);
+  if (!leave(c) && can_write(c)) want_flush(c);
+}
 
 int smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud) {
   if (c->state != ST_NEW || begin(c, OP_OPEN, fn, ud) < 0) return -1;
-  GUARDED(c, open_connection(c));
+  guarded(c, open_connection);
   return 0;
 }
 
@@ -989,8 +1076,6 @@ int smtp_conn_can_take(const smtp_conn *c) {
   return c->state != ST_DEAD && c->state != ST_QUIT && c->nq == 0;   /* opening: one waits for it */
 }
 
-int smtp_conn_load(const smtp_conn *c) { return c->nq; }
-
 int smtp_conn_send(smtp_conn *c, smtp_txn *t, smtp_txn_fn *fn, void *ud) {
   if (!smtp_conn_can_take(c)) return -1;
   memset(&t->res, 0, sizeof t->res);
@@ -1000,14 +1085,14 @@ int smtp_conn_send(smtp_conn *c, smtp_txn *t, smtp_txn_fn *fn, void *ud) {
   t->fn = fn;
   t->ud = ud;
   c->q[c->nq++] = t;
-  if (c->state == ST_NEW) { GUARDED(c, open_connection(c)); }
-  else if (c->state == ST_READY) { GUARDED(c, pump(c)); }
+  if (c->state == ST_NEW) guarded(c, open_connection);
+  else if (c->state == ST_READY) guarded(c, pump);
   return 0;
 }
 
 int smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud) {
   if (c->state != ST_READY || c->nq > 0 || exp_pending(c) || begin(c, OP_QUIT, fn, ud) < 0) return -1;
-  c->state = ST_QUIT;
+  set_state(c, ST_QUIT);
   send_cmd(c, NULL, "QUIT");
   arm_timer(c);
   flush(c);

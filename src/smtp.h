@@ -53,8 +53,32 @@ typedef struct {
   char *text;
 } smtp_rcpt;
 
+/* What went wrong, set where it went wrong (as OpenSMTPD's mta says TEMPFAIL/PERMFAIL): never guessed
+ * afterwards from the words of a message.  smtp_error_name() gives the word Lua sees (result.error). */
+typedef enum {
+  SMTP_ERR_NONE,           /* no failure */
+  SMTP_ERR_INVALID,        /* "invalid": a bad envelope, refused before any network */
+  SMTP_ERR_DNS,            /* "dns": the server's name did not resolve */
+  SMTP_ERR_CONNECT,        /* "connect": no connection to any of its addresses (refused, unreachable) */
+  SMTP_ERR_TIMEOUT,        /* "timeout": a wait (connect, handshake, a reply) ran out */
+  SMTP_ERR_CLOSED,         /* "closed": the connection was closed or broke in the middle of the dialogue */
+  SMTP_ERR_TLS,            /* "tls": the TLS handshake failed, the certificate aside */
+  SMTP_ERR_CERT,           /* "cert": the server's certificate did not verify (chain or name) */
+  SMTP_ERR_PROTOCOL,       /* "protocol": the server broke the protocol (a malformed or unexpected reply) */
+  SMTP_ERR_TEMPFAIL,       /* "tempfail": the server answered 4xx (or a reply of no known class) */
+  SMTP_ERR_PERMFAIL,       /* "permfail": the server answered 5xx */
+  SMTP_ERR_AUTH,           /* "auth": the relay refused our login for good earlier (l_smtp.c: defer) */
+  SMTP_ERR_LOCAL,          /* "local": we refused to go on: no STARTTLS, no AUTH in common, the password
+                              in plaintext, a message over SIZE, 8-bit or UTF-8 the server cannot take */
+  SMTP_ERR_INTERNAL        /* "internal": out of memory, or the event loop refused a watch */
+} smtp_error;
+
+const char *smtp_error_name(smtp_error e);   /* "timeout", ...; NULL for SMTP_ERR_NONE */
+int smtp_error_temporary(smtp_error e);      /* worth retrying later: network, timeout, 4xx, ... */
+
 typedef struct smtp_result {
   int ok;                  /* the operation succeeded */
+  smtp_error error;        /* when not ok: what kind of failure (temporary follows from it) */
   int temporary;           /* a failure worth retrying later (4xx, network, timeout) */
   int code;                /* the server's reply code, 0 when no reply (network, timeout) */
   char enhanced[16];
@@ -88,9 +112,10 @@ struct smtp_txn {
 };
 
 /* Build a transaction: addresses are checked against injection here, before any network.
- * Returns NULL with a reason in err for a bad envelope or out of memory. */
+ * Returns NULL for a bad envelope (SMTP_ERR_INVALID at stage "mail" or "rcpt") or out of memory, with
+ * the failure in *why. */
 smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
-                       char *err, size_t errlen);
+                       smtp_result *why);
 void smtp_txn_free(smtp_txn *t);
 
 smtp_conn *smtp_conn_new(loop *lp, const smtp_config *cfg);
@@ -105,7 +130,6 @@ int  smtp_conn_open(smtp_conn *c, smtp_done_fn *fn, void *ud);
  * when the session cannot take it. */
 int  smtp_conn_send(smtp_conn *c, smtp_txn *txn, smtp_txn_fn *fn, void *ud);
 int  smtp_conn_can_take(const smtp_conn *c);  /* send() would be accepted now */
-int  smtp_conn_load(const smtp_conn *c);      /* transactions in flight */
 /* Polite end: QUIT, wait (bounded) for the reply, close. */
 int  smtp_conn_quit(smtp_conn *c, smtp_done_fn *fn, void *ud);
 
@@ -128,7 +152,5 @@ typedef struct smtp_info {
   int messages;            /* transactions completed on this connection */
 } smtp_info;
 void smtp_conn_info(smtp_conn *c, smtp_info *info);
-
-const char *smtp_strstate(const smtp_conn *c);
 
 #endif

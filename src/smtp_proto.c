@@ -286,8 +286,6 @@ smtp_caps_auth(smtp_caps *caps, const char *p, size_t n)
       break;
     if (smtp_ieq(p + s, i - s, "PLAIN")) caps->auth_plain = 1;
     else if (smtp_ieq(p + s, i - s, "LOGIN")) caps->auth_login = 1;
-    else if (smtp_ieq(p + s, i - s, "CRAM-MD5")) caps->auth_cram_md5 = 1;
-    else if (smtp_ieq(p + s, i - s, "XOAUTH2")) caps->auth_xoauth2 = 1;
     if (!smtp_list_has(caps->auth, p + s, i - s))
       smtp_list_add(caps->auth, sizeof(caps->auth), p + s, i - s);
   }
@@ -332,8 +330,6 @@ smtp_caps_line(smtp_caps *caps, const char *p, size_t n)
   else if (smtp_ieq(p, k, "8BITMIME")) caps->eightbitmime = 1;         /* RFC 6152 */
   else if (smtp_ieq(p, k, "ENHANCEDSTATUSCODES")) caps->enhancedstatuscodes = 1; /* RFC 2034 */
   else if (smtp_ieq(p, k, "SMTPUTF8")) caps->smtputf8 = 1;             /* RFC 6531 */
-  else if (smtp_ieq(p, k, "CHUNKING")) caps->chunking = 1;             /* RFC 3030 */
-  else if (smtp_ieq(p, k, "DSN")) caps->dsn = 1;                       /* RFC 3461 */
   else if (smtp_ieq(p, k, "SIZE") && (k == n || p[k] == ' ')) {        /* RFC 1870 */
     caps->size_present = 1;
     caps->size = smtp_caps_size(p + a, n - a);

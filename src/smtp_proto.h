@@ -64,9 +64,10 @@ smtp_class smtp_reply_class(const smtp_reply *r);
 
 /* EHLO capabilities (RFC 5321 §4.1.1.1, keywords case-insensitive) */
 typedef struct {
-  unsigned pipelining:1, starttls:1, eightbitmime:1, enhancedstatuscodes:1, smtputf8:1, chunking:1, dsn:1, size_present:1;
+  /* only what the client acts on; every other keyword is in names (for `mailshot check`) */
+  unsigned pipelining:1, starttls:1, eightbitmime:1, enhancedstatuscodes:1, smtputf8:1, size_present:1;
   unsigned long long size;     /* SIZE value, 0 = no limit given */
-  unsigned auth_plain:1, auth_login:1, auth_cram_md5:1, auth_xoauth2:1;
+  unsigned auth_plain:1, auth_login:1;   /* the mechanisms we speak */
   char auth[256];              /* the AUTH mechanisms as advertised, space separated */
   char names[1024];            /* every keyword line as advertised (skip the first line = greeting domain), space separated, for display */
 } smtp_caps;

@@ -273,7 +273,7 @@ end
 
 -- The report -------------------------------------------------------------------------------
 
-local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
+local REPORT_COLUMNS = require("mailshot.result").REPORT_COLUMNS
 
 local Report = {}
 Report.__index = Report

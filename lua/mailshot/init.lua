@@ -74,7 +74,7 @@ smtp.methods.send = function(self, msg, ...)
   if not limiter then return c_send(self, msg, ...) end
   local token, why = limiter:begin()
   if not token then
-    return { ok = false, code = 0, message = "rate limit: " .. tostring(why), temporary = true, stage = "rate", via = "relay" }
+    return { ok = false, code = 0, message = "rate limit: " .. tostring(why), temporary = true, stage = "rate", error = "rate", via = "relay" }
   end
   local ok, result = pcall(c_send, self, msg, ...)
   limiter:complete(token)          -- the slot counts from the server's answer (see mailshot.rate)

@@ -30,7 +30,7 @@ local M = {}
 local Journal = {}
 Journal.__index = Journal
 
-local FIELDS = { "status", "code", "enhanced", "stage", "via", "mx", "response" }
+local FIELDS = require("mailshot.result").RECORD   -- a record's fields after kind, line, email
 local MAGIC = "mailshot-journal"
 
 local ESC = { ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r", ["\\"] = "\\\\" }
@@ -297,5 +297,4 @@ function M.load_rates(path)
   return ok and type(states) == "table" and states or {}
 end
 
-M.FIELDS = FIELDS
 return M
