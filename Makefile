@@ -18,9 +18,12 @@ CC      ?= cc
 PREFIX  ?= /usr/local
 VERSION := 0.1.0
 PKGS    := lua5.4 libcares openssl
-CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
-           -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+# CFLAGS is the user's (optimisation, debugging: `make CFLAGS=-O0` keeps everything else); the flags
+# the code needs are in MS_CFLAGS, always added.  VERSION is the one place the version is written: the C
+# side hands it to Lua as mailshot.core.version (mailshot.version, `mailshot --version`).
+CFLAGS    ?= -O2 -g
+MS_CFLAGS := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
+             -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm
 
 SRC      := $(wildcard src/*.c)
@@ -46,10 +49,10 @@ build build/asan:
 	@mkdir -p $@
 
 build/%.o: src/%.c $(wildcard src/*.h) | build
-	$(CC) $(CFLAGS) -c -o $@ $<
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 build/asan/%.o: src/%.c $(wildcard src/*.h) | build/asan
-	$(CC) $(CFLAGS) -O1 $(SAN) -c -o $@ $<
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -c -o $@ $<
 
 build/embed_gen: src/embed_gen.c | build
 	$(CC) -O2 -o $@ $<
@@ -58,14 +61,14 @@ build/lua_embed.c: build/embed_gen $(LUA_SRC)
 	build/embed_gen lua $(LUA_SRC) > $@.tmp && mv $@.tmp $@
 
 mailshot: src/main.c build/lua_embed.c $(OBJ)
-	$(CC) $(CFLAGS) -Isrc -o $@ src/main.c build/lua_embed.c $(OBJ) $(LDLIBS)
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -Isrc -o $@ src/main.c build/lua_embed.c $(OBJ) $(LDLIBS)
 
 # The same program under AddressSanitizer + UBSan: the integration tests run this one.
 build/asan/mailshot: src/main.c build/lua_embed.c $(ASAN_OBJ)
-	$(CC) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ src/main.c build/lua_embed.c $(ASAN_OBJ) $(LDLIBS)
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ src/main.c build/lua_embed.c $(ASAN_OBJ) $(LDLIBS)
 
 build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
-	$(CC) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
 
 deps:
 	@sh scripts/deps.sh $(DEB_BUILD) $(if $(filter check test bench fuzz fuzz-smoke valgrind,$(MAKECMDGOALS)),$(DEB_TEST))
@@ -112,7 +115,7 @@ VALGRIND       := valgrind -q --leak-check=full --errors-for-leak-kinds=definite
                   --show-leak-kinds=definite,indirect --error-exitcode=99 $(VALGRIND_SUPP:%=--suppressions=%)
 
 build/test_%: tests/unit/test_%.c tests/unit/check.h $(OBJ)
-	$(CC) $(CFLAGS) -Isrc -o $@ $< $(OBJ) $(LDLIBS)
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -Isrc -o $@ $< $(OBJ) $(LDLIBS)
 
 valgrind: deps
 	@$(MAKE) --no-print-directory valgrind-unit valgrind-luatest valgrind-integration
