@@ -7,7 +7,8 @@
  *                  nil, nil, message           -- read error
  *
  * Following liolib.c: failures of the world (missing file, bad header, bad row, read error) are
- * return values; misuse (bad option, closed reader) raises.  See tests/lua/API-csv.md.
+ * return values; misuse (bad option, closed reader) raises.  Documented in README.md,
+ * "mailshot.csv: streaming CSV reader".
  */
 #include <limits.h>
 #include <stdio.h>

@@ -12,7 +12,7 @@
  *
  * Following liolib.c: a key file that is missing, unreadable, not a key or of the wrong type is a
  * failure of the world (nil, "path: reason"); an option of the wrong type or value raises.
- * See tests/lua/API-dkim.md.
+ * Documented in README.md, "DKIM signing: mailshot.dkim".
  */
 #include <stdlib.h>
 #include <string.h>

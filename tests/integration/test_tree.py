@@ -1,0 +1,32 @@
+"""The source tree's own consistency: what the comments cite is in the repository."""
+import os
+import re
+import subprocess
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class TreeTests(unittest.TestCase):
+    def test_every_file_a_comment_cites_is_in_the_repository(self):
+        files = subprocess.run(["git", "ls-files", "src", "lua", "tests", "scripts", "Makefile", "README.md"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        files = [f for f in files if "/corpus/" not in f and os.path.isfile(os.path.join(ROOT, f))]
+        self.assertGreater(len(files), 50)
+        missing = []
+        for f in files:
+            with open(os.path.join(ROOT, f), encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    m = re.search(r"(--|//|/\*|^\s*\*|^\s*#|\s#)(.*)", line)   # the comment part of the line
+                    if not m:
+                        continue
+                    # a cited document (NAME.md), or a file outside the tree (../shared/...)
+                    for cited in re.findall(r"(?<![\w/.])((?:\.\./)+shared\S*|[\w/-]*\w\.md)\b", m.group(2)):
+                        if cited.startswith("..") or not any(
+                                os.path.exists(os.path.join(base, cited)) for base in (ROOT, os.path.dirname(os.path.join(ROOT, f)))):
+                            missing.append(f"{f}:{n}: {cited}")
+        self.assertEqual(missing, [])
+
+
+if __name__ == "__main__":
+    unittest.main()
