@@ -20,7 +20,7 @@ class TreeTests(unittest.TestCase):
                     m = re.search(r"(--|//|/\*|^\s*\*|^\s*#|\s#)(.*)", line)   # the comment part of the line
                     if not m:
                         continue
-                    # a cited document (NAME.md), or a file outside the tree (../shared/...)
+                    # a cited document (a name ending in .md), or a file outside the tree (in the shared folder)
                     for cited in re.findall(r"(?<![\w/.])((?:\.\./)+shared\S*|[\w/-]*\w\.md)\b", m.group(2)):
                         if cited.startswith("..") or not any(
                                 os.path.exists(os.path.join(base, cited)) for base in (ROOT, os.path.dirname(os.path.join(ROOT, f)))):
