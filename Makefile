@@ -8,7 +8,8 @@
 #   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
-#   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py)
+#   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
+#                   (scripts/bench-lua.lua: IDNA, CSV, MIME)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -81,6 +82,7 @@ build/tls_sink: tests/servers/tls_sink.c | build
 bench: deps
 	@$(MAKE) --no-print-directory mailshot build/tls_sink
 	/usr/bin/python3 scripts/bench.py
+	./mailshot exec scripts/bench-lua.lua
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
