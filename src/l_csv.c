@@ -19,6 +19,7 @@
 
 #include "csv_reader.h"
 #include "l_check.h"
+#include "l_class.h"
 
 #define READER_MT "mailshot.csv.reader"
 
@@ -249,26 +250,15 @@ static const luaL_Reg methods[] = {
 };
 
 static const luaL_Reg metameth[] = {
-  {"__index", NULL},  /* set to the methods table below */
   {"__gc", r_gc},
   {"__close", r_gc},
   {"__tostring", r_tostring},
   {NULL, NULL}
 };
 
-static void createmeta (lua_State *L)
-{
-  luaL_newmetatable(L, READER_MT);
-  luaL_setfuncs(L, metameth, 0);
-  luaL_newlibtable(L, methods);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-}
-
 int luaopen_mailshot_csv (lua_State *L)
 {
   luaL_newlib(L, csvlib);
-  createmeta(L);
+  l_newclass(L, READER_MT, metameth, methods);
   return 1;
 }

@@ -23,6 +23,7 @@
 
 #include "dkim.h"
 #include "l_check.h"
+#include "l_class.h"
 
 #define SIGNER_MT "mailshot.dkim.signer"
 #define SIGNER_BUF_KEEP (1024 * 1024)   /* a scratch buffer bigger than this is freed after use */
@@ -388,22 +389,11 @@ static const luaL_Reg methods[] = {
 };
 
 static const luaL_Reg metameth[] = {
-  {"__index", NULL},  /* set to the methods table below */
   {"__gc", s_gc},
   {"__close", s_gc},
   {"__tostring", s_tostring},
   {NULL, NULL}
 };
-
-static void createmeta (lua_State *L)
-{
-  luaL_newmetatable(L, SIGNER_MT);
-  luaL_setfuncs(L, metameth, 0);
-  luaL_newlibtable(L, methods);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-}
 
 int luaopen_mailshot_dkim (lua_State *L)
 {
@@ -411,6 +401,6 @@ int luaopen_mailshot_dkim (lua_State *L)
   lua_newtable(L);  /* the signer cache of dkim.sign */
   lua_pushcclosure(L, dkim_sign_l, 1);
   lua_setfield(L, -2, "sign");
-  createmeta(L);
+  l_newclass(L, SIGNER_MT, metameth, methods);
   return 1;
 }
