@@ -35,7 +35,7 @@ typedef struct LSigner {
   dkim_opts o;         /* its strings live in store */
   char *store;         /* header-name pointers, then domain, selector and the names: one block */
   lua_Integer expire;  /* x= is t= plus this, when > 0 */
-  smtp_buf buf;        /* scratch for the result: no allocation per message once grown */
+  bytebuf buf;        /* scratch for the result: no allocation per message once grown */
 } LSigner;
 
 #define toLSigner(L) ((LSigner *)luaL_checkudata(L, 1, SIGNER_MT))
@@ -55,7 +55,7 @@ static void s_gc_signer (LSigner *p)
   p->key = NULL;
   free(p->store);
   p->store = NULL;
-  smtp_buf_free(&p->buf);
+  bytebuf_free(&p->buf);
 }
 
 /* ---------------------------------------------------------------- options */
@@ -265,7 +265,7 @@ static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whol
   o.expire = p->expire > 0 ? now + p->expire : 0;
   p->buf.len = 0;
   rc = dkim_sign(p->key, &o, msg, len, &p->buf, err, sizeof err);
-  if (rc == 0 && whole && dkim_crlf(&p->buf, msg, len) < 0)
+  if (rc == 0 && whole && bytebuf_crlf(&p->buf, msg, len, 0) < 0)
     return luaL_error(L, "out of memory");
   if (rc < 0) {
     luaL_pushfail(L);
@@ -273,7 +273,7 @@ static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whol
   } else
     lua_pushlstring(L, p->buf.data, p->buf.len);
   if (p->buf.cap > SIGNER_BUF_KEEP)
-    smtp_buf_free(&p->buf);
+    bytebuf_free(&p->buf);
   return rc < 0 ? 2 : 1;
 }
 

@@ -58,7 +58,7 @@ struct smtp_conn {
   size_t exp_head, exp_len, exp_cap;
   loop_timer timer;
   loop_deferred flusher;        /* writes what was queued, once per turn of the loop */
-  smtp_buf out;
+  bytebuf out;
   size_t out_off;
   char *in;
   size_t inlen;
@@ -135,7 +135,7 @@ void smtp_txn_free(smtp_txn *t) {
   if (t->rcpt)
     for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].address); free(t->rcpt[i].text); }
   free(t->rcpt);
-  smtp_buf_free(&t->data);
+  bytebuf_free(&t->data);
   free(t);
 }
 
@@ -350,7 +350,7 @@ static void fail_reply(smtp_conn *c, const char *stage) {
 }
 
 static void send_raw(smtp_conn *c, const char *p, size_t n) {
-  if (smtp_buf_append(&c->out, p, n) < 0) fail(c, stage_of(c), 1, "out of memory");
+  if (bytebuf_append(&c->out, p, n) < 0) fail(c, stage_of(c), 1, "out of memory");
 }
 
 /* Queue one command line; `shown` replaces it in the trace (for AUTH). */
@@ -473,13 +473,13 @@ static void start_auth(smtp_conn *c) {
     return;
   }
   if (!c->ehlo_ok || !c->caps.auth[0]) { fail(c, "auth", 0, "the server does not offer AUTH"); return; }
-  smtp_buf b = { 0 }, raw = { 0 };
+  bytebuf b = { 0 }, raw = { 0 };
   if (c->caps.auth_plain) {
     /* RFC 4616: authzid NUL authcid NUL passwd, sent as the initial response (RFC 4954 §4) */
-    int e = smtp_buf_append(&raw, "", 1) | smtp_buf_append(&raw, cfg->user, strlen(cfg->user)) |
-            smtp_buf_append(&raw, "", 1) |
-            smtp_buf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
-            smtp_base64_encode(&b, raw.data, raw.len);
+    int e = bytebuf_append(&raw, "", 1) | bytebuf_append(&raw, cfg->user, strlen(cfg->user)) |
+            bytebuf_append(&raw, "", 1) |
+            bytebuf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
+            bytebuf_base64_encode(&b, raw.data, raw.len);
     if (e) { fail(c, "auth", 1, "out of memory"); goto out; }
     c->auth_mech = "PLAIN";
     c->state = ST_AUTH_PLAIN;
@@ -493,8 +493,8 @@ static void start_auth(smtp_conn *c) {
          c->caps.auth);
   }
 out:
-  if (raw.data) { explicit_bzero(raw.data, raw.len); smtp_buf_free(&raw); }
-  if (b.data) { explicit_bzero(b.data, b.len); smtp_buf_free(&b); }
+  if (raw.data) { explicit_bzero(raw.data, raw.len); bytebuf_free(&raw); }
+  if (b.data) { explicit_bzero(b.data, b.len); bytebuf_free(&b); }
 }
 
 static void after_ehlo(smtp_conn *c) {
@@ -514,12 +514,12 @@ static void after_ehlo(smtp_conn *c) {
 }
 
 static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next) {
-  smtp_buf b = { 0 };
-  if (smtp_base64_encode(&b, secret, strlen(secret)) < 0) { fail(c, "auth", 1, "out of memory"); return; }
+  bytebuf b = { 0 };
+  if (bytebuf_base64_encode(&b, secret, strlen(secret)) < 0) { fail(c, "auth", 1, "out of memory"); return; }
   c->state = next;
   send_cmd(c, "********", "%s", b.data);
   explicit_bzero(b.data, b.len);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 
@@ -910,7 +910,7 @@ void smtp_conn_free(smtp_conn *c) {
   if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
   close_socket(c);
   free(c->addrs);
-  smtp_buf_free(&c->out);
+  bytebuf_free(&c->out);
   free(c->exp);
   free(c->in);
   free(c->greeting);
