@@ -120,8 +120,7 @@ smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const c
     t->utf8 |= has_8bit(to[i]);
   }
   if (smtp_dot_stuff(&t->data, msg, len) < 0) goto nomem;
-  t->size = len;
-  t->eightbit = smtp_data_has_8bit(msg, len);
+  t->size = len;   /* eightbit: the caller's (l_smtp.c), who may know it without a scan */
   return t;
 nomem:
   smtp_txn_free(t);
