@@ -27,6 +27,17 @@ class TreeTests(unittest.TestCase):
                             missing.append(f"{f}:{n}: {cited}")
         self.assertEqual(missing, [])
 
+    def test_make_cflags_changes_optimisation_only(self):
+        # `make CFLAGS=-O0` must keep the flags the code needs (C11, _GNU_SOURCE, the version, include paths)
+        p = subprocess.run(["make", "-n", "-B", "CFLAGS=-O0 -g3", "mailshot"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        compiles = [line for line in p.stdout.splitlines() if " -c " in line and "src/" in line and "embed_gen" not in line]
+        self.assertGreater(len(compiles), 10)
+        for line in compiles:
+            for flag in ("-std=c11", "-D_GNU_SOURCE", "-DMAILSHOT_VERSION=", "-Wall", "-O0 -g3"):
+                self.assertIn(flag, line)
+
 
 if __name__ == "__main__":
     unittest.main()
