@@ -25,4 +25,10 @@ static inline void l_newclass(lua_State *L, const char *name, const luaL_Reg *me
   lua_pop(L, 1);
 }
 
+/* A method's check that its object (a reader, a signer) is still open; a closed one is an error, as
+ * with Lua's files: "attempt to use a closed WHAT". */
+static inline void l_checkopen(lua_State *L, int open, const char *what) {
+  if (!open) luaL_error(L, "attempt to use a closed %s", what);
+}
+
 #endif

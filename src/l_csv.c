@@ -34,8 +34,7 @@ typedef struct LReader {
 static csv_reader *toreader (lua_State *L)
 {
   LReader *p = toLReader(L);
-  if (p->r == NULL)
-    luaL_error(L, "attempt to use a closed csv reader");
+  l_checkopen(L, p->r != NULL, "csv reader");
   return p->r;
 }
 
@@ -201,10 +200,7 @@ static int r_gc (lua_State *L)
 static int r_tostring (lua_State *L)
 {
   LReader *p = toLReader(L);
-  if (p->r == NULL)
-    lua_pushliteral(L, "csv reader (closed)");
-  else
-    lua_pushfstring(L, "csv reader (%s)", csv_reader_path(p->r));
+  lua_pushfstring(L, "csv reader (%s)", p->r ? csv_reader_path(p->r) : "closed");
   return 1;
 }
 

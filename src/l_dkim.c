@@ -43,8 +43,7 @@ typedef struct LSigner {
 static LSigner *tosigner (lua_State *L)
 {
   LSigner *p = toLSigner(L);
-  if (p->key == NULL)
-    luaL_error(L, "attempt to use a closed dkim signer");
+  l_checkopen(L, p->key != NULL, "dkim signer");
   return p;
 }
 
