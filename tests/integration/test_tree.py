@@ -9,8 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 class TreeTests(unittest.TestCase):
     def test_every_file_a_comment_cites_is_in_the_repository(self):
-        files = subprocess.run(["git", "ls-files", "src", "lua", "tests", "scripts", "Makefile", "README.md"],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        ls = subprocess.run(["git", "ls-files", "src", "lua", "tests", "scripts", "Makefile", "README.md"],
+                            cwd=ROOT, capture_output=True, text=True)
+        if ls.returncode != 0:
+            self.skipTest("not a git checkout: " + ls.stderr.strip())
+        files = ls.stdout.split()
         files = [f for f in files if "/corpus/" not in f and os.path.isfile(os.path.join(ROOT, f))]
         self.assertGreater(len(files), 50)
         missing = []
