@@ -99,7 +99,7 @@ static const unsigned char cls[256] = { [' '] = C_WSP, ['\t'] = C_WSP, ['\r'] = 
  * sees a few large updates instead of one per run of bytes. */
 typedef struct sink {
   EVP_MD_CTX *md;     /* hash into this, or */
-  smtp_buf *buf;      /* append to this */
+  bytebuf *buf;      /* append to this */
   int failed;
   size_t n;
   unsigned char stage[4096];
@@ -108,7 +108,7 @@ typedef struct sink {
 static void sink_flush(sink *s)
 {
   if (s->n && !s->failed) {
-    if (s->md ? EVP_DigestUpdate(s->md, s->stage, s->n) != 1 : smtp_buf_append(s->buf, s->stage, s->n) < 0)
+    if (s->md ? EVP_DigestUpdate(s->md, s->stage, s->n) != 1 : bytebuf_append(s->buf, s->stage, s->n) < 0)
       s->failed = 1;
   }
   s->n = 0;
@@ -119,7 +119,7 @@ static void sink_put(sink *s, const void *p, size_t n)
   if (n > sizeof s->stage - s->n) {
     sink_flush(s);
     if (n > sizeof s->stage) {   /* a long run: straight through */
-      if (!s->failed && (s->md ? EVP_DigestUpdate(s->md, p, n) != 1 : smtp_buf_append(s->buf, p, n) < 0))
+      if (!s->failed && (s->md ? EVP_DigestUpdate(s->md, p, n) != 1 : bytebuf_append(s->buf, p, n) < 0))
         s->failed = 1;
       return;
     }
@@ -228,7 +228,7 @@ static void canon_header(sink *s, dkim_canon c, const unsigned char *p, size_t l
     sink_put(s, "\r\n", 2);
 }
 
-int dkim_canon_header(dkim_canon c, const char *field, size_t len, smtp_buf *out)
+int dkim_canon_header(dkim_canon c, const char *field, size_t len, bytebuf *out)
 {
   sink s;
   size_t start = out->len;
@@ -242,7 +242,7 @@ int dkim_canon_header(dkim_canon c, const char *field, size_t len, smtp_buf *out
   return s.failed ? -1 : 0;
 }
 
-int dkim_canon_body(dkim_canon c, const char *body, size_t len, smtp_buf *out)
+int dkim_canon_body(dkim_canon c, const char *body, size_t len, bytebuf *out)
 {
   sink s;
   size_t start = out->len;
@@ -254,27 +254,6 @@ int dkim_canon_body(dkim_canon c, const char *body, size_t len, smtp_buf *out)
     out->data[start] = '\0';
   }
   return s.failed ? -1 : 0;
-}
-
-int dkim_crlf(smtp_buf *out, const char *msg, size_t len)
-{
-  const char *p = msg, *end = msg + len, *q;
-  size_t start = out->len;
-  while (p < end) {
-    for (q = p; q < end && cls[(unsigned char)*q] < C_CR; q++) {}
-    if (q - p > 0 && smtp_buf_append(out, p, (size_t)(q - p)) < 0)
-      goto fail;
-    if (q == end)
-      break;
-    if (smtp_buf_append(out, "\r\n", 2) < 0)
-      goto fail;
-    p = q + 1 + (*q == '\r' && q + 1 < end && q[1] == '\n');
-  }
-  return smtp_buf_append(out, "", 0) < 0 ? -1 : 0;   /* data non-NULL even for "" */
-fail:
-  out->len = start;
-  out->data[start] = '\0';
-  return -1;
 }
 
 /* ---------------------------------------------------------------- header block */
@@ -369,14 +348,14 @@ static const field *nth_from_bottom(const fields *f, const char *name, size_t j)
 /* Writes the DKIM-Signature field token by token, starting a new line ("CRLF SP", which is FWS
  * wherever we break) when a token would pass DKIM_FOLD_COLUMN. */
 typedef struct folder {
-  smtp_buf *out;
+  bytebuf *out;
   size_t col;
   int failed;
 } folder;
 
 static void fold_raw(folder *f, const char *s, size_t n)
 {
-  if (!f->failed && smtp_buf_append(f->out, s, n) < 0)
+  if (!f->failed && bytebuf_append(f->out, s, n) < 0)
     f->failed = 1;
   f->col += n;
 }
@@ -647,7 +626,7 @@ static int put_signature(folder *f, const dkim_key *k, sink *s, dkim_canon c, si
   return 0;
 }
 
-int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, smtp_buf *out,
+int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out,
               char *err, size_t errlen)
 {
   field stackv[64];
@@ -856,7 +835,7 @@ int dkim_key_bits(const dkim_key *k)
   return k->bits;
 }
 
-int dkim_key_public_record(const dkim_key *k, smtp_buf *out)
+int dkim_key_public_record(const dkim_key *k, bytebuf *out)
 {
   size_t start = out->len;
   unsigned char raw[32], *der = NULL, *p;
@@ -865,11 +844,11 @@ int dkim_key_public_record(const dkim_key *k, smtp_buf *out)
 
   if (k->ed25519) {
     if (EVP_PKEY_get_raw_public_key(k->pkey, raw, &rawlen) == 1 &&
-        smtp_buf_append(out, "v=DKIM1; k=ed25519; p=", 22) == 0 && smtp_base64_encode(out, raw, rawlen) == 0)
+        bytebuf_append(out, "v=DKIM1; k=ed25519; p=", 22) == 0 && bytebuf_base64_encode(out, raw, rawlen) == 0)
       rc = 0;
   } else if ((n = i2d_PUBKEY(k->pkey, NULL)) > 0 && (der = p = malloc((size_t)n)) != NULL &&
              i2d_PUBKEY(k->pkey, &p) == n) {
-    if (smtp_buf_append(out, "v=DKIM1; k=rsa; p=", 18) == 0 && smtp_base64_encode(out, der, (size_t)n) == 0)
+    if (bytebuf_append(out, "v=DKIM1; k=rsa; p=", 18) == 0 && bytebuf_base64_encode(out, der, (size_t)n) == 0)
       rc = 0;
   }
   free(der);
@@ -881,14 +860,14 @@ int dkim_key_public_record(const dkim_key *k, smtp_buf *out)
   return rc;
 }
 
-int dkim_key_private_pem(const dkim_key *k, smtp_buf *out)
+int dkim_key_private_pem(const dkim_key *k, bytebuf *out)
 {
   BIO *bio = BIO_new(BIO_s_secmem());   /* wiped when freed */
   char *p;
   long n;
   int rc = -1;
   if (bio && PEM_write_bio_PrivateKey(bio, k->pkey, NULL, NULL, 0, NULL, NULL) == 1 &&
-      (n = BIO_get_mem_data(bio, &p)) > 0 && smtp_buf_append(out, p, (size_t)n) == 0)
+      (n = BIO_get_mem_data(bio, &p)) > 0 && bytebuf_append(out, p, (size_t)n) == 0)
     rc = 0;
   BIO_free(bio);
   ERR_clear_error();

@@ -5,7 +5,7 @@
  * allocations per message are OpenSSL's contexts and, past 64 header fields, the field table.
  *
  * Messages are RFC 5322 text.  Line breaks may be CRLF, bare LF or bare CR: each counts as one CRLF,
- * exactly as smtp_dot_stuff() will send it, so a message signed with LF endings verifies after it
+ * exactly as bytebuf_crlf() writes it and smtp_dot_stuff() sends it, so a message signed with LF endings verifies after it
  * went through DATA.  Bytes >= 0x80 are signed as they are (RFC 6532 headers, 8-bit bodies).
  *
  * Not done, on purpose: l= (a body length limit lets anyone append to the body), i=, z=, q= (the
@@ -16,7 +16,7 @@
 
 #include <stddef.h>
 
-#include "smtp_proto.h"   /* smtp_buf */
+#include "bytebuf.h"
 
 #define DKIM_RSA_MIN_BITS 1024   /* RFC 8301 §3.2: signers MUST use at least 1024 bits */
 #define DKIM_RSA_MAX_BITS 8192   /* our limit: signatures are built in a fixed buffer */
@@ -57,10 +57,10 @@ int dkim_key_bits(const dkim_key *k);              /* RSA modulus size; 256 for 
 /* Appends the DNS TXT value to publish at SELECTOR._domainkey.DOMAIN (RFC 6376 §3.6.1):
  * "v=DKIM1; k=rsa; p=<base64 SubjectPublicKeyInfo DER>" or, RFC 8463 §4.2,
  * "v=DKIM1; k=ed25519; p=<base64 of the raw 32-byte public key>".  0 ok, -1 out of memory. */
-int dkim_key_public_record(const dkim_key *k, smtp_buf *out);
+int dkim_key_public_record(const dkim_key *k, bytebuf *out);
 
 /* Appends the private key as unencrypted PKCS#8 PEM.  0 ok, -1 out of memory. */
-int dkim_key_private_pem(const dkim_key *k, smtp_buf *out);
+int dkim_key_private_pem(const dkim_key *k, bytebuf *out);
 
 /* "relaxed/simple" and the like into *header and *body.  A single word names the header part and
  * the body part is then "simple" (RFC 6376 §3.5, c=).  0 ok, -1 for anything else. */
@@ -78,18 +78,14 @@ int dkim_opts_check(const dkim_opts *o, char *err, size_t errlen);
  * occurs, so that a From: added later breaks the signature.  0 ok; -1 with a reason in err for bad
  * options, a malformed header block (a line without ':' or a continuation line first), a message
  * without From:, an OpenSSL failure or out of memory.  On failure out is left as it was. */
-int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, smtp_buf *out,
+int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out,
               char *err, size_t errlen);
-
-/* Appends msg with every line break (CRLF, bare LF, bare CR) made CRLF: the form of the message
- * that dkim_sign signs.  0 ok, -1 out of memory (out unchanged). */
-int dkim_crlf(smtp_buf *out, const char *msg, size_t len);
 
 /* The canonical forms that are hashed (RFC 6376 §3.4), appended to out; for tests and debugging.
  * dkim_canon_header: field is one header field as in the message ("Name: value", maybe folded,
  * with or without its final line break); the result ends in CRLF.  dkim_canon_body: body is
  * everything after the blank line.  0 ok, -1 out of memory. */
-int dkim_canon_header(dkim_canon c, const char *field, size_t len, smtp_buf *out);
-int dkim_canon_body(dkim_canon c, const char *body, size_t len, smtp_buf *out);
+int dkim_canon_header(dkim_canon c, const char *field, size_t len, bytebuf *out);
+int dkim_canon_body(dkim_canon c, const char *body, size_t len, bytebuf *out);
 
 #endif

@@ -7,7 +7,8 @@
  *                  nil, nil, message           -- read error
  *
  * Following liolib.c: failures of the world (missing file, bad header, bad row, read error) are
- * return values; misuse (bad option, closed reader) raises.  See tests/lua/API-csv.md.
+ * return values; misuse (bad option, closed reader) raises.  Documented in README.md,
+ * "mailshot.csv: streaming CSV reader".
  */
 #include <limits.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 
 #include "csv_reader.h"
 #include "l_check.h"
+#include "l_class.h"
 
 #define READER_MT "mailshot.csv.reader"
 
@@ -32,8 +34,7 @@ typedef struct LReader {
 static csv_reader *toreader (lua_State *L)
 {
   LReader *p = toLReader(L);
-  if (p->r == NULL)
-    luaL_error(L, "attempt to use a closed csv reader");
+  l_checkopen(L, p->r != NULL, "csv reader");
   return p->r;
 }
 
@@ -199,10 +200,7 @@ static int r_gc (lua_State *L)
 static int r_tostring (lua_State *L)
 {
   LReader *p = toLReader(L);
-  if (p->r == NULL)
-    lua_pushliteral(L, "csv reader (closed)");
-  else
-    lua_pushfstring(L, "csv reader (%s)", csv_reader_path(p->r));
+  lua_pushfstring(L, "csv reader (%s)", p->r ? csv_reader_path(p->r) : "closed");
   return 1;
 }
 
@@ -248,26 +246,15 @@ static const luaL_Reg methods[] = {
 };
 
 static const luaL_Reg metameth[] = {
-  {"__index", NULL},  /* set to the methods table below */
   {"__gc", r_gc},
   {"__close", r_gc},
   {"__tostring", r_tostring},
   {NULL, NULL}
 };
 
-static void createmeta (lua_State *L)
-{
-  luaL_newmetatable(L, READER_MT);
-  luaL_setfuncs(L, metameth, 0);
-  luaL_newlibtable(L, methods);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-}
-
 int luaopen_mailshot_csv (lua_State *L)
 {
   luaL_newlib(L, csvlib);
-  createmeta(L);
+  l_newclass(L, READER_MT, metameth, methods);
   return 1;
 }

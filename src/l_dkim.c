@@ -12,7 +12,7 @@
  *
  * Following liolib.c: a key file that is missing, unreadable, not a key or of the wrong type is a
  * failure of the world (nil, "path: reason"); an option of the wrong type or value raises.
- * See tests/lua/API-dkim.md.
+ * Documented in README.md, "DKIM signing: mailshot.dkim".
  */
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +23,7 @@
 
 #include "dkim.h"
 #include "l_check.h"
+#include "l_class.h"
 
 #define SIGNER_MT "mailshot.dkim.signer"
 #define SIGNER_BUF_KEEP (1024 * 1024)   /* a scratch buffer bigger than this is freed after use */
@@ -34,7 +35,7 @@ typedef struct LSigner {
   dkim_opts o;         /* its strings live in store */
   char *store;         /* header-name pointers, then domain, selector and the names: one block */
   lua_Integer expire;  /* x= is t= plus this, when > 0 */
-  smtp_buf buf;        /* scratch for the result: no allocation per message once grown */
+  bytebuf buf;        /* scratch for the result: no allocation per message once grown */
 } LSigner;
 
 #define toLSigner(L) ((LSigner *)luaL_checkudata(L, 1, SIGNER_MT))
@@ -42,8 +43,7 @@ typedef struct LSigner {
 static LSigner *tosigner (lua_State *L)
 {
   LSigner *p = toLSigner(L);
-  if (p->key == NULL)
-    luaL_error(L, "attempt to use a closed dkim signer");
+  l_checkopen(L, p->key != NULL, "dkim signer");
   return p;
 }
 
@@ -54,7 +54,7 @@ static void s_gc_signer (LSigner *p)
   p->key = NULL;
   free(p->store);
   p->store = NULL;
-  smtp_buf_free(&p->buf);
+  bytebuf_free(&p->buf);
 }
 
 /* ---------------------------------------------------------------- options */
@@ -264,7 +264,7 @@ static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whol
   o.expire = p->expire > 0 ? now + p->expire : 0;
   p->buf.len = 0;
   rc = dkim_sign(p->key, &o, msg, len, &p->buf, err, sizeof err);
-  if (rc == 0 && whole && dkim_crlf(&p->buf, msg, len) < 0)
+  if (rc == 0 && whole && bytebuf_crlf(&p->buf, msg, len, 0) < 0)
     return luaL_error(L, "out of memory");
   if (rc < 0) {
     luaL_pushfail(L);
@@ -272,7 +272,7 @@ static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whol
   } else
     lua_pushlstring(L, p->buf.data, p->buf.len);
   if (p->buf.cap > SIGNER_BUF_KEEP)
-    smtp_buf_free(&p->buf);
+    bytebuf_free(&p->buf);
   return rc < 0 ? 2 : 1;
 }
 
@@ -388,22 +388,11 @@ static const luaL_Reg methods[] = {
 };
 
 static const luaL_Reg metameth[] = {
-  {"__index", NULL},  /* set to the methods table below */
   {"__gc", s_gc},
   {"__close", s_gc},
   {"__tostring", s_tostring},
   {NULL, NULL}
 };
-
-static void createmeta (lua_State *L)
-{
-  luaL_newmetatable(L, SIGNER_MT);
-  luaL_setfuncs(L, metameth, 0);
-  luaL_newlibtable(L, methods);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-}
 
 int luaopen_mailshot_dkim (lua_State *L)
 {
@@ -411,6 +400,6 @@ int luaopen_mailshot_dkim (lua_State *L)
   lua_newtable(L);  /* the signer cache of dkim.sign */
   lua_pushcclosure(L, dkim_sign_l, 1);
   lua_setfield(L, -2, "sign");
-  createmeta(L);
+  l_newclass(L, SIGNER_MT, metameth, methods);
   return 1;
 }

@@ -18,6 +18,7 @@
 
 #include "dns.h"
 #include "l_check.h"
+#include "l_class.h"
 #include "task.h"
 
 #define RESOLVER_MT "mailshot.resolver"
@@ -181,11 +182,7 @@ int luaopen_mailshot_resolver(lua_State *L) {
     if (st != ARES_SUCCESS) return luaL_error(L, "c-ares: %s", ares_strerror(st));
     initialised = 1;
   }
-  luaL_newmetatable(L, RESOLVER_MT);
-  luaL_setfuncs(L, meta, 0);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  l_newclass(L, RESOLVER_MT, meta, methods);
   luaL_newlib(L, funcs);
   return 1;
 }

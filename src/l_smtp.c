@@ -583,6 +583,12 @@ static int l_relay_send(lua_State *L) {
   if (ty == LUA_TSTRING) { to[0] = lua_tostring(L, -1); nto = 1; }
   else if (ty == LUA_TTABLE) nto = table_len_strings(L, lua_gettop(L), to, 1000);
   else return luaL_error(L, "message field 'to' must be a string or a list of strings");
+  /* the body's class: the message says so when it was built by mime.build (the campaign passes its
+   * info.eightbit on), so it is not scanned twice; a message that does not say is scanned here */
+  int ety = lua_getfield(L, 2, "eightbit");
+  if (ety != LUA_TNIL && ety != LUA_TBOOLEAN) return luaL_error(L, "message field 'eightbit' must be a boolean");
+  int eightbit = ety == LUA_TBOOLEAN ? lua_toboolean(L, -1) : smtp_data_has_8bit(data, len);
+  lua_pop(L, 1);
   /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
    * permanent failure, like any bad envelope, before any network */
   if (l_has_nul(L, from_idx)) { push_invalid(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
@@ -590,6 +596,7 @@ static int l_relay_send(lua_State *L) {
   smtp_result why;
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
   if (!txn) { push_result(L, &why, NULL); return 1; }   /* a bad envelope: no network */
+  txn->eightbit = eightbit;
   if (r->auth_refused) {               /* the login was refused earlier: no new one */
     smtp_txn_free(txn);
     push_auth_refusal(L, r);

@@ -23,44 +23,27 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bytebuf.h"
 #include "l_text.h"
 
-/* Copy s to b with every line break as CRLF; 0 when a line exceeds max_line. */
-static int add_crlf(luaL_Buffer *b, const char *s, size_t n, size_t max_line) {
-  size_t start = 0;   /* of the current line */
-  for (size_t i = 0; i < n;) {
-    const char *p = memchr(s + i, '\n', n - i);
-    const char *q = memchr(s + i, '\r', (p ? (size_t)(p - s) : n) - i);
-    const char *brk = q ? q : p;
-    if (!brk) {
-      if (n - start > max_line) return 0;
-      luaL_addlstring(b, s + i, n - i);
-      return 1;
-    }
-    size_t at = (size_t)(brk - s);
-    if (at - start > max_line) return 0;
-    luaL_addlstring(b, s + i, at - i);
-    luaL_addlstring(b, "\r\n", 2);
-    i = at + 1;
-    if (*brk == '\r' && i < n && s[i] == '\n') i++;
-    start = i;
-  }
-  return 1;
+/* text.crlf's two walks over the lines (bytebuf_lines finds the breaks): is s already CRLF-only with
+ * no line over max_line, and else the copy with every break as CRLF. */
+typedef struct { luaL_Buffer *b; size_t max_line; } crlf_walk;
+
+/* Stops (1) at a bare LF or CR, or a line over max_line: s must be copied (or is too long). */
+static int check_line(void *ud, const char *line, size_t n, int brk) {
+  crlf_walk *w = ud;
+  (void)line;
+  return brk == 1 || n > w->max_line;
 }
 
-/* s already has CRLF line breaks only, none over max_line: it can be returned as it is. */
-static int is_crlf(const char *s, size_t n, size_t max_line) {
-  size_t start = 0;
-  for (;;) {
-    const char *p = memchr(s + start, '\n', n - start);
-    size_t end = p ? (size_t)(p - s) : n;
-    const char *cr = memchr(s + start, '\r', end - start);
-    if (p) {   /* the only CR of the line must be the one right before its LF */
-      if (end == start || s[end - 1] != '\r' || (cr && cr != s + end - 1)) return 0;
-      if (end - 1 - start > max_line) return 0;
-      start = end + 1;
-    } else return !cr && n - start <= max_line;
-  }
+/* Copies the line and a CRLF; stops (1) at a line over max_line. */
+static int copy_line(void *ud, const char *line, size_t n, int brk) {
+  crlf_walk *w = ud;
+  if (n > w->max_line) return 1;
+  luaL_addlstring(w->b, line, n);
+  if (brk) luaL_addlstring(w->b, "\r\n", 2);
+  return 0;
 }
 
 static int t_crlf(lua_State *L) {
@@ -72,10 +55,11 @@ static int t_crlf(lua_State *L) {
     luaL_argcheck(L, max >= 0, 2, "max_line must be >= 0");
     max_line = (size_t)max;
   }
-  if (is_crlf(s, n, max_line)) { lua_settop(L, 1); return 1; }
   luaL_Buffer b;
+  crlf_walk w = { &b, max_line };
+  if (!bytebuf_lines(s, n, check_line, &w)) { lua_settop(L, 1); return 1; }
   luaL_buffinitsize(L, &b, n + n / 32 + 16);
-  if (!add_crlf(&b, s, n, max_line)) { luaL_pushresult(&b); lua_pushnil(L); return 1; }
+  if (bytebuf_lines(s, n, copy_line, &w)) { luaL_pushresult(&b); lua_pushnil(L); return 1; }
   luaL_pushresult(&b);
   return 1;
 }

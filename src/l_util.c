@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "l_check.h"
+#include "l_class.h"
 #include "task.h"
 
 static void push_hex(lua_State *L, const unsigned char *d, unsigned n) {
@@ -417,27 +418,12 @@ int luaopen_mailshot_util(lua_State *L) {
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };
-  if (luaL_newmetatable(L, LOCK_MT)) {
-    luaL_setfuncs(L, lockm, 0);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
+  l_newclass(L, LOCK_MT, lockm, NULL);
   static const luaL_Reg setm[] = { { "add", set_add }, { "count", set_count }, { "__gc", set_gc }, { NULL, NULL } };
-  if (luaL_newmetatable(L, SET_MT)) {
-    luaL_setfuncs(L, setm, 0);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
+  l_newclass(L, SET_MT, setm, NULL);
   static const luaL_Reg indexm[] = { { "set", index_set }, { "get", index_get }, { "size", index_size },
                                      { "__gc", index_gc }, { NULL, NULL } };
-  if (luaL_newmetatable(L, INDEX_MT)) {
-    luaL_setfuncs(L, indexm, 0);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
+  l_newclass(L, INDEX_MT, indexm, NULL);
   luaL_newlib(L, funcs);
   return 1;
 }

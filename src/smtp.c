@@ -60,7 +60,7 @@ struct smtp_conn {
   size_t exp_head, exp_len, exp_cap;
   loop_timer timer;
   loop_deferred flusher;        /* writes what was queued, once per turn of the loop */
-  smtp_buf out;
+  bytebuf out;
   size_t out_off;
   char *in;
   size_t inlen;
@@ -170,8 +170,7 @@ smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const c
     t->utf8 |= has_8bit(to[i]);
   }
   if (smtp_dot_stuff(&t->data, msg, len) < 0) goto nomem;
-  t->size = len;
-  t->eightbit = smtp_data_has_8bit(msg, len);
+  t->size = len;   /* eightbit: the caller's (l_smtp.c), who may know it without a scan */
   return t;
 nomem:
   smtp_txn_free(t);
@@ -185,7 +184,7 @@ void smtp_txn_free(smtp_txn *t) {
   if (t->rcpt)
     for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].address); free(t->rcpt[i].text); }
   free(t->rcpt);
-  smtp_buf_free(&t->data);
+  bytebuf_free(&t->data);
   free(t);
 }
 
@@ -423,7 +422,7 @@ static void fail(smtp_conn *c, smtp_error kind, const char *stage, const char *f
 }
 
 static void send_raw(smtp_conn *c, const char *p, size_t n) {
-  if (smtp_buf_append(&c->out, p, n) < 0) fail(c, SMTP_ERR_INTERNAL, stage_of(c), "out of memory");
+  if (bytebuf_append(&c->out, p, n) < 0) fail(c, SMTP_ERR_INTERNAL, stage_of(c), "out of memory");
 }
 
 /* Queue one command line; `shown` replaces it in the trace (for AUTH). */
@@ -552,13 +551,13 @@ static void start_auth(smtp_conn *c) {
     fail(c, SMTP_ERR_LOCAL, "auth", "the server does not offer AUTH");
     return;
   }
-  smtp_buf b = { 0 }, raw = { 0 };
+  bytebuf b = { 0 }, raw = { 0 };
   if (c->caps.auth_plain) {
     /* RFC 4616: authzid NUL authcid NUL passwd, sent as the initial response (RFC 4954 §4) */
-    int e = smtp_buf_append(&raw, "", 1) | smtp_buf_append(&raw, cfg->user, strlen(cfg->user)) |
-            smtp_buf_append(&raw, "", 1) |
-            smtp_buf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
-            smtp_base64_encode(&b, raw.data, raw.len);
+    int e = bytebuf_append(&raw, "", 1) | bytebuf_append(&raw, cfg->user, strlen(cfg->user)) |
+            bytebuf_append(&raw, "", 1) |
+            bytebuf_append(&raw, cfg->password ? cfg->password : "", cfg->password ? strlen(cfg->password) : 0) |
+            bytebuf_base64_encode(&b, raw.data, raw.len);
     if (e) { fail(c, SMTP_ERR_INTERNAL, "auth", "out of memory"); goto out; }
     c->auth_mech = "PLAIN";
     set_state(c, ST_AUTH_PLAIN);
@@ -572,8 +571,8 @@ static void start_auth(smtp_conn *c) {
                                     "and LOGIN)", c->caps.auth);
   }
 out:
-  if (raw.data) { explicit_bzero(raw.data, raw.len); smtp_buf_free(&raw); }
-  if (b.data) { explicit_bzero(b.data, b.len); smtp_buf_free(&b); }
+  if (raw.data) { explicit_bzero(raw.data, raw.len); bytebuf_free(&raw); }
+  if (b.data) { explicit_bzero(b.data, b.len); bytebuf_free(&b); }
 }
 
 static void after_ehlo(smtp_conn *c) {
@@ -593,15 +592,15 @@ static void after_ehlo(smtp_conn *c) {
 }
 
 static void send_login_secret(smtp_conn *c, const char *secret, smtp_state next) {
-  smtp_buf b = { 0 };
-  if (smtp_base64_encode(&b, secret, strlen(secret)) < 0) {
+  bytebuf b = { 0 };
+  if (bytebuf_base64_encode(&b, secret, strlen(secret)) < 0) {
     fail(c, SMTP_ERR_INTERNAL, "auth", "out of memory");
     return;
   }
   set_state(c, next);
   send_cmd(c, "********", "%s", b.data);
   explicit_bzero(b.data, b.len);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 
@@ -996,7 +995,7 @@ void smtp_conn_free(smtp_conn *c) {
   if (c->busy) { c->free_pending = 1; c->fn = NULL; return; }
   close_socket(c);
   free(c->addrs);
-  smtp_buf_free(&c->out);
+  bytebuf_free(&c->out);
   free(c->exp);
   free(c->in);
   free(c->greeting);

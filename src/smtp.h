@@ -101,9 +101,10 @@ struct smtp_txn {
   char *from;
   smtp_rcpt *rcpt;
   int nrcpt;
-  smtp_buf data;           /* CRLF, dot-stuffed, ends with ".\r\n" */
+  bytebuf data;           /* CRLF, dot-stuffed, ends with ".\r\n" */
   size_t size;             /* size of the message as given (for SIZE=) */
-  int eightbit, utf8;      /* body has 8-bit bytes / envelope has non-ASCII */
+  int eightbit, utf8;      /* body has 8-bit bytes (set by the caller: 0 from smtp_txn_new) /
+                              envelope has non-ASCII */
   /* filled in by the session: */
   smtp_result res;         /* the outcome, valid in the callback */
   int phase, mail_ok, rcpt_replied, body_abort;

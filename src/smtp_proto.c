@@ -1,5 +1,5 @@
 /* smtp_proto.c - pure SMTP helpers: reply parsing, EHLO capabilities, envelope address checks,
- * dot-stuffing, base64. No I/O, no global mutable state; see smtp_proto.h for the contracts. */
+ * dot-stuffing. No I/O, no global mutable state; see smtp_proto.h for the contracts. */
 #include "smtp_proto.h"
 
 #include <errno.h>
@@ -524,137 +524,21 @@ smtp_addr_ok(const char *addr, size_t len, int allow_empty, char *why, size_t wh
   return 1;
 }
 
-/* ---------------------------------------------------------------- output buffer */
-
-/* Makes room for n more bytes plus a NUL. 0 ok, -1 ENOMEM (buffer untouched). */
-static int
-smtp_buf_reserve(smtp_buf *b, size_t n)
-{
-  size_t need, cap;
-  char *p;
-  if (n > SIZE_MAX - 1 - b->len) {
-    errno = ENOMEM;
-    return -1;
-  }
-  need = b->len + n + 1;
-  if (b->data && need <= b->cap)
-    return 0;
-  cap = b->cap < 64 ? 64 : b->cap;
-  while (cap < need)
-    cap = cap > SIZE_MAX / 2 ? need : cap * 2;
-  if ((p = realloc(b->data, cap)) == NULL) {
-    errno = ENOMEM;
-    return -1;
-  }
-  if (!b->data)
-    p[0] = '\0';
-  b->data = p;
-  b->cap = cap;
-  return 0;
-}
-
-int
-smtp_buf_append(smtp_buf *b, const void *p, size_t n)
-{
-  if (smtp_buf_reserve(b, n) < 0)
-    return -1;
-  if (n)
-    memcpy(b->data + b->len, p, n);
-  b->len += n;
-  b->data[b->len] = '\0';
-  return 0;
-}
-
-int
-smtp_buf_printf(smtp_buf *b, const char *fmt, ...)
-{
-  va_list ap;
-  int n;
-  size_t room;
-
-  if (smtp_buf_reserve(b, 0) < 0)
-    return -1;
-  room = b->cap - b->len;
-  va_start(ap, fmt);
-  n = vsnprintf(b->data + b->len, room, fmt, ap);
-  va_end(ap);
-  if (n < 0)
-    goto fail;
-  if ((size_t)n >= room) {      /* did not fit: grow, then format again */
-    if (smtp_buf_reserve(b, (size_t)n) < 0)
-      goto fail;
-    va_start(ap, fmt);
-    n = vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-      goto fail;
-  }
-  b->len += (size_t)n;
-  return 0;
-fail:
-  b->data[b->len] = '\0';       /* undo any partial output */
-  return -1;
-}
-
-void
-smtp_buf_free(smtp_buf *b)
-{
-  free(b->data);
-  b->data = NULL;
-  b->len = b->cap = 0;
-}
-
 /* ---------------------------------------------------------------- DATA */
 
-/* Next CR or LF at or after p, using cached positions so every byte is scanned at most once per
- * character even when one of them never appears (an LF-only message has no CR at all). */
-static const char *
-smtp_next_eol(const char *p, const char *end, const char **cr, const char **lf)
-{
-  if (*cr && *cr < p)
-    *cr = memchr(p, '\r', (size_t)(end - p));
-  if (*lf && *lf < p)
-    *lf = memchr(p, '\n', (size_t)(end - p));
-  if (!*cr && !*lf)
-    return end;
-  if (!*cr)
-    return *lf;
-  if (!*lf)
-    return *cr;
-  return *cr < *lf ? *cr : *lf;
-}
-
 int
-smtp_dot_stuff(smtp_buf *out, const char *msg, size_t len)
+smtp_dot_stuff(bytebuf *out, const char *msg, size_t len)
 {
-  const char *p = msg, *end = msg + len, *cr, *lf;
   size_t start = out->len;
-  int bol = 1;                  /* at the beginning of a line */
 
-  /* one reservation for the usual case: a few CRs added and the terminator */
-  if (smtp_buf_reserve(out, len + len / 32 + 8) < 0)
+  if (bytebuf_crlf(out, msg, len, 1) < 0)
     return -1;
-  cr = len ? memchr(msg, '\r', len) : NULL;
-  lf = len ? memchr(msg, '\n', len) : NULL;
-  while (p < end) {
-    const char *e = smtp_next_eol(p, end, &cr, &lf);
-    if (bol && *p == '.' && smtp_buf_append(out, ".", 1) < 0)    /* RFC 5321 §4.5.2 */
-      goto fail;
-    if (smtp_buf_append(out, p, (size_t)(e - p)) < 0)
-      goto fail;
-    if (e == end) {
-      bol = 0;
-      break;
-    }
-    p = e + 1 + (*e == '\r' && e + 1 < end && e[1] == '\n');    /* CRLF, bare LF or bare CR */
-    if (smtp_buf_append(out, "\r\n", 2) < 0)
-      goto fail;
-    bol = 1;
-  }
-  /* data ends with CRLF unless empty, then the ".CRLF" (RFC 5321 §4.1.1.4) */
-  if (!bol && smtp_buf_append(out, "\r\n", 2) < 0)
+  /* data ends with CRLF unless empty (bytebuf_crlf writes a CR only in a CRLF), then ".CRLF"
+   * (RFC 5321 §4.1.1.4) */
+  if (out->len > start && (out->len - start < 2 || memcmp(out->data + out->len - 2, "\r\n", 2) != 0)
+      && bytebuf_append(out, "\r\n", 2) < 0)
     goto fail;
-  if (smtp_buf_append(out, ".\r\n", 3) < 0)
+  if (bytebuf_append(out, ".\r\n", 3) < 0)
     goto fail;
   return 0;
 fail:
@@ -678,90 +562,4 @@ smtp_data_has_8bit(const char *msg, size_t len)
     if ((unsigned char)msg[i] & 0x80)
       return 1;
   return 0;
-}
-
-/* ---------------------------------------------------------------- base64 (RFC 4648 §4) */
-
-static const char smtp_b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-int
-smtp_base64_encode(smtp_buf *out, const void *in, size_t n)
-{
-  const unsigned char *s = in;
-  size_t olen, i;
-  char *d;
-
-  if (n > (SIZE_MAX - 4) / 4 * 3) {
-    errno = ENOMEM;
-    return -1;
-  }
-  olen = (n + 2) / 3 * 4;
-  if (smtp_buf_reserve(out, olen) < 0)
-    return -1;
-  d = out->data + out->len;
-  for (i = 0; i + 3 <= n; i += 3) {
-    unsigned v = (unsigned)s[i] << 16 | (unsigned)s[i + 1] << 8 | s[i + 2];
-    *d++ = smtp_b64[v >> 18];
-    *d++ = smtp_b64[(v >> 12) & 63];
-    *d++ = smtp_b64[(v >> 6) & 63];
-    *d++ = smtp_b64[v & 63];
-  }
-  if (i < n) {                  /* one or two bytes left: pad (RFC 4648 §4) */
-    unsigned v = (unsigned)s[i] << 16 | (i + 1 < n ? (unsigned)s[i + 1] << 8 : 0);
-    *d++ = smtp_b64[v >> 18];
-    *d++ = smtp_b64[(v >> 12) & 63];
-    *d++ = i + 1 < n ? smtp_b64[(v >> 6) & 63] : '=';
-    *d++ = '=';
-  }
-  out->len += olen;
-  out->data[out->len] = '\0';
-  return 0;
-}
-
-static int
-smtp_b64_value(unsigned char c)
-{
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
-int
-smtp_base64_decode(const char *in, size_t n, smtp_buf *out)
-{
-  size_t start = out->len, pad = 0, i;
-  unsigned v = 0;
-  int bits = 0;
-
-  /* padding only at the very end, at most two, and only to complete a quantum */
-  while (pad < n && pad < 2 && in[n - 1 - pad] == '=')
-    pad++;
-  if (pad && n % 4 != 0)
-    goto fail;
-  n -= pad;
-  if (n % 4 == 1)               /* 6 bits cannot make a byte */
-    goto fail;
-  if (smtp_buf_reserve(out, n / 4 * 3 + 2) < 0)
-    return -1;
-  for (i = 0; i < n; i++) {
-    int c = smtp_b64_value((unsigned char)in[i]);
-    if (c < 0)
-      goto fail;
-    v = (v << 6 | (unsigned)c) & 0xffffff;
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out->data[out->len++] = (char)(v >> bits & 0xff);
-    }
-  }
-  out->data[out->len] = '\0';
-  return 0;
-fail:
-  out->len = start;
-  if (out->data)
-    out->data[start] = '\0';
-  return -1;
 }

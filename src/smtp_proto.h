@@ -1,5 +1,5 @@
 /* smtp_proto.h - the pure (no I/O) parts of the SMTP client: reply parsing, EHLO capabilities,
- * envelope address checks, DATA dot-stuffing and base64.
+ * envelope address checks, DATA dot-stuffing (the byte buffer and base64 are in bytebuf.h).
  *
  * Nothing here touches a socket, the clock or global state: every function works on the bytes it is
  * given, so smtp.c can feed it whatever the network delivered and the unit tests and the fuzzer can
@@ -8,6 +8,8 @@
 #define MAILSHOT_SMTP_PROTO_H
 
 #include <stddef.h>
+
+#include "bytebuf.h"
 
 /* RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets, but real servers send longer ones
  * (long EHLO lists, verbose policy rejections); we allow this many octets of one line, not counting
@@ -95,31 +97,12 @@ void smtp_caps_parse_raw(const char *buf, size_t len, smtp_caps *caps);
  * advertised SMTPUTF8 (test with smtp_data_has_8bit). */
 int smtp_addr_ok(const char *addr, size_t len, int allow_empty, char *why, size_t whylen);
 
-/* Growable output buffer the caller owns; start it as {0}. After every successful call data is
- * non-NULL and data[len] == '\0' (handy for logs), though the contents may hold NULs themselves.
- * On failure the buffer is left exactly as it was before the call. */
-typedef struct { char *data; size_t len, cap; } smtp_buf;
-int  smtp_buf_append(smtp_buf *b, const void *p, size_t n);      /* 0 ok, -1 ENOMEM; amortised growth */
-int  smtp_buf_printf(smtp_buf *b, const char *fmt, ...)          /* 0 ok, -1 (ENOMEM or a format error) */
-#if defined(__GNUC__)
-  __attribute__((format(printf, 2, 3)))
-#endif
-  ;
-void smtp_buf_free(smtp_buf *b);                                  /* frees and resets to {0} */
-
 /* Message data for DATA (RFC 5321 §4.5.2, §2.3.8): appends to out the message with every line ending
  * (CRLF, bare LF, bare CR) made CRLF, lines starting with '.' dot-stuffed, a CRLF added when the data does
  * not end with one, then ".\r\n". An empty message gives just ".\r\n" (the CRLF ending the DATA command
  * line is the first half of the terminator, RFC 5321 §4.1.1.4). Lines are not wrapped: the 1000-octet
  * limit of §4.5.3.1.6 is the message builder's job. 0 ok, -1 ENOMEM (out unchanged). */
-int  smtp_dot_stuff(smtp_buf *out, const char *msg, size_t len);
+int  smtp_dot_stuff(bytebuf *out, const char *msg, size_t len);
 int  smtp_data_has_8bit(const char *msg, size_t len);               /* 1 if any byte >= 0x80, else 0 */
-
-/* base64 (RFC 4648 §4) for AUTH PLAIN/LOGIN (RFC 4954 §4). encode: appends, 0 ok, -1 ENOMEM.
- * decode: appends the decoded bytes; -1 on invalid input (a byte outside the alphabet, misplaced '=',
- * a length that cannot be base64) or ENOMEM, out unchanged. Missing trailing padding is accepted;
- * whitespace is not. */
-int  smtp_base64_encode(smtp_buf *out, const void *in, size_t n);
-int  smtp_base64_decode(const char *in, size_t n, smtp_buf *out);
 
 #endif

@@ -398,6 +398,11 @@ static int core_current(lua_State *L) {
   return 2;
 }
 
+/* The Makefile's VERSION is the one place the version is written (mailshot.version reads it here). */
+#ifndef MAILSHOT_VERSION
+#error "MAILSHOT_VERSION is set by the Makefile (VERSION)"
+#endif
+
 int luaopen_mailshot_core(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "spawn", core_spawn }, { "sleep", core_sleep }, { "suspend", core_suspend },
@@ -406,5 +411,7 @@ int luaopen_mailshot_core(lua_State *L) {
   };
   guard_coroutines(L);
   luaL_newlib(L, funcs);
+  lua_pushliteral(L, MAILSHOT_VERSION);
+  lua_setfield(L, -2, "version");
   return 1;
 }

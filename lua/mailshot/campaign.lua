@@ -268,6 +268,7 @@ function Campaign:message(row, line)
   return {
     data = data, from = info.envelope_from, to = info.recipients, message_id = info.message_id,
     row = row, line = line, email = row[self.email_field],
+    eightbit = info.eightbit,         -- mime.build knows the body's class: relay:send need not scan
   }
 end
 

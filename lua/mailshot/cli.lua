@@ -36,7 +36,7 @@ Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
 local COMMAND_HELP = {
   run = [=[
 Usage: mailshot run SCRIPT [--send [--resume [--resend-in-flight]] [--force]] [--outbox DIR] [--report FILE] [--concurrency N]
-                           [--limit N] [--log FILE] [--quiet] [--progress SECONDS]
+                           [--limit N] [--give-up-after D] [--log FILE] [--quiet] [--progress SECONDS]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
@@ -52,7 +52,8 @@ found relative to the script's folder.
                     by line number), or start over when a journal exists (the old one is
                     kept as NAME.journal.old)
   --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
-  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,response
+  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,via,mx,response
+                    (via: relay or direct; mx: the MX host whose answer is the outcome)
                     (default: NAME-report.csv in the script's folder, NAME being the script's
                     name, so that --resume finds it and its journal from any working folder;
                     a FILE given here is relative to the current folder)
@@ -71,8 +72,9 @@ With --send on a terminal, a live line shows done/total, sent, failed, deferred 
 failures), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
-(dry run), in-flight (possibly sent before an interruption).  Exit status 0 only if no
-message failed; 130/143 after SIGINT/SIGTERM, which finish the messages in flight first (a
+(dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
+it), in-flight (possibly sent before an interruption).  Exit status 0 only if no message
+failed or was deferred; 130/143 after SIGINT/SIGTERM, which finish the messages in flight first (a
 second signal stops at once) and print how to resume.
 ]=],
   preview = [=[

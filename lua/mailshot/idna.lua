@@ -19,7 +19,7 @@
 -- NXDOMAIN for it.  A-labels given as input get the RFC 5891 5.4 check
 -- (they decode, and encode back to the same label).
 --
--- Errors, two tiers (see STYLE.md): a domain or address that cannot be
+-- Errors, two tiers (README.md, "Lua API reference", conventions): a domain or address that cannot be
 -- converted is bad data -> nil, message; an argument that is not a string
 -- is a programmer's mistake -> error().
 

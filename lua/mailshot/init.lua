@@ -11,7 +11,7 @@ local core = require "mailshot.core"
 local smtp = require "mailshot.smtp"
 
 local M = {
-  version = "0.1.0",
+  version = core.version,           -- the Makefile's VERSION, through C
   core = core,
   template = require "mailshot.template",
   mime = require "mailshot.mime",

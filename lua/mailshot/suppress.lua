@@ -20,7 +20,8 @@
 -- each value one integer packing the file and the line (no string per entry).  About 100 bytes
 -- an entry for typical addresses (measured: tests/lua/test_suppress.lua prints it).
 --
--- Errors, two tiers (STYLE.md): a wrong argument or option raises; a missing file or a CSV
+-- Errors, two tiers (README.md, "Lua API reference", conventions): a wrong argument or option
+-- raises; a missing file or a CSV
 -- without the column returns nil, "file: reason"; a malformed entry is a warning
 -- ("file:line: ...") in list.warnings, and the entry is skipped.
 

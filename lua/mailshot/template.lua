@@ -6,7 +6,7 @@
 -- one buffer.  Row values are data: they are looked up and copied, never
 -- parsed, so a value containing "{{x}}" renders as those five characters.
 --
--- Errors, two tiers (see STYLE.md):
+-- Errors, two tiers (README.md, "Lua API reference", conventions):
 --   * template source, helpers, arguments: written by the programmer, so
 --     compile problems raise error() with "template NAME line N: ...";
 --   * a row without a value the template needs: bad data, so render()

@@ -17,7 +17,8 @@
 -- URI characters only, so no CSV value can bring CR, LF, "<", ">", a space or a comma into the
 -- header.  We do not rely on the MIME builder's unfolding.
 --
--- Errors, two tiers (STYLE.md): a bad option (http URL, no secret for {{token}}, a bad mailto
+-- Errors, two tiers (README.md, "Lua API reference", conventions): a bad option (http URL, no
+-- secret for {{token}}, a bad mailto
 -- address) raises when the object is made; a row the URL can't be made for (a missing field,
 -- a URL too long) returns nil, message.
 

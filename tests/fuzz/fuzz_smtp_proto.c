@@ -69,9 +69,9 @@ fuzz_replies(const char *d, size_t len)
 
 /* Undoes dot-stuffing and checks the result is the input with every line end made "\n". */
 static void
-check_unstuff(const char *in, size_t len, const smtp_buf *b)
+check_unstuff(const char *in, size_t len, const bytebuf *b)
 {
-  smtp_buf want = { 0 }, got = { 0 };
+  bytebuf want = { 0 }, got = { 0 };
   size_t i = 0;
   /* the input, line ends normalised, "\n" added when it does not end with one */
   for (size_t k = 0; k < len; k++) {
@@ -81,10 +81,10 @@ check_unstuff(const char *in, size_t len, const smtp_buf *b)
         k++;
       c = '\n';
     }
-    ASSERT(smtp_buf_append(&want, &c, 1) == 0);
+    ASSERT(bytebuf_append(&want, &c, 1) == 0);
   }
   if (len && want.data[want.len - 1] != '\n')
-    ASSERT(smtp_buf_append(&want, "\n", 1) == 0);
+    ASSERT(bytebuf_append(&want, "\n", 1) == 0);
   /* the output: CRLF lines, a leading dot removed, until the lone "." */
   for (;;) {
     const char *e = NULL;
@@ -105,18 +105,18 @@ check_unstuff(const char *in, size_t len, const smtp_buf *b)
       ASSERT(l > 1 && b->data[i + 1] == '.');       /* every dot line was stuffed */
       i++, l--;
     }
-    ASSERT(smtp_buf_append(&got, b->data + i, l) == 0 && smtp_buf_append(&got, "\n", 1) == 0);
+    ASSERT(bytebuf_append(&got, b->data + i, l) == 0 && bytebuf_append(&got, "\n", 1) == 0);
     i += l + 2;
   }
   ASSERT(got.len == want.len && (got.len == 0 || memcmp(got.data, want.data, got.len) == 0));
-  smtp_buf_free(&want);
-  smtp_buf_free(&got);
+  bytebuf_free(&want);
+  bytebuf_free(&got);
 }
 
 static void
 fuzz_data(const char *d, size_t len)
 {
-  smtp_buf b = { 0 }, e = { 0 }, x = { 0 };
+  bytebuf b = { 0 }, e = { 0 }, x = { 0 };
   char why[128];
 
   if (smtp_addr_ok(d, len, 1, why, sizeof(why))) {
@@ -130,15 +130,15 @@ fuzz_data(const char *d, size_t len)
   check_unstuff(d, len, &b);
   ASSERT(smtp_data_has_8bit(d, len) == smtp_data_has_8bit(b.data, b.len));
 
-  ASSERT(smtp_base64_encode(&e, d, len) == 0);
-  ASSERT(smtp_base64_decode(e.data, e.len, &x) == 0);
+  ASSERT(bytebuf_base64_encode(&e, d, len) == 0);
+  ASSERT(bytebuf_base64_decode(e.data, e.len, &x) == 0);
   ASSERT(x.len == len && (len == 0 || memcmp(x.data, d, len) == 0));
   x.len = 0;
-  if (smtp_base64_decode(d, len, &x) == 0)           /* decoding never grows the data */
+  if (bytebuf_base64_decode(d, len, &x) == 0)           /* decoding never grows the data */
     ASSERT(x.len <= len);
-  smtp_buf_free(&b);
-  smtp_buf_free(&e);
-  smtp_buf_free(&x);
+  bytebuf_free(&b);
+  bytebuf_free(&e);
+  bytebuf_free(&x);
 }
 
 int

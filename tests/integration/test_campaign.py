@@ -1,5 +1,6 @@
 """`mailshot run`: campaigns over CSV lists, dry and sent through a real aiosmtpd relay."""
 import os
+import re
 import shutil
 import unittest
 
@@ -341,6 +342,27 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         for h in ("Date", "Message-ID", "MIME-Version", "From"):
             self.assertIsNotNone(msg[h], h)
         self.assertEqual({r["status"] for r in read_report(self.path("r.csv"))}, {"written"})
+
+    def test_run_help_lists_the_report_columns_and_every_status_the_readme_does(self):
+        script = self.example_copy([["a@example.com", "Ann"]])
+        p = self.run_mailshot("run", script, "--outbox", "out", "--report", "r.csv",
+                              env={"SMTP_SERVER": f"127.0.0.1:{free_port()}"})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(self.path("r.csv")) as f:
+            columns = f.readline().strip()          # what the code writes
+        self.assertIn(",via,mx,", columns)
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            readme = f.read()
+        self.assertIn(f"columns `{columns}`", readme)
+        statuses = re.findall(r"^\| `([a-z-]+)` \|", readme.split("| status | meaning |", 1)[1].split("\n\n", 1)[0], re.M)
+        self.assertIn("deferred", statuses)
+        for args in (("run", "--help"), ("help", "run")):
+            h = self.run_mailshot(*args)
+            self.assertEqual(h.returncode, 0, h.stderr)
+            text = " ".join(h.stdout.split())
+            self.assertIn(columns, text)
+            for status in statuses:
+                self.assertRegex(text, rf"Status values:.*\b{status}\b")
 
     def test_bad_rows_are_reported_with_line_numbers_and_the_run_goes_on(self):
         d = self.path("c")

@@ -1,5 +1,6 @@
 """`mailshot check HOST:PORT`: the relay test connection, against a real aiosmtpd server."""
 import os
+import re
 import unittest
 
 from tests.integration.harness import MailshotTestCase, free_port, make_cert, make_ca_and_cert
@@ -115,6 +116,20 @@ class CheckTests(MailshotTestCase):
         p = self.run_mailshot("frobnicate")
         self.assertEqual(p.returncode, 2)
         self.assertIn("unknown command", p.stderr)
+
+    def test_version_is_the_makefiles_in_cli_lua_and_c(self):
+        # one source of truth: the Makefile's VERSION, compiled into C (mailshot.core.version)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, "Makefile")) as f:
+            version = re.search(r"^VERSION\s*:?=\s*(\S+)", f.read(), re.M).group(1)
+        p = self.run_mailshot("--version")
+        self.assertEqual(p.stdout.strip(), f"mailshot {version}")
+        script = self.path("v.lua")
+        with open(script, "w") as f:
+            f.write('local m = require "mailshot"; print(m.version, m.core.version)')
+        p = self.run_mailshot("exec", script)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.split(), [version, version])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ local relay = mailshot.relay {
 local to = {}
 for a in (os.getenv "TO" or "rcpt@example.com"):gmatch("[^,]+") do to[#to + 1] = a end
 local data = os.getenv "DATA" or "Subject: test\r\n\r\nhello\r\n"
-local r = relay:send { from = "sender@example.org", to = #to == 1 and to[1] or to, data = data }
+local eightbit = ({ ["true"] = true, ["false"] = false })[os.getenv "EIGHTBIT" or ""]
+local r = relay:send { from = "sender@example.org", to = #to == 1 and to[1] or to, data = data, eightbit = eightbit }
 local function esc(s) return '"' .. tostring(s):gsub('[%c"\\]', function(c) return ("\\u%04x"):format(c:byte()) end) .. '"' end
 local parts = {}
 for _, k in ipairs { "ok", "code", "enhanced", "message", "temporary", "stage", "accepted" } do
@@ -76,6 +77,33 @@ class RelayTests(MailshotTestCase):
         self.assertEqual((r["ok"], r["stage"], r["temporary"]), (False, "mail", False), r)
         self.assertIn("8BITMIME", r["message"])
         self.assertEqual(srv2.message_count(), 0)
+
+    def test_the_messages_eightbit_field_decides_body_8bitmime_without_a_scan(self):
+        # mime.build's info.eightbit, carried by the campaign's message: trusted, not scanned again
+        srv = self.start_smtpd(tls=True)
+        self.assertTrue(self.send(srv, EIGHTBIT="true")["ok"])
+        self.assertIn("BODY=8BITMIME", srv.messages()[0]["mail_options"])
+        self.assertTrue(self.send(srv, EIGHTBIT="false")["ok"])
+        self.assertNotIn("BODY=8BITMIME", srv.messages()[1]["mail_options"])
+        # without the field the data is scanned, as before
+        self.assertTrue(self.send(srv, DATA="Subject: x\r\n\r\nGr\u00fc\u00dfe\r\n")["ok"])
+        self.assertIn("BODY=8BITMIME", srv.messages()[2]["mail_options"])
+
+    def test_a_campaigns_message_carries_mime_builds_8bit_class(self):
+        script = self.path("m.lua")
+        with open(script, "w") as f:
+            f.write(r"""
+local mailshot = require "mailshot"
+for _, eightbit in ipairs { true, false } do
+  local c = mailshot.campaign { recipients = "r.csv", from = "a@example.com", subject = "s", eightbit = eightbit,
+                                text = "Gr\195\188\195\159e {{email}}", send = function() end }
+  local msg = assert(c:message({ email = "b@example.org" }, 2))
+  print(tostring(msg.eightbit), msg.data:find("[\128-\255]") ~= nil)
+end
+""")
+        p = self.run_mailshot("exec", script)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.split(), ["true", "true", "false", "false"])
 
     def test_a_stalled_server_costs_a_timeout_not_a_hang(self):
         srv = self.start_smtpd(tls=True, delay=["RCPT:5"])

@@ -160,4 +160,26 @@ case("wrong argument types are programmer errors", function()
   assert(not pcall(text.tsv_record, "F", 1, "e", "not a table", {}), "tsv_record with a string row")
 end)
 
+case("text.crlf and DKIM signing make the same CRLF lines (one normaliser, bytebuf_crlf)", function()
+  local dkim = require "mailshot.dkim"
+  local pem = assert(dkim.keygen { algorithm = "ed25519-sha256" })
+  local key = os.tmpname()
+  local f = assert(io.open(key, "w"))
+  f:write(pem)
+  f:close()
+  local signer = assert(dkim.signer { domain = "example.com", selector = "s", key_file = key })
+  os.remove(key)
+  local bytes = { "a", ".", "\r", "\n", "\r\n", "\195\188" }
+  math.randomseed(11)
+  for round = 1, 300 do
+    local body = {}
+    for i = 1, math.random(0, 30) do body[i] = bytes[math.random(#bytes)] end
+    local msg = "From: a@example.com\r\nSubject: x\r\n\r\n" .. table.concat(body)
+    local signed = assert(signer:sign(msg, 1700000000))
+    local header = assert(signer:header(msg, 1700000000))
+    eq(signed:sub(1, #header), header, "round " .. round)
+    eq(signed:sub(#header + 1), text.crlf(msg), "round " .. round)
+  end
+end)
+
 return check.finish("test_text.lua")

@@ -39,7 +39,7 @@ static void dkim_write (const char *path, const void *data, size_t len)
 /* canonical form of a header field / body as a fresh NUL-terminated string (static, 2 slots) */
 static const char *dkim_ch (dkim_canon c, const char *field)
 {
-  static smtp_buf b[2];
+  static bytebuf b[2];
   static int i;
   i ^= 1;
   b[i].len = 0;
@@ -52,7 +52,7 @@ static const char *dkim_ch (dkim_canon c, const char *field)
 
 static const char *dkim_cb (dkim_canon c, const char *body)
 {
-  static smtp_buf b[2];
+  static bytebuf b[2];
   static int i;
   i ^= 1;
   b[i].len = 0;
@@ -146,23 +146,23 @@ done:
 }
 
 /* hdr with the value of b= removed (what a verifier hashes), canonicalized without CRLF. */
-static void dkim_unsigned_header (dkim_canon c, const char *hdr, smtp_buf *out)
+static void dkim_unsigned_header (dkim_canon c, const char *hdr, bytebuf *out)
 {
   const char *b = strstr(hdr, " b=");
-  smtp_buf tmp = { 0 };
+  bytebuf tmp = { 0 };
   if (!b)
     b = strstr(hdr, "\n b=");
-  smtp_buf_append(&tmp, hdr, (size_t)(strstr(b, "b=") + 2 - hdr));
+  bytebuf_append(&tmp, hdr, (size_t)(strstr(b, "b=") + 2 - hdr));
   dkim_canon_header(c, tmp.data, tmp.len, out);
   out->len -= 2;   /* the field being verified is hashed without its CRLF (§3.7) */
   out->data[out->len] = '\0';
-  smtp_buf_free(&tmp);
+  bytebuf_free(&tmp);
 }
 
 static dkim_key *dkim_new_key (const char *alg, const char *file)
 {
   dkim_key *k = dkim_key_generate(alg, 0, err, sizeof err), *k2;
-  smtp_buf pem = { 0 };
+  bytebuf pem = { 0 };
   if (!k) {
     fprintf(stderr, "keygen: %s\n", err);
     exit(2);
@@ -170,7 +170,7 @@ static dkim_key *dkim_new_key (const char *alg, const char *file)
   CHECK(dkim_key_private_pem(k, &pem) == 0);
   CHECK(strncmp(pem.data, "-----BEGIN PRIVATE KEY-----", 27) == 0);
   dkim_write(dkim_path(file), pem.data, pem.len);
-  smtp_buf_free(&pem);
+  bytebuf_free(&pem);
   dkim_key_free(k);
   k2 = dkim_key_load(dkim_path(file), err, sizeof err);   /* the round trip through a file */
   CHECK(k2 != NULL);
@@ -242,20 +242,20 @@ static void dkim_test_body_hashes (dkim_key *k)
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     char msg[256];
-    smtp_buf out = { 0 };
+    bytebuf out = { 0 };
     dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, cases[i].c, 0, 0 };
     snprintf(msg, sizeof msg, "From: a@acme.example\r\n\r\n%s", cases[i].body);
     CHECK(dkim_sign(k, &o, msg, strlen(msg), &out, err, sizeof err) == 0);
     CHECK_STR(dkim_tag(out.data ? out.data : ":", "bh"), cases[i].bh);
-    smtp_buf_free(&out);
+    bytebuf_free(&out);
   }
   /* a message without a blank line has an empty body */
   {
-    smtp_buf out = { 0 };
+    bytebuf out = { 0 };
     dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, DKIM_RELAXED, 0, 0 };
     CHECK(dkim_sign(k, &o, "From: a@acme.example", 20, &out, err, sizeof err) == 0);
     CHECK_STR(dkim_tag(out.data ? out.data : ":", "bh"), "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
-    smtp_buf_free(&out);
+    bytebuf_free(&out);
   }
 }
 
@@ -283,7 +283,7 @@ static void dkim_test_sign_verify (dkim_key *k, dkim_canon hc, dkim_canon bc)
 {
   static const char *const hdrs[] = { "subject", "x-tag", "from", "to", "X-TAG", "cc", NULL };
   dkim_opts o = { "acme.example", "sel-1", hdrs, hc, bc, 1700000000, 1700086400 };
-  smtp_buf out = { 0 }, data = { 0 }, rec = { 0 }, body = { 0 };
+  bytebuf out = { 0 }, data = { 0 }, rec = { 0 }, body = { 0 };
   const char *body_start = strstr(dkim_msg, "\r\n\r\n") + 4;
   char bh[64];
 
@@ -321,10 +321,10 @@ static void dkim_test_sign_verify (dkim_key *k, dkim_canon hc, dkim_canon bc)
   data.data[3] ^= 1;
   CHECK(!dkim_verify_with(rec.data, out.data, data.data, data.len));
 
-  smtp_buf_free(&out);
-  smtp_buf_free(&data);
-  smtp_buf_free(&rec);
-  smtp_buf_free(&body);
+  bytebuf_free(&out);
+  bytebuf_free(&data);
+  bytebuf_free(&rec);
+  bytebuf_free(&body);
 }
 
 /* The field: lines at most 78 columns, continuation lines start with SP, CRLF at the end only
@@ -342,7 +342,7 @@ static void dkim_test_fold (dkim_key *k)
     "X-A-Rather-Long-Header-Name-That-Takes-Room: 1\n\nbody\n";
   dkim_opts o = { "a-long-subdomain.of-a-long-domain-name.acme.example", "selector2024", many,
                   DKIM_RELAXED, DKIM_RELAXED, 1700000000, 0 };
-  smtp_buf out = { 0 }, crlf = { 0 }, out2 = { 0 };
+  bytebuf out = { 0 }, crlf = { 0 }, out2 = { 0 };
   size_t col = 0, lines = 0, bad = 0;
 
   CHECK(dkim_sign(k, &o, lfmsg, strlen(lfmsg), &out, err, sizeof err) == 0);
@@ -366,16 +366,16 @@ static void dkim_test_fold (dkim_key *k)
   CHECK(strstr(out.data, "; b=") || strstr(out.data, "\r\n b="));
   CHECK(dkim_tag(out.data, "h") && strstr(dkim_tag(out.data, "h"), "from:from:to:subject:"));
 
-  CHECK(dkim_crlf(&crlf, lfmsg, strlen(lfmsg)) == 0);
+  CHECK(bytebuf_crlf(&crlf, lfmsg, strlen(lfmsg), 0) == 0);
   CHECK(strstr(crlf.data, "\n\n") == NULL && strstr(crlf.data, "\r\n\r\nbody\r\n"));
   CHECK(dkim_sign(k, &o, crlf.data, crlf.len, &out2, err, sizeof err) == 0);
   if (k && strcmp(dkim_key_algorithm(k), "ed25519-sha256") == 0)   /* deterministic signatures */
     CHECK_STR(out2.data, out.data);
   else
     CHECK_STR(dkim_tag(out2.data, "bh"), dkim_tag(out.data, "bh"));
-  smtp_buf_free(&out);
-  smtp_buf_free(&out2);
-  smtp_buf_free(&crlf);
+  bytebuf_free(&out);
+  bytebuf_free(&out2);
+  bytebuf_free(&crlf);
 }
 
 static void dkim_test_default_headers (dkim_key *k)
@@ -383,11 +383,11 @@ static void dkim_test_default_headers (dkim_key *k)
   const char *msg = "Subject: s\r\nFrom: a@acme.example\r\nX-Other: 1\r\nList-Unsubscribe: <u>\r\n"
                     "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nTo: b@example.net\r\n\r\nx\r\n";
   dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, DKIM_RELAXED, 0, 0 };
-  smtp_buf out = { 0 };
+  bytebuf out = { 0 };
   CHECK(dkim_sign(k, &o, msg, strlen(msg), &out, err, sizeof err) == 0);
   CHECK_STR(out.data ? dkim_tag(out.data, "h") : "", "from:from:to:subject:list-unsubscribe:list-unsubscribe-post");
   CHECK(out.data && dkim_tag(out.data, "t") == NULL && dkim_tag(out.data, "x") == NULL);
-  smtp_buf_free(&out);
+  bytebuf_free(&out);
 }
 
 /* past the 64 fields kept on the stack: every one of 100 fields signed, in h= once each */
@@ -395,12 +395,12 @@ static void dkim_test_many_fields (dkim_key *k)
 {
   static const char *const hdrs[] = { "x-n", NULL };
   dkim_opts o = { "acme.example", "s1", hdrs, DKIM_RELAXED, DKIM_RELAXED, 0, 0 };
-  smtp_buf msg = { 0 }, out = { 0 };
+  bytebuf msg = { 0 }, out = { 0 };
   const char *h;
   size_t n = 0;
   for (int i = 0; i < 100; i++)
-    smtp_buf_printf(&msg, "X-N: %d\r\n", i);
-  smtp_buf_printf(&msg, "From: a@acme.example\r\n\r\nbody\r\n");
+    bytebuf_printf(&msg, "X-N: %d\r\n", i);
+  bytebuf_printf(&msg, "From: a@acme.example\r\n\r\nbody\r\n");
   CHECK(dkim_sign(k, &o, msg.data, msg.len, &out, err, sizeof err) == 0);
   h = out.data ? dkim_tag(out.data, "h") : NULL;
   CHECK(h != NULL);
@@ -408,17 +408,17 @@ static void dkim_test_many_fields (dkim_key *k)
     n++;
   CHECK_INT(n, 100);
   CHECK(h && strncmp(h, "from:from:x-n:", 14) == 0);
-  smtp_buf_free(&msg);
-  smtp_buf_free(&out);
+  bytebuf_free(&msg);
+  bytebuf_free(&out);
 }
 
 static void dkim_test_errors (dkim_key *k)
 {
-  smtp_buf out = { 0 };
+  bytebuf out = { 0 };
   dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, DKIM_RELAXED, 0, 0 };
   static const char *const badh[] = { "from", "x;y", NULL };
 
-  smtp_buf_append(&out, "kept", 4);   /* a failure leaves out as it was */
+  bytebuf_append(&out, "kept", 4);   /* a failure leaves out as it was */
   CHECK(dkim_sign(k, &o, "To: b@x\r\n\r\nhi\r\n", 15, &out, err, sizeof err) == -1);
   CHECK(strstr(err, "no From:") != NULL);
   CHECK(dkim_sign(k, &o, "From: a@x\r\nnot a header\r\n\r\n", 26, &out, err, sizeof err) == -1);
@@ -455,7 +455,7 @@ static void dkim_test_errors (dkim_key *k)
   CHECK(dkim_parse_canon("relaxed/", &h, &b) == -1);
   CHECK(dkim_parse_canon("Relaxed/simple", &h, &b) == -1);
   CHECK(dkim_parse_canon("nofws", &h, &b) == -1);
-  smtp_buf_free(&out);
+  bytebuf_free(&out);
 }
 
 static void dkim_write_pkey (const char *file, EVP_PKEY *pk, const EVP_CIPHER *enc)
@@ -525,14 +525,14 @@ static void dkim_test_key_load (void)
 
 static void dkim_test_records (dkim_key *rsa, dkim_key *ed)
 {
-  smtp_buf r = { 0 }, e = { 0 };
+  bytebuf r = { 0 }, e = { 0 };
   CHECK(dkim_key_public_record(rsa, &r) == 0 && strncmp(r.data, "v=DKIM1; k=rsa; p=MIIBIjAN", 26) == 0);
   CHECK(dkim_key_public_record(ed, &e) == 0 && strncmp(e.data, "v=DKIM1; k=ed25519; p=", 22) == 0);
   CHECK_INT(e.len, 22 + 44);   /* RFC 8463 §4.2: the bare 32-byte key, not the SPKI */
   CHECK_INT(dkim_key_bits(rsa), 2048);
   CHECK_STR(dkim_key_algorithm(ed), "ed25519-sha256");
-  smtp_buf_free(&r);
-  smtp_buf_free(&e);
+  bytebuf_free(&r);
+  bytebuf_free(&e);
 }
 
 /* ---------------------------------------------------------------- rate */
@@ -553,7 +553,7 @@ static void dkim_rate (dkim_key *k)
     "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
     "List-Unsubscribe: <https://acme.example/u/123>\r\n\r\n");
   dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, DKIM_RELAXED, 1700000000, 0 };
-  smtp_buf out = { 0 };
+  bytebuf out = { 0 };
   double t0, t;
   long count = 0;
   while (n < sizeof msg - 1) {   /* a 2 KB message: lines of text to fill it */
@@ -577,7 +577,7 @@ static void dkim_rate (dkim_key *k)
   printf("dkim sign rate, %s (%d bits), %zu-byte message: %.0f messages/s (%.1f us each)\n",
          dkim_key_algorithm(k), dkim_key_bits(k), n, (double)count / t, t / (double)count * 1e6);
 done:
-  smtp_buf_free(&out);
+  bytebuf_free(&out);
 }
 
 int main (void)

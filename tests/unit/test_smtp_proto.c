@@ -255,23 +255,23 @@ test_long_but_legal_line_is_fine_longer_is_an_error(void)
 static void
 test_text_truncation_at_text_max_does_not_overflow(void)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   int ok = 1;
   for (int i = 0; i < 20 && ok; i++)
-    ok = smtp_buf_printf(&b, "250%c%0500d\r\n", i == 19 ? ' ' : '-', i) == 0;
+    ok = bytebuf_printf(&b, "250%c%0500d\r\n", i == 19 ? ' ' : '-', i) == 0;
   CHECK(ok);
   CHECK_INT(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)), (long long)b.len);
   CHECK_INT(R.nlines, 20);
   CHECK_INT(R.truncated, 1);
   CHECK_INT(strlen(R.text), SMTP_REPLY_TEXT_MAX - 1);
   /* exactly filling the text: not truncated */
-  smtp_buf_free(&b);
-  ok = smtp_buf_printf(&b, "250-%0*d\r\n250 %0*d\r\n", 2047, 0, 2047, 1) == 0;
+  bytebuf_free(&b);
+  ok = bytebuf_printf(&b, "250-%0*d\r\n250 %0*d\r\n", 2047, 0, 2047, 1) == 0;
   CHECK(ok);
   CHECK(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)) > 0);
   CHECK_INT(strlen(R.text), SMTP_REPLY_TEXT_MAX - 1);
   CHECK_INT(R.truncated, 0);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 static void
@@ -285,33 +285,33 @@ test_control_bytes_in_text_are_neutralised(void)
 static void
 test_too_many_lines_is_an_error(void)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   int ok = 1;
   for (int i = 0; i < SMTP_REPLY_LINES_MAX - 1 && ok; i++)
-    ok = smtp_buf_append(&b, "250-\r\n", 6) == 0;
-  ok = ok && smtp_buf_append(&b, "250 \r\n", 6) == 0;
+    ok = bytebuf_append(&b, "250-\r\n", 6) == 0;
+  ok = ok && bytebuf_append(&b, "250 \r\n", 6) == 0;
   CHECK(ok);
   CHECK_INT(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)), (long long)b.len);
   CHECK_INT(R.nlines, SMTP_REPLY_LINES_MAX);
   b.data[b.len - 3] = '-';      /* the 1000th line now continues */
-  ok = smtp_buf_append(&b, "250 \r\n", 6) == 0;
+  ok = bytebuf_append(&b, "250 \r\n", 6) == 0;
   CHECK(ok);
   CHECK(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)) < 0);
   CHECK(strstr(ERR, "1000 lines") != NULL);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 static void
 test_reply_over_byte_bound_is_an_error(void)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   int ok = 1;
   while (ok && b.len <= SMTP_REPLY_BYTES_MAX)
-    ok = smtp_buf_printf(&b, "250-%0500d\r\n", 0) == 0;
+    ok = bytebuf_printf(&b, "250-%0500d\r\n", 0) == 0;
   CHECK(ok);
   CHECK(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)) < 0);
   CHECK(strstr(ERR, "65536") != NULL);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 static void
@@ -462,12 +462,12 @@ test_caps_edge_cases(void)
 static void
 test_caps_from_ehlo_longer_than_the_reply_text(void)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   smtp_caps c;
-  int ok = smtp_buf_printf(&b, "250-big.example.org Hello\r\n") == 0;
+  int ok = bytebuf_printf(&b, "250-big.example.org Hello\r\n") == 0;
   for (int i = 0; i < 100 && ok; i++)
-    ok = smtp_buf_printf(&b, "250-X-PADDING-%03d %060d\r\n", i, i) == 0;
-  ok = ok && smtp_buf_printf(&b, "250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n") == 0;
+    ok = bytebuf_printf(&b, "250-X-PADDING-%03d %060d\r\n", i, i) == 0;
+  ok = ok && bytebuf_printf(&b, "250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n") == 0;
   CHECK(ok);
   CHECK(b.len > 6000 && b.len < 9000);
   CHECK_INT(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)), (long long)b.len);
@@ -485,21 +485,21 @@ test_caps_from_ehlo_longer_than_the_reply_text(void)
   }
   CHECK(c.starttls);
   CHECK_STR(c.names, "STARTTLS X-?[2J");
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 static void
 test_caps_long_lists_keep_whole_words(void)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   smtp_caps c;
-  int ok = smtp_buf_printf(&b, "250-x\r\n250-AUTH") == 0;
+  int ok = bytebuf_printf(&b, "250-x\r\n250-AUTH") == 0;
   for (int i = 0; i < 60 && ok; i++)
-    ok = smtp_buf_printf(&b, " MECHANISM-%02d", i) == 0;
-  ok = ok && smtp_buf_printf(&b, " PLAIN\r\n") == 0;
+    ok = bytebuf_printf(&b, " MECHANISM-%02d", i) == 0;
+  ok = ok && bytebuf_printf(&b, " PLAIN\r\n") == 0;
   for (int i = 0; i < 100 && ok; i++)
-    ok = smtp_buf_printf(&b, "250-X-KEYWORD-%03d\r\n", i) == 0;
-  ok = ok && smtp_buf_printf(&b, "250 STARTTLS\r\n") == 0;
+    ok = bytebuf_printf(&b, "250-X-KEYWORD-%03d\r\n", i) == 0;
+  ok = ok && bytebuf_printf(&b, "250 STARTTLS\r\n") == 0;
   CHECK(ok);
   CHECK(smtp_reply_parse(b.data, b.len, 0, &R, ERR, sizeof(ERR)) > 0);
   smtp_caps_parse(&R, &c);
@@ -509,7 +509,7 @@ test_caps_long_lists_keep_whole_words(void)
   CHECK(c.auth[strlen(c.auth) - 1] != ' ');
   CHECK(strstr(c.auth, "MECHANISM-00 MECHANISM-01") == c.auth);
   CHECK(strlen(c.names) < sizeof(c.names));
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 /* ---------------------------------------------------------------- addresses */
@@ -589,7 +589,7 @@ test_addr_ok_length_limits(void)
 static void
 stuff_is(const char *in, size_t inlen, const char *want, size_t wantlen, int line)
 {
-  smtp_buf b = { 0 };
+  bytebuf b = { 0 };
   int ok = smtp_dot_stuff(&b, in, inlen) == 0;
   check_count++;
   if (!ok || b.len != wantlen || memcmp(b.data, want, wantlen) != 0) {
@@ -599,7 +599,7 @@ stuff_is(const char *in, size_t inlen, const char *want, size_t wantlen, int lin
       fprintf(stderr, b.data[i] == '\r' ? "\\r" : b.data[i] == '\n' ? "\\n" : "%c", b.data[i]);
     fprintf(stderr, "\"\n");
   }
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 #define STUFF(in, want) stuff_is(in, sizeof(in) - 1, want, sizeof(want) - 1, __LINE__)
 
@@ -626,35 +626,35 @@ test_dot_stuffing_cases(void)
 static void
 test_dot_stuffing_appends_to_existing_content(void)
 {
-  smtp_buf b = { 0 };
-  CHECK_INT(smtp_buf_append(&b, "HDR", 3), 0);
+  bytebuf b = { 0 };
+  CHECK_INT(bytebuf_append(&b, "HDR", 3), 0);
   CHECK_INT(smtp_dot_stuff(&b, ".x", 2), 0);
   CHECK_INT(b.len, 3 + 8);
   CHECK_STR(b.data, "HDR..x\r\n.\r\n");
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
 }
 
 /* Independent byte-at-a-time model of the same transformation. */
 static void
-stuff_reference(smtp_buf *out, const char *m, size_t n)
+stuff_reference(bytebuf *out, const char *m, size_t n)
 {
   int bol = 1;
   for (size_t i = 0; i < n; i++) {
-    if (bol && m[i] == '.' && smtp_buf_append(out, ".", 1) < 0)
+    if (bol && m[i] == '.' && bytebuf_append(out, ".", 1) < 0)
       abort();
     bol = 0;
     if (m[i] == '\r' || m[i] == '\n') {
       if (m[i] == '\r' && i + 1 < n && m[i + 1] == '\n')
         i++;
-      if (smtp_buf_append(out, "\r\n", 2) < 0)
+      if (bytebuf_append(out, "\r\n", 2) < 0)
         abort();
       bol = 1;
-    } else if (smtp_buf_append(out, m + i, 1) < 0)
+    } else if (bytebuf_append(out, m + i, 1) < 0)
       abort();
   }
-  if (!bol && smtp_buf_append(out, "\r\n", 2) < 0)
+  if (!bol && bytebuf_append(out, "\r\n", 2) < 0)
     abort();
-  if (smtp_buf_append(out, ".\r\n", 3) < 0)
+  if (bytebuf_append(out, ".\r\n", 3) < 0)
     abort();
 }
 
@@ -677,7 +677,7 @@ test_dot_stuffing_large_input_is_correct_and_fast(void)
   const size_t n = 1 << 20;
   const char alphabet[] = "..\r\n\n\rabcdefghij klmnopqrstuvwxyz";
   char *m = malloc(n);
-  smtp_buf got = { 0 }, want = { 0 };
+  bytebuf got = { 0 }, want = { 0 };
   unsigned seed = 12345;
   struct timespec t0, t1;
   const int rounds = 20;
@@ -712,8 +712,8 @@ test_dot_stuffing_large_input_is_correct_and_fast(void)
   CHECK(got.len == want.len && memcmp(got.data, want.data, got.len) == 0);
   CHECK(ends_data_only_at_end(got.data, got.len));
 
-  smtp_buf_free(&got);
-  smtp_buf_free(&want);
+  bytebuf_free(&got);
+  bytebuf_free(&want);
   free(m);
 }
 
@@ -739,18 +739,18 @@ test_data_has_8bit(void)
 static void
 test_buf_printf_grows(void)
 {
-  smtp_buf b = { 0 };
-  CHECK_INT(smtp_buf_printf(&b, "%s", ""), 0);
+  bytebuf b = { 0 };
+  CHECK_INT(bytebuf_printf(&b, "%s", ""), 0);
   CHECK(b.data != NULL);
   CHECK_STR(b.data, "");
-  CHECK_INT(smtp_buf_printf(&b, "MAIL FROM:<%s> SIZE=%d\r\n", "a@b.example", 1234), 0);
+  CHECK_INT(bytebuf_printf(&b, "MAIL FROM:<%s> SIZE=%d\r\n", "a@b.example", 1234), 0);
   CHECK_STR(b.data, "MAIL FROM:<a@b.example> SIZE=1234\r\n");
-  CHECK_INT(smtp_buf_printf(&b, "%0300d", 7), 0);
+  CHECK_INT(bytebuf_printf(&b, "%0300d", 7), 0);
   CHECK_INT(b.len, 35 + 300);
   CHECK_INT(b.data[b.len], 0);
-  smtp_buf_free(&b);
+  bytebuf_free(&b);
   CHECK(b.data == NULL && b.len == 0 && b.cap == 0);
-  smtp_buf_free(&b);            /* twice is harmless */
+  bytebuf_free(&b);            /* twice is harmless */
 }
 
 static void
@@ -760,36 +760,36 @@ test_base64_rfc4648_vectors(void)
   const char *plain[] = { "", "f", "fo", "foo", "foob", "fooba", "foobar" };
   const char *enc[] = { "", "Zg==", "Zm8=", "Zm9v", "Zm9vYg==", "Zm9vYmE=", "Zm9vYmFy" };
   for (int i = 0; i < 7; i++) {
-    smtp_buf e = { 0 }, d = { 0 };
-    CHECK_INT(smtp_base64_encode(&e, plain[i], strlen(plain[i])), 0);
+    bytebuf e = { 0 }, d = { 0 };
+    CHECK_INT(bytebuf_base64_encode(&e, plain[i], strlen(plain[i])), 0);
     CHECK_STR(e.data, enc[i]);
-    CHECK_INT(smtp_base64_decode(enc[i], strlen(enc[i]), &d), 0);
+    CHECK_INT(bytebuf_base64_decode(enc[i], strlen(enc[i]), &d), 0);
     CHECK_STR(d.data, plain[i]);
     CHECK_INT(d.len, strlen(plain[i]));
-    smtp_buf_free(&e);
-    smtp_buf_free(&d);
+    bytebuf_free(&e);
+    bytebuf_free(&d);
   }
 }
 
 static void
 test_base64_auth_examples(void)
 {
-  smtp_buf e = { 0 }, d = { 0 };
+  bytebuf e = { 0 }, d = { 0 };
   /* AUTH PLAIN: authzid NUL authcid NUL passwd (RFC 4616 §2) */
-  CHECK_INT(smtp_base64_encode(&e, "\0user\0pass", 10), 0);
+  CHECK_INT(bytebuf_base64_encode(&e, "\0user\0pass", 10), 0);
   CHECK_STR(e.data, "AHVzZXIAcGFzcw==");
   /* AUTH LOGIN prompts */
-  CHECK_INT(smtp_base64_decode("VXNlcm5hbWU6", 12, &d), 0);
+  CHECK_INT(bytebuf_base64_decode("VXNlcm5hbWU6", 12, &d), 0);
   CHECK_STR(d.data, "Username:");
   d.len = 0;
-  CHECK_INT(smtp_base64_decode("UGFzc3dvcmQ6", 12, &d), 0);
+  CHECK_INT(bytebuf_base64_decode("UGFzc3dvcmQ6", 12, &d), 0);
   CHECK_STR(d.data, "Password:");
   /* unpadded is accepted */
   d.len = 0;
-  CHECK_INT(smtp_base64_decode("Zm9vYg", 6, &d), 0);
+  CHECK_INT(bytebuf_base64_decode("Zm9vYg", 6, &d), 0);
   CHECK_STR(d.data, "foob");
-  smtp_buf_free(&e);
-  smtp_buf_free(&d);
+  bytebuf_free(&e);
+  bytebuf_free(&d);
 }
 
 static void
@@ -797,17 +797,17 @@ test_base64_rejects_invalid_and_leaves_output_alone(void)
 {
   const char *bad[] = { "Zm9v!", "Zg=", "Z", "Zg==Zg==", "Zm 9v", "=Zg=", "Zm9v\r\n", "Z===", "====",
                         "Zm9vY", "Zg=a", "Z=g=" };
-  smtp_buf d = { 0 };
-  CHECK_INT(smtp_buf_append(&d, "keep", 4), 0);
+  bytebuf d = { 0 };
+  CHECK_INT(bytebuf_append(&d, "keep", 4), 0);
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-    int rc = smtp_base64_decode(bad[i], strlen(bad[i]), &d);
+    int rc = bytebuf_base64_decode(bad[i], strlen(bad[i]), &d);
     if (rc != -1)
       fprintf(stderr, "accepted bad base64 #%zu\n", i);
     CHECK_INT(rc, -1);
   }
   CHECK_INT(d.len, 4);
   CHECK_STR(d.data, "keep");
-  smtp_buf_free(&d);
+  bytebuf_free(&d);
 }
 
 static void
@@ -818,12 +818,12 @@ test_base64_round_trips_every_byte_and_length(void)
   for (size_t i = 0; i < sizeof(in); i++)
     in[i] = (unsigned char)(i * 7 + 3);
   for (size_t n = 0; n <= sizeof(in); n++) {
-    smtp_buf e = { 0 }, d = { 0 };
-    if (smtp_base64_encode(&e, in, n) < 0 || e.len != (n + 2) / 3 * 4
-        || smtp_base64_decode(e.data, e.len, &d) < 0 || d.len != n || (n && memcmp(d.data, in, n) != 0))
+    bytebuf e = { 0 }, d = { 0 };
+    if (bytebuf_base64_encode(&e, in, n) < 0 || e.len != (n + 2) / 3 * 4
+        || bytebuf_base64_decode(e.data, e.len, &d) < 0 || d.len != n || (n && memcmp(d.data, in, n) != 0))
       bad++;
-    smtp_buf_free(&e);
-    smtp_buf_free(&d);
+    bytebuf_free(&e);
+    bytebuf_free(&d);
   }
   CHECK_INT(bad, 0);
 }
