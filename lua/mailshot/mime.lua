@@ -349,30 +349,29 @@ local function fast_valid(addr)
 end
 
 -- mime.valid_address(addr) -> true | false, reason
--- Accepts local@domain: a dot-atom local part (RFC 5322 3.4.1, no quoted
--- local parts) of at most 64 octets, and a domain of LDH labels (RFC 1035)
--- of at most 253 octets.  ASCII only (no SMTPUTF8).
+-- One rule set with the SMTP client: text.address_ok is smtp_addr_ok, the C
+-- check of every MAIL FROM and RCPT TO (no CR, LF, control character, "<"
+-- or ">"; lengths of RFC 5321 4.5.3.1; one "@").  A header narrows it: a
+-- dot-atom local part (RFC 5322 3.4.1, no quoted local parts), a domain of
+-- LDH labels (RFC 1035; an IDN goes as its A-label, idna.to_ascii), ASCII
+-- only (no SMTPUTF8).
+local address_ok = text.address_ok
 local function valid_address(addr)
   if type(addr) ~= "string" then return false, "not a string" end
   if fast_valid(addr) then return true end
-  if addr == "" then return false, "empty address" end
-  if find(addr, "[%c ]") then return false, "space or control character in address" end
+  local ok, why = address_ok(addr)
+  if not ok then return false, why end
   if find(addr, "[\128-\255]") then return false, "non-ASCII address (SMTPUTF8 is not supported)" end
-  local at = select(2, gsub(addr, "@", "@"))
-  if at == 0 then return false, "no @ in address" end
-  if at > 1 then return false, "more than one @ in address" end
+  if find(addr, " ", 1, true) then return false, "space in address" end
   local lp, domain = match(addr, "^(.*)@(.*)$")
-  if lp == "" then return false, "empty local part" end
-  if domain == "" then return false, "empty domain" end
-  if #lp > 64 then return false, "local part longer than 64 octets" end
   if sub(lp, 1, 1) == "." or sub(lp, -1) == "." or find(lp, "..", 1, true) then
     return false, "misplaced dot in local part"
   end
   for atom in gmatch(lp, "[^.]+") do
     if not find(atom, DOT_ATOM) then return false, "bad character in local part" end
   end
-  local why = domain_error(domain)
-  if why then return false, why end
+  local derr = domain_error(domain)
+  if derr then return false, derr end
   return true
 end
 M.valid_address = valid_address
