@@ -319,7 +319,11 @@ function commands.preview(args)
       n = n + 1
       if n == want then
         reader:close()
-        local m, merr = c:message(row, line)
+        local m, merr, skipped = c:message(row, line)
+        if skipped then
+          complain(("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, merr))
+          return 1
+        end
         if not m then complain(merr); return 1 end
         io.stdout:write(m.data)
         return 0

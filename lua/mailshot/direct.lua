@@ -24,6 +24,7 @@ local smtp = require "mailshot.smtp"
 local dns = require "mailshot.dns"
 local idna = require "mailshot.idna"
 local rate = require "mailshot.rate"
+local sender = require "mailshot.sender"
 
 local M = {}
 local Direct = {}
@@ -129,8 +130,8 @@ local function recipients_of(msg)
 end
 
 local function failure(message, temporary, stage, extra)
-  local r = { ok = false, code = 0, message = message, temporary = temporary, stage = stage, via = "direct", attempts = {} }
-  for k, v in pairs(extra or {}) do r[k] = v end
+  local r = sender.failure(message, temporary, stage, extra)
+  r.via, r.attempts = "direct", r.attempts or {}
   return r
 end
 
@@ -247,12 +248,13 @@ function Direct:send(msg)
   local plan, refusal = self:plan(domain)
   if not plan then return refusal end
   local limiter = self:limiter(domain)
-  local token
-  if limiter then
-    local why
-    token, why = limiter:begin(domain)
-    if not token then return failure("rate limit: " .. tostring(why), true, "rate", { domain = domain }) end
-  end
+  local result = sender.limited(limiter and { limiter } or sender.NONE, domain,
+                                { via = "direct", domain = domain, attempts = {} }, self.deliver, self, msg, plan, domain)
+  return result
+end
+
+-- Try the plan's hosts in turn, within the domain's connection cap.
+function Direct:deliver(msg, plan, domain)
   self:acquire(domain)
   local ok, result = pcall(function()
     local attempts, last = {}, nil
@@ -281,7 +283,6 @@ function Direct:send(msg)
     return r
   end)
   self:release(domain)
-  if token then limiter:complete(token) end
   if not ok then error(result, 0) end
   return result
 end
