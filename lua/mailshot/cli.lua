@@ -304,9 +304,11 @@ function commands.preview(args)
   local c
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
+  local rows = require "mailshot.rows"
   local reader
-  reader, err = mailshot.csv.open(c.recipients_path, { delimiter = c.delimiter })
+  reader, err = rows.open_reader(c)
   if not reader then complain(err); return 2 end
+  local first = rows.dedupe()          -- run's duplicate rule: preview tells what run would do
   local n = 0
   while true do
     local row, line, msg = reader:read()
@@ -317,9 +319,11 @@ function commands.preview(args)
     end
     if row then
       n = n + 1
+      local is_first = first(row[c.email_field])
       if n == want then
         reader:close()
-        local m, merr, skipped = c:message(row, line)
+        local m, merr, skipped
+        if is_first then m, merr, skipped = c:message(row, line) else merr, skipped = rows.DUPLICATE, "duplicate" end
         if skipped then
           complain(("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, merr))
           return 1
@@ -332,19 +336,6 @@ function commands.preview(args)
       complain(("%s line %d: %s"):format(c.recipients, line, msg))
     end
   end
-end
-
-local function check_password(opts)
-  if opts["password-file"] then
-    local f, err = io.open(opts["password-file"], "r")
-    if not f then return nil, "--password-file: " .. err end
-    local line = f:read("l") or ""
-    f:close()
-    return line
-  end
-  local p = os.getenv("MAILSHOT_PASSWORD")
-  if not p then return nil, "--user needs a password: set MAILSHOT_PASSWORD or use --password-file" end
-  return p
 end
 
 function commands.check(args)

@@ -180,7 +180,9 @@ function M.run(c, opts)
         res.duplicates = res.duplicates + 1
       elseif kind == "missing" or kind == "invalid" then
         res.invalid = res.invalid + 1
-        if res.invalid <= 5 then add("warning", "%s line %d: invalid address %q: %s", c.recipients, line, raw or "", why) end
+        if res.invalid <= 5 then
+          add("warning", "%s line %d: invalid address %q: %s", c.recipients, line, raw or "", (why:gsub("^invalid email address: ", "")))
+        end
       elseif kind == "suppressed" or kind == "role" then
         res.suppressed = res.suppressed + 1
       elseif kind == "filtered" then
