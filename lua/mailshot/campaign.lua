@@ -12,6 +12,7 @@ local suppress = require "mailshot.suppress"
 local unsubscribe = require "mailshot.unsubscribe"
 local util = require "mailshot.util"
 local classify = require "mailshot.classify"
+local paths = require "mailshot.path"
 
 local M = {}
 
@@ -33,16 +34,9 @@ local FIELDS = {
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
-  resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table",
+  resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table", base_dir = "string",
   suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
 }
-
-local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
-
-local function resolve(base, path)
-  if not base or path:sub(1, 1) == "/" then return path end
-  return base .. "/" .. path
-end
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
 local function compile(value, name, helpers)
@@ -78,7 +72,9 @@ function M.retry_config(r)
 end
 
 --- Check a campaign definition (programmer mistakes raise here, before anything is read).
-function M.new(def)
+--- Relative paths are resolved against def.base_dir, else base_dir (mailshot.campaign gives
+--- the folder of the script that calls it), else the current directory.
+function M.new(def, base_dir)
   if type(def) ~= "table" then error("mailshot.campaign: expected a table", 3) end
   for k, v in pairs(def) do
     local want = FIELDS[k]
@@ -99,8 +95,8 @@ function M.new(def)
   end
   local c = setmetatable({}, Campaign)
   for k, v in pairs(def) do c[k] = v end
-  c.base_dir = template.base_dir
-  c.recipients_path = resolve(c.base_dir, def.recipients)
+  c.base_dir = def.base_dir or base_dir
+  c.recipients_path = paths.resolve(def.recipients, c.base_dir)
   c.concurrency = math.floor(def.concurrency or default_concurrency(def.send))
   if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
   c.email_field = def.email_field or "email"
@@ -118,7 +114,7 @@ function M.new(def)
   if lists ~= nil and type(lists) ~= "table" then error("mailshot.campaign: suppress must be a file or a list of files", 3) end
   lists = lists and { table.unpack(lists) } or {}
   if def.bounces_to then
-    c.bounces_path = resolve(c.base_dir, def.bounces_to)
+    c.bounces_path = paths.resolve(def.bounces_to, c.base_dir)
     local f = io.open(c.bounces_path, "r")
     if f then f:close(); lists[#lists + 1] = def.bounces_to end
   end
@@ -134,7 +130,7 @@ function M.new(def)
     -- before any message is sent
     local o = {}
     for k, v in pairs(def.dkim) do o[k] = v end
-    if type(o.key_file) == "string" then o.key_file = resolve(c.base_dir, o.key_file) end
+    if type(o.key_file) == "string" then o.key_file = paths.resolve(o.key_file, c.base_dir) end
     local signer, err = require("mailshot.dkim").signer(o)
     if not signer then error("mailshot.campaign: dkim: " .. tostring(err), 3) end
     c.signer = signer
@@ -177,7 +173,8 @@ end
 --- {address}, ... } or nil, reason: templates, mime.build, the DKIM signature.
 function Campaign:render(row, line)
   local label = self.recipients .. " line " .. line
-  local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit }
+  local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit,
+              base_dir = self.base_dir }
   local unsub_headers
   if self.unsub then
     local url

@@ -194,12 +194,12 @@ local function positive_int(v, name)
   return n
 end
 
--- Load a campaign script: its folder becomes the base for the files it names.
+-- Load a campaign script: the files it names are found beside it.  Its `require "mailshot"`
+-- (and "mailshot.template") gives a view whose campaign and template.file know the folder.
 local function load_campaign(path)
-  local dir = path:match("^(.*)/[^/]*$") or "."
-  mailshot.template.base_dir = dir
-  mailshot.mime.base_dir = dir
-  local env = setmetatable({}, { __index = _G })
+  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".")
+  local views = { mailshot = view, ["mailshot.template"] = tpl_view }
+  local env = setmetatable({ require = function(name) return views[name] or require(name) end }, { __index = _G })
   local chunk, err = loadfile(path, "t", env)
   if not chunk then return nil, err end
   local ok, c = xpcall(chunk, function(e) return debug.traceback(tostring(e), 2) end)

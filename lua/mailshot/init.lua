@@ -199,8 +199,29 @@ end
 -- Campaigns --------------------------------------------------------------------------------
 
 --- Describe a campaign; `mailshot run` runs what the script returns.
+--- Relative paths are resolved against def.base_dir (nil: the current directory).
 function M.campaign(def)
   return require("mailshot.campaign").new(def)
+end
+
+--- The mailshot module as a campaign script in folder dir sees it: mailshot.campaign and
+--- mailshot.template.file resolve relative paths against dir (`mailshot run` loads scripts
+--- with it, so a script's files sit beside it).  -> mailshot view, template view
+function M.for_folder(dir)
+  local campaign = require "mailshot.campaign"
+  local tpl = setmetatable({
+    file = function(path, opts)
+      local o = type(opts) == "string" and { name = opts } or {}
+      for k, v in pairs(type(opts) == "table" and opts or {}) do o[k] = v end
+      if o.base_dir == nil then o.base_dir = dir end
+      return M.template.file(path, o)        -- a tail call: its errors name the script's line
+    end,
+  }, { __index = M.template })
+  local view = setmetatable({
+    template = tpl,
+    campaign = function(def) return campaign.new(def, dir) end,
+  }, { __index = M })
+  return view, tpl
 end
 
 return M

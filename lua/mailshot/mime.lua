@@ -26,12 +26,10 @@ local byte, char, find, sub, gsub, match, format, lower, gmatch, unpack =
 local concat, sort = table.concat, table.sort
 local utf8_len, random, time = utf8.len, math.random, os.time
 local text = require "mailshot.text"
+local paths = require "mailshot.path"
 
 local M = {}
 
--- Relative attachment paths are resolved against this folder (nil = the
--- current directory); the campaign runner sets it like template.base_dir.
-M.base_dir = nil
 
 local CRLF = "\r\n"
 local MAX_LINE = 998        -- RFC 5322 2.1.1: MUST
@@ -585,23 +583,9 @@ local function header_with_params(name, value, params)
   return concat(t, CRLF)
 end
 
-local function read_file(path)
-  local full = path
-  if M.base_dir and M.base_dir ~= "" and sub(path, 1, 1) ~= "/" then
-    full = (sub(M.base_dir, -1) == "/" and M.base_dir or M.base_dir .. "/") .. path
-  end
-  local f, err = io.open(full, "rb")
-  local data
-  if f then
-    data, err = f:read("a")
-    f:close()
-  end
-  if not data then
-    local reason = tostring(err)
-    if sub(reason, 1, #full + 2) == full .. ": " then reason = sub(reason, #full + 3) end
-    return nil, "attachment " .. full .. ": " .. reason
-  end
-  return data
+-- an attachment's file, relative to the message's base_dir
+local function read_file(path, base)
+  return paths.read(path, base, "attachment")
 end
 
 -- Encoded attachment contents by raw content: a campaign attaches the same
@@ -639,7 +623,7 @@ end
 local att_heads, natt_heads, ATT_HEADS_MAX = {}, 0, 64
 
 -- attachment_part(a) -> part | nil, err
-local function attachment_part(a, i)
+local function attachment_part(a, i, base)
   if type(a) ~= "table" then error("attachments[" .. i .. "] must be a table", 4) end
   local data, filename = a.data, a.filename
   if data ~= nil then
@@ -649,7 +633,7 @@ local function attachment_part(a, i)
     end
   elseif type(a.path) == "string" then
     local err
-    data, err = read_file(a.path)
+    data, err = read_file(a.path, base)
     if not data then return nil, err end
     filename = filename or a.path
   else
@@ -862,7 +846,7 @@ local function body_part(m, text, html)
   if part.parts then part.body = multipart_text(part, "") end
   local parts = { part }
   for i, a in ipairs(list) do
-    local p, err = attachment_part(a, i)
+    local p, err = attachment_part(a, i, m.base_dir)
     if not p then return nil, err end
     parts[#parts + 1] = p
   end
@@ -938,6 +922,7 @@ function M.build(m)
   if type(m) ~= "table" then error("mime.build: expected a table", 2) end
   local text, html = check_string(m, "text"), check_string(m, "html")
   check_string(m, "subject")
+  check_string(m, "base_dir")
   if text == nil and html == nil then error("mime.build: message needs text or html", 2) end
   local a, err = addresses(m)
   if not a then return nil, err end
