@@ -5,14 +5,14 @@
 -- up to `concurrency` at once.  Every recipient ends up in the report: sent, failed (with the
 -- server's words), skipped (with the reason) or, in a dry run, written.
 
-local template = require "mailshot.template"
-local mime = require "mailshot.mime"
-local rate = require "mailshot.rate"
-local suppress = require "mailshot.suppress"
-local unsubscribe = require "mailshot.unsubscribe"
-local util = require "mailshot.util"
-local classify = require "mailshot.classify"
-local paths = require "mailshot.path"
+local template = require("mailshot.template")
+local mime = require("mailshot.mime")
+local rate = require("mailshot.rate")
+local suppress = require("mailshot.suppress")
+local unsubscribe = require("mailshot.unsubscribe")
+local util = require("mailshot.util")
+local classify = require("mailshot.classify")
+local paths = require("mailshot.path")
 
 local M = {}
 
@@ -214,7 +214,7 @@ end
 
 -- Running ----------------------------------------------------------------------------------
 
-local run = require "mailshot.run"
+local run = require("mailshot.run")
 M.STOPPED = run.STOPPED
 
 --- Run the campaign.  opts: dry (bool), outbox (dir), report (path), concurrency, quiet, limit,

@@ -7,9 +7,9 @@
 -- campaign's filter.  Duplicates are the row source's business (mailshot.rows): they depend on
 -- the rows before, not on the row.
 
-local idna = require "mailshot.idna"
-local mime = require "mailshot.mime"
-local suppress = require "mailshot.suppress"
+local idna = require("mailshot.idna")
+local mime = require("mailshot.mime")
+local suppress = require("mailshot.suppress")
 
 local find = string.find
 

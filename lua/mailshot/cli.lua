@@ -1,8 +1,8 @@
 -- mailshot.cli: the command line.  main(...) gets argv (without the program name) and returns
 -- the exit status: 0 success, 1 something failed (a message, a check), 2 usage or script error.
 
-local mailshot = require "mailshot"
-local campaign = require "mailshot.campaign"
+local mailshot = require("mailshot")
+local campaign = require("mailshot.campaign")
 
 local M = {}
 

@@ -19,12 +19,12 @@
 -- then 127.0.0.1 without DNS.  Address literals (`user@[192.0.2.1]`) are never delivered to, and
 -- an MX record naming an IP address instead of a host is not used (dns.plan).
 
-local core = require "mailshot.core"
-local smtp = require "mailshot.smtp"
-local dns = require "mailshot.dns"
-local idna = require "mailshot.idna"
-local rate = require "mailshot.rate"
-local sender = require "mailshot.sender"
+local core = require("mailshot.core")
+local smtp = require("mailshot.smtp")
+local dns = require("mailshot.dns")
+local idna = require("mailshot.idna")
+local rate = require("mailshot.rate")
+local sender = require("mailshot.sender")
 
 local M = {}
 local Direct = {}

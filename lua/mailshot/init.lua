@@ -7,8 +7,8 @@
 -- Everything here is thin: the C modules (mailshot.core, mailshot.smtp, mailshot.csv) do the
 -- waiting and the protocol work, the Lua modules (template, mime, campaign) the rest.
 
-local core = require "mailshot.core"
-local smtp = require "mailshot.smtp"
+local core = require("mailshot.core")
+local smtp = require("mailshot.smtp")
 
 local M = {
   version = "0.1.0",
@@ -21,7 +21,7 @@ local M = {
   rate = require "mailshot.rate",
   hooks = require "mailshot.hooks",
 }
-local direct = require "mailshot.direct"
+local direct = require("mailshot.direct")
 
 -- Tasks ------------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ local directs = setmetatable({}, { __mode = "k" })
 
 -- Per-relay rate limits: a relay with a `rate` is the C relay behind mailshot.sender's one
 -- limiter seam (the C object itself is never changed).
-local sender = require "mailshot.sender"
+local sender = require("mailshot.sender")
 local relay_limits = setmetatable({}, { __mode = "k" })   -- limited relay -> its limiter
 
 local function read_secret_file(path)

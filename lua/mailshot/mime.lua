@@ -25,8 +25,8 @@ local byte, char, find, sub, gsub, match, format, lower, gmatch, unpack =
       string.match, string.format, string.lower, string.gmatch, string.unpack
 local concat, sort = table.concat, table.sort
 local utf8_len, random, time = utf8.len, math.random, os.time
-local text = require "mailshot.text"
-local paths = require "mailshot.path"
+local text = require("mailshot.text")
+local paths = require("mailshot.path")
 
 local M = {}
 

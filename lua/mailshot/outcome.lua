@@ -2,7 +2,7 @@
 -- sending) and, for a hard bounce, the campaign's bounces_to file.  Also the one mapping of a
 -- sender's result to a report row.
 
-local suppress = require "mailshot.suppress"
+local suppress = require("mailshot.suppress")
 local csv_row = require("mailshot.text").csv_row
 
 local M = {}

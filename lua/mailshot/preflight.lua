@@ -7,11 +7,11 @@
 -- address), invalid, suppressed and duplicate rows.  Problems are ranked: "blocking" ones make
 -- `mailshot preflight` exit 1.
 
-local core = require "mailshot.core"
-local dns = require "mailshot.dns"
-local direct = require "mailshot.direct"
-local classify = require "mailshot.classify"
-local rows = require "mailshot.rows"
+local core = require("mailshot.core")
+local dns = require("mailshot.dns")
+local direct = require("mailshot.direct")
+local classify = require("mailshot.classify")
+local rows = require("mailshot.rows")
 
 local M = {}
 

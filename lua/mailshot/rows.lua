@@ -6,9 +6,9 @@
 -- sink; next() returns only rows to classify and deliver.  The loop is one thread: tasks take
 -- rows in turn.
 
-local core = require "mailshot.core"
-local csv = require "mailshot.csv"
-local util = require "mailshot.util"
+local core = require("mailshot.core")
+local csv = require("mailshot.csv")
+local util = require("mailshot.util")
 
 local M = {}
 

@@ -9,14 +9,14 @@
 --   (sender.limited: the rate limits -> sink:in_flight -> the campaign's send) ->
 --   outcome.from_result (on_result first) -> sink:add (report, journal) / sink:bounce.
 
-local core = require "mailshot.core"
-local rate = require "mailshot.rate"
-local journal = require "mailshot.journal"
-local util = require "mailshot.util"
-local classify = require "mailshot.classify"
-local outcome = require "mailshot.outcome"
-local rows = require "mailshot.rows"
-local sender = require "mailshot.sender"
+local core = require("mailshot.core")
+local rate = require("mailshot.rate")
+local journal = require("mailshot.journal")
+local util = require("mailshot.util")
+local classify = require("mailshot.classify")
+local outcome = require("mailshot.outcome")
+local rows = require("mailshot.rows")
+local sender = require("mailshot.sender")
 
 local M = {}
 

@@ -29,9 +29,9 @@ local string, table, type, tostring, error, ipairs, pairs, setmetatable, io, os 
 local find, sub, lower, format, gsub, match = string.find, string.sub, string.lower,
       string.format, string.gsub, string.match
 
-local idna = require "mailshot.idna"
-local csv = require "mailshot.csv"
-local paths = require "mailshot.path"
+local idna = require("mailshot.idna")
+local csv = require("mailshot.csv")
+local paths = require("mailshot.path")
 
 local M = {}
 

@@ -21,7 +21,7 @@ local find, sub, match, gsub, format, upper, lower =
       string.upper, string.lower
 local concat = table.concat
 
-local paths = require "mailshot.path"
+local paths = require("mailshot.path")
 
 local M = {}
 
