@@ -212,6 +212,10 @@ function Campaign:render(row, line)
   }
 end
 
+-- The report -------------------------------------------------------------------------------
+
+local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
+
 -- Running ----------------------------------------------------------------------------------
 
 local run = require("mailshot.run")
@@ -221,7 +225,7 @@ M.STOPPED = run.STOPPED
 --- journal, resume, force, resend_in_flight, relay_limiters, progress, signals, notice.
 --- Returns the counts table, or nil, err when the run could not start.
 function Campaign:run(opts)
-  local r, err = run.new(self, opts)
+  local r, err = run.new(self, opts, REPORT_COLUMNS)
   if not r then return nil, err end
   return r:go()
 end

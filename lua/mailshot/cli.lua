@@ -1,8 +1,8 @@
 -- mailshot.cli: the command line.  main(...) gets argv (without the program name) and returns
 -- the exit status: 0 success, 1 something failed (a message, a check), 2 usage or script error.
 
-local mailshot = require("mailshot")
-local campaign = require("mailshot.campaign")
+local mailshot = require "mailshot"
+local campaign = require "mailshot.campaign"
 
 local M = {}
 
@@ -336,6 +336,19 @@ function commands.preview(args)
       complain(("%s line %d: %s"):format(c.recipients, line, msg))
     end
   end
+end
+
+local function check_password(opts)
+  if opts["password-file"] then
+    local f, err = io.open(opts["password-file"], "r")
+    if not f then return nil, "--password-file: " .. err end
+    local line = f:read("l") or ""
+    f:close()
+    return line
+  end
+  local p = os.getenv("MAILSHOT_PASSWORD")
+  if not p then return nil, "--user needs a password: set MAILSHOT_PASSWORD or use --password-file" end
+  return p
 end
 
 function commands.check(args)

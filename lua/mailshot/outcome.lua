@@ -9,26 +9,25 @@ local M = {}
 
 -- The report -------------------------------------------------------------------------------
 
-local REPORT_COLUMNS = { "line", "email", "status", "code", "enhanced", "stage", "via", "mx", "response" }
-M.REPORT_COLUMNS = REPORT_COLUMNS
-
 local Report = {}
 Report.__index = Report
 
---- open_report(path) -> report | nil, err: the header is written now.
-function M.open_report(path)
+--- open_report(path, columns) -> report | nil, err: the header is written now.  columns: the
+--- report's fields in order (the campaign's REPORT_COLUMNS).
+function M.open_report(path, columns)
   local f, err = io.open(path, "w")
   if not f then return nil, ("report %s: %s"):format(path, err) end
   f:setvbuf("full", 65536)
-  f:write(table.concat(REPORT_COLUMNS, ","), "\r\n")
-  return setmetatable({ f = f, path = path, counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0 } }, Report)
+  f:write(table.concat(columns, ","), "\r\n")
+  return setmetatable({ f = f, path = path, columns = columns,
+                        counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0 } }, Report)
 end
 
 -- One row: RFC 4180 quoting when a value has a quote, comma or line break, or spaces at either
 -- end (a spreadsheet would trim them); text.csv_row does it in C.
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
-  self.f:write(csv_row(r, REPORT_COLUMNS), "\r\n")
+  self.f:write(csv_row(r, self.columns), "\r\n")
 end
 
 function Report:close() self.f:close() end

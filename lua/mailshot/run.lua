@@ -191,8 +191,9 @@ local function open_journal(c, opts)
                                       resume = opts.resume, force = opts.force, max_line = size and size + 1 })
 end
 
---- Make a run of campaign c: opts as campaign:run.  -> run | nil, err (nothing started).
-function M.new(c, opts)
+--- Make a run of campaign c: opts as campaign:run, columns the report's.  -> run | nil, err
+--- (nothing started).
+function M.new(c, opts, columns)
   if not opts.dry and not c.send then return nil, "the campaign has no 'send' function: it can only be run as a dry run" end
   local reader, err = rows.open_reader(c)
   if not reader then return nil, err end
@@ -203,7 +204,7 @@ function M.new(c, opts)
   local jrn, previous = open_journal(c, opts)
   if jrn == nil then reader:close(); return nil, previous end
   jrn = jrn or nil
-  local report, rerr = outcome.open_report(opts.report)
+  local report, rerr = outcome.open_report(opts.report, columns)
   if not report then reader:close(); if jrn then jrn:close() end; return nil, rerr end
   local self = setmetatable({ c = c, opts = opts, journal = jrn, report = report, domain_limiters = {},
                               by_domain = {}, stopping = nil }, Run)
