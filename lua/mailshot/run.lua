@@ -44,7 +44,8 @@ local function limiter(self, spec, name)
 end
 
 -- The limiters for a recipient domain: the campaign's own, then the domain's (domain_rate[domain],
--- or domain_rate["*"] as every other domain's own limiter).  -> a list for sender.limited
+-- or domain_rate["*"] as every other domain's own limiter), then the relay's own `rate` when the
+-- campaign sends through a relay that has one.  -> a list for sender.limited
 function Run:limiters_for(domain)
   local dr = self.c.domain_rate
   if not dr then return self.campaign_limiters end
@@ -55,7 +56,7 @@ function Run:limiters_for(domain)
     local saved = l and self.saved_rates and self.saved_rates["domain " .. domain]
     if saved then pcall(l.restore, l, saved) end
     self.domain_limiters[domain] = l
-    list = { self.limiter or false, l }
+    list = { self.limiter or false, l, self.send_limiter or false }
     self.by_domain[domain] = list
   end
   return list
@@ -78,7 +79,9 @@ function Run:deliver(msg, email, row, line, rep)
   end
   local domain = (email:match("@([^@]+)$") or ""):lower()
   local res, refused = sender.limited(self:limiters_for(domain), domain, nil, self.send_one, self, msg, row, line, email)
-  if refused then
+  if refused and refused == self.send_limiter then
+    res.via = "relay"                    -- the relay's own limit: its result, as relay:send gives it
+  elseif refused then
     -- a rule said no for now (a warm-up quota): left for a later run (--resume), not retried here
     rep.status, rep.stage, rep.response, rep.temporary, rep.retry = "failed", "rate", res.message, true, false
     return rep
@@ -101,7 +104,7 @@ end
 -- Under the rate slots: the journal says "in flight", then the campaign's send.
 function Run:send_one(msg, row, line, email)
   self.sink:in_flight(line, email)
-  return sender.call(self.c.send, msg, row)
+  return sender.call(self.send, msg, row)
 end
 
 --- One row through classify, render and deliver -> its report row.
@@ -219,7 +222,9 @@ function M.new(c, opts, columns)
     self.limiter = limiter(self, c.rate, "campaign")
     self.limiters.campaign = self.limiter
   end
-  self.campaign_limiters = self.limiter and { self.limiter } or sender.NONE
+  self.send, self.send_limiter = sender.unwrap(c.send)
+  self.campaign_limiters = (self.limiter or self.send_limiter) and { self.limiter or false, self.send_limiter or false }
+                           or sender.NONE
   if jrn and previous then
     -- daily quotas hold across --resume: the limiters continue from where the last run left them
     self.saved_rates = journal.load_rates(opts.journal .. ".rates")

@@ -26,7 +26,7 @@ end
 local NONE = {}
 
 --- limited(limiters, key, extra, fn, ...) -> fn(...)'s result, or the failure result of a
---- limiter that refused (stage "rate", temporary, with extra's fields) and true.  limiters: a list of
+--- limiter that refused (stage "rate", temporary, with extra's fields) and that limiter.  limiters: a list of
 --- rate limiters (false entries are skipped); key: the recipient domain, for per-domain rules.
 --- Slots are held while fn runs and given back even when it raises (the error goes on).
 function M.limited(limiters, key, extra, fn, ...)
@@ -37,7 +37,7 @@ function M.limited(limiters, key, extra, fn, ...)
       local token, why = lim:begin(key)
       if not token then
         for _, h in ipairs(held) do h[1]:complete(h[2]) end
-        return M.failure("rate limit: " .. tostring(why), true, "rate", extra), true
+        return M.failure("rate limit: " .. tostring(why), true, "rate", extra), lim
       end
       held[#held + 1] = { lim, token }
     end
@@ -68,6 +68,13 @@ function Limited:stats(...) return self.relay:stats(...) end
 --- A relay whose sends wait for limiter first (relay: the C object, unchanged).
 function M.limited_relay(relay, limiter)
   return setmetatable({ relay = relay, limiter = limiter, limiters = { limiter } }, Limited)
+end
+
+--- unwrap(send) -> what to call, its own limiter (nil for any other sender).  The runner takes
+--- a limited relay's limiter into its own list, so a message passes `limited` once.
+function M.unwrap(send)
+  if getmetatable(send) == Limited then return send.relay, send.limiter end
+  return send
 end
 
 return M

@@ -381,7 +381,7 @@ case("sender.limited: every limiter in order, slots back after the send, one fai
   -- a refuses now (1/h with a pause of 0 would wait: a quota does not): use a custom "no"
   local no = rate.new(rate.custom(function() return false, "warm-up quota" end), { now = c.now, sleep = c.sleep })
   res, refused = sender.limited({ b, no }, "x.test", { via = "relay" }, send, "m2")
-  assert(refused == true and calls == 1, "a refusal does not send")
+  assert(refused == no and calls == 1, "a refusal does not send; the refusing limiter is named")
   assert(res.ok == false and res.code == 0 and res.stage == "rate" and res.temporary == true and res.via == "relay")
   assert(res.message:find("warm-up quota", 1, true), res.message)
   -- b's slot taken before the refusal was given back, and an error in the send gives its slots back too
