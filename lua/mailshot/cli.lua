@@ -79,7 +79,8 @@ second signal stops at once) and print how to resume.
 Usage: mailshot preview SCRIPT [--row N]
 
 Render the message for the Nth recipient row (default 1) and print it as sent, headers and all.
-Nothing is sent and nothing is written.
+Nothing is sent and nothing is written.  A row that `run` skips (invalid, suppressed, role,
+filtered or duplicate address) prints nothing: the reason goes to stderr, exit status 1.
 ]=],
   check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]

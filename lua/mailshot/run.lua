@@ -5,9 +5,11 @@
 -- state, the stop flag, the progress line.  The campaign definition is not changed by a run.
 --
 -- A message's walk, once through each function, in one direction:
---   rows:next -> classify.row -> campaign:render (template, mime.build, dkim) -> Run:deliver
---   (sender.limited: the rate limits -> sink:in_flight -> the campaign's send) ->
---   outcome.from_result (on_result first) -> sink:add (report, journal) / sink:bounce.
+--   Rows:next (CSV, --resume records, duplicates) -> Run:process -> classify.row (IDN, address,
+--   suppression, roles, filter) -> Campaign:render (templates, mime.build, DKIM) -> Run:deliver
+--   -> sender.limited (campaign, domain and relay limits) -> Run:send_one (sink:in_flight, then
+--   the sender: relay:send and the C session) -> on_result -> outcome.from_result ->
+--   sink:bounce -> Run:work -> sink:add (report, journal) or Rows:defer (retry queue).
 
 local core = require("mailshot.core")
 local rate = require("mailshot.rate")
