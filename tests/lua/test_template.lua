@@ -336,7 +336,7 @@ local function tmpdir()
   return base
 end
 
-case("template.file resolves relative paths against opts.base_dir, else the calling file's folder", function()
+case("template.file resolves relative paths against opts.base_dir; a script's view (mailshot.for_folder) gives its folder", function()
   local dir = tmpdir()
   local f = assert(io.open(dir .. "/body.txt", "wb"))
   f:write("Hello {{name}}\n")
