@@ -129,8 +129,9 @@ local function recipients_of(msg)
   return to
 end
 
-local function failure(message, temporary, stage, extra)
-  local r = sender.failure(message, temporary, stage, extra)
+-- A failure of direct delivery itself; kind is the result's `error` (as the C client's, src/smtp.h).
+local function failure(kind, message, temporary, stage, extra)
+  local r = sender.failure(kind, message, temporary, stage, extra)
   r.via, r.attempts = "direct", r.attempts or {}
   return r
 end
@@ -200,7 +201,7 @@ end
 function Direct:plan(domain)
   if is_localhost(domain) then
     if not self.allow_private then
-      return nil, failure(("%s is this machine, not an internet mail domain (RFC 6761): direct delivery refuses it; %s"):format(
+      return nil, failure("dns", ("%s is this machine, not an internet mail domain (RFC 6761): direct delivery refuses it; %s"):format(
         domain, (ALLOW_HINT:gsub("them$", "it"))), false, "dns", { dns = "localhost", domain = domain })
     end
     return { { host = domain, preference = 0, implicit = true, addresses = { "::1", "127.0.0.1" } } }
@@ -208,7 +209,7 @@ function Direct:plan(domain)
   local plan, err, kind = dns.plan(domain, self.dns_opts)
   if not plan then
     local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
-    return nil, failure(err, not permanent, "dns", { dns = kind, domain = domain })
+    return nil, failure("dns", err, not permanent, "dns", { dns = kind, domain = domain })
   end
   local usable, policy_only = M.screen(plan, self.allow_private)
   if usable == 0 and policy_only then
@@ -223,7 +224,7 @@ function Direct:plan(domain)
     for _, a in ipairs(attempts) do private = private or a.address ~= nil end
     local msg = ("direct delivery refuses every mail server of %s: %s"):format(domain, table.concat(M.refusals(plan), "; "))
     if private then msg = msg .. ("; private and reserved addresses are not on the internet (%s)"):format(ALLOW_HINT) end
-    return nil, failure(msg, false, "dns", { dns = private and "private" or "mx_literal", domain = domain, attempts = attempts })
+    return nil, failure("dns", msg, false, "dns", { dns = private and "private" or "mx_literal", domain = domain, attempts = attempts })
   end
   return plan
 end
@@ -234,14 +235,14 @@ function Direct:send(msg)
   local domain
   for _, a in ipairs(rcpts) do
     if type(a) == "string" and a:find("@%[[^@]*%]$") then
-      return failure(("%s: the domain is an address literal; direct delivery only delivers to domain names"):format(a),
+      return failure("dns", ("%s: the domain is an address literal; direct delivery only delivers to domain names"):format(a),
                      false, "dns", { dns = "literal" })
     end
     local d, err = idna.address_domain_ascii(a)
-    if not d then return failure(("invalid recipient %s: %s"):format(a, err), false, "rcpt") end
+    if not d then return failure("invalid", ("invalid recipient %s: %s"):format(a, err), false, "rcpt") end
     d = d:lower()
     if domain and d ~= domain then
-      return failure("direct delivery takes one recipient domain per message (" .. domain .. ", " .. d .. ")", false, "rcpt")
+      return failure("invalid", "direct delivery takes one recipient domain per message (" .. domain .. ", " .. d .. ")", false, "rcpt")
     end
     domain = d
   end
@@ -274,7 +275,7 @@ function Direct:deliver(msg, plan, domain)
       end
     end
     -- every host failed before a transaction: worth another try later
-    local r = last or failure(("no mail server of %s could be reached"):format(domain), true, "connect")
+    local r = last or failure("connect", ("no mail server of %s could be reached"):format(domain), true, "connect")
     r.ok, r.temporary, r.via, r.attempts, r.domain = false, true, "direct", attempts, domain
     r.mx, r.address = nil, nil
     if #plan > 1 or #(plan[1].addresses) > 1 then

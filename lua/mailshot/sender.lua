@@ -15,10 +15,11 @@ function M.call(send, msg, row)
   return send:send(msg, row)
 end
 
---- The failure result of a sender (the fields of a relay's result): ok = false, code 0.
---- extra: more fields (via, domain, attempts, retry...).
-function M.failure(message, temporary, stage, extra)
-  local r = { ok = false, code = 0, message = message, temporary = temporary, stage = stage }
+--- The failure result of a sender (the fields of a relay's result): ok = false, code 0; kind is
+--- the result's `error` (the kinds of the C client's results).  extra: more fields (via,
+--- domain, attempts...).
+function M.failure(kind, message, temporary, stage, extra)
+  local r = { ok = false, code = 0, message = message, temporary = temporary, stage = stage, error = kind }
   for k, v in pairs(extra or {}) do r[k] = v end
   return r
 end
@@ -37,7 +38,7 @@ function M.limited(limiters, key, extra, fn, ...)
       local token, why = lim:begin(key)
       if not token then
         for _, h in ipairs(held) do h[1]:complete(h[2]) end
-        return M.failure("rate limit: " .. tostring(why), true, "rate", extra), lim
+        return M.failure("rate", "rate limit: " .. tostring(why), true, "rate", extra), lim
       end
       held[#held + 1] = { lim, token }
     end

@@ -382,7 +382,8 @@ case("sender.limited: every limiter in order, slots back after the send, one fai
   local no = rate.new(rate.custom(function() return false, "warm-up quota" end), { now = c.now, sleep = c.sleep })
   res, refused = sender.limited({ b, no }, "x.test", { via = "relay" }, send, "m2")
   assert(refused == no and calls == 1, "a refusal does not send; the refusing limiter is named")
-  assert(res.ok == false and res.code == 0 and res.stage == "rate" and res.temporary == true and res.via == "relay")
+  assert(res.ok == false and res.code == 0 and res.stage == "rate" and res.error == "rate" and res.temporary == true
+         and res.via == "relay")
   assert(res.message:find("warm-up quota", 1, true), res.message)
   -- b's slot taken before the refusal was given back, and an error in the send gives its slots back too
   local boom = function() error("boom", 0) end
