@@ -718,11 +718,9 @@ int luaopen_mailshot_smtp(lua_State *L) {
   luaL_newmetatable(L, RELAY_MT);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -3, "__index");       /* metatable.__index = methods */
+  lua_setfield(L, -2, "__index");       /* metatable.__index = methods (not exported: rate limits
+                                           wrap a relay in Lua, mailshot.sender) */
+  lua_pop(L, 1);
   luaL_newlib(L, funcs);
-  lua_insert(L, -2);
-  lua_setfield(L, -2, "methods");       /* smtp.methods: lets Lua wrap a method (rate limits) */
-  lua_remove(L, -2);
   return 1;
 }

@@ -17,7 +17,10 @@
  *       break, or white space at either end (a spreadsheet would trim it).  A value that starts
  *       with = + - @ TAB CR (a spreadsheet formula) or ' gets one ' prepended, and is quoted.
  *   text.tsv_record(kind, line, email [, t, keys]) -> "kind\tline\temail[\tt[k]...]\n"
- *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\. */
+ *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\.
+ *   text.address_ok(addr) -> true | false, reason
+ *       smtp_addr_ok, the rule the SMTP client applies to every MAIL FROM and RCPT TO: the one
+ *       rule set for an address (mime.valid_address narrows it to what a header can carry). */
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdint.h>
@@ -25,6 +28,7 @@
 
 #include "bytebuf.h"
 #include "l_text.h"
+#include "smtp_proto.h"
 
 /* text.crlf's two walks over the lines (bytebuf_lines finds the breaks): is s already CRLF-only with
  * no line over max_line, and else the copy with every break as CRLF. */
@@ -182,9 +186,23 @@ static int t_tsv_record(lua_State *L) {
   return 1;
 }
 
+static int t_address_ok(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  char why[128];
+  if (smtp_addr_ok(s, n, 0, why, sizeof why)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushstring(L, why);
+  return 2;
+}
+
 int luaopen_mailshot_text(lua_State *L) {
   static const luaL_Reg fns[] = {
-    { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record }, { NULL, NULL }
+    { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record },
+    { "address_ok", t_address_ok }, { NULL, NULL }
   };
   luaL_newlib(L, fns);
   return 1;

@@ -81,7 +81,8 @@ second signal stops at once) and print how to resume.
 Usage: mailshot preview SCRIPT [--row N]
 
 Render the message for the Nth recipient row (default 1) and print it as sent, headers and all.
-Nothing is sent and nothing is written.
+Nothing is sent and nothing is written.  A row that `run` skips (invalid, suppressed, role,
+filtered or duplicate address) prints nothing: the reason goes to stderr, exit status 1.
 ]=],
   check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
@@ -196,12 +197,12 @@ local function positive_int(v, name)
   return n
 end
 
--- Load a campaign script: its folder becomes the base for the files it names.
+-- Load a campaign script: the files it names are found beside it.  Its `require "mailshot"`
+-- (and "mailshot.template") gives a view whose campaign and template.file know the folder.
 local function load_campaign(path)
-  local dir = path:match("^(.*)/[^/]*$") or "."
-  mailshot.template.base_dir = dir
-  mailshot.mime.base_dir = dir
-  local env = setmetatable({}, { __index = _G })
+  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".")
+  local views = { mailshot = view, ["mailshot.template"] = tpl_view }
+  local env = setmetatable({ require = function(name) return views[name] or require(name) end }, { __index = _G })
   local chunk, err = loadfile(path, "t", env)
   if not chunk then return nil, err end
   local ok, c = xpcall(chunk, function(e) return debug.traceback(tostring(e), 2) end)
@@ -306,9 +307,11 @@ function commands.preview(args)
   local c
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
+  local rows = require "mailshot.rows"
   local reader
-  reader, err = mailshot.csv.open(c.recipients_path, { delimiter = c.delimiter })
+  reader, err = rows.open_reader(c)
   if not reader then complain(err); return 2 end
+  local first = rows.dedupe()          -- run's duplicate rule: preview tells what run would do
   local n = 0
   while true do
     local row, line, msg = reader:read()
@@ -319,9 +322,15 @@ function commands.preview(args)
     end
     if row then
       n = n + 1
+      local is_first = first(row[c.email_field])
       if n == want then
         reader:close()
-        local m, merr = c:message(row, line)
+        local m, merr, skipped
+        if is_first then m, merr, skipped = c:message(row, line) else merr, skipped = rows.DUPLICATE, "duplicate" end
+        if skipped then
+          complain(("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, merr))
+          return 1
+        end
         if not m then complain(merr); return 1 end
         io.stdout:write(m.data)
         return 0

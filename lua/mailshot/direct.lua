@@ -19,11 +19,12 @@
 -- then 127.0.0.1 without DNS.  Address literals (`user@[192.0.2.1]`) are never delivered to, and
 -- an MX record naming an IP address instead of a host is not used (dns.plan).
 
-local core = require "mailshot.core"
-local smtp = require "mailshot.smtp"
-local dns = require "mailshot.dns"
-local idna = require "mailshot.idna"
-local rate = require "mailshot.rate"
+local core = require("mailshot.core")
+local smtp = require("mailshot.smtp")
+local dns = require("mailshot.dns")
+local idna = require("mailshot.idna")
+local rate = require("mailshot.rate")
+local sender = require("mailshot.sender")
 
 local M = {}
 local Direct = {}
@@ -130,9 +131,8 @@ end
 
 -- A failure of direct delivery itself; kind is the result's `error` (as the C client's, src/smtp.h).
 local function failure(kind, message, temporary, stage, extra)
-  local r = { ok = false, code = 0, message = message, temporary = temporary, stage = stage, error = kind, via = "direct",
-              attempts = {} }
-  for k, v in pairs(extra or {}) do r[k] = v end
+  local r = sender.failure(kind, message, temporary, stage, extra)
+  r.via, r.attempts = "direct", r.attempts or {}
   return r
 end
 
@@ -249,12 +249,13 @@ function Direct:send(msg)
   local plan, refusal = self:plan(domain)
   if not plan then return refusal end
   local limiter = self:limiter(domain)
-  local token
-  if limiter then
-    local why
-    token, why = limiter:begin(domain)
-    if not token then return failure("rate", "rate limit: " .. tostring(why), true, "rate", { domain = domain }) end
-  end
+  local result = sender.limited(limiter and { limiter } or sender.NONE, domain,
+                                { via = "direct", domain = domain, attempts = {} }, self.deliver, self, msg, plan, domain)
+  return result
+end
+
+-- Try the plan's hosts in turn, within the domain's connection cap.
+function Direct:deliver(msg, plan, domain)
   self:acquire(domain)
   local ok, result = pcall(function()
     local attempts, last = {}, nil
@@ -283,7 +284,6 @@ function Direct:send(msg)
     return r
   end)
   self:release(domain)
-  if token then limiter:complete(token) end
   if not ok then error(result, 0) end
   return result
 end

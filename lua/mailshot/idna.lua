@@ -179,25 +179,25 @@ local function decode_cps(s)
   return out
 end
 
+-- A public punycode entry: the string checked, then from = its code points (or
+-- nil, why) and to = the result (or nil, why); errors say "punycode: ".
+-- Tail-called, so a wrong argument is blamed on the caller of the entry.
+local function punycode(fname, s, from, to)
+  if type(s) ~= "string" then error(fname .. ": expected a string, got " .. type(s), 2) end
+  local cps, why = from(s)
+  if not cps then return nil, "punycode: " .. why end
+  local out, err = to(cps)
+  if not out then return nil, "punycode: " .. err end
+  return out
+end
+
 -- idna.punycode_encode(label) -> ASCII string (no "xn--") | nil, err
 -- label is UTF-8; it is encoded as it is (no case mapping, no checks).
-function M.punycode_encode(label)
-  if type(label) ~= "string" then error("punycode_encode: expected a string, got " .. type(label), 2) end
-  local cps, why = code_points(label)
-  if not cps then return nil, "punycode: " .. why end
-  local s, err = encode_cps(cps)
-  if not s then return nil, "punycode: " .. err end
-  return s
-end
+function M.punycode_encode(label) return punycode("punycode_encode", label, code_points, encode_cps) end
 
 -- idna.punycode_decode(ascii) -> UTF-8 string | nil, err
 -- Takes the part after "xn--"; digits of either case are accepted.
-function M.punycode_decode(s)
-  if type(s) ~= "string" then error("punycode_decode: expected a string, got " .. type(s), 2) end
-  local cps, err = decode_cps(s)
-  if not cps then return nil, "punycode: " .. err end
-  return to_utf8(cps)
-end
+function M.punycode_decode(s) return punycode("punycode_decode", s, decode_cps, to_utf8) end
 
 ---------------------------------------------------------------- labels
 

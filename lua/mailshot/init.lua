@@ -7,8 +7,8 @@
 -- Everything here is thin: the C modules (mailshot.core, mailshot.smtp, mailshot.csv) do the
 -- waiting and the protocol work, the Lua modules (template, mime, campaign) the rest.
 
-local core = require "mailshot.core"
-local smtp = require "mailshot.smtp"
+local core = require("mailshot.core")
+local smtp = require("mailshot.smtp")
 
 local M = {
   version = core.version,           -- the Makefile's VERSION, through C
@@ -21,7 +21,7 @@ local M = {
   rate = require "mailshot.rate",
   hooks = require "mailshot.hooks",
 }
-local direct = require "mailshot.direct"
+local direct = require("mailshot.direct")
 
 -- Tasks ------------------------------------------------------------------------------------
 
@@ -65,22 +65,10 @@ M.now = core.now
 local relays = setmetatable({}, { __mode = "k" })   -- to close politely at the end of a run
 local directs = setmetatable({}, { __mode = "k" })
 
--- Per-relay rate limits: relay:send waits for the relay's limiter first.  The C method is
--- wrapped once, here, for every relay.
-local relay_limits = setmetatable({}, { __mode = "k" })
-local c_send = smtp.methods.send
-smtp.methods.send = function(self, msg, ...)
-  local limiter = relay_limits[self]
-  if not limiter then return c_send(self, msg, ...) end
-  local token, why = limiter:begin()
-  if not token then
-    return { ok = false, code = 0, message = "rate limit: " .. tostring(why), temporary = true, stage = "rate", error = "rate", via = "relay" }
-  end
-  local ok, result = pcall(c_send, self, msg, ...)
-  limiter:complete(token)          -- the slot counts from the server's answer (see mailshot.rate)
-  if not ok then error(result, 0) end
-  return result
-end
+-- Per-relay rate limits: a relay with a `rate` is the C relay behind mailshot.sender's one
+-- limiter seam (the C object itself is never changed).
+local sender = require("mailshot.sender")
+local relay_limits = setmetatable({}, { __mode = "k" })   -- limited relay -> its limiter
 
 local function read_secret_file(path)
   local f, err = io.open(path, "r")
@@ -109,7 +97,11 @@ function M.relay(opts)
   local relay, err = smtp.relay(o)
   if not relay then error("mailshot.relay: " .. err, 2) end
   relays[relay] = true
-  if rules and #rules > 0 then relay_limits[relay] = M.rate.new(rules, { name = "relay " .. tostring(relay) }) end
+  if rules and #rules > 0 then
+    local limited = sender.limited_relay(relay, M.rate.new(rules, { name = "relay " .. tostring(relay) }))
+    relay_limits[limited] = limited.limiter
+    return limited
+  end
   return relay
 end
 
@@ -179,11 +171,6 @@ function M.should_fall_back(result)
   return result.temporary == true or NO_VERDICT[result.stage] == true
 end
 
-local function call_sender(sender, msg, row)
-  if type(sender) == "function" then return sender(msg, row) end
-  return sender:send(msg, row)
-end
-
 --- Try senders in order: mailshot.fallback{ relay, mailshot.direct_sender{ dns = "..." } }
 --- (the brief's "relay, then direct on error"), or the other way round.  A sender is a relay,
 --- a direct sender, anything with :send(msg), or a function(msg, row).  opts.when(result)
@@ -200,7 +187,7 @@ function M.fallback(senders, opts)
   return function(msg, row)
     local tries, result = {}, nil
     for i, s in ipairs(senders) do
-      result = call_sender(s, msg, row)
+      result = sender.call(s, msg, row)
       tries[#tries + 1] = { via = result.via, ok = result.ok, code = result.code, message = result.message }
       if result.ok or i == #senders or not when(result) then break end
     end
@@ -212,8 +199,29 @@ end
 -- Campaigns --------------------------------------------------------------------------------
 
 --- Describe a campaign; `mailshot run` runs what the script returns.
+--- Relative paths are resolved against def.base_dir (nil: the current directory).
 function M.campaign(def)
   return require("mailshot.campaign").new(def)
+end
+
+--- The mailshot module as a campaign script in folder dir sees it: mailshot.campaign and
+--- mailshot.template.file resolve relative paths against dir (`mailshot run` loads scripts
+--- with it, so a script's files sit beside it).  -> mailshot view, template view
+function M.for_folder(dir)
+  local campaign = require "mailshot.campaign"
+  local tpl = setmetatable({
+    file = function(path, opts)
+      local o = type(opts) == "string" and { name = opts } or {}
+      for k, v in pairs(type(opts) == "table" and opts or {}) do o[k] = v end
+      if o.base_dir == nil then o.base_dir = dir end
+      return M.template.file(path, o)        -- a tail call: its errors name the script's line
+    end,
+  }, { __index = M.template })
+  local view = setmetatable({
+    template = tpl,
+    campaign = function(def) return campaign.new(def, dir) end,
+  }, { __index = M })
+  return view, tpl
 end
 
 return M

@@ -25,13 +25,11 @@ local byte, char, find, sub, gsub, match, format, lower, gmatch, unpack =
       string.match, string.format, string.lower, string.gmatch, string.unpack
 local concat, sort = table.concat, table.sort
 local utf8_len, random, time = utf8.len, math.random, os.time
-local text = require "mailshot.text"
+local text = require("mailshot.text")
+local paths = require("mailshot.path")
 
 local M = {}
 
--- Relative attachment paths are resolved against this folder (nil = the
--- current directory); the campaign runner sets it like template.base_dir.
-M.base_dir = nil
 
 local CRLF = "\r\n"
 local MAX_LINE = 998        -- RFC 5322 2.1.1: MUST
@@ -349,30 +347,29 @@ local function fast_valid(addr)
 end
 
 -- mime.valid_address(addr) -> true | false, reason
--- Accepts local@domain: a dot-atom local part (RFC 5322 3.4.1, no quoted
--- local parts) of at most 64 octets, and a domain of LDH labels (RFC 1035)
--- of at most 253 octets.  ASCII only (no SMTPUTF8).
+-- One rule set with the SMTP client: text.address_ok is smtp_addr_ok, the C
+-- check of every MAIL FROM and RCPT TO (no CR, LF, control character, "<"
+-- or ">"; lengths of RFC 5321 4.5.3.1; one "@").  A header narrows it: a
+-- dot-atom local part (RFC 5322 3.4.1, no quoted local parts), a domain of
+-- LDH labels (RFC 1035; an IDN goes as its A-label, idna.to_ascii), ASCII
+-- only (no SMTPUTF8).
+local address_ok = text.address_ok
 local function valid_address(addr)
   if type(addr) ~= "string" then return false, "not a string" end
   if fast_valid(addr) then return true end
-  if addr == "" then return false, "empty address" end
-  if find(addr, "[%c ]") then return false, "space or control character in address" end
+  local ok, why = address_ok(addr)
+  if not ok then return false, why end
   if find(addr, "[\128-\255]") then return false, "non-ASCII address (SMTPUTF8 is not supported)" end
-  local at = select(2, gsub(addr, "@", "@"))
-  if at == 0 then return false, "no @ in address" end
-  if at > 1 then return false, "more than one @ in address" end
+  if find(addr, " ", 1, true) then return false, "space in address" end
   local lp, domain = match(addr, "^(.*)@(.*)$")
-  if lp == "" then return false, "empty local part" end
-  if domain == "" then return false, "empty domain" end
-  if #lp > 64 then return false, "local part longer than 64 octets" end
   if sub(lp, 1, 1) == "." or sub(lp, -1) == "." or find(lp, "..", 1, true) then
     return false, "misplaced dot in local part"
   end
   for atom in gmatch(lp, "[^.]+") do
     if not find(atom, DOT_ATOM) then return false, "bad character in local part" end
   end
-  local why = domain_error(domain)
-  if why then return false, why end
+  local derr = domain_error(domain)
+  if derr then return false, derr end
   return true
 end
 M.valid_address = valid_address
@@ -586,23 +583,9 @@ local function header_with_params(name, value, params)
   return concat(t, CRLF)
 end
 
-local function read_file(path)
-  local full = path
-  if M.base_dir and M.base_dir ~= "" and sub(path, 1, 1) ~= "/" then
-    full = (sub(M.base_dir, -1) == "/" and M.base_dir or M.base_dir .. "/") .. path
-  end
-  local f, err = io.open(full, "rb")
-  local data
-  if f then
-    data, err = f:read("a")
-    f:close()
-  end
-  if not data then
-    local reason = tostring(err)
-    if sub(reason, 1, #full + 2) == full .. ": " then reason = sub(reason, #full + 3) end
-    return nil, "attachment " .. full .. ": " .. reason
-  end
-  return data
+-- an attachment's file, relative to the message's base_dir
+local function read_file(path, base)
+  return paths.read(path, base, "attachment")
 end
 
 -- Encoded attachment contents by raw content: a campaign attaches the same
@@ -640,7 +623,7 @@ end
 local att_heads, natt_heads, ATT_HEADS_MAX = {}, 0, 64
 
 -- attachment_part(a) -> part | nil, err
-local function attachment_part(a, i)
+local function attachment_part(a, i, base)
   if type(a) ~= "table" then error("attachments[" .. i .. "] must be a table", 4) end
   local data, filename = a.data, a.filename
   if data ~= nil then
@@ -650,7 +633,7 @@ local function attachment_part(a, i)
     end
   elseif type(a.path) == "string" then
     local err
-    data, err = read_file(a.path)
+    data, err = read_file(a.path, base)
     if not data then return nil, err end
     filename = filename or a.path
   else
@@ -863,7 +846,7 @@ local function body_part(m, text, html)
   if part.parts then part.body = multipart_text(part, "") end
   local parts = { part }
   for i, a in ipairs(list) do
-    local p, err = attachment_part(a, i)
+    local p, err = attachment_part(a, i, m.base_dir)
     if not p then return nil, err end
     parts[#parts + 1] = p
   end
@@ -939,6 +922,7 @@ function M.build(m)
   if type(m) ~= "table" then error("mime.build: expected a table", 2) end
   local text, html = check_string(m, "text"), check_string(m, "html")
   check_string(m, "subject")
+  check_string(m, "base_dir")
   if text == nil and html == nil then error("mime.build: message needs text or html", 2) end
   local a, err = addresses(m)
   if not a then return nil, err end

@@ -7,13 +7,11 @@
 -- address), invalid, suppressed and duplicate rows.  Problems are ranked: "blocking" ones make
 -- `mailshot preflight` exit 1.
 
-local core = require "mailshot.core"
-local csv = require "mailshot.csv"
-local dns = require "mailshot.dns"
-local direct = require "mailshot.direct"
-local idna = require "mailshot.idna"
-local mime = require "mailshot.mime"
-local suppress = require "mailshot.suppress"
+local core = require("mailshot.core")
+local dns = require("mailshot.dns")
+local direct = require("mailshot.direct")
+local classify = require("mailshot.classify")
+local rows = require("mailshot.rows")
 
 local M = {}
 
@@ -149,17 +147,18 @@ end
 --- allow_private (direct delivery's policy: without it, MX addresses that are not global
 --- unicast are not probed, and a domain whose every mail server is such is reported).  Returns a report:
 --- { problems = { {rank, text} ... sorted }, domains = { [d] = n }, rows, invalid, suppressed,
----   duplicates, render_errors, bad_domains = { [d] = reason }, blocking = n }
+---   duplicates, filtered, render_errors, bad_domains = { [d] = reason }, blocking = n }
 function M.run(c, opts)
   opts = opts or {}
   local dopts = { server = opts.dns, timeout = opts.timeout or 3 }
   local problems = {}
   local function add(rank, fmt, ...) problems[#problems + 1] = { rank = rank, text = fmt:format(...) } end
-  local res = { domains = {}, rows = 0, invalid = 0, suppressed = 0, duplicates = 0, render_errors = 0,
+  local res = { domains = {}, rows = 0, invalid = 0, suppressed = 0, duplicates = 0, filtered = 0, render_errors = 0,
                 bad_domains = {}, skipped_rows = 0 }
-  local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter })
+  local reader, err = rows.open_reader(c)
   if not reader then return nil, err end
-  local seen, from_domain = {}, nil
+  local from_domain = nil
+  local first = rows.dedupe()
   while true do
     local row, line, msg = reader:read()
     if row == nil then break end
@@ -167,31 +166,39 @@ function M.run(c, opts)
       res.skipped_rows = res.skipped_rows + 1
       add("warning", "%s line %d: %s", c.recipients, line, msg)
     else
+      -- the order of run: duplicates (mailshot.rows), then classify.row, then render
       res.rows = res.rows + 1
-      local email = row[c.email_field] or ""
-      local ok = mime.valid_address(email)
-      local key = email:lower()
-      if not ok then
-        res.invalid = res.invalid + 1
-        if res.invalid <= 5 then add("warning", "%s line %d: invalid address %q", c.recipients, line, email) end
-      elseif seen[key] then
-        res.duplicates = res.duplicates + 1
+      local raw = row[c.email_field]
+      local email, why, kind
+      if not first(raw) then
+        kind = "duplicate"
       else
-        seen[key] = true
-        local why = (c.suppressed and c.suppressed:check(email))
-                    or (c.suppress_roles and suppress.is_role(email) and "role address")
-        if why then
-          res.suppressed = res.suppressed + 1
-        else
-          local domain = idna.to_ascii(email:match("@([^@]+)$")) or email:match("@([^@]+)$")
-          res.domains[domain] = (res.domains[domain] or 0) + 1
-          local m, merr = c:message(row, line)
-          if not m then
-            res.render_errors = res.render_errors + 1
-            if res.render_errors <= 5 then add("blocking", "%s", merr) end
-          elseif not from_domain then
-            from_domain = m.from:match("@([^@]+)$")
-          end
+        local ok, e, w, k = pcall(classify.row, c, row)
+        if ok then email, why, kind = e, w, k else why, kind = tostring(e), "error" end
+      end
+      if kind == "duplicate" then
+        res.duplicates = res.duplicates + 1
+      elseif kind == "missing" or kind == "invalid" then
+        res.invalid = res.invalid + 1
+        if res.invalid <= 5 then
+          add("warning", "%s line %d: invalid address %q: %s", c.recipients, line, raw or "", (why:gsub("^invalid email address: ", "")))
+        end
+      elseif kind == "suppressed" or kind == "role" then
+        res.suppressed = res.suppressed + 1
+      elseif kind == "filtered" then
+        res.filtered = res.filtered + 1
+      elseif kind == "error" then
+        res.render_errors = res.render_errors + 1
+        if res.render_errors <= 5 then add("blocking", "%s line %d: filter: %s", c.recipients, line, why) end
+      else
+        local domain = email:match("@([^@]+)$")
+        res.domains[domain] = (res.domains[domain] or 0) + 1
+        local m, merr = c:render(row, line)
+        if not m then
+          res.render_errors = res.render_errors + 1
+          if res.render_errors <= 5 then add("blocking", "%s", merr) end
+        elseif not from_domain then
+          from_domain = m.from:match("@([^@]+)$")
         end
       end
     end
@@ -201,6 +208,7 @@ function M.run(c, opts)
   if res.render_errors > 5 then add("blocking", "... %d messages could not be rendered", res.render_errors) end
   if res.suppressed > 0 then add("info", "%d suppressed addresses will be skipped", res.suppressed) end
   if res.duplicates > 0 then add("info", "%d duplicate rows will be skipped", res.duplicates) end
+  if res.filtered > 0 then add("info", "%d rows the campaign's filter leaves out will be skipped", res.filtered) end
 
   -- the recipient domains: every lookup in its own task (the DNS cache shares equal ones)
   local names, pending, me = {}, 0, core.current()

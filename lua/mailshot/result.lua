@@ -4,7 +4,7 @@
 -- A send result (relay:send, built by push_result in src/l_smtp.c; a direct sender's, which adds
 -- the fields of direct delivery) has only the fields of FIELDS; tests/integration/test_errors.py
 -- checks the C side against this list.  The report's columns and the journal's fields are RECORD,
--- in this order (the report puts the row's line and email first); process() in campaign.lua maps
+-- in this order (the report puts the row's line and email first); outcome.from_result (outcome.lua) maps
 -- a result to a record: status from ok, response from message, the others by name.
 
 local M = {}

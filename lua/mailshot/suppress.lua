@@ -30,9 +30,9 @@ local string, table, type, tostring, error, ipairs, pairs, setmetatable, io, os 
 local find, sub, lower, format, gsub, match = string.find, string.sub, string.lower,
       string.format, string.gsub, string.match
 
-local idna = require "mailshot.idna"
-local csv = require "mailshot.csv"
-local template = require "mailshot.template"
+local idna = require("mailshot.idna")
+local csv = require("mailshot.csv")
+local paths = require("mailshot.path")
 
 local M = {}
 
@@ -188,13 +188,6 @@ local function load_csv(list, path, fidx, column, delimiter, cache)
   return true
 end
 
-local function resolve(path, base_dir)
-  if base_dir and base_dir ~= "" and sub(path, 1, 1) ~= "/" then
-    return (gsub(base_dir, "/+$", "")) .. "/" .. path
-  end
-  return path
-end
-
 local function new_list(case_sensitive_local)
   return setmetatable({
     files = {}, addresses = {}, domains = {}, warnings = {}, malformed = 0, count = 0,
@@ -218,22 +211,21 @@ end
 
 -- suppress.load(files [, opts]) -> list | nil, "path: reason"
 -- files: a path or a list of paths; ".csv" (any case) is read as CSV, anything else as text.
--- opts: base_dir (relative paths are resolved against it; default template.base_dir, which the
--- campaign runner sets to the script's folder), column ("email"), delimiter (for CSV files),
+-- opts: base_dir (relative paths are resolved against it; default: the current directory; a
+-- campaign passes its own folder), column ("email"), delimiter (for CSV files),
 -- case_sensitive_local (false).
 function M.load(files, opts)
   if type(files) == "string" then files = { files } end
   if type(files) ~= "table" then error("suppress.load: expected a path or a list of paths", 2) end
   opts = check_opts(opts, LOAD_OPTS, "suppress.load")
   local base_dir = opts.base_dir
-  if base_dir == nil then base_dir = template.base_dir end
   local list = new_list(opts.case_sensitive_local == true)
   if #files >= FILES then error("suppress.load: too many files", 2) end
   local cache = {}                        -- domain as written -> A-label form, for this load
   for i, name in ipairs(files) do
     if type(name) ~= "string" then error("suppress.load: file " .. i .. " is not a string", 2) end
     list.files[i] = name
-    local path = resolve(name, base_dir)
+    local path = paths.resolve(name, base_dir)
     local ok, err
     if find(lower(name), "%.csv$") then
       ok, err = load_csv(list, path, i, opts.column or "email", opts.delimiter, cache)
@@ -349,9 +341,7 @@ function M.append(path, address, reason, opts)
   if sub(address, 1, 1) == "#" then return nil, format("cannot store %q: a line starting with # is a comment", address) end
   local kind, why = entry_key(address, false)
   if not kind then return nil, format("cannot store %q: %s", address, why) end
-  local base_dir = opts.base_dir
-  if base_dir == nil then base_dir = template.base_dir end
-  path = resolve(path, base_dir)
+  path = paths.resolve(path, opts.base_dir)
   local text = one_line(reason or "")
   local line = address .. "  # " .. os.date("%Y-%m-%d") .. (text ~= "" and " " .. text or "") .. "\n"
   local f, err = io.open(path, "a+b")

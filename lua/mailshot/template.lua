@@ -21,12 +21,10 @@ local find, sub, match, gsub, format, upper, lower =
       string.upper, string.lower
 local concat = table.concat
 
+local paths = require("mailshot.path")
+
 local M = {}
 
--- Relative paths given to template.file() are resolved against this folder
--- (nil = current directory).  The campaign runner sets it to the folder of
--- the campaign script before running the script.
-M.base_dir = nil
 
 local FIELD = "[%a_][%w_%.%-]*"          -- CSV headers have dots and dashes
 local FIELD_ONLY = "^" .. FIELD .. "$"
@@ -480,32 +478,18 @@ function M.new(source, opts)
   return res
 end
 
-local function resolve(path, base)
-  if base and base ~= "" and sub(path, 1, 1) ~= "/" then
-    return (sub(base, -1) == "/" and base or base .. "/") .. path
-  end
-  return path
-end
-
--- template.file(path, opts) -> template, loaded from path (relative paths
--- are resolved against template.base_dir).  The name is the path as given.
--- Raises "template file <path>: <reason>" when the file can't be read.
+-- template.file(path, opts) -> template, loaded from path.  A relative path
+-- is resolved against opts.base_dir (nil: the current directory; a campaign
+-- script run by `mailshot run` gets its own folder).  The name is the path as
+-- given.  Raises "template file <path>: <reason>" when the file
+-- can't be read.
 function M.file(path, opts)
   if type(path) ~= "string" then error("template path must be a string", 2) end
   local name, helpers, html = creation_opts(opts, path, 3)
-  local full = resolve(path, M.base_dir)
-  local f, err = io.open(full, "rb")
-  local source
-  if f then
-    source, err = f:read("a")
-    f:close()
-  end
-  if not source then
-    -- io.open says "<path>: <reason>"; keep only the reason.
-    local reason = tostring(err)
-    if sub(reason, 1, #full + 2) == full .. ": " then reason = sub(reason, #full + 3) end
-    error("template file " .. full .. ": " .. reason, 2)
-  end
+  local base = type(opts) == "table" and opts.base_dir or nil
+  if base ~= nil and type(base) ~= "string" then error("template base_dir must be a string", 2) end
+  local source, err = paths.read(path, base, "template file")
+  if not source then error(err, 2) end
   local ok, res = pcall(compile, source, name, helpers, html)
   if not ok then error(res, 2) end
   return res

@@ -368,4 +368,39 @@ case("begin/complete: a slot counts until the answer, then from the answer's tim
   checkerr("unknown or completed token", l.complete, l, a)
 end)
 
+-- The one sender seam ---------------------------------------------------------------------------
+
+case("sender.limited: every limiter in order, slots back after the send, one failure result", function()
+  local sender = require "mailshot.sender"
+  local c = fake_clock()
+  local a, b = limiter("1/h", c), limiter("5/h", c)
+  local calls = 0
+  local function send(msg) calls = calls + 1; return { ok = true, code = 250, message = msg } end
+  local res, refused = sender.limited({ a, false, b }, "x.test", nil, send, "m1")
+  assert(res.ok and res.message == "m1" and not refused and calls == 1)
+  -- a refuses now (1/h with a pause of 0 would wait: a quota does not): use a custom "no"
+  local no = rate.new(rate.custom(function() return false, "warm-up quota" end), { now = c.now, sleep = c.sleep })
+  res, refused = sender.limited({ b, no }, "x.test", { via = "relay" }, send, "m2")
+  assert(refused == no and calls == 1, "a refusal does not send; the refusing limiter is named")
+  assert(res.ok == false and res.code == 0 and res.stage == "rate" and res.error == "rate" and res.temporary == true
+         and res.via == "relay")
+  assert(res.message:find("warm-up quota", 1, true), res.message)
+  -- b's slot taken before the refusal was given back, and an error in the send gives its slots back too
+  local boom = function() error("boom", 0) end
+  local ok, err = pcall(sender.limited, { b }, "x.test", nil, boom)
+  assert(not ok and err == "boom")
+  assert(next(b.inflight) == nil, "a slot is still held")
+end)
+
+case("relays: no C method table to patch; a relay with a rate is a wrapped object", function()
+  assert(require("mailshot.smtp").methods == nil, "smtp.methods is exported")
+  local r = mailshot.relay { server = "127.0.0.1:9", tls = "none", rate = "10/s" }
+  assert(tostring(r):find("relay (127.0.0.1:9)", 1, true), tostring(r))
+  assert(type(r:stats()) == "table" and r.limiter)
+  local n = 0
+  for name in pairs(mailshot.relay_limiters()) do n = n + 1; assert(name:find("^relay relay %(")) end
+  assert(n >= 1)
+  r:close()
+end)
+
 return check.finish("test_rate.lua")

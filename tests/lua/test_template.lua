@@ -336,16 +336,18 @@ local function tmpdir()
   return base
 end
 
-case("template.file resolves relative paths against template.base_dir", function()
+case("template.file resolves relative paths against opts.base_dir; a script's view (mailshot.for_folder) gives its folder", function()
   local dir = tmpdir()
   local f = assert(io.open(dir .. "/body.txt", "wb"))
   f:write("Hello {{name}}\n")
   f:close()
-  local saved = template.base_dir
-  template.base_dir = dir
-  local ok, t = pcall(template.file, "body.txt")
-  template.base_dir = saved
+  assert(template.base_dir == nil, "no module global")
+  local ok, t = pcall(template.file, "body.txt", { base_dir = dir })
   assert(ok, t)
+  -- a campaign script's view of the module (mailshot run loads scripts with it) knows its folder
+  local _, tpl_view = require("mailshot").for_folder(dir)
+  eq(tpl_view.file("body.txt"):render({ name = "Bo" }), "Hello Bo\n")
+  eq(select(2, pcall(template.file, "body.txt")):match("^template file body.txt: ") ~= nil, true)
   eq(t.name, "body.txt")
   eq(tostring(t), "template body.txt")
   eq(t:render({ name = "Ann" }), "Hello Ann\n")

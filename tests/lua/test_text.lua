@@ -154,6 +154,19 @@ case("tsv_record agrees with the Lua reference on 5,000 random records", functio
   end
 end)
 
+case("address_ok is the SMTP client's own check (smtp_addr_ok), reasons and all", function()
+  for _, good in ipairs { "a@b", "first.last+tag@sub.example.com", "x@xn--bcher-kva.example", '"a b"@x.test' } do
+    local ok, why = text.address_ok(good)
+    assert(ok == true and why == nil, good .. ": " .. tostring(why))
+  end
+  for addr, want in pairs { [""] = "empty address", ["ab"] = "no '@'", ["a@b\r\nRCPT TO:<e@x>"] = "CR or LF",
+                            ["a@b.com>\r\nRCPT TO:<evil@x.test>"] = "'<' or '>'", ["a@b\0c"] = "NUL" } do
+    local ok, why = text.address_ok(addr)
+    assert(ok == false and why:find(want, 1, true), ("%q: %s"):format(addr, tostring(why)))
+  end
+  assert(not pcall(text.address_ok, {}), "address_ok({})")
+end)
+
 case("wrong argument types are programmer errors", function()
   assert(not pcall(text.crlf, {}), "crlf({})")
   assert(not pcall(text.csv_row, "x", {}), "csv_row('x')")

@@ -1,0 +1,126 @@
+-- mailshot.rows: the one source of a campaign's recipient rows.
+--
+-- The CSV reader, the previous run's journal records (--resume), the duplicate check and the
+-- retry queue of temporary failures, behind one next().  Rows that need no message (a bad CSV
+-- line, a duplicate address, an outcome a previous run made final) go straight to the outcome
+-- sink; next() returns only rows to classify and deliver.  The loop is one thread: tasks take
+-- rows in turn.
+
+local core = require("mailshot.core")
+local csv = require("mailshot.csv")
+local util = require("mailshot.util")
+
+local M = {}
+
+local Rows = {}
+Rows.__index = Rows
+
+local DUPLICATE = "duplicate address: an earlier row has it (addresses are compared ignoring case)"
+M.DUPLICATE = DUPLICATE
+
+--- rows.open(c) -> reader, or nil, err: the campaign's recipients file, with its header checked
+--- for the address column.
+function M.open_reader(c)
+  local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter })
+  if not reader then return nil, err end
+  local header = reader:header()
+  for _, h in ipairs(header) do
+    if h == c.email_field then return reader end
+  end
+  reader:close()
+  return nil, ("%s: no '%s' column (columns: %s)"):format(c.recipients_path, c.email_field, table.concat(header, ", "))
+end
+
+--- A duplicate check: each address once per campaign, compared ignoring case.  dedupe(address)
+--- -> true for its first row (and for a row without an address: classify says why it is out).
+function M.dedupe()
+  local addresses = util.new_set()
+  return function(address)
+    return not (address and address ~= "") or addresses:add(address:lower())
+  end
+end
+
+--- rows.new(c, reader, o): o = { sink, previous (journal records), limit, resend_in_flight,
+--- retry (the schedule, or false), stopped = function() -> true once no new row may start }.
+function M.new(c, reader, o)
+  return setmetatable({
+    c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit,
+    resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
+    first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
+  }, Rows)
+end
+
+--- The next row to deliver: row, line, retry item (nil on its first try), or nil at the end.
+--- Waits for a due retry when the file is read.
+function Rows:next()
+  local queue, sink, c = self.queue, self.sink, self.c
+  while not self.stopped() do
+    if queue[1] and queue[1].due <= core.now() then
+      local item = table.remove(queue, 1)
+      return item.row, item.line, item
+    end
+    local row, line, msg
+    if not self.exhausted and not (self.limit and self.seen >= self.limit) then row, line, msg = self.reader:read() end
+    if row == nil then
+      if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
+      self.exhausted = true
+      if not queue[1] then return nil end
+      core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
+    else
+      self.seen = self.seen + 1
+      local old = self.previous and self.previous:record(line)
+      local address = row and row[c.email_field]
+      if row and old and old.kind == "F" then
+        sink.report:add(old)                           -- already in the journal
+      elseif row and not self.first(address) then
+        sink:add { line = line, email = address, status = "skipped", response = DUPLICATE }
+      elseif row and old and old.kind == "I" and not self.resend_in_flight then
+        -- journalled as an F record of status in-flight, which a later --resume still counts in
+        -- flight: --resume --resend-in-flight can send it then
+        sink:add { line = line, email = old.email, status = "in-flight", stage = "resume",
+                   response = "possibly sent before the previous run stopped; not sent again (--resend-in-flight sends it)" }
+      elseif row then
+        return row, line
+      else
+        sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+      end
+    end
+  end
+end
+
+--- Temporary failures wait here for their next try (RFC 5321 §4.5.4.1: retry, with growing
+--- intervals), sorted by due time; the campaign goes on meanwhile.  false when the row is out of
+--- tries (or the run has no retries): the caller reports it deferred.
+function Rows:defer(item, rep)
+  local retry = self.retry
+  if not retry then return false end
+  local now = core.now()
+  item.first = item.first or now
+  item.attempt = (item.attempt or 1) + 1
+  local d = math.min(retry.max, retry.first * 2 ^ (item.attempt - 2))
+  d = d / 2 + math.random() * d / 2                    -- jitter: spread the retries of a burst
+  if now + d > item.first + retry.give_up_after then return false end
+  item.due, item.rep = now + d, rep
+  local queue = self.queue
+  local i = #queue + 1
+  while i > 1 and queue[i - 1].due > item.due do queue[i] = queue[i - 1]; i = i - 1 end
+  queue[i] = item
+  self.sink:waiting(rep)
+  return true
+end
+
+--- Rows waiting for a retry (for the progress line).
+function Rows:waiting() return #self.queue end
+
+--- At the end of the run: the rows still waiting for a retry are reported deferred.
+function Rows:drain()
+  for _, item in ipairs(self.queue) do
+    item.rep.status = "deferred"
+    self.sink:add(item.rep)
+  end
+  self.queue = {}
+end
+
+function Rows:close() self.reader:close() end
+
+return M
