@@ -26,6 +26,7 @@
  * CSV_READER_MAX_ROW bytes): one bad row, "unterminated quoted field".
  */
 #include "csv_reader.h"
+#include "seterr.h"
 
 #include <csv.h>
 #include <errno.h>
@@ -37,62 +38,50 @@
 #include <string.h>
 #include <unistd.h>
 
-#define PARSER_OPTS (CSV_STRICT | CSV_STRICT_FINI)  /* report stray and unterminated quotes */
-#define MIN_BLK 4096  /* first step of libcsv's field buffer; later steps double it */
+#define PARSER_OPTS (CSV_STRICT | CSV_STRICT_FINI) /* report stray and unterminated quotes */
+#define MIN_BLK 4096 /* first step of libcsv's field buffer; later steps double it */
 
 enum { ST_READING, ST_DONE, ST_FAILED };
 
 struct csv_reader {
   char *path;
   int fd;
-  int state;                /* ST_* */
+  int state; /* ST_* */
   struct csv_parser parser;
   unsigned char delim, quote;
 
-  unsigned char *chunk;     /* CSV_READER_CHUNK bytes; chunk[pos..len) not consumed yet */
+  unsigned char *chunk; /* CSV_READER_CHUNK bytes; chunk[pos..len) not consumed yet */
   size_t pos, len;
-  int at_eof;               /* read() has returned 0 */
+  int at_eof; /* read() has returned 0 */
 
-  unsigned long line;       /* physical line of the next byte */
-  unsigned long last_line;  /* physical line of the last byte consumed */
-  int after_cr;             /* the last byte consumed was a CR: an LF now is the rest of a CRLF */
-  int skipping;             /* resynchronising: dropping bytes up to the end of the line */
+  unsigned long line; /* physical line of the next byte */
+  unsigned long last_line; /* physical line of the last byte consumed */
+  int after_cr; /* the last byte consumed was a CR: an LF now is the rest of a CRLF */
+  int skipping; /* resynchronising: dropping bytes up to the end of the line */
 
   /* the row being assembled */
-  int in_row;               /* libcsv has begun a row */
-  int row_done;             /* ... and ended it (or we gave up on it) */
+  int in_row; /* libcsv has begun a row */
+  int row_done; /* ... and ended it (or we gave up on it) */
   unsigned long row_line;
-  size_t nfields;           /* fields seen, stored or not */
-  char *buf;                /* stored fields, each followed by a NUL */
+  size_t nfields; /* fields seen, stored or not */
+  char *buf; /* stored fields, each followed by a NUL */
   size_t buflen, bufcap;
-  csv_field *fields;        /* lengths while assembling, pointers into buf once the row is done */
+  csv_field *fields; /* lengths while assembling, pointers into buf once the row is done */
   size_t fieldcap;
   int bad, oom;
-  char msg[160];            /* why the row is bad */
+  char msg[160]; /* why the row is bad */
 
-  size_t ncols;             /* 0 while reading the header itself */
+  size_t ncols; /* 0 while reading the header itself */
   char **names;
   char *namebuf;
-  size_t name_probes;       /* debug: occupied hash slots looked at while checking the header */
-  char err[256];            /* "path: reason" for open errors and CSV_ROW_IOERR */
+  size_t name_probes; /* debug: occupied hash slots looked at while checking the header */
+  char err[256]; /* "path: reason" for open errors and CSV_ROW_IOERR */
 };
 
-static void seterr (char *err, size_t errlen, const char *fmt, ...)
-{
-  va_list ap;
-  if (errlen == 0)
-    return;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-}
-
 /* The first problem found in a row is the one reported. */
-static void row_bad (csv_reader *r, const char *fmt, ...)
-{
+static void row_bad(csv_reader *r, const char *fmt, ...) {
   va_list ap;
-  if (r->bad)
-    return;
+  if (r->bad) return;
   r->bad = 1;
   va_start(ap, fmt);
   vsnprintf(r->msg, sizeof r->msg, fmt, ap);
@@ -100,17 +89,13 @@ static void row_bad (csv_reader *r, const char *fmt, ...)
 }
 
 /* Grows an array of elem-sized items to hold need items; returns it, or NULL (p untouched). */
-static void *grow (void *p, size_t *cap, size_t need, size_t elem)
-{
+static void *grow(void *p, size_t *cap, size_t need, size_t elem) {
   size_t n = *cap ? *cap : 16;
   void *q;
-  if (need <= *cap)
-    return p;
-  while (n < need)
-    n *= 2;  /* need is bounded by CSV_READER_MAX_ROW: no overflow */
+  if (need <= *cap) return p;
+  while (n < need) n *= 2; /* need is bounded by CSV_READER_MAX_ROW: no overflow */
   q = realloc(p, n * elem);
-  if (q)
-    *cap = n;
+  if (q) *cap = n;
   return q;
 }
 
@@ -119,15 +104,10 @@ static void *grow (void *p, size_t *cap, size_t need, size_t elem)
 /* libcsv grows its field buffer through this.  Refusing past the limit makes csv_parse stop with
  * CSV_ENOMEM; libcsv first retries smaller steps, so the buffer ends exactly at the limit, which is
  * how parse_stopped() tells "too long" from a real lack of memory. */
-static void *bounded_realloc (void *p, size_t n)
-{
-  return n > CSV_READER_MAX_ROW ? NULL : realloc(p, n);
-}
+static void *bounded_realloc(void *p, size_t n) { return n > CSV_READER_MAX_ROW ? NULL : realloc(p, n); }
 
-static int parser_start (csv_reader *r)
-{
-  if (csv_init(&r->parser, PARSER_OPTS) != 0)
-    return -1;
+static int parser_start(csv_reader *r) {
+  if (csv_init(&r->parser, PARSER_OPTS) != 0) return -1;
   csv_set_delim(&r->parser, r->delim);
   csv_set_quote(&r->parser, r->quote);
   csv_set_realloc_func(&r->parser, bounded_realloc);
@@ -135,14 +115,12 @@ static int parser_start (csv_reader *r)
 }
 
 /* libcsv has no reset after an error (csv_fini refuses an unterminated quote), so start afresh. */
-static int parser_restart (csv_reader *r)
-{
+static int parser_restart(csv_reader *r) {
   csv_free(&r->parser);
   return parser_start(r);
 }
 
-static void on_field (void *data, size_t len, void *ctx)
-{
+static void on_field(void *data, size_t len, void *ctx) {
   csv_reader *r = ctx;
   size_t idx = r->nfields++;
   size_t used = r->buflen + idx * sizeof(csv_field);
@@ -150,7 +128,7 @@ static void on_field (void *data, size_t len, void *ctx)
   csv_field *f;
 
   if (r->bad || r->oom || (r->ncols && idx >= r->ncols))
-    return;  /* the row will be reported, no need to keep its fields */
+    return; /* the row will be reported, no need to keep its fields */
   if (len && memchr(data, '\0', len)) {
     row_bad(r, "NUL byte in field %zu", idx + 1);
     return;
@@ -160,25 +138,21 @@ static void on_field (void *data, size_t len, void *ctx)
     return;
   }
   b = grow(r->buf, &r->bufcap, r->buflen + len + 1, 1);
-  if (b)
-    r->buf = b;
+  if (b) r->buf = b;
   f = grow(r->fields, &r->fieldcap, idx + 1, sizeof *f);
-  if (f)
-    r->fields = f;
+  if (f) r->fields = f;
   if (!b || !f) {
     r->oom = 1;
     return;
   }
-  if (len)
-    memcpy(r->buf + r->buflen, data, len);
+  if (len) memcpy(r->buf + r->buflen, data, len);
   r->buf[r->buflen + len] = '\0';
   r->buflen += len + 1;
   r->fields[idx].ptr = NULL;
   r->fields[idx].len = len;
 }
 
-static void on_row (int term, void *ctx)
-{
+static void on_row(int term, void *ctx) {
   csv_reader *r = ctx;
   (void)term;
   r->row_done = 1;
@@ -188,66 +162,53 @@ static void on_row (int term, void *ctx)
 /* ---------------------------------------------------------------- bytes and lines */
 
 /* Fills the chunk.  Returns 0, or -1 with the reader failed. */
-static int refill (csv_reader *r)
-{
+static int refill(csv_reader *r) {
   r->pos = r->len = 0;
   while (r->len < CSV_READER_CHUNK && !r->at_eof) {
     ssize_t n = read(r->fd, r->chunk + r->len, CSV_READER_CHUNK - r->len);
-    if (n < 0 && errno == EINTR)
-      continue;
+    if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       seterr(r->err, sizeof r->err, "%s: %s", r->path, strerror(errno));
       r->state = ST_FAILED;
       return -1;
     }
-    if (n == 0)
-      r->at_eof = 1;
+    if (n == 0) r->at_eof = 1;
     r->len += (size_t)n;
   }
   return 0;
 }
 
 /* Length of the next segment: up to and including the next CR or LF, or to the end of the chunk. */
-static size_t segment_len (const csv_reader *r)
-{
+static size_t segment_len(const csv_reader *r) {
   const unsigned char *s = r->chunk + r->pos, *end = r->chunk + r->len, *p = s;
-  while (p < end && *p != '\n' && *p != '\r')
-    p++;
+  while (p < end && *p != '\n' && *p != '\r') p++;
   return (size_t)(p - s) + (p < end);
 }
 
-static int ends_line (const unsigned char *s, size_t n)
-{
-  return s[n - 1] == '\n' || s[n - 1] == '\r';
-}
+static int ends_line(const unsigned char *s, size_t n) { return s[n - 1] == '\n' || s[n - 1] == '\r'; }
 
 /* Does s hold only what libcsv skips before a row (spaces and tabs that are not the delimiter,
  * CR, LF)?  Mirrors the ROW_NOT_BEGUN case of csv_parse. */
-static int blank (const csv_reader *r, const unsigned char *s, size_t n)
-{
+static int blank(const csv_reader *r, const unsigned char *s, size_t n) {
   for (size_t i = 0; i < n; i++) {
     unsigned char c = s[i];
-    if (c != '\r' && c != '\n' && !((c == ' ' || c == '\t') && c != r->delim))
-      return 0;
+    if (c != '\r' && c != '\n' && !((c == ' ' || c == '\t') && c != r->delim)) return 0;
   }
   return 1;
 }
 
 /* Accounts for a consumed segment: LF, CRLF and a lone CR each end one line. */
-static void count_lines (csv_reader *r, const unsigned char *s, size_t n)
-{
+static void count_lines(csv_reader *r, const unsigned char *s, size_t n) {
   unsigned char last = s[n - 1];
   if (!(n == 1 && last == '\n' && r->after_cr)) {
     r->last_line = r->line;
-    if (last == '\n' || last == '\r')
-      r->line++;
+    if (last == '\n' || last == '\r') r->line++;
   }
   r->after_cr = last == '\r';
 }
 
 /* csv_parse stopped before the end of segment s at byte c: report the row, resynchronise. */
-static void parse_stopped (csv_reader *r, const unsigned char *s, size_t n, unsigned char c)
-{
+static void parse_stopped(csv_reader *r, const unsigned char *s, size_t n, unsigned char c) {
   size_t field = r->nfields + 1;
   if (csv_error(&r->parser) == CSV_EPARSE && c == r->quote)
     row_bad(r, "stray quote in field %zu", field);
@@ -264,13 +225,11 @@ static void parse_stopped (csv_reader *r, const unsigned char *s, size_t n, unsi
   r->row_done = 1;
   r->in_row = 0;
   r->skipping = !ends_line(s, n);
-  if (parser_restart(r) != 0)
-    r->oom = 1;
+  if (parser_restart(r) != 0) r->oom = 1;
 }
 
 /* Consumes one segment. */
-static void feed (csv_reader *r, const unsigned char *s, size_t n)
-{
+static void feed(csv_reader *r, const unsigned char *s, size_t n) {
   if (r->skipping) {
     r->skipping = !ends_line(s, n);
   } else {
@@ -279,30 +238,25 @@ static void feed (csv_reader *r, const unsigned char *s, size_t n)
       r->in_row = 1;
       r->row_line = r->line;
     }
-    csv_set_blk_size(&r->parser, cap < MIN_BLK ? MIN_BLK : cap);  /* default is +128 bytes a step */
+    csv_set_blk_size(&r->parser, cap < MIN_BLK ? MIN_BLK : cap); /* default is +128 bytes a step */
     done = csv_parse(&r->parser, s, n, on_field, on_row, r);
-    if (done < n)
-      parse_stopped(r, s, n, s[done]);
+    if (done < n) parse_stopped(r, s, n, s[done]);
   }
   count_lines(r, s, n);
 }
 
 /* ---------------------------------------------------------------- rows */
 
-static int fail (csv_reader *r, csv_row *out, const char *reason)
-{
-  if (reason)
-    seterr(r->err, sizeof r->err, "%s: %s", r->path, reason);
+static int fail(csv_reader *r, csv_row *out, const char *reason) {
+  if (reason) seterr(r->err, sizeof r->err, "%s: %s", r->path, reason);
   r->state = ST_FAILED;
   out->error = r->err;
   return CSV_ROW_IOERR;
 }
 
-static int finish_row (csv_reader *r, csv_row *out)
-{
+static int finish_row(csv_reader *r, csv_row *out) {
   char *p = r->buf;
-  if (r->oom)
-    return fail(r, out, "out of memory");
+  if (r->oom) return fail(r, out, "out of memory");
   out->line = r->row_line;
   if (!r->bad && r->ncols && r->nfields != r->ncols)
     row_bad(r, "row has %zu field%s, header has %zu", r->nfields, r->nfields == 1 ? "" : "s", r->ncols);
@@ -310,7 +264,7 @@ static int finish_row (csv_reader *r, csv_row *out)
     out->error = r->msg;
     return CSV_ROW_BAD;
   }
-  for (size_t i = 0; i < r->nfields; i++) {  /* buf may have moved while the row grew */
+  for (size_t i = 0; i < r->nfields; i++) { /* buf may have moved while the row grew */
     r->fields[i].ptr = p;
     p += r->fields[i].len + 1;
   }
@@ -319,23 +273,19 @@ static int finish_row (csv_reader *r, csv_row *out)
   return CSV_ROW_OK;
 }
 
-static int finish_file (csv_reader *r, csv_row *out)
-{
+static int finish_file(csv_reader *r, csv_row *out) {
   r->state = ST_DONE;
-  if (csv_fini(&r->parser, on_field, on_row, r) != 0) {  /* flushes a last row without newline */
+  if (csv_fini(&r->parser, on_field, on_row, r) != 0) { /* flushes a last row without newline */
     row_bad(r, "unterminated quoted field %zu (runs to the end of the file)", r->nfields + 1);
     r->row_done = 1;
   }
   return r->row_done ? finish_row(r, out) : CSV_ROW_EOF;
 }
 
-int csv_reader_next (csv_reader *r, csv_row *out)
-{
+int csv_reader_next(csv_reader *r, csv_row *out) {
   memset(out, 0, sizeof *out);
-  if (r->state == ST_FAILED)
-    return fail(r, out, NULL);
-  if (r->state == ST_DONE)
-    return CSV_ROW_EOF;
+  if (r->state == ST_FAILED) return fail(r, out, NULL);
+  if (r->state == ST_DONE) return CSV_ROW_EOF;
   r->row_done = r->bad = r->oom = 0;
   r->nfields = r->buflen = 0;
   r->msg[0] = '\0';
@@ -343,10 +293,8 @@ int csv_reader_next (csv_reader *r, csv_row *out)
     const unsigned char *s;
     size_t n;
     if (r->pos == r->len) {
-      if (r->at_eof)
-        return finish_file(r, out);
-      if (refill(r) != 0)
-        return fail(r, out, NULL);
+      if (r->at_eof) return finish_file(r, out);
+      if (refill(r) != 0) return fail(r, out, NULL);
       continue;
     }
     s = r->chunk + r->pos;
@@ -360,30 +308,23 @@ int csv_reader_next (csv_reader *r, csv_row *out)
 /* ---------------------------------------------------------------- open, header, close */
 
 /* FNV-1a: column names come from the user's own file, so no defence against chosen collisions. */
-static uint32_t name_hash (const char *s)
-{
+static uint32_t name_hash(const char *s) {
   uint32_t h = 2166136261u;
-  for (; *s; s++)
-    h = (h ^ (unsigned char)*s) * 16777619u;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
   return h;
 }
 
-static int is_space (unsigned char c)
-{
-  return c == ' ' || (c >= '\t' && c <= '\r');
-}
+static int is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
 /* Checks that the n names are unique, in time linear in n (headers of 100,000+ columns exist: a
  * pairwise check took 30 s at 120,000).  An open-addressing hash set of column indexes, at most half
  * full; the first duplicate in column order is reported with the column it repeats.  Returns 0, or -1
  * with r->err set. */
-static int check_unique (csv_reader *r, size_t n, unsigned long line)
-{
+static int check_unique(csv_reader *r, size_t n, unsigned long line) {
   size_t cap = 16, mask, *slot;
   uint32_t *hash;
   int rc = 0;
-  while (cap < 2 * n)
-    cap *= 2;  /* n is bounded by CSV_READER_MAX_ROW: no overflow */
+  while (cap < 2 * n) cap *= 2; /* n is bounded by CSV_READER_MAX_ROW: no overflow */
   mask = cap - 1;
   slot = malloc(cap * sizeof *slot);
   hash = malloc(n * sizeof *hash);
@@ -392,8 +333,7 @@ static int check_unique (csv_reader *r, size_t n, unsigned long line)
     rc = -1;
     goto done;
   }
-  for (size_t k = 0; k < cap; k++)
-    slot[k] = SIZE_MAX;  /* empty */
+  for (size_t k = 0; k < cap; k++) slot[k] = SIZE_MAX; /* empty */
   for (size_t i = 0; i < n && rc == 0; i++) {
     size_t k;
     hash[i] = name_hash(r->names[i]);
@@ -409,8 +349,7 @@ static int check_unique (csv_reader *r, size_t n, unsigned long line)
     }
     slot[k] = i;
   }
-  if (rc == 0)
-    r->ncols = n;
+  if (rc == 0) r->ncols = n;
 done:
   free(slot);
   free(hash);
@@ -418,8 +357,7 @@ done:
 }
 
 /* Copies the header row's names, trimmed, and checks them.  Returns 0, or -1 with r->err set. */
-static int take_header (csv_reader *r, const csv_row *row)
-{
+static int take_header(csv_reader *r, const csv_row *row) {
   size_t n = row->nfields;
   char *p;
   r->namebuf = malloc(r->buflen);
@@ -431,10 +369,8 @@ static int take_header (csv_reader *r, const csv_row *row)
   p = r->namebuf;
   for (size_t i = 0; i < n; i++) {
     const char *s = row->fields[i].ptr, *e = s + row->fields[i].len;
-    while (s < e && is_space((unsigned char)*s))
-      s++;
-    while (e > s && is_space((unsigned char)e[-1]))
-      e--;
+    while (s < e && is_space((unsigned char)*s)) s++;
+    while (e > s && is_space((unsigned char)e[-1])) e--;
     memcpy(p, s, (size_t)(e - s));
     p[e - s] = '\0';
     r->names[i] = p;
@@ -447,8 +383,7 @@ static int take_header (csv_reader *r, const csv_row *row)
   return check_unique(r, n, row->line);
 }
 
-static int read_header (csv_reader *r)
-{
+static int read_header(csv_reader *r) {
   csv_row row;
   switch (csv_reader_next(r, &row)) {
     case CSV_ROW_OK:
@@ -460,12 +395,11 @@ static int read_header (csv_reader *r)
       seterr(r->err, sizeof r->err, "%s: no header row (the file is empty)", r->path);
       return -1;
     default:
-      return -1;  /* r->err says why */
+      return -1; /* r->err says why */
   }
 }
 
-csv_reader *csv_reader_open (const char *path, const csv_options *opt, char *err, size_t errlen)
-{
+csv_reader *csv_reader_open(const char *path, const csv_options *opt, char *err, size_t errlen) {
   unsigned char delim = opt && opt->delimiter ? opt->delimiter : ',';
   unsigned char quote = opt && opt->quote ? opt->quote : '"';
   csv_reader *r;
@@ -474,7 +408,7 @@ csv_reader *csv_reader_open (const char *path, const csv_options *opt, char *err
     seterr(err, errlen, "%s: invalid delimiter or quote character", path);
     return NULL;
   }
-  r = calloc(1, sizeof *r);  /* a zeroed parser is safe to csv_free */
+  r = calloc(1, sizeof *r); /* a zeroed parser is safe to csv_free */
   if (!r) {
     seterr(err, errlen, "%s: out of memory", path);
     return NULL;
@@ -494,12 +428,10 @@ csv_reader *csv_reader_open (const char *path, const csv_options *opt, char *err
     seterr(err, errlen, "%s: %s", path, strerror(errno));
     goto error;
   }
-  if (refill(r) != 0)
-    goto header_error;
+  if (refill(r) != 0) goto header_error;
   if (r->len >= 3 && memcmp(r->chunk, "\xEF\xBB\xBF", 3) == 0)
-    r->pos = 3;  /* UTF-8 byte order mark, as spreadsheet exports write it */
-  if (read_header(r) != 0)
-    goto header_error;
+    r->pos = 3; /* UTF-8 byte order mark, as spreadsheet exports write it */
+  if (read_header(r) != 0) goto header_error;
   return r;
 
 header_error:
@@ -509,12 +441,9 @@ error:
   return NULL;
 }
 
-void csv_reader_close (csv_reader *r)
-{
-  if (!r)
-    return;
-  if (r->fd >= 0)
-    close(r->fd);  /* read-only: nothing to lose if it fails */
+void csv_reader_close(csv_reader *r) {
+  if (!r) return;
+  if (r->fd >= 0) close(r->fd); /* read-only: nothing to lose if it fails */
   csv_free(&r->parser);
   free(r->chunk);
   free(r->buf);
@@ -525,33 +454,17 @@ void csv_reader_close (csv_reader *r)
   free(r);
 }
 
-size_t csv_reader_ncols (const csv_reader *r)
-{
-  return r->ncols;
-}
+size_t csv_reader_ncols(const csv_reader *r) { return r->ncols; }
 
-const char *csv_reader_colname (const csv_reader *r, size_t i)
-{
-  return i < r->ncols ? r->names[i] : NULL;
-}
+const char *csv_reader_colname(const csv_reader *r, size_t i) { return i < r->ncols ? r->names[i] : NULL; }
 
-const char *csv_reader_path (const csv_reader *r)
-{
-  return r->path;
-}
+const char *csv_reader_path(const csv_reader *r) { return r->path; }
 
-unsigned long csv_reader_line (const csv_reader *r)
-{
-  return r->last_line;
-}
+unsigned long csv_reader_line(const csv_reader *r) { return r->last_line; }
 
-size_t csv_reader_buffer_size (const csv_reader *r)
-{
+size_t csv_reader_buffer_size(const csv_reader *r) {
   /* libcsv 3.0.3 declares csv_get_buffer_size without const; it only reads */
   return r->bufcap + r->fieldcap * sizeof(csv_field) + csv_get_buffer_size((struct csv_parser *)&r->parser);
 }
 
-size_t csv_reader_header_probes (const csv_reader *r)
-{
-  return r->name_probes;
-}
+size_t csv_reader_header_probes(const csv_reader *r) { return r->name_probes; }

@@ -26,13 +26,12 @@
 /* The userdata holds only the C reader; its user value 1 is the list of column names as Lua
  * strings, made once at open so that building each row table creates no key strings. */
 typedef struct LReader {
-  csv_reader *r;  /* NULL when closed */
+  csv_reader *r; /* NULL when closed */
 } LReader;
 
 #define toLReader(L) ((LReader *)luaL_checkudata(L, 1, READER_MT))
 
-static csv_reader *toreader (lua_State *L)
-{
+static csv_reader *toreader(lua_State *L) {
   LReader *p = toLReader(L);
   l_checkopen(L, p->r != NULL, "csv reader");
   return p->r;
@@ -41,26 +40,24 @@ static csv_reader *toreader (lua_State *L)
 /* ---------------------------------------------------------------- module functions */
 
 /* A delimiter: one byte, or a name for the usual ones. */
-static unsigned char getdelimiter (lua_State *L, int arg)
-{
-  static const char *const names[] = { "comma", "semicolon", "tab", NULL };
-  static const unsigned char bytes[] = { ',', ';', '\t' };
+static unsigned char getdelimiter(lua_State *L, int arg) {
+  static const char *const names[] = {"comma", "semicolon", "tab", NULL};
+  static const unsigned char bytes[] = {',', ';', '\t'};
   size_t len = 0;
   const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
-  if (s == NULL)
-    luaL_argerror(L, arg, "delimiter must be a string");
-  if (len == 1 && s[0] != '\r' && s[0] != '\n')
-    return (unsigned char)s[0];
+  if (s == NULL) luaL_argerror(L, arg, "delimiter must be a string");
+  if (len == 1 && s[0] != '\r' && s[0] != '\n') return (unsigned char)s[0];
   for (int i = 0; names[i]; i++)
-    if (strcmp(s, names[i]) == 0)
-      return bytes[i];
-  luaL_argerror(L, arg, lua_pushfstring(L, "invalid delimiter '%s' (one character, or "
-                                          "\"comma\", \"semicolon\", \"tab\")", s));
+    if (strcmp(s, names[i]) == 0) return bytes[i];
+  luaL_argerror(L, arg,
+                lua_pushfstring(L,
+                                "invalid delimiter '%s' (one character, or "
+                                "\"comma\", \"semicolon\", \"tab\")",
+                                s));
   return 0;
 }
 
-static unsigned char getquote (lua_State *L, int arg)
-{
+static unsigned char getquote(lua_State *L, int arg) {
   size_t len = 0;
   const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
   luaL_argcheck(L, s && len == 1 && s[0] != '\r' && s[0] != '\n', arg, "quote must be one character");
@@ -68,10 +65,8 @@ static unsigned char getquote (lua_State *L, int arg)
 }
 
 /* Reads the options table at arg; an unknown key is an error, so that a typo is not ignored. */
-static void getoptions (lua_State *L, int arg, csv_options *opt)
-{
-  if (lua_isnoneornil(L, arg))
-    return;
+static void getoptions(lua_State *L, int arg, csv_options *opt) {
+  if (lua_isnoneornil(L, arg)) return;
   luaL_checktype(L, arg, LUA_TTABLE);
   lua_pushnil(L);
   while (lua_next(L, arg) != 0) {
@@ -89,17 +84,16 @@ static void getoptions (lua_State *L, int arg, csv_options *opt)
 }
 
 /* csv.open(path [, options]) -> reader | nil, "path: reason" */
-static int csv_open (lua_State *L)
-{
+static int csv_open(lua_State *L) {
   const char *path = l_checkcstring(L, 1);
-  csv_options opt = { 0, 0 };
+  csv_options opt = {0, 0};
   char err[256];
   LReader *p;
   size_t n;
 
   getoptions(L, 2, &opt);
   p = (LReader *)lua_newuserdatauv(L, sizeof(LReader), 1);
-  p->r = NULL;  /* closed until the file is open: an error below leaves nothing half-built */
+  p->r = NULL; /* closed until the file is open: an error below leaves nothing half-built */
   luaL_setmetatable(L, READER_MT);
   p->r = csv_reader_open(path, &opt, err, sizeof err);
   if (p->r == NULL) {
@@ -108,7 +102,7 @@ static int csv_open (lua_State *L)
     return 2;
   }
   n = csv_reader_ncols(p->r);
-  lua_createtable(L, n <= INT_MAX ? (int)n : 0, 0);  /* always fits, see r_read */
+  lua_createtable(L, n <= INT_MAX ? (int)n : 0, 0); /* always fits, see r_read */
   for (size_t i = 0; i < n; i++) {
     lua_pushstring(L, csv_reader_colname(p->r, i));
     lua_rawseti(L, -2, (lua_Integer)i + 1);
@@ -120,14 +114,13 @@ static int csv_open (lua_State *L)
 /* ---------------------------------------------------------------- reader methods */
 
 /* reader:read() -> row, line | false, line, message | nil | nil, nil, message */
-static int r_read (lua_State *L)
-{
+static int r_read(lua_State *L) {
   csv_reader *r = toreader(L);
   csv_row row;
   switch (csv_reader_next(r, &row)) {
     case CSV_ROW_OK:
-      lua_getiuservalue(L, 1, 1);  /* column names */
-      lua_createtable(L, 0, (int)row.nfields);  /* fits: each field costs 17+ bytes of a 16 MiB row */
+      lua_getiuservalue(L, 1, 1); /* column names */
+      lua_createtable(L, 0, (int)row.nfields); /* fits: each field costs 17+ bytes of a 16 MiB row */
       for (size_t i = 0; i < row.nfields; i++) {
         lua_rawgeti(L, -2, (lua_Integer)i + 1);
         lua_pushlstring(L, row.fields[i].ptr, row.fields[i].len);
@@ -143,7 +136,7 @@ static int r_read (lua_State *L)
     case CSV_ROW_EOF:
       lua_pushnil(L);
       return 1;
-    default:  /* CSV_ROW_IOERR */
+    default: /* CSV_ROW_IOERR */
       lua_pushnil(L);
       lua_pushnil(L);
       lua_pushstring(L, row.error);
@@ -152,8 +145,7 @@ static int r_read (lua_State *L)
 }
 
 /* reader:header() -> { "email", "name", ... }, a fresh list each call */
-static int r_header (lua_State *L)
-{
+static int r_header(lua_State *L) {
   csv_reader *r = toreader(L);
   size_t n = csv_reader_ncols(r);
   lua_createtable(L, (int)n, 0);
@@ -165,21 +157,18 @@ static int r_header (lua_State *L)
 }
 
 /* reader:line() -> the physical line of the last byte read: after a row, the line it ends on */
-static int r_line (lua_State *L)
-{
+static int r_line(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)csv_reader_line(toreader(L)));
   return 1;
 }
 
-static int r_path (lua_State *L)
-{
+static int r_path(lua_State *L) {
   lua_pushstring(L, csv_reader_path(toreader(L)));
   return 1;
 }
 
 /* reader:close() -> true; closing twice is an error, as with files */
-static int r_close (lua_State *L)
-{
+static int r_close(lua_State *L) {
   LReader *p = toLReader(L);
   toreader(L);
   csv_reader_close(p->r);
@@ -189,16 +178,14 @@ static int r_close (lua_State *L)
 }
 
 /* __gc and __close: quiet on a reader already closed */
-static int r_gc (lua_State *L)
-{
+static int r_gc(lua_State *L) {
   LReader *p = toLReader(L);
   csv_reader_close(p->r);
   p->r = NULL;
   return 0;
 }
 
-static int r_tostring (lua_State *L)
-{
+static int r_tostring(lua_State *L) {
   LReader *p = toLReader(L);
   lua_pushfstring(L, "csv reader (%s)", p->r ? csv_reader_path(p->r) : "closed");
   return 1;
@@ -207,8 +194,7 @@ static int r_tostring (lua_State *L)
 /* csv.count_lines(path) -> number of line ends (plus one for a last line without one), or
  * nil, err.  memchr over 64 KiB blocks: a million-row list is counted in milliseconds, which
  * lets a progress view show a total (rows = lines - 1 when no quoted field holds a newline). */
-static int csv_count_lines (lua_State *L)
-{
+static int csv_count_lines(lua_State *L) {
   const char *path = l_checkcstring(L, 1);
   FILE *f = fopen(path, "rb");
   if (f == NULL) return luaL_fileresult(L, 0, path);
@@ -230,30 +216,15 @@ static int csv_count_lines (lua_State *L)
 
 /* ---------------------------------------------------------------- registration */
 
-static const luaL_Reg csvlib[] = {
-  {"open", csv_open},
-  {"count_lines", csv_count_lines},
-  {NULL, NULL}
-};
+static const luaL_Reg csvlib[] = {{"open", csv_open}, {"count_lines", csv_count_lines}, {NULL, NULL}};
 
-static const luaL_Reg methods[] = {
-  {"read", r_read},
-  {"header", r_header},
-  {"line", r_line},
-  {"path", r_path},
-  {"close", r_close},
-  {NULL, NULL}
-};
+static const luaL_Reg methods[] = {{"read", r_read}, {"header", r_header}, {"line", r_line},
+                                   {"path", r_path}, {"close", r_close},   {NULL, NULL}};
 
 static const luaL_Reg metameth[] = {
-  {"__gc", r_gc},
-  {"__close", r_gc},
-  {"__tostring", r_tostring},
-  {NULL, NULL}
-};
+    {"__gc", r_gc}, {"__close", r_gc}, {"__tostring", r_tostring}, {NULL, NULL}};
 
-int luaopen_mailshot_csv (lua_State *L)
-{
+int luaopen_mailshot_csv(lua_State *L) {
   luaL_newlib(L, csvlib);
   l_newclass(L, READER_MT, metameth, methods);
   return 1;

@@ -26,30 +26,28 @@
 #include "l_class.h"
 
 #define SIGNER_MT "mailshot.dkim.signer"
-#define SIGNER_BUF_KEEP (1024 * 1024)   /* a scratch buffer bigger than this is freed after use */
-#define MAX_TIME   ((lua_Integer)253402300799)   /* 9999-12-31T23:59:59Z: t= + x= cannot overflow */
-#define MAX_EXPIRE ((lua_Integer)3155760000)     /* 100 years */
+#define SIGNER_BUF_KEEP (1024 * 1024) /* a scratch buffer bigger than this is freed after use */
+#define MAX_TIME ((lua_Integer)253402300799) /* 9999-12-31T23:59:59Z: t= + x= cannot overflow */
+#define MAX_EXPIRE ((lua_Integer)3155760000) /* 100 years */
 
 typedef struct LSigner {
-  dkim_key *key;       /* NULL when closed */
-  dkim_opts o;         /* its strings live in store */
-  char *store;         /* header-name pointers, then domain, selector and the names: one block */
-  lua_Integer expire;  /* x= is t= plus this, when > 0 */
-  bytebuf buf;        /* scratch for the result: no allocation per message once grown */
+  dkim_key *key; /* NULL when closed */
+  dkim_opts o; /* its strings live in store */
+  char *store; /* header-name pointers, then domain, selector and the names: one block */
+  lua_Integer expire; /* x= is t= plus this, when > 0 */
+  bytebuf buf; /* scratch for the result: no allocation per message once grown */
 } LSigner;
 
 #define toLSigner(L) ((LSigner *)luaL_checkudata(L, 1, SIGNER_MT))
 
-static LSigner *tosigner (lua_State *L)
-{
+static LSigner *tosigner(lua_State *L) {
   LSigner *p = toLSigner(L);
   l_checkopen(L, p->key != NULL, "dkim signer");
   return p;
 }
 
 /* Frees what p holds and leaves it closed; safe to call twice. */
-static void s_gc_signer (LSigner *p)
-{
+static void s_gc_signer(LSigner *p) {
   dkim_key_free(p->key);
   p->key = NULL;
   free(p->store);
@@ -66,25 +64,21 @@ typedef struct sopts {
   lua_Integer expire;
 } sopts;
 
-static const char *optstring (lua_State *L, int arg, const char *key)
-{
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a string", key));
-  if (l_has_nul(L, -1))   /* C would cut it there: another domain, selector or file */
+static const char *optstring(lua_State *L, int arg, const char *key) {
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a string", key));
+  if (l_has_nul(L, -1)) /* C would cut it there: another domain, selector or file */
     luaL_argerror(L, arg, lua_pushfstring(L, "%s must not contain a NUL byte", key));
-  return lua_tostring(L, -1);   /* stays valid: the table at arg holds it */
+  return lua_tostring(L, -1); /* stays valid: the table at arg holds it */
 }
 
-static const char *checkalgorithm (lua_State *L, int arg, const char *s)
-{
+static const char *checkalgorithm(lua_State *L, int arg, const char *s) {
   luaL_argcheck(L, strcmp(s, "rsa-sha256") == 0 || strcmp(s, "ed25519-sha256") == 0, arg,
                 lua_pushfstring(L, "unknown algorithm '%s' (rsa-sha256 or ed25519-sha256)", s));
   return s;
 }
 
 /* Reads the options table at arg; an unknown key is an error, so that a typo is not ignored. */
-static void getoptions (lua_State *L, int arg, sopts *so)
-{
+static void getoptions(lua_State *L, int arg, sopts *so) {
   memset(so, 0, sizeof *so);
   so->hc = so->bc = DKIM_RELAXED;
   luaL_checktype(L, arg, LUA_TTABLE);
@@ -102,8 +96,10 @@ static void getoptions (lua_State *L, int arg, sopts *so)
     else if (strcmp(key, "canonicalization") == 0) {
       const char *c = optstring(L, arg, key);
       luaL_argcheck(L, dkim_parse_canon(c, &so->hc, &so->bc) == 0, arg,
-                    lua_pushfstring(L, "invalid canonicalization '%s' (\"relaxed/relaxed\", "
-                                       "\"relaxed/simple\", \"simple/relaxed\" or \"simple/simple\")", c));
+                    lua_pushfstring(L,
+                                    "invalid canonicalization '%s' (\"relaxed/relaxed\", "
+                                    "\"relaxed/simple\", \"simple/relaxed\" or \"simple/simple\")",
+                                    c));
     } else if (strcmp(key, "expire") == 0) {
       luaL_argcheck(L, lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0 && lua_tointeger(L, -1) <= MAX_EXPIRE,
                     arg, "expire must be a positive integer (seconds, at most 100 years)");
@@ -122,8 +118,7 @@ static void getoptions (lua_State *L, int arg, sopts *so)
 
 /* Copies domain, selector and the header names into one block owned by p (freed by __gc, so a
  * raise below leaks nothing). */
-static void buildstore (lua_State *L, int arg, LSigner *p, const sopts *so)
-{
+static void buildstore(lua_State *L, int arg, LSigner *p, const sopts *so) {
   size_t nh = 0, size, dl = strlen(so->domain) + 1, sl = strlen(so->selector) + 1;
   const char **names;
   char *s;
@@ -137,13 +132,11 @@ static void buildstore (lua_State *L, int arg, LSigner *p, const sopts *so)
   for (size_t i = 1; i <= nh; i++) {
     if (lua_rawgeti(L, -1, (lua_Integer)i) != LUA_TSTRING)
       luaL_argerror(L, arg, "headers must be a list of names");
-    if (l_has_nul(L, -1))
-      luaL_argerror(L, arg, "headers: a name must not contain a NUL byte");
+    if (l_has_nul(L, -1)) luaL_argerror(L, arg, "headers: a name must not contain a NUL byte");
     size += lua_rawlen(L, -1) + 1;
     lua_pop(L, 1);
   }
-  if ((p->store = malloc(size)) == NULL)
-    luaL_error(L, "out of memory");
+  if ((p->store = malloc(size)) == NULL) luaL_error(L, "out of memory");
   names = (const char **)(void *)p->store;
   s = p->store + (nh + 1) * sizeof(char *);
   p->o.domain = memcpy(s, so->domain, dl);
@@ -160,29 +153,26 @@ static void buildstore (lua_State *L, int arg, LSigner *p, const sopts *so)
   }
   names[nh] = NULL;
   p->o.headers = so->has_headers ? names : NULL;
-  if (so->has_headers)
-    lua_pop(L, 1);
+  if (so->has_headers) lua_pop(L, 1);
 }
 
 /* ---------------------------------------------------------------- module functions */
 
 /* dkim.signer(options) -> signer | nil, "key_file: reason" */
-static int dkim_signer (lua_State *L)
-{
+static int dkim_signer(lua_State *L) {
   sopts so;
   LSigner *p;
   char err[512];
 
   getoptions(L, 1, &so);
   p = (LSigner *)lua_newuserdatauv(L, sizeof(LSigner), 0);
-  memset(p, 0, sizeof *p);  /* closed until the key is loaded: an error below leaves nothing half-built */
+  memset(p, 0, sizeof *p); /* closed until the key is loaded: an error below leaves nothing half-built */
   luaL_setmetatable(L, SIGNER_MT);
   buildstore(L, 1, p, &so);
   p->o.header_canon = so.hc;
   p->o.body_canon = so.bc;
   p->expire = so.expire;
-  if (dkim_opts_check(&p->o, err, sizeof err) < 0)
-    luaL_argerror(L, 1, err);
+  if (dkim_opts_check(&p->o, err, sizeof err) < 0) luaL_argerror(L, 1, err);
   p->key = dkim_key_load(so.key_file, err, sizeof err);
   if (p->key == NULL) {
     luaL_pushfail(L);
@@ -191,8 +181,8 @@ static int dkim_signer (lua_State *L)
   }
   if (so.algorithm && strcmp(so.algorithm, dkim_key_algorithm(p->key)) != 0) {
     luaL_pushfail(L);
-    lua_pushfstring(L, "%s: the key is for %s, but algorithm is %s", so.key_file,
-                    dkim_key_algorithm(p->key), so.algorithm);
+    lua_pushfstring(L, "%s: the key is for %s, but algorithm is %s", so.key_file, dkim_key_algorithm(p->key),
+                    so.algorithm);
     dkim_key_free(p->key);
     p->key = NULL;
     return 2;
@@ -202,8 +192,7 @@ static int dkim_signer (lua_State *L)
 
 /* dkim.keygen{ algorithm = "rsa-sha256", bits = 2048 } -> private_pem, txt_value | nil, err
  * The new key lives in a closed signer while it is written out, so that a raise (memory) frees it. */
-static int dkim_keygen (lua_State *L)
-{
+static int dkim_keygen(lua_State *L) {
   const char *alg = "rsa-sha256";
   int bits = 0;
   char err[256];
@@ -218,8 +207,10 @@ static int dkim_keygen (lua_State *L)
       if (strcmp(key, "algorithm") == 0)
         alg = checkalgorithm(L, 1, optstring(L, 1, key));
       else if (strcmp(key, "bits") == 0) {
-        luaL_argcheck(L, lua_isinteger(L, -1) && lua_tointeger(L, -1) >= DKIM_RSA_MIN_BITS &&
-                      lua_tointeger(L, -1) <= 4096, 1, "bits must be an integer from 1024 to 4096");
+        luaL_argcheck(L,
+                      lua_isinteger(L, -1) && lua_tointeger(L, -1) >= DKIM_RSA_MIN_BITS &&
+                          lua_tointeger(L, -1) <= 4096,
+                      1, "bits must be an integer from 1024 to 4096");
         bits = (int)lua_tointeger(L, -1);
       } else
         luaL_argerror(L, 1, lua_pushfstring(L, "unknown option '%s'", key));
@@ -235,11 +226,9 @@ static int dkim_keygen (lua_State *L)
     lua_pushstring(L, err);
     return 2;
   }
-  if (dkim_key_private_pem(p->key, &p->buf) < 0)
-    return luaL_error(L, "out of memory");
+  if (dkim_key_private_pem(p->key, &p->buf) < 0) return luaL_error(L, "out of memory");
   pemlen = p->buf.len;
-  if (dkim_key_public_record(p->key, &p->buf) < 0)
-    return luaL_error(L, "out of memory");
+  if (dkim_key_public_record(p->key, &p->buf) < 0) return luaL_error(L, "out of memory");
   lua_pushlstring(L, p->buf.data, pemlen);
   lua_pushlstring(L, p->buf.data + pemlen, p->buf.len - pemlen);
   explicit_bzero(p->buf.data, p->buf.len);
@@ -250,8 +239,7 @@ static int dkim_keygen (lua_State *L)
 /* ---------------------------------------------------------------- signing */
 
 /* Pushes the signed message (whole) or the header; nil, err for a message that cannot be signed. */
-static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whole)
-{
+static int signwith(lua_State *L, LSigner *p, int msgarg, int timearg, int whole) {
   size_t len;
   const char *msg = luaL_checklstring(L, msgarg, &len);
   lua_Integer now = timearg ? luaL_optinteger(L, timearg, (lua_Integer)time(NULL)) : (lua_Integer)time(NULL);
@@ -259,36 +247,34 @@ static int signwith (lua_State *L, LSigner *p, int msgarg, int timearg, int whol
   char err[256];
   int rc;
 
-  luaL_argcheck(L, now > 0 && now <= MAX_TIME, timearg, "time must be seconds since the epoch, before year 10000");
+  luaL_argcheck(L, now > 0 && now <= MAX_TIME, timearg,
+                "time must be seconds since the epoch, before year 10000");
   o.timestamp = now;
   o.expire = p->expire > 0 ? now + p->expire : 0;
   p->buf.len = 0;
   rc = dkim_sign(p->key, &o, msg, len, &p->buf, err, sizeof err);
-  if (rc == 0 && whole && bytebuf_crlf(&p->buf, msg, len, 0) < 0)
-    return luaL_error(L, "out of memory");
+  if (rc == 0 && whole && bytebuf_crlf(&p->buf, msg, len, 0) < 0) return luaL_error(L, "out of memory");
   if (rc < 0) {
     luaL_pushfail(L);
     lua_pushstring(L, err);
   } else
     lua_pushlstring(L, p->buf.data, p->buf.len);
-  if (p->buf.cap > SIGNER_BUF_KEEP)
-    bytebuf_free(&p->buf);
+  if (p->buf.cap > SIGNER_BUF_KEEP) bytebuf_free(&p->buf);
   return rc < 0 ? 2 : 1;
 }
 
 /* dkim.sign(message, options) -> signed | nil, err.  Signers are kept in the upvalue table, keyed
  * by every option, so a key file is read once per distinct set of options (and not again: a key
  * replaced on disk is seen by the next run). */
-static int dkim_sign_l (lua_State *L)
-{
-  static const char *const fields[] = { "key_file", "domain", "selector", "algorithm",
-                                        "canonicalization", "expire", NULL };
+static int dkim_sign_l(lua_State *L) {
+  static const char *const fields[] = {"key_file",         "domain", "selector", "algorithm",
+                                       "canonicalization", "expire", NULL};
   int n = 0;
   luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
   /* the cache key: each option's text and a NUL, then the header names */
-  lua_getfield(L, 2, "headers");                 /* 3 */
+  lua_getfield(L, 2, "headers"); /* 3 */
   for (int i = 0; fields[i]; i++, n += 2) {
     int t = lua_getfield(L, 2, fields[i]);
     if (t != LUA_TSTRING && t != LUA_TNUMBER) {
@@ -298,7 +284,7 @@ static int dkim_sign_l (lua_State *L)
     lua_pushlstring(L, "", 1);
   }
   if (lua_istable(L, 3))
-    for (lua_Integer i = 1; ; i++, n += 2) {
+    for (lua_Integer i = 1;; i++, n += 2) {
       luaL_checkstack(L, 2, "too many headers");
       if (lua_geti(L, 3, i) != LUA_TSTRING) {
         lua_pop(L, 1);
@@ -307,15 +293,14 @@ static int dkim_sign_l (lua_State *L)
       lua_pushliteral(L, ":");
     }
   lua_concat(L, n);
-  lua_replace(L, 3);                             /* 3: the cache key */
+  lua_replace(L, 3); /* 3: the cache key */
   lua_pushvalue(L, 3);
-  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TUSERDATA) {   /* 4 */
+  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TUSERDATA) { /* 4 */
     lua_pop(L, 1);
     lua_pushcfunction(L, dkim_signer);
     lua_pushvalue(L, 2);
     lua_call(L, 1, 2);
-    if (lua_isnil(L, -2))
-      return 2;                                  /* nil, err */
+    if (lua_isnil(L, -2)) return 2; /* nil, err */
     lua_pop(L, 1);
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
@@ -327,42 +312,31 @@ static int dkim_sign_l (lua_State *L)
 /* ---------------------------------------------------------------- signer methods */
 
 /* signer:sign(message [, time]) -> message with DKIM-Signature: prepended | nil, err */
-static int s_sign (lua_State *L)
-{
-  return signwith(L, tosigner(L), 2, 3, 1);
-}
+static int s_sign(lua_State *L) { return signwith(L, tosigner(L), 2, 3, 1); }
 
 /* signer:header(message [, time]) -> "DKIM-Signature: ...\r\n" | nil, err */
-static int s_header (lua_State *L)
-{
-  return signwith(L, tosigner(L), 2, 3, 0);
-}
+static int s_header(lua_State *L) { return signwith(L, tosigner(L), 2, 3, 0); }
 
 /* signer:dns_record() -> "v=DKIM1; k=rsa; p=..." */
-static int s_dns_record (lua_State *L)
-{
+static int s_dns_record(lua_State *L) {
   LSigner *p = tosigner(L);
   p->buf.len = 0;
-  if (dkim_key_public_record(p->key, &p->buf) < 0)
-    return luaL_error(L, "out of memory");
+  if (dkim_key_public_record(p->key, &p->buf) < 0) return luaL_error(L, "out of memory");
   lua_pushlstring(L, p->buf.data, p->buf.len);
   return 1;
 }
 
-static int s_algorithm (lua_State *L)
-{
+static int s_algorithm(lua_State *L) {
   lua_pushstring(L, dkim_key_algorithm(tosigner(L)->key));
   return 1;
 }
 
-static int s_gc (lua_State *L)
-{
+static int s_gc(lua_State *L) {
   s_gc_signer(toLSigner(L));
   return 0;
 }
 
-static int s_tostring (lua_State *L)
-{
+static int s_tostring(lua_State *L) {
   LSigner *p = toLSigner(L);
   if (p->key == NULL)
     lua_pushliteral(L, "dkim signer (closed)");
@@ -372,32 +346,23 @@ static int s_tostring (lua_State *L)
   return 1;
 }
 
-static const luaL_Reg dkimlib[] = {
-  {"signer", dkim_signer},
-  {"keygen", dkim_keygen},
-  {"sign", NULL},   /* a closure over the signer cache, set in luaopen */
-  {NULL, NULL}
-};
+static const luaL_Reg dkimlib[] = {{"signer", dkim_signer},
+                                   {"keygen", dkim_keygen},
+                                   {"sign", NULL}, /* a closure over the signer cache, set in luaopen */
+                                   {NULL, NULL}};
 
-static const luaL_Reg methods[] = {
-  {"sign", s_sign},
-  {"header", s_header},
-  {"dns_record", s_dns_record},
-  {"algorithm", s_algorithm},
-  {NULL, NULL}
-};
+static const luaL_Reg methods[] = {{"sign", s_sign},
+                                   {"header", s_header},
+                                   {"dns_record", s_dns_record},
+                                   {"algorithm", s_algorithm},
+                                   {NULL, NULL}};
 
 static const luaL_Reg metameth[] = {
-  {"__gc", s_gc},
-  {"__close", s_gc},
-  {"__tostring", s_tostring},
-  {NULL, NULL}
-};
+    {"__gc", s_gc}, {"__close", s_gc}, {"__tostring", s_tostring}, {NULL, NULL}};
 
-int luaopen_mailshot_dkim (lua_State *L)
-{
+int luaopen_mailshot_dkim(lua_State *L) {
   luaL_newlib(L, dkimlib);
-  lua_newtable(L);  /* the signer cache of dkim.sign */
+  lua_newtable(L); /* the signer cache of dkim.sign */
   lua_pushcclosure(L, dkim_sign_l, 1);
   lua_setfield(L, -2, "sign");
   l_newclass(L, SIGNER_MT, metameth, methods);

@@ -29,13 +29,14 @@
 #define SMTP_PATH_MAX 256
 
 /* A parsed SMTP reply (RFC 5321 §4.2): code, optional enhanced status (RFC 3463/2034), text of all lines. */
-#define SMTP_REPLY_TEXT_MAX 4096          /* we keep at most this much text (all lines joined by "\n") */
+#define SMTP_REPLY_TEXT_MAX 4096 /* we keep at most this much text (all lines joined by "\n") */
 typedef struct {
-  int code;                 /* 200..599 */
-  char enhanced[16];        /* "5.1.1" or "" when the first line has none */
-  char text[SMTP_REPLY_TEXT_MAX]; /* the text after "ddd " / "ddd-" of every line, joined by '\n', enhanced code of each line stripped when present; truncated safely */
+  int code; /* 200..599 */
+  char enhanced[16]; /* "5.1.1" or "" when the first line has none */
+  char text
+      [SMTP_REPLY_TEXT_MAX]; /* the text after "ddd " / "ddd-" of every line, joined by '\n', enhanced code of each line stripped when present; truncated safely */
   int nlines;
-  int truncated;            /* 1 when text had to be cut at SMTP_REPLY_TEXT_MAX - 1 bytes */
+  int truncated; /* 1 when text had to be cut at SMTP_REPLY_TEXT_MAX - 1 bytes */
 } smtp_reply;
 
 /* Incremental parse of ONE reply from the front of buf/len (the bytes received so far; may hold part
@@ -67,11 +68,13 @@ smtp_class smtp_reply_class(const smtp_reply *r);
 /* EHLO capabilities (RFC 5321 §4.1.1.1, keywords case-insensitive) */
 typedef struct {
   /* only what the client acts on; every other keyword is in names (for `mailshot check`) */
-  unsigned pipelining:1, starttls:1, eightbitmime:1, enhancedstatuscodes:1, smtputf8:1, size_present:1;
-  unsigned long long size;     /* SIZE value, 0 = no limit given */
-  unsigned auth_plain:1, auth_login:1;   /* the mechanisms we speak */
-  char auth[256];              /* the AUTH mechanisms as advertised, space separated */
-  char names[1024];            /* every keyword line as advertised (skip the first line = greeting domain), space separated, for display */
+  unsigned pipelining : 1, starttls : 1, eightbitmime : 1, enhancedstatuscodes : 1, smtputf8 : 1,
+      size_present : 1;
+  unsigned long long size; /* SIZE value, 0 = no limit given */
+  unsigned auth_plain : 1, auth_login : 1; /* the mechanisms we speak */
+  char auth[256]; /* the AUTH mechanisms as advertised, space separated */
+  char names
+      [1024]; /* every keyword line as advertised (skip the first line = greeting domain), space separated, for display */
 } smtp_caps;
 /* Fills *caps (zeroed first) from a parsed EHLO reply. Handles the pre-RFC 2554 "AUTH=LOGIN PLAIN" form
  * and merges it with an "AUTH ..." line without duplicates. SIZE (RFC 1870): a missing or non-numeric
@@ -102,7 +105,7 @@ int smtp_addr_ok(const char *addr, size_t len, int allow_empty, char *why, size_
  * not end with one, then ".\r\n". An empty message gives just ".\r\n" (the CRLF ending the DATA command
  * line is the first half of the terminator, RFC 5321 §4.1.1.4). Lines are not wrapped: the 1000-octet
  * limit of §4.5.3.1.6 is the message builder's job. 0 ok, -1 ENOMEM (out unchanged). */
-int  smtp_dot_stuff(bytebuf *out, const char *msg, size_t len);
-int  smtp_data_has_8bit(const char *msg, size_t len);               /* 1 if any byte >= 0x80, else 0 */
+int smtp_dot_stuff(bytebuf *out, const char *msg, size_t len);
+int smtp_data_has_8bit(const char *msg, size_t len); /* 1 if any byte >= 0x80, else 0 */
 
 #endif
