@@ -4,7 +4,7 @@ import os
 import re
 import unittest
 
-from tests.integration.harness import MailshotTestCase, REPO_ROOT
+from tests.integration.harness import MailshotTestCase, REPO_ROOT, scaled
 
 OPT = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -63,16 +63,18 @@ class HelpTests(MailshotTestCase):
     def test_every_option_in_help_is_one_the_command_accepts(self):
         _, readme = readme_commands()
         for cmd, documented in sorted(readme.items()):
-            if cmd == "help":
+            if cmd == "help" or not documented:   # exec takes FILE and passes the rest on
                 continue
             prefix = ["dkim", "keygen"] if cmd == "dkim" else [cmd]
-            for opt in sorted(documented):
+            with self.subTest(command=cmd):
+                p = self.run_mailshot(*prefix, "--no-such-option")
+                self.assertIn("unknown option --no-such-option", p.stderr)
+            # option parsing is Lua: valgrind adds nothing but minutes, so it tries one option per command
+            for opt in sorted(documented)[:scaled(len(documented), 1)]:
                 with self.subTest(command=cmd, option=opt):
                     # no SCRIPT/HOST: the command stops at a usage error, but not at "unknown option"
                     p = self.run_mailshot(*prefix, opt)
                     self.assertNotIn("unknown option", p.stderr)
-                    p = self.run_mailshot(*prefix, "--no-such-option")
-                    self.assertIn("unknown option --no-such-option", p.stderr)
 
 
 if __name__ == "__main__":
