@@ -220,9 +220,10 @@ static void push_check(lua_State *L, smtp_conn *c, const relay *r) {
     lua_setfield(L, -2, "tls");
   }
   if (r->cfg.user) {
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     set_str(L, "user", r->cfg.user);
     set_bool(L, "ok", in.authenticated);
+    set_bool(L, "tried", in.auth_mech != NULL);   /* AUTH was sent (not refused or never reached) */
     if (in.auth_mech) set_str(L, "mechanism", in.auth_mech);
     lua_setfield(L, -2, "auth");
   }

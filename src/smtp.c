@@ -73,7 +73,11 @@ struct smtp_conn {
   char connect_err[256];
   char *greeting, *ehlo_text;
   int ehlo_ok, tls_on, authenticated, handshake_after_starttls, retiring;
-  const char *auth_mech;
+  const char *auth_mech;         /* set when AUTH was sent: NULL = AUTH never tried */
+  /* the TLS session as negotiated, kept after the socket closes so that a later failure (a wrong
+   * password) still reports the TLS that was up */
+  char tls_version[32], tls_cipher[96], tls_subject[512];
+  int tls_verified;
   int busy, free_pending, watched, messages;
   char peer[64];
   unsigned long id;             /* the session's number in the dialogue log: [s1], [s2], ... */
@@ -521,9 +525,11 @@ static void on_handshake(smtp_conn *c) {
     return;
   }
   c->tls_on = 1;
-  char v[32], ciph[96], subj[512];
-  tls_describe(&c->s, v, sizeof v, ciph, sizeof ciph, subj, sizeof subj);
-  trace(c, "--", "TLS %s %s, peer %s%s", v, ciph, subj, c->s.tls_verified ? " (verified)" : " (not verified)");
+  c->tls_verified = c->s.tls_verified;
+  tls_describe(&c->s, c->tls_version, sizeof c->tls_version, c->tls_cipher, sizeof c->tls_cipher,
+               c->tls_subject, sizeof c->tls_subject);
+  trace(c, "--", "TLS %s %s, peer %s%s", c->tls_version, c->tls_cipher, c->tls_subject,
+        c->tls_verified ? " (verified)" : " (not verified)");
   if (c->handshake_after_starttls) {
     memset(&c->caps, 0, sizeof c->caps);   /* RFC 3207 §4.2: forget what we knew, EHLO again */
     send_ehlo(c);
@@ -1112,10 +1118,12 @@ void smtp_conn_info(smtp_conn *c, smtp_info *info) {
   info->ehlo = c->ehlo_ok;
   info->ehlo_text = c->ehlo_text;
   info->tls = c->tls_on;
-  info->tls_verified = c->tls_on && c->s.tls_verified;
-  if (c->s.ssl)
-    tls_describe(&c->s, info->tls_version, sizeof info->tls_version, info->tls_cipher, sizeof info->tls_cipher,
-                 info->tls_subject, sizeof info->tls_subject);
+  info->tls_verified = c->tls_on && c->tls_verified;
+  if (c->tls_on) {
+    snprintf(info->tls_version, sizeof info->tls_version, "%s", c->tls_version);
+    snprintf(info->tls_cipher, sizeof info->tls_cipher, "%s", c->tls_cipher);
+    snprintf(info->tls_subject, sizeof info->tls_subject, "%s", c->tls_subject);
+  }
   info->authenticated = c->authenticated;
   info->auth_mech = c->auth_mech;
   snprintf(info->peer, sizeof info->peer, "%s", c->peer);

@@ -144,11 +144,11 @@ typedef struct smtp_info {
   const smtp_caps *caps;
   int ehlo;                /* 1 = EHLO, 0 = fell back to HELO */
   const char *ehlo_text;   /* the EHLO reply as received */
-  int tls;                 /* running over TLS */
+  int tls;                 /* TLS came up (even if the session failed later) */
   int tls_verified;
   char tls_version[32], tls_cipher[96], tls_subject[512];
   int authenticated;
-  const char *auth_mech;
+  const char *auth_mech;   /* the mechanism AUTH was sent with; NULL: AUTH was never sent */
   char peer[64];           /* address connected to */
   int messages;            /* transactions completed on this connection */
 } smtp_info;

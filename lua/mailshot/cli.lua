@@ -86,12 +86,15 @@ filtered or duplicate address) prints nothing: the reason goes to stderr, exit s
 ]=],
   check = [=[
 Usage: mailshot check HOST:PORT [--tls MODE] [--user USER] [--password-file FILE] [--ca-file FILE]
-                      [--insecure] [--helo NAME] [--timeout SECONDS] [--dns IP[:PORT]] [--verbose]
+                      [--insecure] [--allow-plaintext-auth] [--helo NAME] [--timeout SECONDS]
+                      [--dns IP[:PORT]] [--verbose]
 
 Test an SMTP relay the way a campaign would use it: connect, read the greeting, EHLO, upgrade
 to TLS, authenticate, QUIT.  Prints the greeting, capabilities, TLS version, cipher and
-certificate subject, and whether AUTH succeeded.  Exit 0 only when all of it worked; otherwise
-a one-line reason with the server's own words.
+certificate subject, and whether AUTH succeeded; steps never reached say "not tried".  Exit 0
+when everything tried worked (the result line says what was not tested: TLS with --tls none,
+AUTH without --user); otherwise a one-line reason with the server's own words, and a hint
+when the --tls mode looks wrong for the port.
 
   --tls MODE           starttls (default), tls (implicit TLS, port 465) or none
   --user USER          authenticate as USER; the password comes from the environment variable
@@ -99,6 +102,7 @@ a one-line reason with the server's own words.
   --password-file F    read the password from the first line of F
   --ca-file FILE       trust this CA certificate in addition to the system's
   --insecure           do not verify the server's certificate (explicit opt-out)
+  --allow-plaintext-auth  with --tls none: send the password without TLS (refused otherwise)
   --helo NAME          the name to give in EHLO (default: this machine's host name)
   --timeout SECONDS    for each step (default 30)
   --dns IP[:PORT]      resolve HOST with this DNS server (comma-separated for several) instead
@@ -354,10 +358,56 @@ local function check_password(opts)
   return p
 end
 
+-- The steps of a check in the order they happen, per --tls mode: a failure at one means the later
+-- ones were never tried (and must not be reported as passed or failed).
+local CHECK_STEPS = {
+  starttls = { "connect", "greeting", "ehlo", "starttls", "tls", "auth", "ready" },
+  tls = { "connect", "tls", "greeting", "ehlo", "auth", "ready" },
+  none = { "connect", "greeting", "ehlo", "auth", "ready" },
+}
+
+-- Was `step` reached in the check result r (mode: the --tls mode)?
+local function check_reached(r, mode, step)
+  if r.ok then return true end
+  local steps = CHECK_STEPS[mode] or CHECK_STEPS.starttls
+  local stage = r.stage == "helo" and "ehlo" or r.stage
+  local at, want
+  for i, s in ipairs(steps) do
+    if s == stage then at = i end
+    if s == step then want = i end
+  end
+  if not want then return false end
+  return want <= (at or 1)
+end
+
+local function has_cap(r, name)
+  for _, c in ipairs(r.capabilities or {}) do
+    if c:upper() == name then return true end
+  end
+  return false
+end
+
+-- A hint for the usual mistake behind a failure: the wrong --tls mode for the port.
+local function check_hint(r, mode)
+  if r.ok then return nil end
+  local msg = r.message or ""
+  if mode == "tls" and r.error == "tls" and not r.greeting
+     and (msg:find("wrong version number", 1, true) or msg:find("packet length too long", 1, true)
+          or msg:find("unknown protocol", 1, true) or msg:find("record layer failure", 1, true)) then
+    return "the server answered in plaintext: this looks like a STARTTLS or plain SMTP port (25, 587); " ..
+           "try --tls starttls"
+  end
+  if mode ~= "tls" and r.stage == "greeting" and not r.greeting and (r.error == "timeout" or r.error == "protocol") then
+    return "no SMTP greeting: an implicit-TLS port (usually 465) waits for the client to start TLS; " ..
+           "try --tls tls"
+  end
+  return nil
+end
+
 function commands.check(args)
   local opts, pos = parse(args, { tls = "value", user = "value", ["password-file"] = "value", ["ca-file"] = "value",
                                   insecure = "flag", helo = "value", timeout = "value", verbose = "flag",
-                                  password = "value", dns = "value" }, "check")
+                                  password = "value", dns = "value", ["allow-plaintext-auth"] = "flag" }, "check")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.check); return 0 end
   if opts.password then
@@ -368,7 +418,7 @@ function commands.check(args)
   if #pos ~= 1 then complain("check: expected HOST:PORT (see mailshot check --help)"); return 2 end
   local o = { server = pos[1], tls = opts.tls or "starttls", user = opts.user, ca_file = opts["ca-file"],
               verify = not opts.insecure, helo = opts.helo, timeout = tonumber(opts.timeout or 30),
-              trace = opts.verbose or nil, dns = opts.dns }
+              trace = opts.verbose or nil, dns = opts.dns, allow_plaintext_auth = opts["allow-plaintext-auth"] or nil }
   if not o.timeout then complain("check: --timeout must be a number"); return 2 end
   if o.user then
     local p, err = check_password(opts)
@@ -379,26 +429,67 @@ function commands.check(args)
   if not ok then complain("check: ", tostring(relay):gsub("^mailshot%.relay: ", "")); return 2 end
   local r = relay:check()
   relay:close()
+  local mode = o.tls
   local function row(k, v) say(("%-13s %s"):format(k, v)) end
+  local function reached(step) return check_reached(r, mode, step) end
+  local tested, untested, warnings = { "connected" }, {}, {}
   row("server", ("%s:%s%s"):format(r.server, r.port, r.address and r.address ~= r.server and (" (" .. r.address .. ")") or ""))
-  if r.greeting then row("greeting", "220 " .. r.greeting:gsub("\n", " / ")) end
-  if r.greeting then row("esmtp", r.esmtp and "yes" or "no (HELO only)") end
+  if r.greeting then
+    row("greeting", "220 " .. r.greeting:gsub("\n", " / "))
+    row("esmtp", r.esmtp and "yes" or "no (HELO only)")
+  else
+    row("greeting", reached("greeting") and "none (see result)" or "not tried")
+  end
   if r.capabilities and #r.capabilities > 0 then row("capabilities", table.concat(r.capabilities, " ")) end
+  if r.greeting and reached("auth") then tested[#tested + 1] = r.esmtp and "EHLO ok" or "HELO ok" end
+  -- TLS: described whenever it came up, whatever failed later
   if r.tls then
     row("tls", ("%s, %s"):format(r.tls.version, r.tls.cipher))
     row("certificate", ("%s (%s)"):format(r.tls.subject, r.tls.verified and "verified" or "NOT verified: --insecure"))
-  elseif r.ok then
-    row("tls", "none: the connection is not encrypted")
+    tested[#tested + 1] = ("TLS %s (%s)"):format(r.tls.version, r.tls.verified and "certificate verified"
+                                                 or "certificate NOT verified")
+  elseif mode == "none" then
+    row("tls", "not tested (--tls none): the connection is not encrypted")
+    untested[#untested + 1] = "TLS not tested (--tls none)"
+    if has_cap(r, "STARTTLS") then
+      warnings[#warnings + 1] = "the server offers STARTTLS, which --tls none did not use: try --tls starttls"
+    end
+  elseif reached("tls") or (mode == "starttls" and reached("starttls")) then
+    row("tls", "failed (see result)")
+  else
+    row("tls", "not tried")
   end
   if r.auth then
-    row("auth", ("%s as %s%s"):format(r.auth.ok and "succeeded" or "failed", r.auth.user,
-      r.auth.mechanism and (" (" .. r.auth.mechanism .. ")") or ""))
+    local mech = r.auth.mechanism and (" (" .. r.auth.mechanism .. ")") or ""
+    if r.auth.tried then
+      row("auth", ("%s as %s%s"):format(r.auth.ok and "succeeded" or "failed", r.auth.user, mech))
+      if r.auth.ok then tested[#tested + 1] = "AUTH ok as " .. r.auth.user end
+    elseif reached("auth") then
+      row("auth", ("not sent as %s (see result)"):format(r.auth.user))
+    else
+      row("auth", "not tried")
+    end
+  else
+    row("auth", "not tested (no --user)")
+    untested[#untested + 1] = "AUTH not tested (no --user)"
+    if has_cap(r, "AUTH") then
+      warnings[#warnings + 1] = "the server offers AUTH; without --user it was not tested (a relay that " ..
+                                "requires it refuses mail from unauthenticated clients)"
+    end
   end
+  for _, w in ipairs(warnings) do row("warning", w) end
   if r.ok then
-    say("result        OK: the relay is ready to send")
+    local done = table.concat(tested, ", ")
+    if #untested == 0 then
+      say(("result        OK: %s: the relay is ready to send"):format(done))
+    else
+      say(("result        OK as far as tested: %s; %s"):format(done, table.concat(untested, "; ")))
+    end
     return 0
   end
   local words = r.code ~= 0 and (r.code .. (r.enhanced and (" " .. r.enhanced) or "") .. " " .. r.message) or r.message
+  local hint = check_hint(r, mode)
+  if hint then row("hint", hint) end
   say(("result        FAILED at %s: %s"):format(r.stage, words:gsub("\n", " / ")))
   return 1
 end

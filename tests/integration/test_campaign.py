@@ -74,9 +74,9 @@ class CampaignTests(MailshotTestCase):
         self.assertIn("AUTH PLAIN ********", log)
         self.assertRegex(log, r"\d\d:\d\d:\d\d\.\d{3} \[s\d+\] 127\.0\.0\.1 > MAIL FROM:<news@acme\.example>")
         self.assertRegex(log, r"< 250 .*queued")
-        progress = [l for l in p.stderr.splitlines() if l.startswith("mailshot: campaign: ")]
+        progress = [l for l in p.stderr.splitlines() if l.startswith("mailshot: newsletter: ")]
         self.assertTrue(progress, p.stderr)
-        self.assertRegex(progress[-1], r"^mailshot: campaign: \d+/300  sent \d+  failed 0  deferred 0  skipped 0  \d+/s  ETA \S+  conns \d+$")
+        self.assertRegex(progress[-1], r"^mailshot: newsletter: \d+/300  sent \d+  failed 0  deferred 0  skipped 0  \d+/s  ETA \S+  conns \d+$")
 
     def test_live_progress_line_on_a_terminal(self):
         import pty
@@ -106,7 +106,7 @@ class CampaignTests(MailshotTestCase):
         tty = b"".join(chunks).decode(errors="replace")
         self.assertEqual(proc.returncode, 0, tty)
         self.assertIn("\r\x1b[K", tty)                     # rewritten in place
-        self.assertRegex(tty, r"campaign: \d+/200  sent \d+")
+        self.assertRegex(tty, r"newsletter: \d+/200  sent \d+")
         self.assertIn(b"200 sent", out)
 
     def test_rate_limit_windows_hold_at_the_receiver(self):

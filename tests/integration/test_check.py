@@ -40,6 +40,69 @@ class CheckTests(MailshotTestCase):
         self.assertIn("auth          failed as alice", p.stdout)
         self.assertNotIn("wrong", p.stdout + p.stderr)
 
+    def test_wrong_password_still_describes_the_tls_that_was_up(self):
+        # TLS came up before AUTH failed: its version, cipher and certificate must be shown
+        cert, _ = make_cert(self.tmp)
+        srv = self.start_smtpd(tls=True, auth={"alice": PW}, require_starttls=True)
+        p = self.check(srv.address, "--user", "alice", "--ca-file", cert, password="wrong")
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertRegex(p.stdout, r"tls\s+TLSv1\.[23], \S+")
+        self.assertRegex(p.stdout, r"certificate\s+\S.*CN\s*=\s*localhost \(verified\)")
+        self.assertNotRegex(p.stdout, r"tls\s+, ")
+
+    def test_refused_port_reports_later_steps_as_not_tried(self):
+        port = free_port()
+        p = self.check(f"127.0.0.1:{port}", "--user", "alice")
+        self.assertEqual(p.returncode, 1)
+        self.assertNotIn("failed as alice", p.stdout)
+        self.assertRegex(p.stdout, r"(?m)^auth\s+not tried$")
+        self.assertRegex(p.stdout, r"(?m)^tls\s+not tried$")
+        self.assertRegex(p.stdout, r"(?m)^greeting\s+not tried$")
+
+    def test_certificate_failure_does_not_claim_auth_failed(self):
+        srv = self.start_smtpd(tls=True, auth={"alice": PW})
+        p = self.check(srv.address, "--user", "alice")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("FAILED at tls: certificate verification failed", p.stdout)
+        self.assertNotIn("failed as alice", p.stdout)
+        self.assertRegex(p.stdout, r"(?m)^auth\s+not tried$")
+        self.assertNotIn("AUTH", srv.commands())
+
+    def test_untested_tls_and_auth_are_said_and_warned_about(self):
+        # the server offers STARTTLS and AUTH, --tls none and no --user test neither: no plain "ready"
+        srv = self.start_smtpd(tls=True, auth={"alice": PW}, auth_required=True, auth_require_tls=False)
+        p = self.check(srv.address, "--tls", "none", password=None)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        out = p.stdout
+        self.assertNotIn("ready to send", out)
+        last = out.strip().splitlines()[-1]
+        self.assertRegex(last, r"^result\s+OK as far as tested: connected, EHLO ok; TLS not tested \(--tls none\); "
+                               r"AUTH not tested \(no --user\)$")
+        self.assertRegex(out, r"(?m)^warning\s+the server offers STARTTLS")
+        self.assertRegex(out, r"(?m)^warning\s+the server offers AUTH")
+
+    def test_implicit_tls_against_a_starttls_port_suggests_starttls(self):
+        srv = self.start_smtpd(tls=True)
+        p = self.check(srv.address, "--tls", "tls", "--insecure", password=None)
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertIn("FAILED at tls:", p.stdout)
+        self.assertRegex(p.stdout, r"(?m)^hint\s+.*try --tls starttls")
+
+    def test_starttls_against_an_implicit_tls_port_suggests_tls(self):
+        srv = self.start_smtpd(implicit_tls=True)
+        p = self.check(srv.address, "--timeout", "2", "--insecure", password=None)
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertIn("FAILED at greeting:", p.stdout)
+        self.assertRegex(p.stdout, r"(?m)^hint\s+.*try --tls tls")
+
+    def test_allow_plaintext_auth_flag_authenticates_without_tls(self):
+        srv = self.start_smtpd(auth={"alice": PW}, auth_require_tls=False)
+        p = self.check(srv.address, "--tls", "none", "--user", "alice", "--allow-plaintext-auth")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("auth          succeeded as alice", p.stdout)
+        self.assertIn("AUTH", srv.commands())
+        self.assertNotIn(PW, p.stdout + p.stderr)
+
     def test_closed_port_fails_at_connect_with_the_reason(self):
         port = free_port()
         p = self.check(f"127.0.0.1:{port}", password=None)

@@ -2,6 +2,7 @@
 sent for real through local DNS and SMTP servers."""
 import glob
 import os
+import re
 import shutil
 import unittest
 
@@ -13,6 +14,7 @@ EXAMPLES = sorted(glob.glob(os.path.join(REPO_ROOT, "scripts", "examples", "*", 
 class ExampleTests(MailshotTestCase):
     def test_every_example_dry_runs_as_shipped(self):
         self.assertGreaterEqual(len(EXAMPLES), 2)
+        names = {}
         for script in EXAMPLES:
             with self.subTest(script=os.path.relpath(script, REPO_ROOT)):
                 out = self.path("out-" + os.path.basename(os.path.dirname(script)))
@@ -23,6 +25,14 @@ class ExampleTests(MailshotTestCase):
                 self.assertTrue(rep)
                 self.assertEqual({r["status"] for r in rep}, {"written"})
                 self.assertEqual(len(os.listdir(out)), len(rep))
+                # the summary line names the campaign: the name its default report and journal take
+                m = re.search(r"^mailshot: (.+?): \d+ recipients:", p.stdout, re.M)
+                self.assertTrue(m, p.stdout)
+                names[os.path.relpath(script, REPO_ROOT)] = m.group(1)
+        # distinct names (not every one "campaign", after campaign.lua): reports and journals written to
+        # one folder (--report DIR/...) must not collide
+        self.assertEqual(len(set(names.values())), len(names), names)
+        self.assertNotIn("campaign", names.values())
 
     def test_fallback_example_routes_each_recipient_by_its_rules(self):
         servers, port = self.start_smtpd_many(["127.0.0.2", "127.0.0.6"],

@@ -47,6 +47,7 @@ local function send(msg)
 end
 
 return mailshot.campaign {
+  name       = "fallback",          -- reports and journal: fallback-report.csv, fallback.journal
   recipients = "recipients.csv",
   from       = "Acme News <news@acme.example>",
   subject    = "Hello {{ first_name | \"there\" }}",

@@ -16,6 +16,7 @@ local relay = mailshot.relay {
 }
 
 return mailshot.campaign {
+  name       = "newsletter",        -- reports and journal: newsletter-report.csv, newsletter.journal
   recipients = "recipients.csv",          -- relative to this script's folder
   from       = "Acme News <news@acme.example>",
   subject    = "Hello {{first_name}}",
