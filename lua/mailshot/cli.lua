@@ -421,7 +421,7 @@ function commands.mx(args)
       nullmx = "null MX: this domain accepts no mail (RFC 7505)",
       nxdomain = "the domain does not exist (NXDOMAIN)",
       nodata = "no MX records and no address: mail cannot be delivered",
-      timeout = ("no answer from the DNS server within %g s (timeout): nothing is known about the domain"):format(timeout),
+      timeout = ("no answer from the DNS server (timeout) in %g s: nothing is known about the domain"):format(timeout),
       servfail = "the DNS server failed (SERVFAIL): nothing is known about the domain; try again later",
       refused = "the DNS server refused the query (REFUSED): it does not answer for this domain or this client (--dns?)",
       connrefused = "connection to the DNS server refused (nothing listening?): nothing is known about the domain",
