@@ -128,11 +128,13 @@ Render every message of the campaign (nothing is sent), then check the From doma
 record, the DKIM key published at the campaign's selector (and that it matches the private
 key), the DMARC record and the alignment of From with the DKIM domain; and the recipient
 list: recipients per domain, domains that cannot receive mail (NXDOMAIN, null MX, no MX and no
-address), invalid, suppressed and duplicate rows.  Problems are listed most serious first;
-the exit status is 1 when one of them is blocking, else 0.
+address), invalid, suppressed and duplicate rows.  A lookup the DNS server did not answer
+(timeout, SERVFAIL, REFUSED, nothing listening) is reported as "could not ask", never as a
+missing record.  Problems are listed most serious first; the exit status is 1 when one of
+them is blocking, else 0.
 
   --dns IP[:PORT]    ask this DNS server (comma-separated for several) instead of the system's
-  --timeout SECONDS  per DNS try (default 3)
+  --timeout SECONDS  per DNS try (default 3; two tries per lookup)
   --connect          also probe each distinct MX host: connect, EHLO, STARTTLS (no MAIL, no
                      RCPT), and report the ones that fail or offer no TLS
   --port N           the MX hosts' port for --connect (default 25)
