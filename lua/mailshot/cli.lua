@@ -427,6 +427,8 @@ function commands.mx(args)
       servfail = "the DNS server failed (SERVFAIL): nothing is known about the domain; try again later",
       refused = "the DNS server refused the query (REFUSED): it does not answer for this domain or this client (--dns?)",
       connrefused = "connection to the DNS server refused (nothing listening?): nothing is known about the domain",
+      unanswered = "no DNS server gave an answer (each refused the query, failed or was not listening): nothing "
+                   .. "is known about the domain",
     }
     -- one line: the sentence for the kind, else the lookup's own message (it names the domain)
     if what[kind] then say(("%s: %s"):format(domain, what[kind])) else say(err) end

@@ -165,6 +165,20 @@ class DnsOutcomeTests(MailshotTestCase):
         self.assertEqual(self.mx("nope.test", dns.address), "nope.test: the domain does not exist (NXDOMAIN)")
         self.assertEqual(self.mx("bad..name", dns.address), 'invalid domain "bad..name": empty label')
 
+    def test_several_servers_fail_over_and_then_say_none_answered(self):
+        # with several servers a SERVFAIL or REFUSED answer moves on to the next one (kept);
+        # when none answers, that is what is said, not "timeout"
+        sf = self.start_silent_dns(rcode="SERVFAIL")
+        rf = self.start_silent_dns(rcode="REFUSED")
+        dns = self.start_dns({"mx": [("a.test", "mx.a.test", 10)], "a": [("mx.a.test", "127.0.0.2")]})
+        line = self.mx("x.other", f"{sf.address},{dns.address}")
+        self.assertEqual(line, "x.other: no DNS server gave an answer (each refused the query, failed or was not "
+                               "listening): nothing is known about the domain")
+        p = self.run_mailshot("mx", "a.test", "--dns", f"{rf.address},{dns.address}", "--timeout", "2")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"\n\s+10\s+mx\.a\.test\s+127\.0\.0\.2\n")
+        self.assertGreater(len(rf.queries()), 0)              # the refusing server was asked first
+
     def test_mx_timeout_is_the_whole_commands_budget(self):
         # a server that drops every query: --timeout 3 used to be per try, with a second try of
         # twice as long (9 s); and the MX host's AAAA and A lookups each had as much again
