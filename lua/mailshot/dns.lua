@@ -84,7 +84,7 @@ local function lookup(name, qtype, opts)
   waiting = {}
   pending[key] = waiting
   M.stats.queries = M.stats.queries + 1
-  local records, kind, msg = r:query(name, qtype, left)
+  local records, kind, msg = r:query(name, qtype, left and math.min(left, 3600))
   local ttl
   if records then
     ttl = M.max_ttl
