@@ -17,19 +17,42 @@ struct dns_resolver {
   ares_channel channel;
   loop_timer timer;
   unsigned long sent;
+  int nservers;
   int destroying;
 };
 
 typedef struct {
   dns_resolver *r;
   int type;
-  dns_done_fn *fn;
+  dns_done_fn *fn;      /* NULL once the deadline has passed (the callback ran then) */
   void *ud;
+  loop_timer deadline;
+  int starting, done;   /* inside dns_query_timed / c-ares answered there */
 } dns_pending;
 
 const char *dns_status_name(dns_status st) {
-  static const char *names[] = { "ok", "nxdomain", "nodata", "timeout", "servfail", "refused", "error", "cancelled" };
+  static const char *names[] = { "ok", "nxdomain", "nodata", "timeout", "servfail", "refused", "connrefused",
+                                 "unanswered", "formerr", "notimp", "badname", "error", "cancelled" };
   return st <= DNS_CANCELLED ? names[st] : "error";
+}
+
+const char *dns_status_text(dns_status st) {
+  switch (st) {
+  case DNS_OK: return "ok";
+  case DNS_NXDOMAIN: return "the name does not exist (NXDOMAIN)";
+  case DNS_NODATA: return "no record of that type";
+  case DNS_TIMEOUT: return "no answer from the DNS server (timeout)";
+  case DNS_SERVFAIL: return "the DNS server failed (SERVFAIL)";
+  case DNS_REFUSED: return "the DNS server refused the query (REFUSED)";
+  case DNS_CONNREFUSED: return "connection to the DNS server refused (nothing listening?)";
+  case DNS_UNANSWERED:
+    return "no DNS server gave an answer: each refused the query, failed (SERVFAIL) or was not listening";
+  case DNS_FORMERR: return "the DNS server could not read the query (FORMERR)";
+  case DNS_NOTIMP: return "the DNS server does not implement this query (NOTIMP)";
+  case DNS_BADNAME: return "not a valid domain name";
+  case DNS_CANCELLED: return "the resolver was closed";
+  default: return "the DNS lookup failed";
+  }
 }
 
 unsigned long dns_queries_sent(const dns_resolver *r) { return r->sent; }
@@ -66,31 +89,54 @@ dns_resolver *dns_resolver_new(loop *lp, const char *servers, int timeout_ms, in
   return dns_resolver_new_ex(lp, servers, timeout_ms, tries, 0, err, errlen);
 }
 
-dns_resolver *dns_resolver_new_ex(loop *lp, const char *servers, int timeout_ms, int tries, int search,
-                                  char *err, size_t errlen) {
-  dns_resolver *r = calloc(1, sizeof *r);
-  if (!r) { snprintf(err, errlen, "out of memory"); return NULL; }
-  r->loop = lp;
-  loop_timer_init(&r->timer, on_timer, r);
+static int count_servers(ares_channel ch) {
+  struct ares_addr_port_node *list = NULL;
+  if (ares_get_servers_ports(ch, &list) != ARES_SUCCESS) return 0;
+  int n = 0;
+  for (struct ares_addr_port_node *s = list; s; s = s->next) n++;
+  ares_free_data(list);
+  return n;
+}
+
+static int open_channel(dns_resolver *r, const char *servers, int timeout_ms, int tries, int flags,
+                        char *err, size_t errlen) {
   struct ares_options o;
   memset(&o, 0, sizeof o);
   o.sock_state_cb = on_sock_state;
   o.sock_state_cb_data = r;
   o.timeout = timeout_ms;
   o.tries = tries;
-  /* ARES_FLAG_NOSEARCH: names are fully qualified, never tried with the local search list */
-  o.flags = search ? 0 : ARES_FLAG_NOSEARCH;
+  o.flags = flags;
   int st = ares_init_options(&r->channel, &o, ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES | ARES_OPT_FLAGS);
   if (st != ARES_SUCCESS) {
     snprintf(err, errlen, "cannot start the resolver: %s", ares_strerror(st));
-    free(r);
-    return NULL;
+    return -1;
   }
   if (servers && *servers && (st = ares_set_servers_ports_csv(r->channel, servers)) != ARES_SUCCESS) {
     snprintf(err, errlen, "bad DNS server list \"%s\": %s", servers, ares_strerror(st));
     ares_destroy(r->channel);
-    free(r);
-    return NULL;
+    return -1;
+  }
+  r->nservers = count_servers(r->channel);
+  return 0;
+}
+
+dns_resolver *dns_resolver_new_ex(loop *lp, const char *servers, int timeout_ms, int tries, int search,
+                                  char *err, size_t errlen) {
+  dns_resolver *r = calloc(1, sizeof *r);
+  if (!r) { snprintf(err, errlen, "out of memory"); return NULL; }
+  r->loop = lp;
+  loop_timer_init(&r->timer, on_timer, r);
+  /* ARES_FLAG_NOSEARCH: names are fully qualified, never tried with the local search list.
+   * ARES_FLAG_NOCHECKRESP: c-ares 1.18 drops a SERVFAIL, REFUSED or NOTIMP answer to try the
+   * next server, and when none is left reports "connection refused" whatever the servers said.
+   * With one server there is no next one: take its answer as it is, so that it can be named.
+   * With several, failing over is worth more, and such an outcome is DNS_UNANSWERED. */
+  int flags = search ? 0 : ARES_FLAG_NOSEARCH;
+  if (open_channel(r, servers, timeout_ms, tries, flags | ARES_FLAG_NOCHECKRESP, err, errlen) < 0) { free(r); return NULL; }
+  if (r->nservers > 1) {
+    ares_destroy(r->channel);   /* nothing asked yet: nothing to call back */
+    if (open_channel(r, servers, timeout_ms, tries, flags, err, errlen) < 0) { free(r); return NULL; }
   }
   return r;
 }
@@ -281,14 +327,21 @@ done:
   return result;
 }
 
-static dns_status map_status(int st) {
+/* c-ares's status as ours.  ECONNREFUSED is c-ares's status for "no server answered and none
+ * timed out": with one server (and NOCHECKRESP) that is a refused connection; with several it
+ * may also hide SERVFAIL or REFUSED answers (see dns_resolver_new_ex). */
+static dns_status map_status(const dns_resolver *r, int st) {
   switch (st) {
   case ARES_SUCCESS: return DNS_OK;
   case ARES_ENOTFOUND: return DNS_NXDOMAIN;
   case ARES_ENODATA: return DNS_NODATA;
-  case ARES_ETIMEOUT: case ARES_ECONNREFUSED: return DNS_TIMEOUT;
+  case ARES_ETIMEOUT: return DNS_TIMEOUT;
+  case ARES_ECONNREFUSED: return r->nservers > 1 ? DNS_UNANSWERED : DNS_CONNREFUSED;
   case ARES_ESERVFAIL: return DNS_SERVFAIL;
   case ARES_EREFUSED: return DNS_REFUSED;
+  case ARES_EFORMERR: return DNS_FORMERR;
+  case ARES_ENOTIMP: return DNS_NOTIMP;
+  case ARES_EBADNAME: return DNS_BADNAME;
   case ARES_EDESTRUCTION: case ARES_ECANCELLED: return DNS_CANCELLED;
   default: return DNS_ERROR;
   }
@@ -296,36 +349,56 @@ static dns_status map_status(int st) {
 
 static void on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen) {
   dns_pending *q = arg;
-  dns_rr *rrs = NULL;
-  int n = 0;
-  dns_status st = map_status(status);
-  const char *msg = ares_strerror(status);
-  if (st == DNS_OK) {
-    n = dns_parse_answer(abuf, alen, q->type, &rrs);
-    if (n < 0) { st = DNS_ERROR; msg = "malformed answer (or out of memory)"; n = 0; }
-    else if (n == 0) { st = DNS_NODATA; msg = "no record of this type"; }
+  loop_timer_stop(q->r->loop, &q->deadline);
+  if (q->fn) {
+    dns_rr *rrs = NULL;
+    int n = 0;
+    dns_status st = map_status(q->r, status);
+    const char *msg = st == DNS_ERROR ? ares_strerror(status) : dns_status_text(st);
+    if (st == DNS_OK) {
+      n = dns_parse_answer(abuf, alen, q->type, &rrs);
+      if (n < 0) { st = DNS_ERROR; msg = "malformed answer (or out of memory)"; n = 0; }
+      else if (n == 0) { st = DNS_NODATA; msg = dns_status_text(st); }
+    }
+    q->fn(q->ud, st, msg, rrs, n);
+    dns_rrs_free(rrs, n);
   }
-  if (st == DNS_TIMEOUT && status == ARES_ECONNREFUSED) msg = "the DNS server refused the connection (nothing listening?)";
-  q->fn(q->ud, st, msg, rrs, n);
-  dns_rrs_free(rrs, n);
-  free(q);
+  if (q->starting) q->done = 1; else free(q);
 }
 
-void dns_query(dns_resolver *r, const char *name, int type, dns_done_fn *fn, void *ud) {
-  dns_pending *q = malloc(sizeof *q);
+/* The deadline passed: answer "timeout" now; c-ares's own answer, when it comes, frees q. */
+static void on_deadline(loop *l, void *data) {
+  dns_pending *q = data;
+  dns_done_fn *fn = q->fn;
+  q->fn = NULL;
+  if (fn) fn(q->ud, DNS_TIMEOUT, dns_status_text(DNS_TIMEOUT), NULL, 0);
+}
+
+void dns_query_timed(dns_resolver *r, const char *name, int type, unsigned deadline_ms, dns_done_fn *fn, void *ud) {
+  dns_pending *q = calloc(1, sizeof *q);
   if (!q) { fn(ud, DNS_ERROR, "out of memory", NULL, 0); return; }
   q->r = r;
   q->type = type;
   q->fn = fn;
   q->ud = ud;
+  q->starting = 1;
+  loop_timer_init(&q->deadline, on_deadline, q);
   r->sent++;
   ares_query(r->channel, name, 1 /* C_IN */, type, on_answer, q);
+  if (q->done) { free(q); return; }   /* answered at once (a bad name) */
+  q->starting = 0;
+  if (deadline_ms > 0) loop_timer_start(r->loop, &q->deadline, deadline_ms);
   if (!r->destroying) rearm(r);
+}
+
+void dns_query(dns_resolver *r, const char *name, int type, dns_done_fn *fn, void *ud) {
+  dns_query_timed(r, name, type, 0, fn, ud);
 }
 
 /* ---- host addresses for connecting (ares_getaddrinfo: the hosts file, then DNS) ---- */
 
 struct dns_lookup {
+  const dns_resolver *r;
   dns_addr_fn *fn;      /* NULL once cancelled */
   void *ud;
   int starting, done;   /* inside dns_resolve / the callback ran there */
@@ -335,19 +408,15 @@ static const char *describe_status(dns_status st, int status) {
   switch (st) {
   case DNS_NXDOMAIN: return "no such host (NXDOMAIN)";
   case DNS_NODATA: return "the name has no address";
-  case DNS_TIMEOUT:
-    return status == ARES_ECONNREFUSED ? "the DNS server refused the connection (nothing listening?)"
-                                       : "no answer from the DNS server (timeout)";
-  case DNS_SERVFAIL: return "the DNS server failed to answer (SERVFAIL)";
-  case DNS_REFUSED: return "the DNS server refused to answer";
-  default: return ares_strerror(status);
+  case DNS_ERROR: return ares_strerror(status);
+  default: return dns_status_text(st);
   }
 }
 
 static void on_addrinfo(void *arg, int status, int timeouts, struct ares_addrinfo *res) {
   dns_lookup *q = arg;
   if (q->fn) {
-    dns_status st = map_status(status);
+    dns_status st = map_status(q->r, status);
     const char *msg = describe_status(st, status);
     dns_addr *v = NULL;
     int n = 0;
@@ -372,6 +441,7 @@ static void on_addrinfo(void *arg, int status, int timeouts, struct ares_addrinf
 dns_lookup *dns_resolve(dns_resolver *r, const char *host, const char *port, dns_addr_fn *fn, void *ud) {
   dns_lookup *q = calloc(1, sizeof *q);
   if (!q) { fn(ud, DNS_ERROR, "out of memory", NULL, 0); return NULL; }
+  q->r = r;
   q->fn = fn;
   q->ud = ud;
   q->starting = 1;

@@ -20,9 +20,14 @@ typedef enum {
   DNS_NXDOMAIN,    /* the name does not exist: permanent */
   DNS_NODATA,      /* the name exists, without records of this type */
   DNS_TIMEOUT,     /* no server answered: temporary */
-  DNS_SERVFAIL,    /* the server failed: temporary */
-  DNS_REFUSED,     /* the server refused to answer */
-  DNS_ERROR,       /* anything else (bad name, malformed answer, out of memory) */
+  DNS_SERVFAIL,    /* the server answered SERVFAIL: temporary */
+  DNS_REFUSED,     /* the server answered REFUSED (it does not serve us, or not this name) */
+  DNS_CONNREFUSED, /* nothing listens at the server's address (ICMP port unreachable, TCP RST) */
+  DNS_UNANSWERED,  /* several servers: each refused, failed or was unreachable (c-ares tells no more) */
+  DNS_FORMERR,     /* the server answered FORMERR: it could not read the query */
+  DNS_NOTIMP,      /* the server answered NOTIMP */
+  DNS_BADNAME,     /* the name cannot be asked (empty label, too long) */
+  DNS_ERROR,       /* anything else (malformed answer, out of memory) */
   DNS_CANCELLED    /* the resolver is being destroyed */
 } dns_status;
 
@@ -56,8 +61,12 @@ typedef void dns_done_fn(void *ud, dns_status st, const char *msg, const dns_rr 
 
 /* Start a query; the callback may run before this returns (for instance for a malformed name). */
 void dns_query(dns_resolver *r, const char *name, int type, dns_done_fn *fn, void *ud);
+/* The same with a deadline: when no answer came within deadline_ms (> 0), the callback runs
+ * with DNS_TIMEOUT then, whatever retries c-ares still had in mind (they go on unheard). */
+void dns_query_timed(dns_resolver *r, const char *name, int type, unsigned deadline_ms, dns_done_fn *fn, void *ud);
 
-const char *dns_status_name(dns_status st);   /* "nxdomain", "timeout", ... */
+const char *dns_status_name(dns_status st);   /* "nxdomain", "timeout", "servfail", ... (stable words) */
+const char *dns_status_text(dns_status st);   /* what it means, for people */
 unsigned long dns_queries_sent(const dns_resolver *r);
 
 /* A host's addresses for connecting: /etc/hosts first, then DNS, as getaddrinfo would, but on the

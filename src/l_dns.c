@@ -2,10 +2,13 @@
  *
  *   local resolver = require "mailshot.resolver"
  *   local r = resolver.new{ servers = "127.0.0.1:5353", timeout = 2, tries = 2 }
- *   local records, kind, msg = r:query("example.com", "MX")
+ *   local records, kind, msg = r:query("example.com", "MX"[, deadline])
  *     records: { {host=, preference=, ttl=}, ... } for MX, { {address=, ttl=}, ... } for A/AAAA,
  *              { {text=, ttl=} } for TXT (only records owned by the name asked, or by its CNAME chain);
- *     or nil, kind ("nxdomain", "nodata", "timeout", "servfail", "refused", "error"), message
+ *     or nil, kind, message: kind is a stable word (dns.h's dns_status_name): "nxdomain", "nodata",
+ *     "timeout", "servfail", "refused", "connrefused", "unanswered", "formerr", "notimp",
+ *     "badname", "error", "cancelled"
+ *     deadline (seconds): answer "timeout" once it has passed, whatever c-ares's tries have left
  *
  *   resolver.address_class("127.0.0.1") -> "loopback" (nil for a global unicast address)
  *
@@ -123,12 +126,14 @@ static int type_of(lua_State *L, int idx) {
   return types[luaL_checkoption(L, idx, NULL, names)];
 }
 
-/* resolver:query(name, type) -> records | nil, kind, message */
+/* resolver:query(name, type[, deadline]) -> records | nil, kind, message */
 static int l_query(lua_State *L) {
   lresolver *lr = check_resolver(L);
   size_t len;
   const char *name = luaL_checklstring(L, 2, &len);
   int type = type_of(L, 3);
+  lua_Number deadline = luaL_optnumber(L, 4, 0);
+  luaL_argcheck(L, deadline >= 0 && deadline <= 3600, 4, "deadline must be in [0, 3600] seconds");
   if (memchr(name, '\0', len)) {   /* C would ask for the name cut at the NUL: another name */
     lua_pushnil(L);
     lua_pushstring(L, dns_status_name(DNS_ERROR));
@@ -138,7 +143,8 @@ static int l_query(lua_State *L) {
   if (!task_can_wait(L)) return task_suspend(L);   /* raises the "inside a task" error */
   lquery *q = calloc(1, sizeof *q);
   if (!q) return luaL_error(L, "out of memory");
-  dns_query(lr->r, name, type, on_done, q);
+  /* at least 1 ms: 0 would mean no deadline */
+  dns_query_timed(lr->r, name, type, deadline > 0 ? (unsigned)(deadline * 1000) + 1 : 0, on_done, q);
   if (q->done) {
     int n = push_answer(L, q->st, q->msg, q->rrs, q->nrr);
     dns_rrs_free(q->rrs, q->nrr);

@@ -115,12 +115,15 @@ Usage: mailshot mx DOMAIN [--dns IP[:PORT]] [--timeout SECONDS]
 Look up DOMAIN's MX hosts and their addresses (IPv6 first, then IPv4) and print them in the
 order direct delivery tries them (preference order; equal preferences are shuffled on each
 run).  Says so plainly for a null MX (the domain accepts no mail), a domain without MX
-records (mail goes to its own address), a domain that does not exist, or no answer.
-Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
+records (mail goes to its own address), a domain that does not exist, and when the DNS server
+gave no answer (timeout, SERVFAIL, REFUSED, nothing listening): then nothing is known about
+the domain.  Exit 0 when the domain can receive mail, 1 otherwise, 2 for a usage error.
 
   --dns IP[:PORT]      ask this DNS server instead of the system's resolvers (several:
                        separate them with commas, e.g. 127.0.0.1:5353,[::1]:5353)
-  --timeout SECONDS    per DNS try (default 3; two tries per server)
+  --timeout SECONDS    for the whole command: every lookup (MX, then the hosts' addresses)
+                       together, retries included (default 6); a lookup still unanswered then
+                       is reported as a timeout
 ]=],
   preflight = [=[
 Usage: mailshot preflight SCRIPT [--dns IP[:PORT]] [--timeout SECONDS] [--connect [--port N]]
@@ -130,11 +133,13 @@ Render every message of the campaign (nothing is sent), then check the From doma
 record, the DKIM key published at the campaign's selector (and that it matches the private
 key), the DMARC record and the alignment of From with the DKIM domain; and the recipient
 list: recipients per domain, domains that cannot receive mail (NXDOMAIN, null MX, no MX and no
-address), invalid, suppressed and duplicate rows.  Problems are listed most serious first;
-the exit status is 1 when one of them is blocking, else 0.
+address), invalid, suppressed and duplicate rows.  A lookup the DNS server did not answer
+(timeout, SERVFAIL, REFUSED, nothing listening) is reported as "could not ask", never as a
+missing record.  Problems are listed most serious first; the exit status is 1 when one of
+them is blocking, else 0.
 
   --dns IP[:PORT]    ask this DNS server (comma-separated for several) instead of the system's
-  --timeout SECONDS  per DNS try (default 3)
+  --timeout SECONDS  per DNS try (default 3; two tries per lookup)
   --connect          also probe each distinct MX host: connect, EHLO, STARTTLS (no MAIL, no
                      RCPT), and report the ones that fail or offer no TLS
   --port N           the MX hosts' port for --connect (default 25)
@@ -504,22 +509,29 @@ function commands.mx(args)
     servers = {}
     for s in opts.dns:gmatch("[^,%s]+") do servers[#servers + 1] = s end
   end
-  local timeout = tonumber(opts.timeout or 3)
-  if not timeout or timeout <= 0 then complain("mx: --timeout must be a positive number"); return 2 end
+  local timeout = tonumber(opts.timeout or 6)
+  if not timeout or timeout <= 0 or timeout > 3600 then complain("mx: --timeout must be a number of seconds in (0, 3600]"); return 2 end
   local domain = pos[1]
-  local ok, plan, err, kind = pcall(mailshot.dns.plan, domain, { server = servers, timeout = timeout })
+  -- --timeout is the total: a deadline over every lookup, and two tries of half of it each for
+  -- a lost packet (c-ares doubles the second try's wait: the deadline cuts it)
+  local dopts = { server = servers, timeout = math.min(timeout / 2, 60), tries = 2,
+                  deadline = require("mailshot.core").now() + timeout }
+  local ok, plan, err, kind = pcall(mailshot.dns.plan, domain, dopts)
   if not ok then complain("mx: ", tostring(plan)); return 2 end
   if not plan then
     local what = {
       nullmx = "null MX: this domain accepts no mail (RFC 7505)",
       nxdomain = "the domain does not exist (NXDOMAIN)",
       nodata = "no MX records and no address: mail cannot be delivered",
-      timeout = "no answer from the DNS server (timeout)",
-      servfail = "the DNS server failed (SERVFAIL): try again later",
-      refused = "the DNS server refused the query",
+      timeout = ("no answer from the DNS server (timeout) in %g s: nothing is known about the domain"):format(timeout),
+      servfail = "the DNS server failed (SERVFAIL): nothing is known about the domain; try again later",
+      refused = "the DNS server refused the query (REFUSED): it does not answer for this domain or this client (--dns?)",
+      connrefused = "connection to the DNS server refused (nothing listening?): nothing is known about the domain",
+      unanswered = "no DNS server gave an answer (each refused the query, failed or was not listening): nothing "
+                   .. "is known about the domain",
     }
-    say(("%s: %s"):format(domain, what[kind] or err))
-    if what[kind] and err then say("  (" .. err .. ")") end
+    -- one line: the sentence for the kind, else the lookup's own message (it names the domain)
+    if what[kind] then say(("%s: %s"):format(domain, what[kind])) else say(err) end
     return 1
   end
   if plan[1].implicit then
@@ -566,6 +578,12 @@ function commands.dkim(args)
   return 0
 end
 
+-- The mark after a domain in preflight's list: a lookup without an answer is not a verdict.
+local function dns_note(bad)
+  if not bad then return "" end
+  return mailshot.dns.UNANSWERED[bad.kind] and ("  (DNS lookup failed: " .. bad.kind .. ")") or "  (cannot receive mail)"
+end
+
 function commands.preflight(args)
   local opts, pos = parse(args, { dns = "value", timeout = "value", connect = "flag", port = "value",
                                   ["allow-private"] = "flag" }, "preflight")
@@ -585,7 +603,7 @@ function commands.preflight(args)
   local top = {}
   for d, n in pairs(res.domains) do top[#top + 1] = { d, n } end
   table.sort(top, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[1] < b[1]) end)
-  for i = 1, math.min(10, #top) do say(("  %8d  %s%s"):format(top[i][2], top[i][1], res.bad_domains[top[i][1]] and "  (cannot receive mail)" or "")) end
+  for i = 1, math.min(10, #top) do say(("  %8d  %s%s"):format(top[i][2], top[i][1], dns_note(res.bad_domains[top[i][1]]))) end
   for _, p in ipairs(res.problems) do say(("%-9s %s"):format(p.rank, p.text)) end
   if res.blocking > 0 then
     say(("verdict: NOT READY: %d blocking problem%s"):format(res.blocking, res.blocking == 1 and "" or "s"))

@@ -208,7 +208,10 @@ function Direct:plan(domain)
   end
   local plan, err, kind = dns.plan(domain, self.dns_opts)
   if not plan then
-    local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata"
+    -- result.dns is the lookup's kind (mailshot.dns): nxdomain, nullmx, nodata and badname say
+    -- the domain cannot receive mail; timeout, servfail, refused, connrefused... only that the
+    -- DNS server gave no answer, which may come later
+    local permanent = kind == "nxdomain" or kind == "nullmx" or kind == "nodata" or kind == "badname"
     return nil, failure("dns", err, not permanent, "dns", { dns = kind, domain = domain })
   end
   local usable, policy_only = M.screen(plan, self.allow_private)

@@ -10,7 +10,7 @@ local idna = require "mailshot.idna"
 
 local M = {
   negative_ttl = 300,   -- seconds an NXDOMAIN/NODATA answer is kept (no SOA minimum is read)
-  failure_ttl = 30,     -- seconds a timeout or SERVFAIL is kept, so one dead server is not asked per recipient
+  failure_ttl = 30,     -- seconds a failed lookup (timeout, SERVFAIL, ...) is kept, so one dead server is not asked per recipient
   max_ttl = 86400,
   stats = { queries = 0, cache_hits = 0, shared = 0 },
 }
@@ -51,7 +51,13 @@ local function get_resolver(servers, opts)
   return r
 end
 
--- One cached, shared lookup: records | nil, kind, message
+--- The kinds of failure that say nothing about the name: the question could not be asked, or
+--- got no usable answer (a lookup worth repeating later, or with another server).
+M.UNANSWERED = { timeout = true, servfail = true, refused = true, connrefused = true, unanswered = true,
+                 formerr = true, notimp = true, error = true, cancelled = true }
+
+-- One cached, shared lookup: records | nil, kind, message.  opts.deadline (core.now() time):
+-- no answer by then is a "timeout", however many tries c-ares had left.
 local function lookup(name, qtype, opts)
   opts = opts or {}
   local servers = server_list(opts.server)
@@ -61,6 +67,11 @@ local function lookup(name, qtype, opts)
   if c and c.expires > now then
     M.stats.cache_hits = M.stats.cache_hits + 1
     return c.records or nil, c.kind, c.msg
+  end
+  local left
+  if opts.deadline then
+    left = opts.deadline - now
+    if left <= 0 then return nil, "timeout", "no answer from the DNS server (timeout) within the time allowed" end
   end
   local waiting = pending[key]
   if waiting then
@@ -73,7 +84,7 @@ local function lookup(name, qtype, opts)
   waiting = {}
   pending[key] = waiting
   M.stats.queries = M.stats.queries + 1
-  local records, kind, msg = r:query(name, qtype)
+  local records, kind, msg = r:query(name, qtype, left and math.min(left, 3600))
   local ttl
   if records then
     ttl = M.max_ttl
@@ -95,26 +106,31 @@ local function ascii_name(domain)
     return (domain:gsub("%.$", "")):lower()
   end
   local ascii, err = idna.to_ascii(domain)
-  if not ascii then return nil, ("invalid domain %q: %s"):format(domain, err) end
+  if not ascii then return nil, err end   -- err names the domain: 'invalid domain "a..b": empty label'
   return ascii
 end
 
-local function describe(kind, name, msg)
+-- One sentence naming the name, for each kind of failure.
+local function describe(kind, name, msg, qtype)
   if kind == "nxdomain" then return ("%s does not exist (NXDOMAIN)"):format(name) end
-  if kind == "nodata" then return ("%s has no such record"):format(name) end
-  if kind == "timeout" then return ("no answer from the DNS server for %s (%s)"):format(name, msg) end
-  if kind == "servfail" then return ("the DNS server failed to answer for %s (SERVFAIL)"):format(name) end
-  if kind == "refused" then return ("the DNS server refused to answer for %s"):format(name) end
-  return ("DNS lookup of %s failed: %s"):format(name, msg)
+  if kind == "nodata" then return ("%s has no %s record"):format(name, qtype) end
+  if kind == "timeout" then return ("no answer from the DNS server for %s %s (timeout)"):format(name, qtype) end
+  if kind == "servfail" then return ("the DNS server failed (SERVFAIL) on %s %s"):format(name, qtype) end
+  if kind == "refused" then return ("the DNS server refused the query for %s %s (REFUSED)"):format(name, qtype) end
+  if kind == "connrefused" then
+    return ("cannot ask for %s %s: connection to the DNS server refused (nothing listening?)"):format(name, qtype)
+  end
+  return ("DNS lookup of %s %s failed: %s"):format(name, qtype, msg)
 end
 
 --- MX hosts of a domain sorted by preference: { {host, preference, ttl}, ... }
---- or nil, message, kind (nxdomain, nodata, nullmx, timeout, servfail, refused, error).
+--- or nil, message, kind: nxdomain, nodata, nullmx, badname, or a kind of M.UNANSWERED
+--- (timeout, servfail, refused, connrefused, unanswered, formerr, notimp, error).
 function M.mx(domain, opts)
   local name, err = ascii_name(domain)
-  if not name then return nil, err, "error" end
+  if not name then return nil, err, "badname" end
   local records, kind, msg = lookup(name, "MX", opts)
-  if not records then return nil, describe(kind, name, msg), kind end
+  if not records then return nil, describe(kind, name, msg, "MX"), kind end
   local list = {}
   for _, r in ipairs(records) do
     if r.host ~= "" then list[#list + 1] = { host = r.host:lower(), preference = r.preference, ttl = r.ttl } end
@@ -132,9 +148,9 @@ end
 local function addresses(qtype)
   return function(name, opts)
     local ascii, err = ascii_name(name)
-    if not ascii then return nil, err, "error" end
+    if not ascii then return nil, err, "badname" end
     local records, kind, msg = lookup(ascii, qtype, opts)
-    if not records then return nil, describe(kind, ascii, msg), kind end
+    if not records then return nil, describe(kind, ascii, msg, qtype), kind end
     local list = {}
     for i, r in ipairs(records) do list[i] = { address = r.address, ttl = r.ttl } end
     return list
@@ -148,9 +164,9 @@ M.aaaa = addresses("AAAA")
 --- TXT records (character-strings joined): { {text, ttl}, ... } or nil, message, kind.
 function M.txt(name, opts)
   local ascii, err = ascii_name(name)
-  if not ascii then return nil, err, "error" end
+  if not ascii then return nil, err, "badname" end
   local records, kind, msg = lookup(ascii, "TXT", opts)
-  if not records then return nil, describe(kind, ascii, msg), kind end
+  if not records then return nil, describe(kind, ascii, msg, "TXT"), kind end
   return records
 end
 
@@ -188,7 +204,7 @@ end
 function M.plan(domain, opts)
   opts = opts or {}
   local name, err = ascii_name(domain)
-  if not name then return nil, err, "error" end
+  if not name then return nil, err, "badname" end
   local hosts, msg, kind = M.mx(name, opts)
   if not hosts then
     if kind ~= "nodata" then return nil, msg, kind end
@@ -199,7 +215,7 @@ function M.plan(domain, opts)
   local families = opts.families or { "aaaa", "a" }
   for _, h in ipairs(hosts) do
     h.addresses = {}
-    local problems = {}
+    local problems, unanswered = {}, nil
     if not h.implicit and ip_literal(h.host) then
       h.error = ("MX host %s is an IP address, not a host name (RFC 5321 section 5.1): not used"):format(h.host)
       h.error_kind = "mx_literal"
@@ -211,15 +227,21 @@ function M.plan(domain, opts)
         for _, a in ipairs(list) do h.addresses[#h.addresses + 1] = a.address end
       elseif akind ~= "nodata" then
         problems[#problems + 1] = aerr
+        if M.UNANSWERED[akind] then unanswered = unanswered or akind end
       end
     end
     if #h.addresses == 0 then
       h.error = #problems > 0 and table.concat(problems, "; ") or ("%s has no address"):format(h.host)
       h.error_kind = "noaddress"
+      h.dns_kind = unanswered   -- the address lookups got no answer (not "no address")
     end
     ::next_host::
   end
   if hosts[1].implicit and #hosts[1].addresses == 0 then
+    if hosts[1].dns_kind then   -- no MX, and the address lookups were not answered
+      return nil, ("%s has no MX records, and its addresses could not be looked up: %s"):format(name, hosts[1].error),
+             hosts[1].dns_kind
+    end
     return nil, ("%s has neither MX nor address records"):format(name), "nodata"
   end
   return hosts

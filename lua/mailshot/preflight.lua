@@ -39,11 +39,19 @@ local function aligned(a, b)
   return a == b or a:sub(-(#b + 1)) == "." .. b or b:sub(-(#a + 1)) == "." .. a
 end
 
+-- "No record" is an answer; a timeout, SERVFAIL or REFUSED is none: say which it was.
+local function unanswered(kind) return dns.UNANSWERED[kind] == true end
+
+local function could_not_ask(add, what, name, err)
+  add("blocking", "%s: could not ask for %s (no answer, so nothing is known about the record; try again, or --dns): %s",
+      what, name, err)
+end
+
 local function check_spf(from_domain, opts, add)
   local spf, err, kind = txt_with(from_domain, "v=spf1", opts)
   if not spf or #spf == 0 then
-    if kind == "timeout" or kind == "servfail" then
-      add("blocking", "SPF: cannot look up %s: %s", from_domain, err)
+    if unanswered(kind) then
+      could_not_ask(add, "SPF", from_domain .. "'s SPF record", err)
     else
       add("blocking", "SPF: %s publishes no SPF record (v=spf1): receivers cannot tell your servers from forgers", from_domain)
     end
@@ -75,14 +83,17 @@ local function check_dkim(c, from_domain, opts, add)
   end
   local d, s = c.dkim.domain, c.dkim.selector
   local name = s .. "._domainkey." .. d
-  local recs, err = txt_with(name, "v=dkim1", opts)
-  if not recs or #recs == 0 then
+  local recs, err, kind = txt_with(name, "v=dkim1", opts)
+  if not recs and unanswered(kind) then
+    could_not_ask(add, "DKIM", "the key at " .. name, err)
+  elseif not recs or #recs == 0 then
     -- a key record may leave out v=DKIM1 (RFC 6376 §3.6.1): look for p= too
     local all = dns.txt(name, opts) or {}
     recs = {}
     for _, r in ipairs(all) do if tag_value(r.text, "p") then recs[#recs + 1] = r.text end end
   end
-  if #recs == 0 then
+  if not recs then   -- could not ask: said above
+  elseif #recs == 0 then
     add("blocking", "DKIM: no key published at %s%s", name, err and (" (" .. err .. ")") or "")
   else
     local want = tag_value(c.signer:dns_record(), "p"):gsub("%s", "")
@@ -97,7 +108,11 @@ local function check_dkim(c, from_domain, opts, add)
 end
 
 local function check_dmarc(from_domain, opts, add)
-  local recs = txt_with("_dmarc." .. from_domain, "v=dmarc1", opts)
+  local recs, err, kind = txt_with("_dmarc." .. from_domain, "v=dmarc1", opts)
+  if not recs and unanswered(kind) then
+    could_not_ask(add, "DMARC", "the record at _dmarc." .. from_domain, err)
+    return
+  end
   if not recs or #recs == 0 then
     add("blocking", "DMARC: no record at _dmarc.%s: Gmail and Yahoo require one from bulk senders", from_domain)
     return
@@ -246,9 +261,11 @@ function M.run(c, opts)
   end
   for _, d in ipairs(names) do
     local bad = res.bad_domains[d]
-    if bad then
-      local rank = (bad.kind == "timeout" or bad.kind == "servfail") and "warning" or "warning"
-      add(rank, "recipients: %d at %s, which cannot receive mail: %s", res.domains[d], d, bad.text)
+    if bad and unanswered(bad.kind) then
+      add("warning", "recipients: %d at %s: could not look up its mail servers (no answer, so nothing is known "
+          .. "about the domain): %s", res.domains[d], d, bad.text)
+    elseif bad then
+      add("warning", "recipients: %d at %s, which cannot receive mail: %s", res.domains[d], d, bad.text)
     end
     if res.private_domains[d] then
       add("warning", "recipients: %d at %s, whose every mail server direct delivery refuses (private or reserved "

@@ -148,6 +148,21 @@ class DirectTests(MailshotTestCase):
         self.assertEqual((r["via"], r["tries"]), ("relay", ["direct", "relay"]))
         self.assertEqual(self.landed(relay), ["t@a.test"])
 
+    def test_dns_failures_keep_their_name_in_the_result(self):
+        # SERVFAIL (from a server that answers it), REFUSED (dnsmasq, for a name outside its
+        # zones) and nothing listening: each its own `dns` word and message, temporary, and
+        # not "timeout"
+        sf = self.start_silent_dns(rcode="SERVFAIL")
+        cases = [(sf.address, "s@a.test", "servfail", "the DNS server failed (SERVFAIL) on a.test MX"),
+                 (self.dns.address, "r@x.other", "refused", "the DNS server refused the query for x.other MX (REFUSED)"),
+                 (f"127.0.0.1:{free_port()}", "c@a.test", "connrefused",
+                  "cannot ask for a.test MX: connection to the DNS server refused (nothing listening?)")]
+        for dns, to, word, message in cases:
+            r = self.send([to], DNS=dns)[to]
+            self.assertEqual((r["ok"], r["temporary"], r["stage"], r["dns"]), (False, True, "dns", word), r)
+            self.assertEqual(r["message"], message)
+        self.assertEqual(sum(s.connections() for s in self.servers), 0)
+
     def test_relay_then_direct_when_the_relay_is_down(self):
         res = self.send(["u@a.test"], RELAY=f"127.0.0.1:{free_port()}", ORDER="relay,direct")
         r = res["u@a.test"]

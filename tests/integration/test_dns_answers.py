@@ -8,9 +8,10 @@ import os
 import socket
 import struct
 import threading
+import time
 import unittest
 
-from tests.integration.harness import MailshotTestCase, QTYPES, dns_encode_name, write_csv
+from tests.integration.harness import MailshotTestCase, QTYPES, dns_encode_name, free_port, scaled, write_csv
 
 
 class CraftedDns:
@@ -129,6 +130,74 @@ return mailshot.campaign { recipients = "list.csv", from = "news@acme.test", sub
         self.assertIn("DKIM: the key at s1._domainkey.acme.test matches the campaign's private key (rsa-sha256)",
                       p.stdout, p.stdout + p.stderr)
         self.assertNotIn("does not match", p.stdout)
+
+
+class DnsOutcomeTests(MailshotTestCase):
+    """Each way a lookup can go wrong is named as what it was, once: an answer of SERVFAIL or
+    REFUSED, nothing listening, no answer at all, a bad name, NXDOMAIN, a null MX."""
+
+    def mx(self, domain, dns, timeout="2"):
+        p = self.run_mailshot("mx", domain, "--dns", dns, "--timeout", timeout)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stderr, "")
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 1, p.stdout)          # one message, said once
+        return lines[0]
+
+    def test_mx_names_servfail_refused_and_nothing_listening(self):
+        # real dnsmasq: names under broken.test go to an upstream that answers SERVFAIL, which
+        # dnsmasq passes on; a name outside its local domains gets REFUSED (it has no upstream)
+        sf = self.start_silent_dns(rcode="SERVFAIL")
+        dns = self.start_dns({"forward": [("broken.test", sf.address)], "mx": [("a.test", "mx.a.test", 10)],
+                              "a": [("mx.a.test", "127.0.0.2")], "null_mx": ["null.test"]})
+        self.assertEqual(dns.query("x.broken.test", "MX"), ("SERVFAIL", []))
+        self.assertEqual(dns.query("x.other", "MX")[0], "REFUSED")
+        line = self.mx("x.broken.test", dns.address)
+        self.assertEqual(line, "x.broken.test: the DNS server failed (SERVFAIL): nothing is known about the "
+                               "domain; try again later")
+        line = self.mx("x.other", dns.address)
+        self.assertTrue(line.startswith("x.other: the DNS server refused the query (REFUSED)"), line)
+        dead = f"127.0.0.1:{free_port()}"                    # nothing listens there
+        line = self.mx("a.test", dead)
+        self.assertEqual(line, "a.test: connection to the DNS server refused (nothing listening?): nothing is "
+                               "known about the domain")
+        self.assertEqual(self.mx("null.test", dns.address), "null.test: null MX: this domain accepts no mail (RFC 7505)")
+        self.assertEqual(self.mx("nope.test", dns.address), "nope.test: the domain does not exist (NXDOMAIN)")
+        self.assertEqual(self.mx("bad..name", dns.address), 'invalid domain "bad..name": empty label')
+
+    def test_several_servers_fail_over_and_then_say_none_answered(self):
+        # with several servers a SERVFAIL or REFUSED answer moves on to the next one (kept);
+        # when none answers, that is what is said, not "timeout"
+        sf = self.start_silent_dns(rcode="SERVFAIL")
+        rf = self.start_silent_dns(rcode="REFUSED")
+        dns = self.start_dns({"mx": [("a.test", "mx.a.test", 10)], "a": [("mx.a.test", "127.0.0.2")]})
+        line = self.mx("x.other", f"{sf.address},{dns.address}")
+        self.assertEqual(line, "x.other: no DNS server gave an answer (each refused the query, failed or was not "
+                               "listening): nothing is known about the domain")
+        p = self.run_mailshot("mx", "a.test", "--dns", f"{rf.address},{dns.address}", "--timeout", "2")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"\n\s+10\s+mx\.a\.test\s+127\.0\.0\.2\n")
+        self.assertGreater(len(rf.queries()), 0)              # the refusing server was asked first
+
+    def test_mx_timeout_is_the_whole_commands_budget(self):
+        # a server that drops every query: --timeout 3 used to be per try, with a second try of
+        # twice as long (9 s); and the MX host's AAAA and A lookups each had as much again
+        silent = self.start_silent_dns()
+        dns = self.start_dns({"forward": [("slow.test", silent.address)], "mx": [("a.test", "mx.slow.test", 10)]})
+        slack = scaled(2.0, 4.5)           # start-up (valgrind's is slow); the old code took 9 s and 18 s
+        t = time.monotonic()
+        line = self.mx("a.test", silent.address, timeout="3")
+        took = time.monotonic() - t
+        self.assertEqual(line, "a.test: no answer from the DNS server (timeout) in 3 s: nothing is known about the domain")
+        self.assertLess(took, 3 + slack)
+        self.assertGreater(len(silent.queries()), 0)        # it was asked, and said nothing
+        t = time.monotonic()
+        p = self.run_mailshot("mx", "a.test", "--dns", dns.address, "--timeout", "3")
+        took = time.monotonic() - t
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("a.test: 1 MX host, tried in this order:", p.stdout)
+        self.assertIn("no answer from the DNS server for mx.slow.test AAAA (timeout)", p.stdout)
+        self.assertLess(took, 3 + slack)
 
 
 if __name__ == "__main__":

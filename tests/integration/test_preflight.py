@@ -1,6 +1,7 @@
 """`mailshot preflight` against a local DNS server serving SPF, DKIM and DMARC records, right and
 wrong: each planted fault is found, and a correct set-up passes."""
 import os
+import re
 import unittest
 
 from tests.integration.harness import MailshotTestCase, write_csv
@@ -61,6 +62,36 @@ class PreflightTests(MailshotTestCase):
         self.assertIn("1 suppressed addresses will be skipped", out)
         self.assertIn("1 duplicate rows will be skipped", out)
         self.assertRegex(out, r"\n\s+2\s+good\.test\n")
+
+    def test_a_lookup_without_an_answer_is_not_reported_as_no_record(self):
+        # SERVFAIL: dnsmasq passes on its upstream's for names under broken.test; REFUSED: dnsmasq's
+        # own answer for names outside its zones.  Neither says the record is missing.
+        sf = self.start_silent_dns(rcode="SERVFAIL")
+        dns = self.start_dns({"forward": [("broken.test", sf.address)], "mx": [("good.test", "mx.good.test", 10)],
+                              "a": [("mx.good.test", "127.0.0.2")]})
+        d = self.path("c2")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"],
+                  [["a@good.test", "A"], ["b@x.broken.test", "B"], ["c@y.other", "C"]])
+        open(os.path.join(d, "unsubscribed.txt"), "w").close()
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        for domain, word in (("acme.broken.test", "SERVFAIL"), ("acme.other", "REFUSED")):
+            p = self.run_mailshot("preflight", os.path.join(d, "c.lua"), "--dns", dns.address, "--timeout", "1",
+                                  env={"FROM_DOMAIN": domain, "KEY": self.key})
+            out = p.stdout
+            self.assertEqual(p.returncode, 1, out + p.stderr)       # unknown is not ready
+            for wrong in ("publishes no SPF record", "no key published", "no record at _dmarc",
+                          "x.broken.test, which cannot receive mail", "y.other, which cannot receive mail"):
+                self.assertNotIn(wrong, out)
+            d_ = re.escape(domain)
+            self.assertRegex(out, rf"blocking\s+SPF: could not ask for {d_}'s SPF record .*\({word}\)")
+            self.assertRegex(out, rf"blocking\s+DKIM: could not ask for the key at s1\._domainkey\.{d_} .*\({word}\)")
+            self.assertRegex(out, rf"blocking\s+DMARC: could not ask for the record at _dmarc\.{d_} .*\({word}\)")
+            self.assertRegex(out, r"warning\s+recipients: 1 at x\.broken\.test: could not look up its mail servers .*\(SERVFAIL\)")
+            self.assertRegex(out, r"warning\s+recipients: 1 at y\.other: could not look up its mail servers .*\(REFUSED\)")
+            self.assertRegex(out, r"\n\s+1\s+x\.broken\.test  \(DNS lookup failed: servfail\)\n")
+            self.assertRegex(out, r"\n\s+1\s+good\.test\n")
 
     def test_connect_probes_each_mx_host_without_mail_or_rcpt(self):
         servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)

@@ -231,6 +231,20 @@ static void address_classes(void) {
   }
 }
 
+/* The kind words reach Lua, results and reports: each status has its own word and text. */
+static void status_words_are_distinct(void) {
+  static const char *want[] = { "ok", "nxdomain", "nodata", "timeout", "servfail", "refused", "connrefused",
+                                "unanswered", "formerr", "notimp", "badname", "error", "cancelled" };
+  CHECK(sizeof want / sizeof want[0] == DNS_CANCELLED + 1);
+  for (int i = 0; i <= DNS_CANCELLED; i++) {
+    CHECK_STR(dns_status_name((dns_status)i), want[i]);
+    for (int j = 0; j < i; j++) CHECK(strcmp(dns_status_text((dns_status)i), dns_status_text((dns_status)j)) != 0);
+  }
+  CHECK(strstr(dns_status_text(DNS_SERVFAIL), "(SERVFAIL)") != NULL);
+  CHECK(strstr(dns_status_text(DNS_REFUSED), "(REFUSED)") != NULL);
+  CHECK(strstr(dns_status_text(DNS_TIMEOUT), "timeout") != NULL);
+}
+
 int main(void) {
   records_of_another_owner_are_ignored();
   a_cname_chain_is_followed_and_nothing_else();
@@ -238,5 +252,6 @@ int main(void) {
   a_long_txt_record_is_joined_whole();
   malformed_messages_are_refused();
   address_classes();
+  status_words_are_distinct();
   return DONE();
 }
