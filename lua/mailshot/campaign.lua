@@ -35,7 +35,7 @@ local FIELDS = {
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
   resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table", base_dir = "string",
-  suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
+  to_name = "any", suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
 }
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
@@ -101,7 +101,7 @@ function M.new(def, base_dir)
   if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
   c.email_field = def.email_field or "email"
   c.tpl = {}
-  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html" } do
+  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html", "to_name" } do
     c.tpl[k] = compile(def[k], k, def.helpers)
   end
   -- a bad rate spec is an error now; each run makes its own limiters (mailshot.run)
@@ -161,6 +161,63 @@ end
 
 local MESSAGE_FIELDS = { "from", "reply_to", "cc", "subject", "text", "html" }
 
+-- Levenshtein distance, bounded: names are short (column names)
+local function distance(a, b)
+  if #a > 64 or #b > 64 then return math.huge end
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+-- The column a misspelt field most likely meant: same but for case, else at most 2 edits.
+local function nearest(field, header)
+  local best, best_d
+  for _, h in ipairs(header) do
+    if h:lower() == field:lower() then return h end
+    local d = distance(field:lower(), h:lower())
+    if d <= 2 and (not best_d or d < best_d) then best, best_d = h, d end
+  end
+  return best
+end
+
+--- Check the templates' fields against the CSV header before anything is sent: a field no
+--- column has (without a default, outside a section on that field) would fail every row, so
+--- it stops the run here with one message.  Fields the runner adds (unsubscribe_url) count as
+--- columns; a function template is the campaign's own code and is not checked.
+--- -> true | nil, message
+function Campaign:check_fields(header)
+  local have = {}
+  for _, h in ipairs(header) do have[h] = true end
+  if self.unsub then have.unsubscribe_url = true end
+  local names = {}
+  for k in pairs(self.tpl) do names[#names + 1] = k end
+  for k in pairs(self.header_tpl) do names[#names + 1] = "headers." .. k end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    local tpl = self.tpl[k] or self.header_tpl[k:match("^headers%.(.*)$") or ""]
+    if template.is_template(tpl) then
+      for _, f in ipairs(tpl:required_fields()) do
+        if not have[f] then
+          local near = nearest(f, header)
+          return nil, ('%s: template %s uses field "%s", which %s has no column for (columns: %s)%s; '
+                       .. 'give it a default ({{ %s | "" }}) or guard it ({{#if %s}}...{{/if}})'):format(
+            k, tpl.name, f, self.recipients, table.concat(header, ", "),
+            near and (' - did you mean "' .. near .. '"?') or "", f, f)
+        end
+      end
+    end
+  end
+  return true
+end
+
 --- The message of one row: classify.row (the row may be skipped: nil, reason, kind), then
 --- render.  What `preview` shows and what `run` sends.
 function Campaign:message(row, line)
@@ -186,6 +243,12 @@ function Campaign:render(row, line)
     local v, err = render(self, k, self.tpl[k], row, label, k == "html")
     if err then return nil, err end
     m[k] = v
+  end
+  if self.tpl.to_name then
+    -- only the display name is templated: the address is always the classified row's
+    local name, err = render(self, "to_name", self.tpl.to_name, row, label, false)
+    if err then return nil, err end
+    if name and name:find("%S") then m.to = { name = name, address = m.to } end
   end
   if next(self.header_tpl) then
     m.headers = {}
@@ -234,7 +297,7 @@ end
 --- What ties a journal to this campaign: the recipients file, the script, the templates.
 function Campaign:fingerprint(script)
   local parts = { util.sha256_file(self.recipients_path) or "", script and util.sha256_file(script) or "" }
-  for _, k in ipairs(MESSAGE_FIELDS) do
+  for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html", "to_name" } do
     local t = self.tpl[k]
     if type(t) == "table" and t.source then parts[#parts + 1] = util.sha256(t.source) end
   end

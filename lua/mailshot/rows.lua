@@ -25,7 +25,13 @@ function M.open_reader(c)
   if not reader then return nil, err end
   local header = reader:header()
   for _, h in ipairs(header) do
-    if h == c.email_field then return reader end
+    if h == c.email_field then
+      -- a template field no column has would fail every row: one message, before anything
+      local ok, ferr = true, nil
+      if c.check_fields then ok, ferr = c:check_fields(header) end
+      if not ok then reader:close(); return nil, ferr end
+      return reader
+    end
   end
   reader:close()
   return nil, ("%s: no '%s' column (columns: %s)"):format(c.recipients_path, c.email_field, table.concat(header, ", "))

@@ -451,7 +451,7 @@ local function compile(source, name, helpers, html, known)
   end
   return setmetatable({
     name = name, source = source, helpers = helpers, html = html and true or false,
-    _fn = fn, _used = used, _fns = fns, _complete = complete,
+    _fn = fn, _used = used, _fns = fns, _complete = complete, _tree = tree,
   }, Template)
 end
 
@@ -530,6 +530,34 @@ function Template.render(tpl, row, opts)
   end
   if F == tpl._fns and not tpl._complete then functions_for(tpl, {}) end  -- raises
   return tpl._fn(row, html, F, label)
+end
+
+-- tpl:required_fields() -> list of the row fields a render cannot do without, in order of
+-- first use: a field used without a `| "default"` and outside a section on that same field
+-- ({{#if f}}...{{/if}}, or the {{else}} of {{#unless f}}).  A section's own field is not
+-- required (a missing field only picks a branch).
+function Template.required_fields(tpl)
+  local list, seen = {}, {}
+  local function need(f, guarded)
+    if not guarded[f] and not seen[f] then seen[f] = true; list[#list + 1] = f end
+  end
+  local function walk_expr(e, guarded)
+    if e.k == "field" then need(e.v, guarded)
+    elseif e.k == "call" then for _, a in ipairs(e.args) do walk_expr(a, guarded) end end
+  end
+  local function walk(nodes, guarded)
+    for _, node in ipairs(nodes) do
+      if node.k == "out" then
+        if not node.default then walk_expr(node.expr, guarded) end
+      elseif node.k == "if" then
+        local g = setmetatable({ [node.field] = true }, { __index = guarded })
+        walk(node.negate and node.no or node.yes, g)
+        walk(node.negate and node.yes or node.no, guarded)
+      end
+    end
+  end
+  walk(tpl._tree, {})
+  return list
 end
 
 function Template.__tostring(tpl) return "template " .. tpl.name end

@@ -444,4 +444,12 @@ case("sections nested too deep are a syntax error naming the template and line (
   assert(fine:render({ name = "n" }) == "x")
 end)
 
+case("required_fields: fields without a default, outside a section on themselves, call arguments too", function()
+  local t = template.new('{{a}} {{ b | "x" }} {{#if c}}{{c}} {{d}}{{else}}{{e}}{{/if}}'
+                         .. '{{#unless f}}{{f2}}{{else}}{{f}}{{/unless}} {{ upper(g) }} {{ lower(h) | "" }} {{a}}', "t")
+  local got = t:required_fields()
+  eq(table.concat(got, ","), "a,d,e,f2,g")
+  eq(#template.new("plain text", "p"):required_fields(), 0)
+end)
+
 return check.finish("test_template.lua")
