@@ -287,7 +287,10 @@ function commands.run(args)
   do
     local done = counts.sent + counts.failed + counts.written
     local extra = ""
-    if counts.deferred > 0 then extra = extra .. (", %d deferred"):format(counts.deferred) end
+    if counts.deferred > 0 then
+      extra = extra .. (", %d deferred"):format(counts.deferred)
+      if counts.last_temporary then extra = extra .. (" (last: %s)"):format(counts.last_temporary) end
+    end
     if counts["in-flight"] > 0 then extra = extra .. (", %d possibly sent"):format(counts["in-flight"]) end
     say(("mailshot: %s: %d recipients: %s%d failed, %d skipped%s in %.1f s (%.0f msg/s); report: %s%s"):format(
       c.name, counts.total,
