@@ -69,7 +69,7 @@ found relative to the script's folder.
   --progress SECS   seconds between plain progress lines (default 10; 0: none)
 
 With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
-failures), skipped, the rate per second, the ETA and the open connections.
+failures, with the last one's reason), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
