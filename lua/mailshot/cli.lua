@@ -69,7 +69,7 @@ found relative to the script's folder.
   --progress SECS   seconds between plain progress lines (default 10; 0: none)
 
 With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
-failures), skipped, the rate per second, the ETA and the open connections.
+failures, with the last one's reason), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
@@ -287,7 +287,10 @@ function commands.run(args)
   do
     local done = counts.sent + counts.failed + counts.written
     local extra = ""
-    if counts.deferred > 0 then extra = extra .. (", %d deferred"):format(counts.deferred) end
+    if counts.deferred > 0 then
+      extra = extra .. (", %d deferred"):format(counts.deferred)
+      if counts.last_temporary then extra = extra .. (" (last: %s)"):format(counts.last_temporary) end
+    end
     if counts["in-flight"] > 0 then extra = extra .. (", %d possibly sent"):format(counts["in-flight"]) end
     say(("mailshot: %s: %d recipients: %s%d failed, %d skipped%s in %.1f s (%.0f msg/s); report: %s%s"):format(
       c.name, counts.total,

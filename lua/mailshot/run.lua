@@ -148,9 +148,11 @@ function Run:progress_task(p)
     end
     local avg = done / math.max(now - started, 1e-3)
     local eta = total and total > done and avg > 0 and (total - done) / avg or nil
-    return ("%s%d%s  sent %d  failed %d  deferred %d  skipped %d  %.0f/s  ETA %s  conns %d"):format(
+    local deferred = c.deferred + source:waiting()
+    local last = deferred > 0 and self.last_temporary and (" (last: %s)"):format(self.last_temporary) or ""
+    return ("%s%d%s  sent %d  failed %d  deferred %d%s  skipped %d  %.0f/s  ETA %s  conns %d"):format(
       name and (name .. ": ") or "", done, total and ("/" .. total) or "", c.sent, c.failed,
-      c.deferred + source:waiting(), c.skipped, per_s, fmt_duration(eta), p.connections and p.connections() or 0)
+      deferred, last, c.skipped, per_s, fmt_duration(eta), p.connections and p.connections() or 0)
   end
   core.spawn(function()
     while running do
@@ -287,6 +289,15 @@ function Run:outcome_of(row, line)
            response = outcome.one_line(tostring(rep):match("^[^\n]*")) }
 end
 
+--- A temporary failure's reason, short enough for the progress line: "relay HOST:PORT: text"
+--- (the relay from the result when it names one), cut at 60 characters.
+function M.short_reason(rep)
+  local text = tostring(rep.response or rep.error or "temporary failure"):gsub("%s+", " ")
+  if rep.relay and not text:find(tostring(rep.relay), 1, true) then text = ("relay %s: %s"):format(rep.relay, text) end
+  if #text > 60 then text = text:sub(1, 57) .. "..." end
+  return text
+end
+
 -- One of `concurrency` tasks: rows until there are none (or a stop).
 function Run:work()
   local source, sink = self.rows, self.sink
@@ -296,6 +307,7 @@ function Run:work()
     local rep = self:outcome_of(row, line)
     if rep == STOPPED then break end                 -- not started: --resume takes the row
     if rep.status == "failed" and rep.temporary then
+      self.last_temporary = M.short_reason(rep)        -- why "deferred" grows: on the progress line
       if not (rep.retry ~= false and source:defer(item or { row = row, line = line }, rep)) then
         rep.status = "deferred"                        -- not delivered: --resume tries again
         sink:add(rep)
@@ -340,6 +352,7 @@ function Run:go()
   counts.seconds = core.now() - started
   counts.stopped = self.stopping
   counts.resumed = self.resumed
+  counts.last_temporary = self.last_temporary
   return counts
 end
 
