@@ -18,23 +18,66 @@ Rows.__index = Rows
 local DUPLICATE = "duplicate address: an earlier row has it (addresses are compared ignoring case)"
 M.DUPLICATE = DUPLICATE
 
+--- The Levenshtein distance of two short strings (for "did you mean").
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+--- The header's column for the address: email_field exactly, else the one column equal to it
+--- ignoring case and surrounding spaces ("Email", " EMAIL ").  nil, err when none or several
+--- match; the message names the columns and suggests the nearest name.
+function M.email_column(c, header)
+  local want = c.email_field:lower():match("^%s*(.-)%s*$")
+  local loose = {}
+  for _, h in ipairs(header) do
+    if h == c.email_field then return h end
+    if h:lower():match("^%s*(.-)%s*$") == want then loose[#loose + 1] = h end
+  end
+  if #loose == 1 then return loose[1] end
+  local quoted = {}
+  for i, h in ipairs(loose) do quoted[i] = ("'%s'"):format(h) end
+  if #loose > 1 then
+    return nil, ("%s: columns %s all match email_field '%s' ignoring case; set email_field to one of them exactly")
+      :format(c.recipients_path, table.concat(quoted, " and "), c.email_field)
+  end
+  local best, bestd
+  for _, h in ipairs(header) do
+    local d = distance(h:lower(), want)
+    if not bestd or d < bestd then best, bestd = h, d end
+  end
+  local hint = best and ("; did you mean email_field = %q?"):format(best) or ""
+  if best and #header == 1 and not c.delimiter and (best:find(";", 1, true) or best:find("\t", 1, true)) then
+    hint = ("; the header has no comma: set delimiter = %q"):format(best:find(";", 1, true) and ";" or "\t")
+  end
+  return nil, ("%s: no '%s' column (columns: %s)%s"):format(c.recipients_path, c.email_field,
+    table.concat(header, ", "), hint)
+end
+
 --- rows.open(c) -> reader, or nil, err: the campaign's recipients file, with its header checked
---- for the address column.
+--- for the address column (c.email_field becomes the header's spelling of it).
 function M.open_reader(c)
   local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter })
   if not reader then return nil, err end
   local header = reader:header()
-  for _, h in ipairs(header) do
-    if h == c.email_field then
-      -- a template field no column has would fail every row: one message, before anything
-      local ok, ferr = true, nil
-      if c.check_fields then ok, ferr = c:check_fields(header) end
-      if not ok then reader:close(); return nil, ferr end
-      return reader
-    end
+  local col, cerr = M.email_column(c, header)
+  if not col then reader:close(); return nil, cerr end
+  c.email_field = col
+  -- a template field no column has would fail every row: one message, before anything
+  if c.check_fields then
+    local ok, ferr = c:check_fields(header)
+    if not ok then reader:close(); return nil, ferr end
   end
-  reader:close()
-  return nil, ("%s: no '%s' column (columns: %s)"):format(c.recipients_path, c.email_field, table.concat(header, ", "))
+  return reader
 end
 
 --- A duplicate check: each address once per campaign, compared ignoring case.  dedupe(address)

@@ -397,6 +397,32 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
         self.assertIn("3 written to out, 1 failed, 4 skipped", p.stdout)
         self.assertEqual(p.returncode, 1)
 
+    def test_email_column_ignores_case_and_a_missing_one_stops_with_a_suggestion(self):
+        # issue 12 item 5: "Email" finds email_field "email"; no match stops once, naming the file,
+        # the columns and the nearest one, or the delimiter when the header has no comma
+        d = self.path("ci")
+        os.makedirs(d)
+        script = os.path.join(d, "c.lua")
+        with open(script, "w") as f:
+            f.write('return require("mailshot").campaign { recipients = "list.csv", from = "Shop <shop@example.org>",'
+                    ' subject = "Hi", text = "Hi {{name}}" }\n')
+        cases = [("name,Email\nzoe,a@example.com\n", None),
+                 ("name,e-mail\nzoe,a@example.com\n", "list.csv: no 'email' column (columns: name, e-mail); did you mean email_field = \"e-mail\"?"),
+                 ("name;email\nzoe;a@example.com\n", 'the header has no comma: set delimiter = ";"')]
+        for csv_text, message in cases:
+            with self.subTest(csv_text=csv_text):
+                with open(os.path.join(d, "list.csv"), "w") as f:
+                    f.write(csv_text)
+                p = self.run_mailshot("run", script, "--outbox", "out", "--report", "r.csv")
+                if message is None:
+                    self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+                    (r,) = read_report(self.path("r.csv"))
+                    self.assertEqual((r["email"], r["status"]), ("a@example.com", "written"))
+                else:
+                    self.assertNotEqual(p.returncode, 0)
+                    self.assertIn(message, p.stderr)
+                    self.assertEqual(p.stderr.count("no 'email' column"), 1, p.stderr)
+
     def test_filter_attachment_helpers_headers_and_semicolon_list(self):
         d = self.path("c")
         os.makedirs(os.path.join(d, "files"))

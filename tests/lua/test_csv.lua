@@ -258,6 +258,30 @@ case("a 200,000-column header opens, and a duplicate in it is named (linear chec
   checkopenerr(tmpfile("c150000," .. header .. "\n"), nil, 'duplicate column name "c150000" (columns 1 and 150001)')
 end)
 
+---------------------------------------------------------------- the address column (mailshot.rows)
+
+case("email column: exact, then ignoring case and spaces; clashes and misses say why", function ()
+  local rows = require "mailshot.rows"
+  local function open (content, field, delimiter)
+    local c = { recipients_path = tmpfile(content), email_field = field or "email", delimiter = delimiter }
+    local r, err = rows.open_reader(c)
+    if r then r:close() end
+    return c, r, err
+  end
+  local c, r = open("name,Email\nA,a@example.com\n")
+  assert(r, "Email matches email"); eq_deep(c.email_field, "Email", "header spelling")
+  c, r = open("name, EMAIL \nA,a@example.com\n")
+  assert(r, "' EMAIL ' matches email"); eq_deep(c.email_field, "EMAIL", "header spelling (the reader trims names)")
+  c, r = open("Email,email\nA,a@example.com\n")
+  assert(r, "exact wins"); eq_deep(c.email_field, "email", "exact")
+  local _, r2, err = open("Email,EMAIL\nA,a@example.com\n")
+  assert(not r2 and err:find("columns 'Email' and 'EMAIL' all match email_field 'email'", 1, true), err)
+  _, r2, err = open("name,e-mail\nA,a@example.com\n")
+  assert(not r2 and err:find("no 'email' column (columns: name, e-mail); did you mean email_field = \"e-mail\"?", 1, true), err)
+  _, r2, err = open("name;email\nA;a@example.com\n")
+  assert(not r2 and err:find('the header has no comma: set delimiter = ";"', 1, true), err)
+end)
+
 ---------------------------------------------------------------- tally
 
 for _, path in ipairs(temps) do os.remove(path) end
