@@ -13,6 +13,7 @@ local unsubscribe = require("mailshot.unsubscribe")
 local util = require("mailshot.util")
 local classify = require("mailshot.classify")
 local paths = require("mailshot.path")
+local nearest_column = require("mailshot.rows").nearest_column
 
 local M = {}
 
@@ -161,33 +162,6 @@ end
 
 local MESSAGE_FIELDS = { "from", "reply_to", "cc", "subject", "text", "html" }
 
--- Levenshtein distance, bounded: names are short (column names)
-local function distance(a, b)
-  if #a > 64 or #b > 64 then return math.huge end
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
--- The column a misspelt field most likely meant: same but for case, else at most 2 edits.
-local function nearest(field, header)
-  local best, best_d
-  for _, h in ipairs(header) do
-    if h:lower() == field:lower() then return h end
-    local d = distance(field:lower(), h:lower())
-    if d <= 2 and (not best_d or d < best_d) then best, best_d = h, d end
-  end
-  return best
-end
-
 --- Check the templates' fields against the CSV header before anything is sent: a field no
 --- column has (without a default, outside a section on that field) would fail every row, so
 --- it stops the run here with one message.  Fields the runner adds (unsubscribe_url) count as
@@ -206,7 +180,7 @@ function Campaign:check_fields(header)
     if template.is_template(tpl) then
       for _, f in ipairs(tpl:required_fields()) do
         if not have[f] then
-          local near = nearest(f, header)
+          local near = nearest_column(f, header)
           return nil, ('%s: template %s uses field "%s", which %s has no column for (columns: %s)%s; '
                        .. 'give it a default ({{ %s | "" }}) or guard it ({{#if %s}}...{{/if}})'):format(
             k, tpl.name, f, self.recipients, table.concat(header, ", "),

@@ -18,8 +18,9 @@ Rows.__index = Rows
 local DUPLICATE = "duplicate address: an earlier row has it (addresses are compared ignoring case)"
 M.DUPLICATE = DUPLICATE
 
---- The Levenshtein distance of two short strings (for "did you mean").
+-- The Levenshtein distance of two short strings (column names; longer ones are never near).
 local function distance(a, b)
+  if #a > 64 or #b > 64 then return math.huge end
   local prev = {}
   for j = 0, #b do prev[j] = j end
   for i = 1, #a do
@@ -31,6 +32,18 @@ local function distance(a, b)
     prev = cur
   end
   return prev[#b]
+end
+
+--- The column a misspelt name most likely meant (for "did you mean"): the same but for case,
+--- else the nearest within 2 edits; nil when none is that near.
+function M.nearest_column(name, header)
+  local want, best, best_d = name:lower(), nil, nil
+  for _, h in ipairs(header) do
+    if h:lower() == want then return h end
+    local d = distance(want, h:lower())
+    if d <= 2 and (not best_d or d < best_d) then best, best_d = h, d end
+  end
+  return best
 end
 
 --- The header's column for the address: email_field exactly, else the one column equal to it
@@ -50,14 +63,12 @@ function M.email_column(c, header)
     return nil, ("%s: columns %s all match email_field '%s' ignoring case; set email_field to one of them exactly")
       :format(c.recipients_path, table.concat(quoted, " and "), c.email_field)
   end
-  local best, bestd
-  for _, h in ipairs(header) do
-    local d = distance(h:lower(), want)
-    if not bestd or d < bestd then best, bestd = h, d end
-  end
-  local hint = best and ("; did you mean email_field = %q?"):format(best) or ""
-  if best and #header == 1 and not c.delimiter and (best:find(";", 1, true) or best:find("\t", 1, true)) then
-    hint = ("; the header has no comma: set delimiter = %q"):format(best:find(";", 1, true) and ";" or "\t")
+  local only, hint = #header == 1 and header[1], ""
+  if only and not c.delimiter and (only:find(";", 1, true) or only:find("\t", 1, true)) then
+    hint = ("; the header has no comma: set delimiter = %q"):format(only:find(";", 1, true) and ";" or "\t")
+  else
+    local best = M.nearest_column(want, header)
+    if best then hint = ("; did you mean email_field = %q?"):format(best) end
   end
   return nil, ("%s: no '%s' column (columns: %s)%s"):format(c.recipients_path, c.email_field,
     table.concat(header, ", "), hint)
