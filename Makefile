@@ -42,8 +42,8 @@ DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix 
 # clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14
 DEB_TEST  += clang libclang-rt-14-dev
 
-.PHONY: all deps demo check test unit luatest integration valgrind valgrind-unit valgrind-luatest \
-        valgrind-integration bench install clean
+.PHONY: all deps demo check test unit luatest integration valgrind valgrind-all \
+        bench install clean
 all: mailshot
 
 build build/asan:
@@ -101,49 +101,42 @@ unit: $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
 luatest: build/asan/mailshot
 	@for t in tests/lua/test_*.lua; do build/asan/mailshot exec $$t || exit 1; done
 
-# Integration tests drive the ASan build; test_valgrind runs the plain one under valgrind.
-integration: mailshot build/asan/mailshot
-	MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest discover -s tests/integration -t . -v
+# One command per integration module, JOBS at once (tests/run_jobs.py), the slowest first: the tests
+# mostly wait on servers and timers, and each has its own folder, servers and ports.  The ASan build
+# drives them; test_valgrind runs the plain one under valgrind.
+JOBS    ?= 3
+INTEG   := $(sort $(basename $(notdir $(wildcard tests/integration/test_*.py))))
+SLOWEST := test_dkim,test_resume,test_campaign,test_direct,test_check,test_faults,test_relay
+integration: mailshot build/asan/mailshot | build
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/integration --first $(SLOWEST) \
+	  $(INTEG:%='MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%')
 
 # Every test again under valgrind (memcheck, full leak check), on the plain build: the ASan runtime and
 # valgrind do not mix.  Any error, or a definitely or indirectly lost block, fails.  The unit tests are
 # built a second time without ASan (build/test_NAME).  The integration tests wrap each mailshot they
 # start (tests/integration/harness.py, MAILSHOT_VALGRIND=1, the same flags as below) and fail on any
 # non-empty valgrind log; loads are smaller there (harness.scaled).  tests/valgrind.supp, when present,
-# holds suppressions for third-party code only.  About 10 minutes on 2 cores, so not part of `make test`
-# (the quick loop); `make check` runs both.
+# holds suppressions for third-party code only.  Not part of `make test` (the quick loop); `make check`
+# runs both.  valgrind is CPU-bound, but the integration tests also wait: every unit binary, Lua test
+# and integration module is one command of tests/run_jobs.py, JOBS at once (logs in build/jobs/valgrind).
 VALGRIND_SUPP  := $(wildcard tests/valgrind.supp)
 VALGRIND       := valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect \
                   --show-leak-kinds=definite,indirect --error-exitcode=99 $(VALGRIND_SUPP:%=--suppressions=%)
+VG_UNIT        := $(UNIT_SRC:tests/unit/test_%.c=build/test_%)
+VG_LUA         := $(wildcard tests/lua/test_*.lua)
 
 build/test_%: tests/unit/test_%.c tests/unit/check.h $(OBJ)
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -Isrc -o $@ $< $(OBJ) $(LDLIBS)
 
 valgrind: deps
-	@$(MAKE) --no-print-directory valgrind-unit valgrind-luatest valgrind-integration
+	@$(MAKE) --no-print-directory valgrind-all
 	@echo "valgrind: all tests passed"
 
-valgrind-unit: $(UNIT_SRC:tests/unit/test_%.c=build/test_%)
-	@for t in $^; do echo "valgrind $$t"; $(VALGRIND) $$t || exit 1; done
-
-valgrind-luatest: mailshot
-	@for t in tests/lua/test_*.lua; do echo "valgrind ./mailshot exec $$t"; MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec $$t || exit 1; done
-
-# valgrind is CPU-bound and the tests mostly wait on it: the integration modules run as two halves at
-# once (every other module, by name), each into its own log, printed when both are done.  Each test has
-# its own folder, servers and ports, so the halves share nothing.
-INTEG   := $(sort $(basename $(notdir $(wildcard tests/integration/test_*.py))))
-INTEG_A := $(foreach i,$(shell seq 1 2 $(words $(INTEG))),$(word $(i),$(INTEG)))
-INTEG_B := $(filter-out $(INTEG_A),$(INTEG))
-
-valgrind-integration: mailshot | build
-	@echo "valgrind: integration tests in two halves at once (logs: build/valgrind-integration-[ab].log)"
-	@( MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v $(INTEG_A:%=tests.integration.%) \
-	     >build/valgrind-integration-a.log 2>&1; echo $$? >build/valgrind-integration-a.rc ) & \
-	( MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v $(INTEG_B:%=tests.integration.%) \
-	     >build/valgrind-integration-b.log 2>&1; echo $$? >build/valgrind-integration-b.rc ); wait; \
-	cat build/valgrind-integration-a.log build/valgrind-integration-b.log; \
-	test "$$(cat build/valgrind-integration-a.rc)" = 0 && test "$$(cat build/valgrind-integration-b.rc)" = 0
+valgrind-all: mailshot $(VG_UNIT) | build
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(SLOWEST) \
+	  $(INTEG:%='MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
+	  $(VG_LUA:%='MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec %') \
+	  $(VG_UNIT:%='$(VALGRIND) %')
 
 # libFuzzer targets (tests/fuzz/), built with clang, ASan and UBSan; undefined behaviour aborts, so
 # libFuzzer reports it.  fuzz-smoke (part of `make test`) runs each one FUZZ_SECONDS on a copy of its

@@ -10,8 +10,8 @@ log in DIR and is printed whole when the command fails; a passing one prints one
 At the end: the slowest commands, and the exit status is 1 if any command failed.
 
 Why: the valgrind pass is CPU-bound but the integration tests also wait on servers and timers, so 3
-commands at once on 2 cores keep both busy; `make check` went from about 13 to about 8 minutes of
-valgrind.  Every test has its own folder, servers and ports, so commands share nothing.
+commands at once on 2 cores keep both busy.  Every test has its own folder, servers and ports, so
+commands share nothing.
 """
 
 import argparse
