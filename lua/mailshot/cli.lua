@@ -52,8 +52,9 @@ found relative to the script's folder.
                     by line number), or start over when a journal exists (the old one is
                     kept as NAME.journal.old)
   --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
-  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,via,mx,response
-                    (via: relay or direct; mx: the MX host whose answer is the outcome)
+  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,via,mx,response,first_response
+                    (via: relay or direct; mx: the MX host whose answer is the outcome;
+                    first_response: a message that fell back to another path, the first one's answer)
                     (default: NAME-report.csv in the script's folder, NAME being the script's
                     name, so that --resume finds it and its journal from any working folder;
                     a FILE given here is relative to the current folder)

@@ -113,7 +113,7 @@ end
 M.one_line = one_line
 
 --- Fill report row rep from a sender's result res: status, code, enhanced, stage, via, mx,
---- response, and temporary/retry for the runner's retry queue.
+--- response, first_response, and temporary/retry for the runner's retry queue.
 function M.from_result(rep, res)
   rep.status = res.ok and "sent" or "failed"
   rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
@@ -126,6 +126,7 @@ function M.from_result(rep, res)
     rep.temporary, rep.retry = true, false
   end
   rep.response = one_line(res.message)
+  rep.first_response = res.first_response and one_line(res.first_response) or nil   -- a fallback's first path
   return rep
 end
 

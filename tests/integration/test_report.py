@@ -19,6 +19,19 @@ return mailshot.campaign {
 }
 """
 
+# Relay first; when the relay's answer says so, another path (a function standing for direct
+# delivery) takes the message.
+FALLBACK_CAMPAIGN = """
+local mailshot = require "mailshot"
+local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none", max_connections = 2 }
+return mailshot.campaign {
+  recipients = "list.csv", from = "news@acme.example", subject = "Hi {{name}}", text = "Hello {{name}}",
+  send = mailshot.fallback { relay, function(msg)
+    return { ok = true, code = 250, message = "delivered by the other path", via = "other" }
+  end }, concurrency = 2, retry = false,
+}
+"""
+
 # A recipients file with a legit multi-line field (lines 2-3), a quote that closes too late
 # (line 5 runs to line 7) and a quote never closed (line 9 runs to the end, line 10).
 BROKEN = ('email,name\n'
@@ -38,7 +51,7 @@ def raw_lines(path):
 
 
 class ReportTests(MailshotTestCase):
-    def campaign(self, rows=None, text=None, name="c"):
+    def campaign(self, rows=None, text=None, name="c", script=CAMPAIGN):
         d = self.path(name)
         os.makedirs(d, exist_ok=True)
         if text is not None:
@@ -47,7 +60,7 @@ class ReportTests(MailshotTestCase):
         else:
             write_csv(os.path.join(d, "list.csv"), ["email", "name"], rows)
         with open(os.path.join(d, "c.lua"), "w") as f:
-            f.write(CAMPAIGN)
+            f.write(script)
         return os.path.join(d, "c.lua")
 
     def start_run(self, script, srv, *extra, env=None):
@@ -146,3 +159,51 @@ class ReportTests(MailshotTestCase):
         self.assertEqual(collections.Counter(r["status"] for r in second), {"sent": n, "skipped": 1})
         got = collections.Counter(m["rcpt_tos"][0] for m in srv.messages())
         self.assertEqual((len(got), max(got.values())), (n, 1))
+
+    # ---- d) a fallback keeps the first path's answer
+
+    def test_a_message_that_fell_back_keeps_the_first_answer_and_an_old_journal_still_resumes(self):
+        rows = [["ok1@example.com", "A"], ["fb1@example.com", "B"], ["ok2@example.com", "C"], ["fb2@example.com", "D"]]
+        script = self.campaign(rows, script=FALLBACK_CAMPAIGN)
+        srv = self.start_smtpd(reject_rcpt=[("fb", 451, "4.7.1 greylisted, try later")])
+        p = self.run_mailshot("run", script, "--send", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        with open(self.path("r.csv"), newline="") as f:
+            self.assertEqual(f.readline().strip(), "line,email,status,code,enhanced,stage,via,mx,response,first_response")
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        for e in ("fb1@example.com", "fb2@example.com"):
+            self.assertEqual((rep[e]["status"], rep[e]["via"], rep[e]["response"]),
+                             ("sent", "other", "delivered by the other path"))
+            self.assertRegex(rep[e]["first_response"], r"^relay: 451 .*greylisted, try later")
+        for e in ("ok1@example.com", "ok2@example.com"):
+            self.assertEqual((rep[e]["status"], rep[e]["via"], rep[e]["first_response"]), ("sent", "relay", ""))
+        journal = self.path("c.journal")
+        with open(journal) as f:
+            lines = f.read().splitlines()
+        self.assertTrue(lines[0].startswith("mailshot-journal 2 "), lines[0])
+        self.assertIn("relay: 451", [ln for ln in lines if "fb1@" in ln and ln.startswith("F")][0])
+        # the same journal as a version 1 mailshot wrote it (no first_response), the last row unsent
+        old = [lines[0].replace("mailshot-journal 2 ", "mailshot-journal 1 ", 1)]
+        for ln in lines[1:]:
+            f = ln.split("\t")
+            if f[1] == "5":
+                continue
+            old.append("\t".join(f[:-1]) if f[0] in ("F", "D") else ln)
+        with open(journal, "w") as f:
+            f.write("\n".join(old) + "\n")
+        before = srv.message_count()
+        p = self.run_mailshot("run", script, "--send", "--resume", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("3 recipients already final", p.stdout)
+        self.assertEqual(srv.message_count(), before)         # fb2 went by the other path; nothing resent
+        rep = {r["email"]: r for r in read_report(self.path("r.csv"))}
+        self.assertEqual({e: r["status"] for e, r in rep.items()}, {e: "sent" for e, _ in rows})
+        self.assertEqual((rep["fb1@example.com"]["via"], rep["fb1@example.com"]["first_response"]), ("other", ""))
+        self.assertRegex(rep["fb2@example.com"]["first_response"], r"^relay: 451 ")
+        with open(journal) as f:
+            lines = f.read().splitlines()
+        self.assertTrue(lines[0].startswith("mailshot-journal 1 "))   # it keeps its version ...
+        self.assertEqual(len(lines[-1].split("\t")), 10, lines[-1])   # ... and its records' fields
+        p = self.run_mailshot("run", script, "--send", "--resume", "--report", "r.csv", env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("4 recipients already final", p.stdout)
