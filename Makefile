@@ -9,7 +9,8 @@
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
-#                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME)
+#                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME), the report's rewrite in CSV
+#                   order (scripts/bench-report.lua)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -83,6 +84,7 @@ bench: deps
 	@$(MAKE) --no-print-directory mailshot build/tls_sink
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
+	./mailshot exec scripts/bench-report.lua
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot

@@ -11,6 +11,9 @@
  *   util.replace_file(path, data) -> true | nil, err
  *                                         (a fresh 0600 file renamed over path: never writes
  *                                          through a symlink or into a file already there)
+ *   util.temp_file(path) -> file, tmp_path | nil, err
+ *                                         (a new 0600 file beside path, opened for writing: to
+ *                                          build a file's next version, then os.rename it over)
  *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact)
  *   util.line_index([limit]) -> index     (index:set(i, v), index:get(i) -> v | nil, index:size():
  *                                          an integer per line 1..limit, 8 bytes each, grown to
@@ -248,6 +251,45 @@ static int u_replace_file(lua_State *L) {
   return 1;
 }
 
+/* The close function of a util.temp_file handle (liolib's own is static). */
+static int temp_fclose(lua_State *L) {
+  luaL_Stream *p = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+  return luaL_fileresult(L, fclose(p->f) == 0, NULL);
+}
+
+/* util.temp_file(path) -> file, tmp_path | nil, "path: reason"
+ * A new file in path's folder (mkostemp: O_EXCL, a random name, mode 0600, never through a
+ * symlink), as a Lua file open for writing: a file too big to build in memory (the report
+ * rewritten in CSV order) is written there, then renamed over path by the caller. */
+static int u_temp_file(lua_State *L) {
+  size_t plen;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  static const char suffix[] = ".tmp-XXXXXX";
+  if (strlen(path) != plen) return luaL_argerror(L, 1, "path contains a NUL byte");
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addlstring(&b, path, plen);
+  luaL_addlstring(&b, suffix, sizeof suffix);     /* with its NUL: mkostemp edits it in place */
+  luaL_pushresult(&b);
+  char *tmp = (char *)lua_tostring(L, -1);        /* a fresh string of ours: safe to edit */
+  luaL_Stream *p = lua_newuserdatauv(L, sizeof *p, 0);
+  p->closef = NULL;                               /* not open yet: __gc does nothing */
+  luaL_setmetatable(L, LUA_FILEHANDLE);
+  int fd = mkostemp(tmp, O_CLOEXEC);
+  if (fd < 0) return luaL_fileresult(L, 0, path);
+  p->f = fdopen(fd, "wb");
+  if (!p->f) {
+    int e = errno;
+    close(fd);
+    unlink(tmp);
+    errno = e;
+    return luaL_fileresult(L, 0, path);
+  }
+  p->closef = temp_fclose;
+  lua_pushlstring(L, tmp, plen + sizeof suffix - 1);
+  return 2;
+}
+
 /* ---- a compact set of strings, for "each address once" over million-row lists ----
  * Only a 64-bit keyed hash of each string is kept (8 bytes a slot, the table at most half
  * full: ~16-32 bytes per address instead of ~100 for a Lua table of strings).  The key is
@@ -413,7 +455,7 @@ int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
     { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
     { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now },
-    { "write_secret", u_write_secret }, { "replace_file", u_replace_file }, { "new_set", u_new_set },
+    { "write_secret", u_write_secret }, { "replace_file", u_replace_file }, { "temp_file", u_temp_file }, { "new_set", u_new_set },
     { "line_index", u_line_index },
     { NULL, NULL }
   };

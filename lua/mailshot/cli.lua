@@ -52,8 +52,9 @@ found relative to the script's folder.
                     by line number), or start over when a journal exists (the old one is
                     kept as NAME.journal.old)
   --outbox DIR      dry run: write each message as DIR/NNNNNN-ADDRESS.eml (default: outbox)
-  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,via,mx,response
-                    (via: relay or direct; mx: the MX host whose answer is the outcome)
+  --report FILE     one CSV row per recipient: line,email,status,code,enhanced,stage,via,mx,response,first_response
+                    (via: relay or direct; mx: the MX host whose answer is the outcome;
+                    first_response: a message that fell back to another path, the first one's answer)
                     (default: NAME-report.csv in the script's folder, NAME being the script's
                     name, so that --resume finds it and its journal from any working folder;
                     a FILE given here is relative to the current folder)
@@ -73,15 +74,17 @@ failures, with the last one's reason), skipped, the rate per second, the ETA and
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
-it), in-flight (possibly sent before an interruption).  Exit status 0 only if no message
-failed or was deferred; 130/143 after SIGINT/SIGTERM, which finish the messages in flight first (a
-second signal stops at once) and print how to resume.
+it), in-flight (possibly sent before an interruption), not-started (the run was stopped before
+the row: --resume sends it).  The report ends in CSV line order, one row per CSV data line.
+Exit status 0 only if no message failed or was deferred; 130/143 after SIGINT/SIGTERM, which
+finish the messages in flight first (a second signal stops at once) and print how to resume.
 ]=],
   preview = [=[
 Usage: mailshot preview SCRIPT [--row N]
 
-Render the message for the Nth recipient row (default 1) and print it as sent, headers and all.
-Nothing is sent and nothing is written.  A row that `run` skips (invalid, suppressed, role,
+Render the message of the recipient row on line N of the CSV file (the number in the report's
+`line` column; line 1 is the header; default: the first recipient row) and print it as sent,
+headers and all.  Nothing is sent and nothing is written.  A row that `run` skips (invalid, suppressed, role,
 filtered or duplicate address) prints nothing: the reason goes to stderr, exit status 1.
 ]=],
   check = [=[
@@ -292,6 +295,7 @@ function commands.run(args)
       if counts.last_temporary then extra = extra .. (" (last: %s)"):format(counts.last_temporary) end
     end
     if counts["in-flight"] > 0 then extra = extra .. (", %d possibly sent"):format(counts["in-flight"]) end
+    if counts["not-started"] > 0 then extra = extra .. (", %d not started"):format(counts["not-started"]) end
     say(("mailshot: %s: %d recipients: %s%d failed, %d skipped%s in %.1f s (%.0f msg/s); report: %s%s"):format(
       c.name, counts.total,
       run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
@@ -313,9 +317,9 @@ function commands.preview(args)
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.preview); return 0 end
   if #pos ~= 1 then complain("preview: expected one campaign script"); return 2 end
-  local want, err = 1, nil
+  local want, err = nil, nil
   if opts.row then want, err = positive_int(opts.row, "row") end
-  if not want then complain("preview: ", err); return 2 end
+  if opts.row and not want then complain("preview: ", err); return 2 end
   local c
   c, err = load_campaign(pos[1])
   if not c then complain(err); return 2 end
@@ -323,32 +327,43 @@ function commands.preview(args)
   local reader
   reader, err = rows.open_reader(c)
   if not reader then complain(err); return 2 end
+  -- --row N is the CSV line N (1 the header), the number in the report's `line` column and in
+  -- every "line N" message; without it, the first recipient row
   local first = rows.dedupe()          -- run's duplicate rule: preview tells what run would do
-  local n = 0
+  local function fail(status, ...) reader:close(); complain(...); return status end
+  if want == 1 then return fail(2, ("preview: %s line 1 is the header; the recipients start on line 2"):format(c.recipients)) end
   while true do
     local row, line, msg = reader:read()
     if row == nil then
-      reader:close()
-      complain(("preview: %s has only %d recipient rows"):format(c.recipients, n))
-      return 2
+      return fail(2, ("preview: %s has %d lines and no recipient row%s"):format(c.recipients, reader:line(),
+        want and (" on line %d"):format(want) or ""))
     end
-    if row then
-      n = n + 1
-      local is_first = first(row[c.email_field])
-      if n == want then
-        reader:close()
-        local m, merr, skipped
-        if is_first then m, merr, skipped = c:message(row, line) else merr, skipped = rows.DUPLICATE, "duplicate" end
-        if skipped then
-          complain(("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, merr))
-          return 1
-        end
-        if not m then complain(merr); return 1 end
-        io.stdout:write(m.data)
-        return 0
+    local last = reader:line()           -- the line the record ends on
+    if want and line > want then
+      return fail(2, ("preview: %s line %d holds no recipient row (a blank line)"):format(c.recipients, want))
+    end
+    local is_first = row and first(row[c.email_field])
+    if want and want > line and want <= last then
+      if row then
+        return fail(2, ("preview: %s line %d is inside the record that starts on line %d (a quoted field spans "
+                        .. "lines): use --row %d"):format(c.recipients, want, line, line))
       end
-    elseif msg then
-      complain(("%s line %d: %s"):format(c.recipients, line, msg))
+      return fail(1, rows.swallowed(c.recipients, want, line) .. ": " .. msg)
+    end
+    if not row and want == line then
+      return fail(1, ("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, msg))
+    end
+    if row and (want == line or not want) then
+      reader:close()
+      local m, merr, skipped
+      if is_first then m, merr, skipped = c:message(row, line) else merr, skipped = rows.DUPLICATE, "duplicate" end
+      if skipped then
+        complain(("preview: %s line %d: `run` skips this row: %s"):format(c.recipients, line, merr))
+        return 1
+      end
+      if not m then complain(merr); return 1 end
+      io.stdout:write(m.data)
+      return 0
     end
   end
 end

@@ -171,11 +171,21 @@ function M.should_fall_back(result)
   return result.temporary == true or NO_VERDICT[result.stage] == true
 end
 
+--- A result's answer in one line, naming its path: "relay: 451 4.7.1 greylisted" (the code is
+--- added when the message does not start with it).  What a fallback keeps of the first path.
+function M.answer(result)
+  local msg = tostring(result.message or ""):gsub("[\r\n]+", " ")
+  local code = math.tointeger(result.code)
+  if code and code ~= 0 and not msg:find("^" .. code) then msg = code .. " " .. msg end
+  return ("%s: %s"):format(result.via or "sender", msg)
+end
+
 --- Try senders in order: mailshot.fallback{ relay, mailshot.direct_sender{ dns = "..." } }
 --- (the brief's "relay, then direct on error"), or the other way round.  A sender is a relay,
 --- a direct sender, anything with :send(msg), or a function(msg, row).  opts.when(result)
 --- decides whether to try the next one (default mailshot.should_fall_back).  The result is
---- the last sender's, with `fallback` listing every try { via, ok, code, message }.
+--- the last sender's, with `fallback` listing every try { via, ok, code, message }, and, when
+--- more than one was tried, `first_response`: the first one's answer (M.answer).
 function M.fallback(senders, opts)
   if type(senders) ~= "table" or #senders < 1 then error("mailshot.fallback: expected a list of senders", 2) end
   for i, s in ipairs(senders) do
@@ -192,6 +202,7 @@ function M.fallback(senders, opts)
       if result.ok or i == #senders or not when(result) then break end
     end
     result.fallback = tries
+    if #tries > 1 then result.first_response = M.answer(tries[1]) end
     return result
   end
 end

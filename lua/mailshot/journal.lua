@@ -2,17 +2,19 @@
 --
 -- An append-only text file next to the report, one record per line:
 --
---   mailshot-journal 1 <fingerprint> <campaign>     the header: what the journal belongs to
+--   mailshot-journal 2 <fingerprint> <campaign>     the header: what the journal belongs to, and
+--                                                   its version (below)
 --   I <line> <email>                                in flight: written (write(2)) before the
 --                                                   message is handed to the network
---   F <line> <email> <status> <code> <enhanced> <stage> <via> <mx> <response>
+--   F <line> <email> <status> <code> <enhanced> <stage> <via> <mx> <response> <first_response>
 --                                                   a final outcome (sent, failed, skipped), or
 --                                                   in-flight: a resumed run did not resend it, and
 --                                                   the next --resume still counts it in flight
 --   D <line> <email> ... (as F)                     deferred: a temporary failure, retried on resume
 --
--- Fields are tab-separated, with \t \n \r \\ escaped (an F or D record has all ten: one with
--- fewer was torn by a crash, and is ignored).  A later record for a line supersedes an
+-- Fields are tab-separated, with \t \n \r \\ escaped (an F or D record has all eleven: one with
+-- fewer was torn by a crash, and is ignored).  Version 1 (before first_response) has ten; a
+-- journal keeps its version: a version 1 journal is resumed, and written on, as version 1.  A later record for a line supersedes an
 -- earlier one.  The in-flight record reaches the kernel before the message reaches the server,
 -- (all the marks of one turn of the event loop in one write, before the loop polls again: a
 -- message body is only sent on a later turn, after its 354), so a kill -9 at any moment leaves
@@ -32,6 +34,10 @@ Journal.__index = Journal
 
 local FIELDS = require("mailshot.result").RECORD   -- a record's fields after kind, line, email
 local MAGIC = "mailshot-journal"
+local VERSION = 2
+-- the fields of each version's records: version 1 had all but the last (first_response)
+local VERSION_FIELDS = { [1] = table.move(FIELDS, 1, #FIELDS - 1, 1, {}), [2] = FIELDS }
+assert(FIELDS[#FIELDS] == "first_response")
 
 local ESC = { ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r", ["\\"] = "\\\\" }
 local UNESC = { t = "\t", n = "\n", r = "\r", ["\\"] = "\\" }
@@ -51,16 +57,18 @@ end
 local CODE_INFLIGHT, CODE_DEFERRED = 1, 2
 local CODE_FINAL = { sent = 3, failed = 4, skipped = 5 }
 local FINAL_STATUS = { [3] = "sent", [4] = "failed", [5] = "skipped" }
-local NFIELDS = 3 + #FIELDS
+-- An F or D record of a version: kind, line, email, then exactly that version's fields.
+local function f_pattern(fields)
+  return "^([FD])\t(%d+)\t[^\t]*\t([^\t]*)" .. ("\t[^\t]*"):rep(#fields - 1) .. "$"
+end
 
 -- The code of one whole record line, and its CSV line; nil for a torn or foreign line.  An
 -- F record of status in-flight (a resumed run that did not resend it) stays in flight: a
 -- later --resume --resend-in-flight may still send it.
-local F_PATTERN = "^([FD])\t(%d+)\t[^\t]*\t([^\t]*)" .. ("\t[^\t]*"):rep(NFIELDS - 4) .. "$"
-local function classify(line)
+local function classify(line, pattern)
   local n = line:match("^I\t(%d+)\t[^\t]*$")
   if n then return CODE_INFLIGHT, math.tointeger(n) end
-  local kind, m, status = line:match(F_PATTERN)
+  local kind, m, status = line:match(pattern)
   if not kind then return nil end
   m = math.tointeger(m)
   if kind == "D" then return CODE_DEFERRED, m end
@@ -82,7 +90,7 @@ function Previous:record(n)
   self.pos = text and off + #text + 1 or nil
   local t = split(text or "")
   local rec = { kind = code == CODE_INFLIGHT and "I" or code == CODE_DEFERRED and "D" or "F", line = n, email = t[3] }
-  for i, k in ipairs(FIELDS) do rec[k] = t[3 + i] end
+  for i, k in ipairs(self.fields) do rec[k] = t[3 + i] end
   if code == CODE_INFLIGHT then rec.status = nil end
   return rec
 end
@@ -100,15 +108,22 @@ local function load_journal(path, header_only, max_line)
   local head = f:read("L") or ""                                   -- "L": a torn header has no "\n"
   local state = setmetatable({ torn = head ~= "" and head:sub(-1) ~= "\n" }, Previous)
   if head == "" or state.torn then f:close(); return state end    -- an empty or header-less file
-  local fp, name = head:match("^mailshot%-journal 1 (%x+) ?(.*)\n$")
+  local version, fp, name = head:match("^mailshot%-journal (%d+) (%x+) ?(.*)\n$")
   if not fp then f:close(); return nil, ("%s is not a mailshot journal"):format(path) end
+  version = math.tointeger(version)
+  if not VERSION_FIELDS[version] then
+    f:close()
+    return nil, ("%s is a journal of version %s, written by a newer mailshot"):format(path, version)
+  end
   state.fingerprint, state.name = fp, name
+  state.version, state.fields = version, VERSION_FIELDS[version]
   if header_only then f:close(); return state end
   local index = util.line_index(max_line)
+  local pattern = f_pattern(state.fields)
   local off = #head
   for l in f:lines("L") do
     if l:byte(-1) ~= 10 then state.torn = true; break end          -- a torn last line: ignored
-    local code, n = classify(l:sub(1, -2))
+    local code, n = classify(l:sub(1, -2), pattern)
     if code and n then index:set(n, off * 8 + code) end            -- a later record supersedes
     off = off + #l
   end
@@ -181,8 +196,9 @@ function M.open(path, opts)
     return nil, ("journal %s: %s"):format(path, ferr)
   end
   f:setvbuf("full", 1 << 16)
+  -- records in the journal's own version: a version 1 journal resumed stays version 1
   local j = setmetatable({ f = f, path = path, lock = lock, buf = {}, n = 0, last_sync = core.now(),
-                          previous = previous }, Journal)
+                          previous = previous, fields = previous and previous.fields or FIELDS }, Journal)
   j.deferred_flush = function()
     j.flush_queued = false
     if j.f then j:flush() end
@@ -190,15 +206,15 @@ function M.open(path, opts)
   if previous then
     if previous.torn then f:write("\n") end
   else
-    f:write(("%s 1 %s %s\n"):format(MAGIC, opts.fingerprint, esc(opts.name)))
+    f:write(("%s %d %s %s\n"):format(MAGIC, VERSION, opts.fingerprint, esc(opts.name)))
   end
   f:flush()
   return j, previous
 end
 
 -- A record: tab-separated fields with \t \n \r \\ escaped (text.tsv_record, in C).
-local function record(kind, line, email, r)
-  return tsv_record(kind, line, email, r, r and FIELDS)
+local function record(self, kind, line, email, r)
+  return tsv_record(kind, line, email, r, r and self.fields)
 end
 
 -- Records wait in a buffer for the next flush; past this many they are written at once: a
@@ -211,7 +227,7 @@ local MAX_BUFFERED = 1024
 --- only go out after its 354 reply, which needs that poll.
 function Journal:in_flight(line, email)
   self.n = self.n + 1
-  self.buf[self.n] = record("I", line, email)
+  self.buf[self.n] = record(self, "I", line, email)
   if self.n >= MAX_BUFFERED then self:write_buffer() end
   if not self.flush_queued then
     self.flush_queued = true
@@ -222,7 +238,7 @@ end
 --- A row's outcome (a report row: status, code, ...); deferred ones are retried on resume.
 function Journal:outcome(rep, deferred)
   self.n = self.n + 1
-  self.buf[self.n] = record(deferred and "D" or "F", rep.line, rep.email, rep)
+  self.buf[self.n] = record(self, deferred and "D" or "F", rep.line, rep.email, rep)
   if self.n >= MAX_BUFFERED then self:write_buffer() end
 end
 

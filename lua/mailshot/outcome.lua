@@ -4,6 +4,7 @@
 
 local suppress = require("mailshot.suppress")
 local csv_row = require("mailshot.text").csv_row
+local util = require("mailshot.util")
 
 local M = {}
 
@@ -14,23 +15,93 @@ Report.__index = Report
 
 --- open_report(path, columns) -> report | nil, err: the header is written now.  columns: the
 --- report's fields in order (the campaign's REPORT_COLUMNS).
+---
+--- Rows are written as they complete (a crash leaves a report of everything done so far, and
+--- `tail -f` follows the run); close() then rewrites the file in CSV line order.  Memory stays
+--- bounded: only where each line's row starts in the file is kept (util.line_index, 8 bytes a
+--- line), and the rows are copied in line order to a new file renamed over the report.
 function M.open_report(path, columns)
   local f, err = io.open(path, "w")
   if not f then return nil, ("report %s: %s"):format(path, err) end
   f:setvbuf("full", 65536)
-  f:write(table.concat(columns, ","), "\r\n")
-  return setmetatable({ f = f, path = path, columns = columns,
-                        counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0 } }, Report)
+  local header = table.concat(columns, ",") .. "\r\n"
+  f:write(header)
+  return setmetatable({ f = f, path = path, columns = columns, header = header,
+                        at = #header, index = util.line_index(), last = 0, ordered = true,
+                        counts = { sent = 0, failed = 0, skipped = 0, written = 0, deferred = 0, ["in-flight"] = 0,
+                                   ["not-started"] = 0 } }, Report)
 end
 
 -- One row: RFC 4180 quoting when a value has a quote, comma or line break, or spaces at either
 -- end (a spreadsheet would trim them); text.csv_row does it in C.
 function Report:add(r)
   self.counts[r.status] = self.counts[r.status] + 1
-  self.f:write(csv_row(r, self.columns), "\r\n")
+  local text = csv_row(r, self.columns)
+  local line = math.tointeger(r.line)
+  if line and line > 0 and not self.unindexed then
+    if line <= self.last then self.ordered = false end
+    self.last = line
+    self.index:set(line, self.at + 1)                -- 0 is "none" in a line_index
+  else
+    self.unindexed = true                            -- a row without a line: keep the file as it is
+  end
+  self.f:write(text, "\r\n")
+  self.at = self.at + #text + 2
 end
 
-function Report:close() self.f:close() end
+-- One row of the report file read back from f (positioned at its start): RFC 4180 rows end at
+-- CRLF outside quotes, and a quoted cell may hold line breaks, so lines are joined until the
+-- quotes balance.
+local function read_row(f)
+  local parts, quotes = {}, 0
+  repeat
+    local l = f:read("L")
+    if not l then return nil end
+    parts[#parts + 1] = l
+    quotes = quotes + select(2, l:gsub('"', '"'))
+  until quotes % 2 == 0 and l:sub(-1) == "\n"
+  return table.concat(parts)
+end
+
+-- The report rewritten in CSV line order: each line's row copied, by its offset, into a new
+-- file (0600, beside the report) renamed over the report.  true | nil, err (the report is then
+-- left as written, in completion order).
+function Report:reorder()
+  local src, err = io.open(self.path, "rb")
+  if not src then return nil, err end
+  local out, tmp = util.temp_file(self.path)
+  if not out then src:close(); return nil, tmp end
+  out:setvbuf("full", 65536)
+  src:setvbuf("full", 65536)
+  local ok, werr = out:write(self.header)
+  local pos, index = nil, self.index
+  for n = 1, index:size() do
+    local v = ok and index:get(n)
+    if v then
+      local off = v - 1
+      if off ~= pos then src:seek("set", off) end   -- rows are mostly near their line order
+      local row = read_row(src)
+      if not row then ok, werr = nil, "row of line " .. n .. " not found"; break end
+      pos = off + #row
+      ok, werr = out:write(row)
+    end
+  end
+  src:close()
+  local cok, cerr = out:close()
+  if ok and not cok then ok, werr = nil, cerr end
+  if ok then ok, werr = os.rename(tmp, self.path) end
+  if not ok then os.remove(tmp); return nil, werr end
+  return true
+end
+
+--- Close the report: rewritten in CSV line order unless it is in that order already.
+--- true | nil, err (the report is complete but in completion order).
+function Report:close()
+  local ok, err = self.f:close()
+  if not ok then return nil, err end
+  if self.ordered or self.unindexed then return true end
+  return self:reorder()
+end
 
 -- A result as a report row ------------------------------------------------------------------
 
@@ -42,7 +113,7 @@ end
 M.one_line = one_line
 
 --- Fill report row rep from a sender's result res: status, code, enhanced, stage, via, mx,
---- response, and temporary/retry for the runner's retry queue.
+--- response, first_response, and temporary/retry for the runner's retry queue.
 function M.from_result(rep, res)
   rep.status = res.ok and "sent" or "failed"
   rep.code, rep.enhanced, rep.stage = res.code ~= 0 and res.code or nil, res.enhanced, not res.ok and res.stage or nil
@@ -55,6 +126,7 @@ function M.from_result(rep, res)
     rep.temporary, rep.retry = true, false
   end
   rep.response = one_line(res.message)
+  rep.first_response = res.first_response and one_line(res.first_response) or nil   -- a fallback's first path
   return rep
 end
 

@@ -16,12 +16,14 @@ M.FIELDS = {
   "defer", "via",
   "accepted", "recipients",    -- a message to several recipients
   "mx", "address", "domain", "attempts", "dns",   -- direct delivery
+  "fallback",                  -- mailshot.fallback: every try { via, ok, code, message }
+  "first_response",            -- a message that fell back: the first path's answer ("relay: 421 ...")
 }
 
---- What the report and the journal keep of one outcome, in order.  `error` is not among them:
---- the report's columns and the journal's record format stay as they were (a journal written
---- by an earlier version still resumes).
-M.RECORD = { "status", "code", "enhanced", "stage", "via", "mx", "response" }
+--- What the report and the journal keep of one outcome, in order.  `error` is not among them.
+--- New fields go at the end only: the journal's version 1 records are this list but its last
+--- field (first_response), and such a journal still resumes (journal.lua).
+M.RECORD = { "status", "code", "enhanced", "stage", "via", "mx", "response", "first_response" }
 
 --- The report's columns: the row's line and address, then the record.
 M.REPORT_COLUMNS = { "line", "email", table.unpack(M.RECORD) }

@@ -110,10 +110,45 @@ function M.new(c, reader, o)
   }, Rows)
 end
 
+--- Why line n has no row of its own: the broken record that starts on line `start` ran over it.
+function M.swallowed(recipients, n, start)
+  return ("%s line %d: swallowed by the broken record that starts on line %d (a quote opened there "
+          .. "runs over this line)"):format(recipients, n, start)
+end
+
+-- One row read from the CSV: the rows that need no message go to the sink here (a bad line, a
+-- duplicate, an outcome the journal already has); -> row, line for a row to deliver.
+local function take(self, row, line, msg)
+  local c, sink = self.c, self.sink
+  self.seen = self.seen + 1
+  local old = self.previous and self.previous:record(line)
+  local address = row and row[c.email_field]
+  if row and old and old.kind == "F" then
+    sink.report:add(old)                           -- already in the journal
+  elseif row and not self.first(address) then
+    sink:add { line = line, email = address, status = "skipped", response = DUPLICATE }
+  elseif row and old and old.kind == "I" and not self.resend_in_flight then
+    -- journalled as an F record of status in-flight, which a later --resume still counts in
+    -- flight: --resume --resend-in-flight can send it then
+    sink:add { line = line, email = old.email, status = "in-flight", stage = "resume",
+               response = "possibly sent before the previous run stopped; not sent again (--resend-in-flight sends it)" }
+  elseif row then
+    return row, line
+  else
+    sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+    -- a broken record over several lines (a quote opened and never closed where it should
+    -- be): each line it swallowed gets a row of its own, so that every line is in the report
+    for n = line + 1, self.reader:line() do
+      self.seen = self.seen + 1
+      sink:add { line = n, status = "skipped", response = M.swallowed(c.recipients, n, line) }
+    end
+  end
+end
+
 --- The next row to deliver: row, line, retry item (nil on its first try), or nil at the end.
 --- Waits for a due retry when the file is read.
 function Rows:next()
-  local queue, sink, c = self.queue, self.sink, self.c
+  local queue, c = self.queue, self.c
   while not self.stopped() do
     if queue[1] and queue[1].due <= core.now() then
       local item = table.remove(queue, 1)
@@ -127,25 +162,36 @@ function Rows:next()
       if not queue[1] then return nil end
       core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
     else
-      self.seen = self.seen + 1
-      local old = self.previous and self.previous:record(line)
-      local address = row and row[c.email_field]
-      if row and old and old.kind == "F" then
-        sink.report:add(old)                           -- already in the journal
-      elseif row and not self.first(address) then
-        sink:add { line = line, email = address, status = "skipped", response = DUPLICATE }
-      elseif row and old and old.kind == "I" and not self.resend_in_flight then
-        -- journalled as an F record of status in-flight, which a later --resume still counts in
-        -- flight: --resume --resend-in-flight can send it then
-        sink:add { line = line, email = old.email, status = "in-flight", stage = "resume",
-                   response = "possibly sent before the previous run stopped; not sent again (--resend-in-flight sends it)" }
-      elseif row then
-        return row, line
-      else
-        sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
-      end
+      local r, l = take(self, row, line, msg)
+      if r then return r, l end
     end
   end
+end
+
+local NOT_STARTED = "the run was stopped before this row; --resume sends it"
+M.NOT_STARTED = NOT_STARTED
+
+--- A row the run took but did not start (stopped while waiting for a rate limit): in the report
+--- as `not-started`, and nothing in the journal, so --resume sends it.
+function Rows:not_started(row, line)
+  self.sink.report:add { line = line, email = row[self.c.email_field], status = "not-started", response = NOT_STARTED }
+end
+
+--- After a stop (SIGINT/SIGTERM): the rest of the file goes to the report, so that it names
+--- every recipient: rows that need no message as always (journal outcomes, duplicates, bad
+--- lines), every other row `not-started`, in the report only (the journal has no record of it:
+--- --resume sends it).  Streams the file: memory does not grow with the rows left.
+function Rows:rest()
+  while not self.exhausted and not (self.limit and self.seen >= self.limit) do
+    local row, line, msg = self.reader:read()
+    if row == nil then
+      if msg then io.stderr:write("mailshot: ", self.c.recipients_path, ": ", msg, "\n") end
+      break
+    end
+    local r, l = take(self, row, line, msg)
+    if r then self:not_started(r, l) end
+  end
+  self.exhausted = true
 end
 
 --- Temporary failures wait here for their next try (RFC 5321 §4.5.4.1: retry, with growing

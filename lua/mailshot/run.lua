@@ -305,7 +305,11 @@ function Run:work()
     local row, line, item = source:next()
     if not row then break end
     local rep = self:outcome_of(row, line)
-    if rep == STOPPED then break end                 -- not started: --resume takes the row
+    if rep == STOPPED then                           -- not started: --resume takes the row
+      if item and item.rep then item.rep.status = "deferred"; sink:add(item.rep)
+      else source:not_started(row, line) end
+      break
+    end
     if rep.status == "failed" and rep.temporary then
       self.last_temporary = M.short_reason(rep)        -- why "deferred" grows: on the progress line
       if not (rep.retry ~= false and source:defer(item or { row = row, line = line }, rep)) then
@@ -339,12 +343,17 @@ function Run:go()
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
   self.rows:drain()                                  -- stopped before their next try
+  if self.stopping and not self.failure then self.rows:rest() end   -- the report names everyone
   if opts.signals then util.stop_signals() end
   self.flushing = false
   self:save_rates()
   if progress then progress.stop() end
   self.rows:close()
-  self.report:close()
+  local rok, rerr = self.report:close()
+  if not rok then
+    io.stderr:write(("mailshot: report %s: not rewritten in CSV order (%s); its rows are in the order they completed\n")
+      :format(self.report.path, tostring(rerr)))
+  end
   if self.journal then self.journal:close() end
   if self.failure then error(self.failure, 0) end
   local counts = self.report.counts

@@ -382,19 +382,20 @@ return mailshot.campaign { recipients = "list.csv", from = "x@example.org", subj
                     "last@example.com,\"unterminated\nmore\n")
         p = self.run_mailshot("run", os.path.join(d, "campaign.lua"), "--outbox", "out", "--report", "r.csv")
         rep = {int(r["line"]): r for r in read_report(self.path("r.csv"))}
-        self.assertEqual(sorted(rep), [2, 3, 4, 6, 7, 8, 9, 10])     # every row accounted for, by its line
+        self.assertEqual(sorted(rep), [2, 3, 4, 6, 7, 8, 9, 10, 11])     # every line accounted for
         status = {n: r["status"] for n, r in rep.items()}
         self.assertEqual(status, {2: "written", 3: "skipped", 4: "written", 6: "skipped", 7: "skipped",
-                                  8: "failed", 9: "written", 10: "skipped"})
+                                  8: "failed", 9: "written", 10: "skipped", 11: "skipped"})
         self.assertIn("invalid email address", rep[3]["response"])
         self.assertIn("recipients.csv line 6: stray quote", rep[6]["response"])
         self.assertIn("recipients.csv line 7: row has 3 fields, header has 2", rep[7]["response"])
         self.assertIn("line 10: unterminated quoted field", rep[10]["response"])
+        self.assertIn("line 11: swallowed by the broken record that starts on line 10", rep[11]["response"])
         self.assertEqual(rep[9]["email"], "ok7@example.com")
         missing = rep[8]
         self.assertEqual((missing["email"], missing["stage"]), ("missing@example.com", "render"))
         self.assertIn('template subject: field "first_name" is missing in recipients.csv line 8', missing["response"])
-        self.assertIn("3 written to out, 1 failed, 4 skipped", p.stdout)
+        self.assertIn("3 written to out, 1 failed, 5 skipped", p.stdout)
         self.assertEqual(p.returncode, 1)
 
     def test_email_column_ignores_case_and_a_missing_one_stops_with_a_suggestion(self):
@@ -480,13 +481,13 @@ return mailshot.campaign {
 
     def test_preview_prints_one_message(self):
         script = self.example_copy([["a@example.com", "Ann"], ["b@example.com", "Bo"]])
-        p = self.run_mailshot("preview", script, "--row", "2")
+        p = self.run_mailshot("preview", script, "--row", "3")          # CSV line 3: the second recipient
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("Subject: Hello Bo", p.stdout)
         self.assertIn("To: b@example.com", p.stdout)
-        p = self.run_mailshot("preview", script, "--row", "3")
+        p = self.run_mailshot("preview", script, "--row", "4")
         self.assertEqual(p.returncode, 2)
-        self.assertIn("only 2 recipient rows", p.stderr)
+        self.assertIn("has 3 lines and no recipient row on line 4", p.stderr)
 
     def test_script_errors_are_reported_with_file_and_line_before_anything_is_sent(self):
         d = self.path("c")

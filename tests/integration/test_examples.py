@@ -58,6 +58,8 @@ class ExampleTests(MailshotTestCase):
                          ("sent", "direct", "mx.good.test"))
         self.assertEqual((rep["b@relayonly.test"]["status"], rep["b@relayonly.test"]["via"]), ("sent", "relay"))
         self.assertEqual((rep["c@flaky.test"]["status"], rep["c@flaky.test"]["via"]), ("sent", "relay"))
+        self.assertRegex(rep["c@flaky.test"]["first_response"], r"^direct: ")   # the first path's answer
+        self.assertEqual(rep["a@good.test"]["first_response"], "")
         self.assertEqual((rep["bad@good.test"]["status"], rep["bad@good.test"]["code"], rep["bad@good.test"]["via"]),
                          ("failed", "550", "direct"))
         self.assertEqual(sorted(m["rcpt_tos"][0] for m in relay.messages()), ["b@relayonly.test", "c@flaky.test"])

@@ -60,7 +60,7 @@ class RowRulesTests(MailshotTestCase):
         # preview: the rows run sends render; every other row is refused, saying why
         previewed = []
         for i, (e, _, what) in enumerate(ROWS):
-            p = self.run_mailshot("preview", self.script, "--row", str(i + 1))
+            p = self.run_mailshot("preview", self.script, "--row", str(self.lines[i]))
             if what == "send":
                 self.assertEqual(p.returncode, 0, p.stderr)
                 to = re.search(r"^To: (.*)$", p.stdout, re.M).group(1).strip()

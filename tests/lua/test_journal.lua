@@ -90,6 +90,32 @@ case("--resume keeps the last record of each line; torn and foreign lines are ig
   previous:close()
 end)
 
+case("version 2 records keep first_response; version 1 ones (without it) still resume; a newer version is refused", function()
+  local p = write("v2.journal", "mailshot-journal 2 ab c\n"
+                  .. "F\t2\ta@example.com\tsent\t250\t\t\tother\t\tok\trelay: 451 later\n"
+                  .. "F\t3\tb@example.com\tsent\t250\t\t\trelay\t\tok\n")    -- 10 fields: torn, in version 2
+  local previous = open(p, { fingerprint = "ab", name = "c", resume = true })
+  eq(previous.version, 2)
+  eq(previous:record(2).first_response, "relay: 451 later")
+  eq(previous:record(3), nil, "a version 2 record without its last field")
+  previous:close()
+  p = write("v1.journal", "mailshot-journal 1 ab c\nF\t3\tb@example.com\tsent\t250\t\t\trelay\t\tok\n")
+  local j, prev = journal.open(p, { fingerprint = "ab", name = "c", resume = true })
+  assert(j, prev)
+  eq(prev:record(3).response, "ok")
+  eq(prev:record(3).first_response, nil)
+  j:outcome({ line = 4, email = "c@example.com", status = "sent", code = 250, response = "ok", first_response = "x" })
+  j:close()
+  local f = assert(io.open(p, "rb"))
+  local text = f:read("a")
+  f:close()
+  check.contains(text, "F\t4\tc@example.com\tsent\t250\t\t\t\t\tok\n", "written as version 1: no 11th field")
+  p = write("v3.journal", "mailshot-journal 3 ab c\n")
+  local j3, err = journal.open(p, { fingerprint = "ab", name = "c", resume = true })
+  eq(j3, nil)
+  check.contains(err, "newer mailshot")
+end)
+
 case("util.line_index grows to the highest line set, never past its limit", function()
   local ix = require("mailshot.util").line_index(5000)
   eq(ix:size(), 0)

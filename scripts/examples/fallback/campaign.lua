@@ -40,10 +40,12 @@ local function send(msg)
   if RELAY_ONLY[domain] then return relay:send(msg) end
   local r = direct:send(msg)
   if r.ok or not r.temporary then return r end      -- delivered, or refused for good: done
+  local first = mailshot.answer(r)                  -- the report's first_response column keeps it
   mailshot.sleep(RETRY_AFTER)                       -- this task waits; the others go on
   r = direct:send(msg)
-  if r.ok or not r.temporary then return r end
-  return relay:send(msg)
+  if not (r.ok or not r.temporary) then r = relay:send(msg) end
+  r.first_response = first
+  return r
 end
 
 return mailshot.campaign {
