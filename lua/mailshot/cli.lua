@@ -71,7 +71,8 @@ found relative to the script's folder.
   --progress SECS   seconds between plain progress lines (default 10; 0: none)
 
 With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
-failures, with the last one's reason, or a relay failing row after row: "REASON; N in a row"), skipped, the rate per second, the ETA and the open connections.
+failures, with the last one's reason, or "REASON; N in a row" while a relay fails send after
+send), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
@@ -79,8 +80,9 @@ it), in-flight (possibly sent before an interruption).  The summary adds one lin
 direct delivery) that left rows failed or deferred, with its last reason.  Exit status 0 only if
 no message failed or was deferred; 130/143 after SIGINT/SIGTERM, which finish the messages in
 flight first (a second signal stops at once) and print how to resume; 75 when a relay was down
-(the campaign's stop_when_down: by default 20 rows in a row not delivered because the relay failed
-to connect, TLS or AUTH, over at least 60 s): the run stopped the same way and says how to resume.
+(the campaign's stop_when_down: by default 20 sends in a row that failed to connect, TLS or AUTH
+over at least 60 s, no row delivered another way): the run stopped the same way and says how to
+resume.
 ]=],
   preview = [=[
 Usage: mailshot preview SCRIPT [--row N]

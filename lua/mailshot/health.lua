@@ -6,12 +6,12 @@
 -- the end-of-run summary show them ("relay smtp.example.com:587: 40 deferred; last: ...").
 --
 -- The relay-down rule (the campaign's `stop_when_down = { failures = 20, seconds = 60 }`): a
--- relay is down when `failures` rows in a row were not delivered because that relay failed before
--- a transaction (see down_failure), the first and the last of them at least `seconds` apart, with
--- no row in between delivered through it or after it (a fallback that delivers the row resets
--- the count: the run is still delivering).  A row counts only when it was not delivered any
--- other way: it ends deferred (or waits for a retry), or the relay's own failure is its final
--- outcome.  When the relay's failures are permanent (a certificate that does not verify, our own
+-- relay is down when `failures` sends through it in a row failed before a transaction (see
+-- down_failure; a row retried in the run counts once per try), the first and the last of them at
+-- least `seconds` apart, with no row in between delivered through it or after it (a fallback that
+-- delivers the row resets the count: the run is still delivering).  A failed send counts only
+-- when its row was not delivered any other way: the row ends deferred (or waits for a retry), or
+-- the relay's own failure is its final outcome.  When the relay's failures are permanent (a certificate that does not verify, our own
 -- refusal to send the password in plaintext...), each row costs a recipient, not a delay, so
 -- `failures` of them are enough, however fast they came.  Direct delivery is never "down": its
 -- failures are per recipient domain.
