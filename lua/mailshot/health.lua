@@ -46,6 +46,16 @@ local function one_line(s, max)
   return s
 end
 
+-- A failure's reason: the server's reply with its code ("451 4.2.1 try later"), or our words.
+local function reason(t)
+  local words = tostring(t.message or "?")
+  local code = math.tointeger(t.code)
+  if code and code > 0 and not words:find("^" .. code) then
+    words = ("%d %s%s"):format(code, t.enhanced and (t.enhanced .. " ") or "", words)
+  end
+  return one_line(words, 160)
+end
+
 --- The path a result came from: "relay HOST:PORT", "direct delivery", "relay" (a relay's rate
 --- limit, which names no relay) or "send function".
 function M.path_of(res)
@@ -84,7 +94,7 @@ function Health:result(res, rep)
   rep.path, rep.relay = name, res.relay
   if not res.ok then
     local p = self:path(name)
-    local why = one_line(res.message, 160)
+    local why = reason(res)
     p.last = why
     if rep.temporary then p.last_temporary = why end
   end
@@ -100,7 +110,7 @@ function Health:track(res, rep)
       if M.down_failure(t) and not res.ok and (rep.temporary or i == #tries) then
         local s = self.streaks[relay]
         if not s then s = { count = 0, permanent = 0, first = now }; self.streaks[relay] = s end
-        s.count, s.last, s.reason = s.count + 1, now, one_line(t.message, 160)
+        s.count, s.last, s.reason = s.count + 1, now, reason(t)
         if not rep.temporary then s.permanent = s.permanent + 1 end
         self:judge(relay, s)
       else

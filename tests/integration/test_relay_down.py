@@ -129,6 +129,33 @@ class RelayDownTests(MailshotTestCase):
         self.assertRegex(p.stdout, rf"(?m)^mailshot:   relay {relay}: 3 deferred; last: \S")
         self.assertEqual([r["status"] for r in rep], ["deferred"] * 3)
 
+    def test_the_summary_has_a_line_per_relay_with_its_own_reason(self):
+        srv = self.start_smtpd(reject_rcpt=[("u1@", 451, "4.2.1 try later")])
+        down = free_port()
+        d = self.path("c")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email"], [[f"u{i}@example.com"] for i in range(6)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write("""
+local mailshot = require "mailshot"
+local up = mailshot.relay { server = os.getenv "UP", tls = "none", timeout = 5 }
+local down = mailshot.relay { server = os.getenv "DOWN", tls = "none", timeout = 5 }
+return mailshot.campaign {
+  recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello {{email}}", retry = false,
+  -- odd rows through the relay that is up, even rows through the one that is down
+  send = function(msg, row) return (row.email:match("^u%d*[13579]@") and up or down):send(msg) end,
+}
+""")
+        p, rep = self.run_campaign(os.path.join(d, "c.lua"), {"UP": srv.address, "DOWN": f"127.0.0.1:{down}"},
+                                   "--progress", "0")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("mailshot:   ")]
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertEqual(sorted(lines), sorted([
+            f"mailshot:   relay 127.0.0.1:{down}: 3 deferred; last: cannot connect to 127.0.0.1:{down}: Connection refused",
+            f"mailshot:   relay {srv.address}: 1 deferred; last: 451 4.2.1 try later"]), p.stdout)
+        self.assertEqual(collections.Counter(r["status"] for r in rep), {"sent": 2, "deferred": 4})
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -177,10 +177,13 @@ case("the summary: one line per path that left rows failed or deferred, with its
           message = "5.1.1 no such\r\nuser" }, "failed")
   final(sent(), "sent")
   final(sent("backup.example.com:25"), "sent")
+  final({ ok = false, code = 550, enhanced = "5.1.1", temporary = false, stage = "rcpt", error = "permfail",
+          via = "relay", relay = "backup.example.com:25", message = "no such\r\nuser" }, "failed")
   final({ ok = false, code = 0, temporary = true, stage = "connect", error = "connect", via = "direct",
           message = "all 2 mail servers of a.test failed" }, "deferred")
   check.eq_deep(t.h:summary(), {
     "relay smtp.example.com:587: 2 deferred, 1 failed; last: cannot connect to smtp.example.com:587: Connection refused",
+    "relay backup.example.com:25: 1 failed; last: 550 5.1.1 no such user",
     "direct delivery: 1 deferred; last: all 2 mail servers of a.test failed",
   }, "summary")
 end)
