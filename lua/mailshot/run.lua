@@ -295,9 +295,14 @@ function Run:outcome_of(row, line)
 end
 
 --- A temporary failure's reason, short enough for the progress line: "relay HOST:PORT: text"
---- (the relay from the result when it names one), cut at 60 characters.
+--- (the relay from the result when it names one; a reply with its code: "451 4.2.1 try later"),
+--- cut at 60 characters.
 function M.short_reason(rep)
   local text = tostring(rep.response or rep.error or "temporary failure"):gsub("%s+", " ")
+  local code = math.tointeger(rep.code)
+  if code and code > 0 and not text:find("^" .. code) then
+    text = ("%d %s%s"):format(code, rep.enhanced and (rep.enhanced .. " ") or "", text)
+  end
   if rep.relay and not text:find(tostring(rep.relay), 1, true) then text = ("relay %s: %s"):format(rep.relay, text) end
   if #text > 60 then text = text:sub(1, 57) .. "..." end
   return text

@@ -130,7 +130,7 @@ class RelayDownTests(MailshotTestCase):
         self.assertEqual([r["status"] for r in rep], ["deferred"] * 3)
 
     def test_the_summary_has_a_line_per_relay_with_its_own_reason(self):
-        srv = self.start_smtpd(reject_rcpt=[("u1@", 451, "4.2.1 try later")])
+        srv = self.start_smtpd(reject_rcpt=[("u5@", 451, "4.2.1 try later")])
         down = free_port()
         d = self.path("c")
         os.makedirs(d)
@@ -142,6 +142,7 @@ local up = mailshot.relay { server = os.getenv "UP", tls = "none", timeout = 5 }
 local down = mailshot.relay { server = os.getenv "DOWN", tls = "none", timeout = 5 }
 return mailshot.campaign {
   recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello {{email}}", retry = false,
+  concurrency = 1,                   -- in CSV order: u5's 451 is the last temporary failure
   -- odd rows through the relay that is up, even rows through the one that is down
   send = function(msg, row) return (row.email:match("^u%d*[13579]@") and up or down):send(msg) end,
 }
@@ -155,6 +156,8 @@ return mailshot.campaign {
             f"mailshot:   relay 127.0.0.1:{down}: 3 deferred; last: cannot connect to 127.0.0.1:{down}: Connection refused",
             f"mailshot:   relay {srv.address}: 1 deferred; last: 451 4.2.1 try later"]), p.stdout)
         self.assertEqual(collections.Counter(r["status"] for r in rep), {"sent": 2, "deferred": 4})
+        # the run's own line: the last reason with its relay and reply code
+        self.assertIn(f"4 deferred (last: relay {srv.address}: 451 4.2.1 try later)", p.stdout)
 
 
 if __name__ == "__main__":
