@@ -111,8 +111,15 @@ static void set_str(lua_State *L, const char *k, const char *v) {
 static void set_int(lua_State *L, const char *k, lua_Integer v) { lua_pushinteger(L, v); lua_setfield(L, -2, k); }
 static void set_bool(lua_State *L, const char *k, int v) { lua_pushboolean(L, v); lua_setfield(L, -2, k); }
 
-static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *txn) {
-  lua_createtable(L, 0, 9);
+/* The relay a result came from, "host:port" ("[v6]:port"): a run tells its relays apart by it
+ * (the progress line, the summary, the relay-down rule of mailshot.health). */
+static void set_relay_name(lua_State *L, const relay *r) {
+  lua_pushfstring(L, strchr(r->cfg.host, ':') ? "[%s]:%s" : "%s:%s", r->cfg.host, r->cfg.port);
+  lua_setfield(L, -2, "relay");
+}
+
+static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *txn, const relay *r) {
+  lua_createtable(L, 0, 10);
   set_bool(L, "ok", res->ok);
   set_int(L, "code", res->code);
   if (res->enhanced[0]) set_str(L, "enhanced", res->enhanced);
@@ -121,6 +128,7 @@ static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *tx
   if (!res->ok) set_str(L, "stage", res->stage ? res->stage : "connect");
   if (!res->ok && smtp_error_name(res->error)) set_str(L, "error", smtp_error_name(res->error));
   set_str(L, "via", "relay");
+  set_relay_name(L, r);
   if (res->defer) set_bool(L, "defer", 1);
   if (txn && txn->nrcpt > 1) {
     set_int(L, "accepted", res->accepted);
@@ -184,7 +192,7 @@ static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
 static void push_auth_refusal(lua_State *L, const relay *r) {
   smtp_result res = { 0 };
   auth_refusal_result(r, &res, 0);
-  push_result(L, &res, NULL);
+  push_result(L, &res, NULL, r);
 }
 
 static void push_words(lua_State *L, const char *s) {
@@ -203,7 +211,7 @@ static void push_check(lua_State *L, smtp_conn *c, const relay *r) {
   const smtp_result *res = smtp_conn_result(c);
   smtp_info in;
   smtp_conn_info(c, &in);
-  push_result(L, res, NULL);
+  push_result(L, res, NULL, r);
   set_str(L, "server", r->cfg.host);
   set_str(L, "port", r->cfg.port);
   if (in.peer[0]) set_str(L, "address", in.peer);
@@ -278,7 +286,7 @@ static void queue_push(relay *r, send_op *op) {
 static void complete_op(relay *r, send_op *op, const smtp_result *res, const smtp_txn *t) {
   lua_State *co = task_wait_target(&op->wait);   /* NULL: nobody to tell (dropped safely) */
   if (co && lua_checkstack(co, 8)) {
-    push_result(co, res, t);
+    push_result(co, res, t, r);
     task_wait_done(&op->wait, 1);
   } else {
     task_wait_done(&op->wait, 0);   /* cannot happen with a sane stack; the caller sees nil */
@@ -560,10 +568,10 @@ static int any_nul(lua_State *L, int idx, int n) {
 }
 
 /* A bad envelope: this message's permanent failure, decided before any network. */
-static void push_invalid(lua_State *L, const char *stage, const char *msg) {
+static void push_invalid(lua_State *L, const relay *r, const char *stage, const char *msg) {
   smtp_result res = { .error = SMTP_ERR_INVALID, .stage = stage };
   snprintf(res.message, sizeof res.message, "%s", msg);
-  push_result(L, &res, NULL);
+  push_result(L, &res, NULL, r);
 }
 
 /* relay:send{ from=, to=, data= } -> result */
@@ -592,11 +600,11 @@ static int l_relay_send(lua_State *L) {
   lua_pop(L, 1);
   /* C would cut an address at a NUL byte (a@b.test\0evil to a@b.test): this message's
    * permanent failure, like any bad envelope, before any network */
-  if (l_has_nul(L, from_idx)) { push_invalid(L, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
-  if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
+  if (l_has_nul(L, from_idx)) { push_invalid(L, r, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
+  if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, r, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
   smtp_result why;
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
-  if (!txn) { push_result(L, &why, NULL); return 1; }   /* a bad envelope: no network */
+  if (!txn) { push_result(L, &why, NULL, r); return 1; }   /* a bad envelope: no network */
   txn->eightbit = eightbit;
   if (r->auth_refused) {               /* the login was refused earlier: no new one */
     smtp_txn_free(txn);

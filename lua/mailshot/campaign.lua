@@ -37,6 +37,7 @@ local FIELDS = {
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
   resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table", base_dir = "string",
   to_name = "any", suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
+  stop_when_down = "any",
 }
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
@@ -53,7 +54,7 @@ local function seconds(v, what)
   local n, unit = tostring(v):match("^%s*([%d%.]+)%s*(%a*)%s*$")
   local x = tonumber(n)
   local f = UNIT[unit == "" and "s" or unit]
-  if not x or not f then error(("mailshot.campaign: retry.%s: %q is not a duration (90s, 5m, 1h, 2d)"):format(what, tostring(v)), 4) end
+  if not x or not f then error(("mailshot.campaign: %s: %q is not a duration (90s, 5m, 1h, 2d)"):format(what, tostring(v)), 4) end
   return x * f
 end
 
@@ -68,8 +69,26 @@ function M.retry_config(r)
       error(("mailshot.campaign: retry: unknown option '%s'"):format(tostring(k)), 3)
     end
   end
-  return { first = seconds(r.first or 60, "first"), max = seconds(r.max or 1800, "max"),
-           give_up_after = seconds(r.give_up_after or 4 * 3600, "give_up_after") }
+  return { first = seconds(r.first or 60, "retry.first"), max = seconds(r.max or 1800, "retry.max"),
+           give_up_after = seconds(r.give_up_after or 4 * 3600, "retry.give_up_after") }
+end
+
+--- When a relay counts as down and the run stops (mailshot.health): stop_when_down =
+--- { failures = 20, seconds = 60 } (the defaults; either may be left out), or false for never.
+function M.stop_config(v)
+  if v == false then return false end
+  if v ~= nil and type(v) ~= "table" then error("mailshot.campaign: stop_when_down must be a table or false", 3) end
+  v = v or {}
+  for k in pairs(v) do
+    if k ~= "failures" and k ~= "seconds" then
+      error(("mailshot.campaign: stop_when_down: unknown option '%s'"):format(tostring(k)), 3)
+    end
+  end
+  local n = v.failures or 20
+  if math.type(n) ~= "integer" or n < 1 then
+    error("mailshot.campaign: stop_when_down.failures must be a whole number of at least 1", 3)
+  end
+  return { failures = n, seconds = seconds(v.seconds or 60, "stop_when_down.seconds") }
 end
 
 --- Check a campaign definition (programmer mistakes raise here, before anything is read).
@@ -108,6 +127,7 @@ function M.new(def, base_dir)
   -- a bad rate spec is an error now; each run makes its own limiters (mailshot.run)
   if def.rate ~= nil then rate.new(type(def.rate) == "function" and rate.custom(def.rate) or def.rate) end
   c.retry = M.retry_config(def.retry)
+  c.stop_when_down = M.stop_config(def.stop_when_down)
   -- Suppression lists (and the hard-bounce file, when it exists) are read now: a missing list
   -- is an error before anything is sent.
   local lists = def.suppress

@@ -1,5 +1,6 @@
 -- mailshot.cli: the command line.  main(...) gets argv (without the program name) and returns
--- the exit status: 0 success, 1 something failed (a message, a check), 2 usage or script error.
+-- the exit status: 0 success, 1 something failed (a message, a check), 2 usage or script error,
+-- 75 (EX_TEMPFAIL) a run stopped because a relay was down (campaign stop_when_down).
 
 local mailshot = require "mailshot"
 local campaign = require "mailshot.campaign"
@@ -30,7 +31,8 @@ Global options:
 
 Passwords are never taken from the command line: campaign scripts read them from the
 environment (os.getenv) or a file; `check` reads MAILSHOT_PASSWORD or --password-file.
-Exit status: 0 success, 1 a message or check failed, 2 a usage or script error.
+Exit status: 0 success, 1 a message or check failed, 2 a usage or script error,
+75 a run stopped early because a relay was down (run it again with --resume).
 ]]
 
 local COMMAND_HELP = {
@@ -70,14 +72,19 @@ found relative to the script's folder.
   --progress SECS   seconds between plain progress lines (default 10; 0: none)
 
 With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
-failures, with the last one's reason), skipped, the rate per second, the ETA and the open connections.
+failures, with the last one's reason, or "REASON; N in a row" while a relay fails send after
+send), skipped, the rate per second, the ETA and the open connections.
 
 Status values: sent, failed (with the server's words), skipped (with the reason), written
 (dry run), deferred (a temporary failure not delivered when the run ended: --resume retries
 it), in-flight (possibly sent before an interruption), not-started (the run was stopped before
-the row: --resume sends it).  The report ends in CSV line order, one row per CSV data line.
-Exit status 0 only if no message failed or was deferred; 130/143 after SIGINT/SIGTERM, which
-finish the messages in flight first (a second signal stops at once) and print how to resume.
+the row: --resume sends it).  The report ends in CSV line order, one row per CSV data line.  The
+summary adds one line per relay (or direct delivery) that left rows failed or deferred, with its
+last reason.  Exit status 0 only if no message failed or was deferred; 130/143 after
+SIGINT/SIGTERM, which finish the messages in flight first (a second signal stops at once) and
+print how to resume; 75 when a relay was down (the campaign's stop_when_down: by default 20
+sends in a row that failed to connect, TLS or AUTH over at least 60 s, no row delivered another
+way): the run stopped the same way and says how to resume.
 ]=],
   preview = [=[
 Usage: mailshot preview SCRIPT [--row N]
@@ -302,6 +309,12 @@ function commands.run(args)
       counts.failed, counts.skipped, extra, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
       run.dry and " (dry run: nothing was sent; add --send)"
       or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send --resume%s)"):format(pos[1], again) or ""))
+    -- which path left rows failed or deferred, and why (a campaign may use several relays)
+    for _, line in ipairs(counts.paths or {}) do say("mailshot:   ", line) end
+  end
+  if counts.down then
+    say(("mailshot: %s; stopped. Resume with: mailshot run %s --send --resume%s"):format(counts.down.text, pos[1], again))
+    return 75
   end
   if counts.stopped then
     say(("mailshot: %s stopped by SIG%s; the journal %s has every outcome. To continue:"):format(

@@ -272,14 +272,14 @@ function Direct:deliver(msg, plan, domain)
         last = r
         r.mx, r.address = h.host, address
         if r.ok or not (BEFORE_TRANSACTION[r.stage] or (r.code == 0 and r.temporary) or r.code == 421) then
-          r.via, r.attempts, r.domain = "direct", attempts, domain
+          r.via, r.attempts, r.domain, r.relay = "direct", attempts, domain, nil   -- no relay: an MX host
           return r
         end
       end
     end
     -- every host failed before a transaction: worth another try later
     local r = last or failure("connect", ("no mail server of %s could be reached"):format(domain), true, "connect")
-    r.ok, r.temporary, r.via, r.attempts, r.domain = false, true, "direct", attempts, domain
+    r.ok, r.temporary, r.via, r.attempts, r.domain, r.relay = false, true, "direct", attempts, domain, nil
     r.mx, r.address = nil, nil
     if #plan > 1 or #(plan[1].addresses) > 1 then
       r.message = ("all %d mail servers of %s failed; last: %s"):format(#attempts, domain, r.message or "?")

@@ -184,8 +184,8 @@ end
 --- (the brief's "relay, then direct on error"), or the other way round.  A sender is a relay,
 --- a direct sender, anything with :send(msg), or a function(msg, row).  opts.when(result)
 --- decides whether to try the next one (default mailshot.should_fall_back).  The result is
---- the last sender's, with `fallback` listing every try { via, ok, code, message }, and, when
---- more than one was tried, `first_response`: the first one's answer (M.answer).
+--- the last sender's, with `fallback` listing every try { via, relay, ok, code, message, error,
+--- stage }, and, when more than one was tried, `first_response`: the first one's answer (M.answer).
 function M.fallback(senders, opts)
   if type(senders) ~= "table" or #senders < 1 then error("mailshot.fallback: expected a list of senders", 2) end
   for i, s in ipairs(senders) do
@@ -198,7 +198,9 @@ function M.fallback(senders, opts)
     local tries, result = {}, nil
     for i, s in ipairs(senders) do
       result = sender.call(s, msg, row)
-      tries[#tries + 1] = { via = result.via, ok = result.ok, code = result.code, message = result.message }
+      -- relay, error and stage: the run's relay-down rule sees a relay that failed before a fallback
+      tries[#tries + 1] = { via = result.via, relay = result.relay, ok = result.ok, code = result.code,
+                            message = result.message, error = result.error, stage = result.stage }
       if result.ok or i == #senders or not when(result) then break end
     end
     result.fallback = tries

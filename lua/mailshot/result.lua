@@ -14,6 +14,7 @@ M.FIELDS = {
   "ok", "code", "enhanced", "message", "temporary", "stage",
   "error",                     -- the kind of failure, set where it happened (src/smtp.h smtp_error)
   "defer", "via",
+  "relay",                     -- a relay's result: the relay, "host:port" (direct delivery: nil)
   "accepted", "recipients",    -- a message to several recipients
   "mx", "address", "domain", "attempts", "dns",   -- direct delivery
   "fallback",                  -- mailshot.fallback: every try { via, ok, code, message }

@@ -218,10 +218,12 @@ end
 --- Rows waiting for a retry (for the progress line).
 function Rows:waiting() return #self.queue end
 
---- At the end of the run: the rows still waiting for a retry are reported deferred.
-function Rows:drain()
+--- At the end of the run: the rows still waiting for a retry are reported deferred (each(rep)
+--- is called first for each, when given).
+function Rows:drain(each)
   for _, item in ipairs(self.queue) do
     item.rep.status = "deferred"
+    if each then each(item.rep) end
     self.sink:add(item.rep)
   end
   self.queue = {}

@@ -19,6 +19,7 @@ local classify = require("mailshot.classify")
 local outcome = require("mailshot.outcome")
 local rows = require("mailshot.rows")
 local sender = require("mailshot.sender")
+local health = require("mailshot.health")
 
 local M = {}
 
@@ -99,6 +100,7 @@ function Run:deliver(msg, email, row, line, rep)
     if type(other) == "table" then res = other end
   end
   outcome.from_result(rep, res)
+  self.health:result(res, rep)                       -- its path, and the relay-down rule
   self.sink:bounce(email, res, rep)
   return rep
 end
@@ -149,7 +151,9 @@ function Run:progress_task(p)
     local avg = done / math.max(now - started, 1e-3)
     local eta = total and total > done and avg > 0 and (total - done) / avg or nil
     local deferred = c.deferred + source:waiting()
-    local last = deferred > 0 and self.last_temporary and (" (last: %s)"):format(self.last_temporary) or ""
+    -- why: a relay failing row after row (mailshot.health), else the last temporary failure
+    local why = deferred > 0 and (self.health:progress(60) or self.last_temporary)
+    local last = why and (" (last: %s)"):format(why) or ""
     return ("%s%d%s  sent %d  failed %d  deferred %d%s  skipped %d  %.0f/s  ETA %s  conns %d"):format(
       name and (name .. ": ") or "", done, total and ("/" .. total) or "", c.sent, c.failed,
       deferred, last, c.skipped, per_s, fmt_duration(eta), p.connections and p.connections() or 0)
@@ -214,7 +218,8 @@ function M.new(c, opts, columns)
   local report, rerr = outcome.open_report(opts.report, columns)
   if not report then reader:close(); if jrn then jrn:close() end; return nil, rerr end
   local self = setmetatable({ c = c, opts = opts, journal = jrn, report = report, domain_limiters = {},
-                              by_domain = {}, stopping = nil }, Run)
+                              by_domain = {}, stopping = nil,
+                              health = health.new(not opts.dry and c.stop_when_down) }, Run)
   self.sink = outcome.sink(report, jrn, c.bounces_path)
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit,
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
@@ -290,12 +295,26 @@ function Run:outcome_of(row, line)
 end
 
 --- A temporary failure's reason, short enough for the progress line: "relay HOST:PORT: text"
---- (the relay from the result when it names one), cut at 60 characters.
+--- (the relay from the result when it names one; a reply with its code: "451 4.2.1 try later"),
+--- cut at 60 characters.
 function M.short_reason(rep)
   local text = tostring(rep.response or rep.error or "temporary failure"):gsub("%s+", " ")
+  local code = math.tointeger(rep.code)
+  if code and code > 0 and not text:find("^" .. code) then
+    text = ("%d %s%s"):format(code, rep.enhanced and (rep.enhanced .. " ") or "", text)
+  end
   if rep.relay and not text:find(tostring(rep.relay), 1, true) then text = ("relay %s: %s"):format(rep.relay, text) end
   if #text > 60 then text = text:sub(1, 57) .. "..." end
   return text
+end
+
+-- A relay is down (mailshot.health): the run stops as after SIGINT (no new rows; the ones in
+-- flight finish; the retry queue is reported deferred), and says why at once.
+function Run:stop_for_relay(down)
+  self.stopping, self.down = "relay", down
+  local live = self.opts.progress and self.opts.progress.live
+  io.stderr:write(("%smailshot: %s: stopping: no new messages; waiting for the ones in flight\n"):format(
+    live and "\r\27[K" or "", down.text))
 end
 
 -- One of `concurrency` tasks: rows until there are none (or a stop).
@@ -314,11 +333,14 @@ function Run:work()
       self.last_temporary = M.short_reason(rep)        -- why "deferred" grows: on the progress line
       if not (rep.retry ~= false and source:defer(item or { row = row, line = line }, rep)) then
         rep.status = "deferred"                        -- not delivered: --resume tries again
+        self.health:final(rep)
         sink:add(rep)
       end
     else
+      self.health:final(rep)
       sink:add(rep)
     end
+    if self.health.down and not self.stopping then self:stop_for_relay(self.health.down) end
   end
 end
 
@@ -342,7 +364,7 @@ function Run:go()
   if opts.signals then core.spawn(self.watch_signals, self) end
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
-  self.rows:drain()                                  -- stopped before their next try
+  self.rows:drain(function(rep) self.health:final(rep) end)   -- stopped before their next try
   if self.stopping and not self.failure then self.rows:rest() end   -- the report names everyone
   if opts.signals then util.stop_signals() end
   self.flushing = false
@@ -362,6 +384,8 @@ function Run:go()
   counts.stopped = self.stopping
   counts.resumed = self.resumed
   counts.last_temporary = self.last_temporary
+  counts.paths = self.health:summary()               -- one line per path that failed rows
+  counts.down = self.down                            -- the relay that stopped the run
   return counts
 end
 

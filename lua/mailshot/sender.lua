@@ -56,11 +56,9 @@ local Limited = {}
 Limited.__index = Limited
 Limited.__tostring = function(self) return tostring(self.relay) end
 
-local RELAY_EXTRA = { via = "relay" }
-
 function Limited:send(msg, ...)
   local relay = self.relay
-  return M.limited(self.limiters, nil, RELAY_EXTRA, relay.send, relay, msg, ...)
+  return M.limited(self.limiters, nil, self.extra, relay.send, relay, msg, ...)
 end
 function Limited:check(...) return self.relay:check(...) end
 function Limited:close(...) return self.relay:close(...) end
@@ -68,7 +66,9 @@ function Limited:stats(...) return self.relay:stats(...) end
 
 --- A relay whose sends wait for limiter first (relay: the C object, unchanged).
 function M.limited_relay(relay, limiter)
-  return setmetatable({ relay = relay, limiter = limiter, limiters = { limiter } }, Limited)
+  -- a refusal names the relay as its results do (result.relay: "host:port")
+  local extra = { via = "relay", relay = tostring(relay):match("^relay %((.*)%)$") }
+  return setmetatable({ relay = relay, limiter = limiter, limiters = { limiter }, extra = extra }, Limited)
 end
 
 --- unwrap(send) -> what to call, its own limiter (nil for any other sender).  The runner takes
