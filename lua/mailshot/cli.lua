@@ -323,6 +323,7 @@ function commands.preview(args)
   local reader
   reader, err = rows.open_reader(c)
   if not reader then complain(err); return 2 end
+  if err then complain("warning: ", err) end
   local first = rows.dedupe()          -- run's duplicate rule: preview tells what run would do
   local n = 0
   while true do
