@@ -165,7 +165,7 @@ build/fuzz:
 
 build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h src/*.h) | build/fuzz
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $(filter %.c,$^) $(FUZZ_LIBS)
-build/fuzz/fuzz_csv: src/csv_reader.c
+build/fuzz/fuzz_csv: src/csv_reader.c src/csv_encoding.c
 build/fuzz/fuzz_csv: FUZZ_LIBS = -lcsv
 build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c
