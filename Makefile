@@ -9,7 +9,8 @@
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
-#                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME)
+#                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME; scripts/bench-csv-encoding.lua: what
+#                   checking and converting a list's encoding costs)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -83,6 +84,7 @@ bench: deps
 	@$(MAKE) --no-print-directory mailshot build/tls_sink
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
+	./mailshot exec scripts/bench-csv-encoding.lua
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
