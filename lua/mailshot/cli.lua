@@ -40,6 +40,8 @@ Usage: mailshot run SCRIPT [--send [--resume [--resend-in-flight]] [--force]] [-
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
+The recipients CSV must be UTF-8 unless the campaign declares encoding = "latin-1",
+"windows-1252" or "iso-8859-15": otherwise --send refuses to start, and a dry run warns.
 
   --send            send for real through the campaign's `send` function (default: dry run);
                     a journal (NAME.journal beside the report) records every outcome
