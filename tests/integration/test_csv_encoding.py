@@ -62,6 +62,19 @@ class CsvEncodingTests(MailshotTestCase):
             self.assertIn("line %s: %s is not valid utf-8" % (line, field), rep[line]["response"])
         self.assertEqual(len(os.listdir(self.path("out"))), 1)
 
+    def test_preview_warns_and_shows_the_converted_row(self):
+        script = self.campaign(self.latin1_list())
+        p = self.run_mailshot("preview", script, env={"SMTP_SERVER": f"127.0.0.1:{free_port()}"})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("warning: ", p.stderr)
+        self.assertIn("is not valid UTF-8: line 3, column 'first_name'", p.stderr)
+        script = self.campaign(self.latin1_list(), 'encoding = "latin-1"')
+        p = self.run_mailshot("preview", script, "--row", "2", env={"SMTP_SERVER": f"127.0.0.1:{free_port()}"})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stderr, "")
+        self.assertIn("Subject: =?UTF-8?", p.stdout)
+        self.assertIn("Liebe(r) Zo=C3=AB M=C3=BCller", p.stdout)
+
     def test_latin1_declared_sends_correct_utf8_names(self):
         script = self.campaign(self.latin1_list(), 'encoding = "latin-1"')
         srv = self.start_smtpd()
