@@ -10,7 +10,8 @@
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME), the report's rewrite in CSV
-#                   order (scripts/bench-report.lua)
+#                   order (scripts/bench-report.lua), checking and converting a list's encoding
+#                   (scripts/bench-csv-encoding.lua)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -85,6 +86,7 @@ bench: deps
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
+	./mailshot exec scripts/bench-csv-encoding.lua
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
@@ -160,7 +162,7 @@ build/fuzz:
 
 build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h src/*.h) | build/fuzz
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $(filter %.c,$^) $(FUZZ_LIBS)
-build/fuzz/fuzz_csv: src/csv_reader.c
+build/fuzz/fuzz_csv: src/csv_reader.c src/csv_encoding.c
 build/fuzz/fuzz_csv: FUZZ_LIBS = -lcsv
 build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c

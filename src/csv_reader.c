@@ -49,6 +49,7 @@ struct csv_reader {
   int state; /* ST_* */
   struct csv_parser parser;
   unsigned char delim, quote;
+  int enc; /* CSV_ENC_*: fields are checked (and converted to UTF-8) unless CSV_ENC_BYTES */
 
   unsigned char *chunk; /* CSV_READER_CHUNK bytes; chunk[pos..len) not consumed yet */
   size_t pos, len;
@@ -69,7 +70,7 @@ struct csv_reader {
   csv_field *fields; /* lengths while assembling, pointers into buf once the row is done */
   size_t fieldcap;
   int bad, oom;
-  char msg[160]; /* why the row is bad */
+  char msg[256]; /* why the row is bad */
 
   size_t ncols; /* 0 while reading the header itself */
   char **names;
@@ -120,10 +121,18 @@ static int parser_restart(csv_reader *r) {
   return parser_start(r);
 }
 
+/* Field idx holds a byte at s[at] that is no character of the reader's encoding. */
+static void not_encoded(csv_reader *r, size_t idx, const unsigned char *s, size_t at) {
+  int c1 = r->enc != CSV_ENC_UTF8 && r->enc != CSV_ENC_CP1252 && s[at] < 0xA0;
+  row_bad(r, "field %zu%s%.60s%s is not valid %s: byte 0x%02X at byte %zu of the field%s", idx + 1,
+          r->ncols ? " (" : "", r->ncols ? r->names[idx] : "", r->ncols ? ")" : "", csv_encoding_name(r->enc),
+          s[at], at + 1, c1 ? " (a control code there: the file is likely windows-1252)" : "");
+}
+
 static void on_field(void *data, size_t len, void *ctx) {
   csv_reader *r = ctx;
   size_t idx = r->nfields++;
-  size_t used = r->buflen + idx * sizeof(csv_field);
+  size_t used = r->buflen + idx * sizeof(csv_field), outlen = len, bad;
   char *b;
   csv_field *f;
 
@@ -133,11 +142,16 @@ static void on_field(void *data, size_t len, void *ctx) {
     row_bad(r, "NUL byte in field %zu", idx + 1);
     return;
   }
-  if (len + 1 + sizeof(csv_field) > CSV_READER_MAX_ROW - used) {
+  if (r->enc != CSV_ENC_BYTES && (bad = csv_encoding_check(r->enc, data, len)) < len) {
+    not_encoded(r, idx, data, bad);
+    return;
+  }
+  if (csv_encoding_converts(r->enc)) outlen = csv_encoding_utf8_len(r->enc, data, len);
+  if (outlen + 1 + sizeof(csv_field) > CSV_READER_MAX_ROW - used) {
     row_bad(r, "row is longer than %d bytes", CSV_READER_MAX_ROW);
     return;
   }
-  b = grow(r->buf, &r->bufcap, r->buflen + len + 1, 1);
+  b = grow(r->buf, &r->bufcap, r->buflen + outlen + 1, 1);
   if (b) r->buf = b;
   f = grow(r->fields, &r->fieldcap, idx + 1, sizeof *f);
   if (f) r->fields = f;
@@ -145,11 +159,14 @@ static void on_field(void *data, size_t len, void *ctx) {
     r->oom = 1;
     return;
   }
-  if (len) memcpy(r->buf + r->buflen, data, len);
-  r->buf[r->buflen + len] = '\0';
-  r->buflen += len + 1;
+  if (outlen != len) /* only a field with a byte >= 0x80 of a single-byte encoding */
+    csv_encoding_to_utf8(r->enc, data, len, (unsigned char *)r->buf + r->buflen);
+  else if (len)
+    memcpy(r->buf + r->buflen, data, len);
+  r->buf[r->buflen + outlen] = '\0';
+  r->buflen += outlen + 1;
   r->fields[idx].ptr = NULL;
-  r->fields[idx].len = len;
+  r->fields[idx].len = outlen;
 }
 
 static void on_row(int term, void *ctx) {
@@ -402,8 +419,13 @@ static int read_header(csv_reader *r) {
 csv_reader *csv_reader_open(const char *path, const csv_options *opt, char *err, size_t errlen) {
   unsigned char delim = opt && opt->delimiter ? opt->delimiter : ',';
   unsigned char quote = opt && opt->quote ? opt->quote : '"';
+  int enc = opt ? opt->encoding : CSV_ENC_BYTES;
   csv_reader *r;
 
+  if (enc < CSV_ENC_BYTES || enc > CSV_ENC_LATIN9) {
+    seterr(err, errlen, "%s: invalid encoding", path);
+    return NULL;
+  }
   if (delim == quote || delim == '\r' || delim == '\n' || quote == '\r' || quote == '\n') {
     seterr(err, errlen, "%s: invalid delimiter or quote character", path);
     return NULL;
@@ -416,6 +438,7 @@ csv_reader *csv_reader_open(const char *path, const csv_options *opt, char *err,
   r->fd = -1;
   r->delim = delim;
   r->quote = quote;
+  r->enc = enc;
   r->line = 1;
   r->path = strdup(path);
   r->chunk = malloc(CSV_READER_CHUNK);
@@ -468,3 +491,124 @@ size_t csv_reader_buffer_size(const csv_reader *r) {
 }
 
 size_t csv_reader_header_probes(const csv_reader *r) { return r->name_probes; }
+
+/* ---------------------------------------------------------------- whole-file encoding scan */
+
+/* The file in blocks; a UTF-8 sequence cut by the end of a block is carried into the next. */
+typedef struct scan_file {
+  int fd, enc, eof;
+  unsigned char *buf; /* CSV_READER_CHUNK + 4 bytes */
+  size_t n; /* bytes in buf */
+  unsigned long long base; /* file offset of buf[0] */
+} scan_file;
+
+/* Keeps buf[keep..n) (a cut sequence) and reads the next block after it.  Returns 0, or -1 with
+ * errno set. */
+static int scan_next(scan_file *f, size_t keep) {
+  size_t left = f->n - keep;
+  memmove(f->buf, f->buf + keep, left);
+  f->base += keep;
+  f->n = left;
+  while (f->n < CSV_READER_CHUNK && !f->eof) {
+    ssize_t got = read(f->fd, f->buf + f->n, CSV_READER_CHUNK - f->n);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return -1;
+    if (got == 0) f->eof = 1;
+    f->n += (size_t)got;
+  }
+  return 0;
+}
+
+/* Is buf[i..n) only the start of a sequence the next block completes? */
+static int scan_cut(const scan_file *f, size_t i) {
+  return !f->eof && csv_encoding_char(f->enc, f->buf + i, f->n - i) < 0;
+}
+
+/* Pass 1: the offset of the first bad byte, or -1 when there is none (or -2 on a read error). */
+static long long scan_fast(scan_file *f) {
+  size_t keep = 0;
+  do {
+    size_t i;
+    if (scan_next(f, keep) != 0) return -2;
+    i = csv_encoding_check(f->enc, f->buf, f->n);
+    if (i < f->n && !scan_cut(f, i)) return (long long)(f->base + i);
+    keep = i < f->n ? i : f->n;
+  } while (f->n > 0 && !(f->eof && keep == f->n));
+  return -1;
+}
+
+/* Pass 2, when pass 1 found a bad byte: byte by byte, following lines, quotes and fields. */
+static int scan_detail(scan_file *f, unsigned char delim, unsigned char quote, csv_scan *out) {
+  unsigned long line = 1, last_bad = 0;
+  size_t field = 1, keep = 0;
+  int in_quotes = 0, after_cr = 0;
+  do {
+    size_t i = 0;
+    if (scan_next(f, keep) != 0) return -1;
+    while (i < f->n) {
+      unsigned char c = f->buf[i];
+      int k = 1;
+      if (c >= 0x80) {
+        if (scan_cut(f, i)) break;
+        k = csv_encoding_char(f->enc, f->buf + i, f->n - i);
+        if (k <= 0) {
+          if (line != last_bad) {
+            if (out->bad_lines++ == 0) {
+              out->line = line;
+              out->field = field;
+              out->offset = f->base + i;
+              out->byte = c;
+            }
+            last_bad = line;
+          }
+          k = 1;
+        }
+      } else if (c == '\r' || c == '\n') {
+        if (c == '\r' || !after_cr) line++;
+        if (!in_quotes) field = 1;
+      } else if (c == quote) {
+        in_quotes = !in_quotes;
+      } else if (c == delim && !in_quotes) {
+        field++;
+      }
+      after_cr = c == '\r';
+      i += (size_t)k;
+    }
+    keep = i;
+  } while (f->n > 0 && !(f->eof && keep == f->n));
+  return 0;
+}
+
+int csv_scan_encoding(const char *path, const csv_options *opt, csv_scan *out, char *err, size_t errlen) {
+  scan_file f = {-1, opt && opt->encoding ? opt->encoding : CSV_ENC_UTF8, 0, NULL, 0, 0};
+  long long first;
+  int rc = -1;
+  memset(out, 0, sizeof *out);
+  if (f.enc < CSV_ENC_BYTES || f.enc > CSV_ENC_LATIN9) {
+    seterr(err, errlen, "%s: invalid encoding", path);
+    return -1;
+  }
+  f.buf = malloc(CSV_READER_CHUNK + 4);
+  if (!f.buf) {
+    seterr(err, errlen, "%s: out of memory", path);
+    return -1;
+  }
+  f.fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (f.fd < 0) goto done;
+  first = scan_fast(&f);
+  if (first == -2) goto done;
+  if (first >= 0) { /* again from the start, now counting lines and fields */
+    if (lseek(f.fd, 0, SEEK_SET) != 0) goto done;
+    f.eof = 0;
+    f.n = 0;
+    f.base = 0;
+    if (scan_detail(&f, opt && opt->delimiter ? opt->delimiter : ',', opt && opt->quote ? opt->quote : '"', out) != 0)
+      goto done;
+  }
+  rc = 0;
+done:
+  if (rc != 0) seterr(err, errlen, "%s: %s", path, strerror(errno));
+  if (f.fd >= 0) close(f.fd);
+  free(f.buf);
+  return rc;
+}

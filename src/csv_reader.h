@@ -16,11 +16,18 @@
  *     delimiter, spaces or the end of the line after a closing quote, makes the row bad;
  *   - a row must have exactly as many fields as the header ("a,b," has 3 fields: trailing empty
  *     fields count, so a ragged file is reported, not silently padded).
+ *
+ * Encodings: with opt->encoding set, each field (and column name) is checked as it is read, and one
+ * in latin-1, windows-1252 or iso-8859-15 is converted to UTF-8; a field with a byte that is not a
+ * character of the encoding makes the row bad ("field 2 (last_name) is not valid windows-1252: byte
+ * 0x81 at byte 4 of the field").  csv_scan_encoding checks a whole file before it is sent.
  */
 #ifndef MAILSHOT_CSV_READER_H
 #define MAILSHOT_CSV_READER_H
 
 #include <stddef.h>
+
+#include "csv_encoding.h"
 
 #define CSV_READER_CHUNK   (64 * 1024)         /* bytes read from the file at a time */
 #define CSV_READER_MAX_ROW (16 * 1024 * 1024)  /* a longer field or row is CSV_ROW_BAD */
@@ -30,6 +37,7 @@ typedef struct csv_reader csv_reader;
 typedef struct csv_options {
   unsigned char delimiter;  /* 0 means ','; any byte but CR, LF and the quote */
   unsigned char quote;      /* 0 means '"' */
+  int encoding;             /* CSV_ENC_* (csv_encoding.h); 0 (CSV_ENC_BYTES): bytes as they are */
 } csv_options;
 
 typedef struct csv_field {
@@ -73,6 +81,23 @@ const char *csv_reader_path(const csv_reader *r);
 /* The physical line of the last byte consumed so far (0 before any): after a row, the line it ends
  * on; at end of file, the number of lines in the file. */
 unsigned long csv_reader_line(const csv_reader *r);
+
+/* What csv_scan_encoding found. */
+typedef struct csv_scan {
+  unsigned long bad_lines;  /* physical lines with at least one byte that is no character of the encoding */
+  unsigned long line;       /* the first such line (1-based), 0 when none */
+  size_t field;             /* its field on that row, 1-based (counted by quotes and delimiters) */
+  unsigned long long offset;/* the file offset of the first bad byte */
+  unsigned char byte;       /* that byte */
+} csv_scan;
+
+/* Reads the whole file at path and checks every byte against opt->encoding (UTF-8 when 0), in
+ * 64 KiB blocks, a word at a time through ASCII: a file without a bad byte is read once, fast.
+ * Returns 0 with *out filled (out->bad_lines == 0: the file is clean), or -1 with "path: reason"
+ * in err.  Lines and fields follow the reader's rules (LF, CRLF and a lone CR end a line; a
+ * delimiter outside quotes ends a field), without its error recovery: for a well-formed file they
+ * are the reader's. */
+int csv_scan_encoding(const char *path, const csv_options *opt, csv_scan *out, char *err, size_t errlen);
 
 /* Debug: bytes held by the buffers that grow with the longest row (the row buffer, its field table
  * and libcsv's field buffer); the fixed chunk buffer is not counted.  Lets tests prove that reading

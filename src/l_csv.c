@@ -1,10 +1,12 @@
 /* l_csv.c - Lua binding of the streaming CSV reader: require "mailshot.csv".
  *
- *   local reader, err = csv.open(path, { delimiter = ";" })
+ *   local reader, err = csv.open(path, { delimiter = ";", encoding = "windows-1252" })
  *   for the rows:  row, line = reader:read()   -- row: { column = "value", ... }
  *                  false, line, message        -- a bad row, skipped: report it and read on
  *                  nil                         -- end of file
  *                  nil, nil, message           -- read error
+ *   ok, info = csv.check_encoding(path, options)  -- the whole file against its encoding
+ *   name = csv.encoding("Latin1")                 -- "latin-1", or nil when unknown
  *
  * Following liolib.c: failures of the world (missing file, bad header, bad row, read error) are
  * return values; misuse (bad option, closed reader) raises.  Documented in README.md,
@@ -64,6 +66,17 @@ static unsigned char getquote(lua_State *L, int arg) {
   return (unsigned char)s[0];
 }
 
+/* An encoding name (csv_encoding_lookup's). */
+static int getencoding(lua_State *L, int arg) {
+  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+  int enc = s ? csv_encoding_lookup(s) : -1;
+  if (enc < 0)
+    luaL_argerror(L, arg,
+                  lua_pushfstring(L, "unknown encoding '%s' (\"utf-8\", \"latin-1\", \"windows-1252\", \"iso-8859-15\")",
+                                  s ? s : luaL_typename(L, -1)));
+  return enc;
+}
+
 /* Reads the options table at arg; an unknown key is an error, so that a typo is not ignored. */
 static void getoptions(lua_State *L, int arg, csv_options *opt) {
   if (lua_isnoneornil(L, arg)) return;
@@ -75,6 +88,8 @@ static void getoptions(lua_State *L, int arg, csv_options *opt) {
       opt->delimiter = getdelimiter(L, arg);
     else if (strcmp(key, "quote") == 0)
       opt->quote = getquote(L, arg);
+    else if (strcmp(key, "encoding") == 0)
+      opt->encoding = getencoding(L, arg);
     else
       luaL_argerror(L, arg, lua_pushfstring(L, "unknown option '%s'", key));
     lua_pop(L, 1);
@@ -86,7 +101,7 @@ static void getoptions(lua_State *L, int arg, csv_options *opt) {
 /* csv.open(path [, options]) -> reader | nil, "path: reason" */
 static int csv_open(lua_State *L) {
   const char *path = l_checkcstring(L, 1);
-  csv_options opt = {0, 0};
+  csv_options opt = {0, 0, CSV_ENC_BYTES};
   char err[256];
   LReader *p;
   size_t n;
@@ -214,9 +229,57 @@ static int csv_count_lines(lua_State *L) {
   return 1;
 }
 
+/* csv.check_encoding(path [, options]) -> true | false, { line, field, offset, byte, lines,
+ * encoding } | nil, err.  The options of csv.open; the encoding defaults to UTF-8.  One pass over
+ * a clean file (a word at a time through ASCII); a second, byte by byte, only when a byte is bad. */
+static int csv_check_encoding(lua_State *L) {
+  const char *path = l_checkcstring(L, 1);
+  csv_options opt = {0, 0, CSV_ENC_UTF8};
+  csv_scan scan;
+  char err[256];
+  getoptions(L, 2, &opt);
+  if (opt.encoding == CSV_ENC_BYTES) opt.encoding = CSV_ENC_UTF8;
+  if (csv_scan_encoding(path, &opt, &scan, err, sizeof err) != 0) {
+    luaL_pushfail(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  if (scan.bad_lines == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)scan.line);
+  lua_setfield(L, -2, "line");
+  lua_pushinteger(L, (lua_Integer)scan.field);
+  lua_setfield(L, -2, "field");
+  lua_pushinteger(L, (lua_Integer)scan.offset);
+  lua_setfield(L, -2, "offset");
+  lua_pushinteger(L, scan.byte);
+  lua_setfield(L, -2, "byte");
+  lua_pushinteger(L, (lua_Integer)scan.bad_lines);
+  lua_setfield(L, -2, "lines");
+  lua_pushstring(L, csv_encoding_name(opt.encoding));
+  lua_setfield(L, -2, "encoding");
+  return 2;
+}
+
+/* csv.encoding(name) -> the canonical name ("latin1" -> "latin-1") | nil when unknown */
+static int csv_encoding(lua_State *L) {
+  int enc = csv_encoding_lookup(luaL_checkstring(L, 1));
+  if (enc < 0) return 0;
+  lua_pushstring(L, csv_encoding_name(enc));
+  return 1;
+}
+
 /* ---------------------------------------------------------------- registration */
 
-static const luaL_Reg csvlib[] = {{"open", csv_open}, {"count_lines", csv_count_lines}, {NULL, NULL}};
+static const luaL_Reg csvlib[] = {{"open", csv_open},
+                                  {"count_lines", csv_count_lines},
+                                  {"check_encoding", csv_check_encoding},
+                                  {"encoding", csv_encoding},
+                                  {NULL, NULL}};
 
 static const luaL_Reg methods[] = {{"read", r_read}, {"header", r_header}, {"line", r_line},
                                    {"path", r_path}, {"close", r_close},   {NULL, NULL}};

@@ -31,7 +31,7 @@ local Campaign = {}
 Campaign.__index = Campaign
 
 local FIELDS = {
-  recipients = "string", delimiter = "string", from = "any", reply_to = "any", subject = "any",
+  recipients = "string", delimiter = "string", encoding = "string", from = "any", reply_to = "any", subject = "any",
   text = "any", html = "any", attachments = "table", headers = "table", send = "any",
   filter = "function", concurrency = "number", eightbit = "boolean", helpers = "table",
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
@@ -120,6 +120,12 @@ function M.new(def, base_dir)
   c.concurrency = math.floor(def.concurrency or default_concurrency(def.send))
   if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
   c.email_field = def.email_field or "email"
+  if def.encoding then
+    c.encoding = require("mailshot.csv").encoding(def.encoding)
+    if not c.encoding then
+      error(("mailshot.campaign: encoding '%s' is not one of \"utf-8\", \"latin-1\", \"windows-1252\", \"iso-8859-15\""):format(def.encoding), 3)
+    end
+  end
   c.tpl = {}
   for _, k in ipairs { "from", "reply_to", "cc", "subject", "text", "html", "to_name" } do
     c.tpl[k] = compile(def[k], k, def.helpers)

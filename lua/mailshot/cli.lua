@@ -42,6 +42,8 @@ Usage: mailshot run SCRIPT [--send [--resume [--resend-in-flight]] [--force]] [-
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
+The recipients CSV must be UTF-8 unless the campaign declares encoding = "latin-1",
+"windows-1252" or "iso-8859-15": otherwise --send refuses to start, and a dry run warns.
 
   --send            send for real through the campaign's `send` function (default: dry run);
                     a journal (NAME.journal beside the report) records every outcome
@@ -340,6 +342,7 @@ function commands.preview(args)
   local reader
   reader, err = rows.open_reader(c)
   if not reader then complain(err); return 2 end
+  if err then complain("warning: ", err) end
   -- --row N is the CSV line N (1 the header), the number in the report's `line` column and in
   -- every "line N" message; without it, the first recipient row
   local first = rows.dedupe()          -- run's duplicate rule: preview tells what run would do

@@ -172,6 +172,8 @@ function M.run(c, opts)
                 bad_domains = {}, skipped_rows = 0 }
   local reader, err = rows.open_reader(c)
   if not reader then return nil, err end
+  -- undeclared, it stops --send; declared, its bad rows are skipped
+  if err then add(c.encoding and "warning" or "blocking", "%s", err) end
   local from_domain = nil
   local first = rows.dedupe()
   while true do

@@ -74,12 +74,43 @@ function M.email_column(c, header)
     table.concat(header, ", "), hint)
 end
 
---- rows.open(c) -> reader, or nil, err: the campaign's recipients file, with its header checked
---- for the address column (c.email_field becomes the header's spelling of it).
-function M.open_reader(c)
-  local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter })
-  if not reader then return nil, err end
+-- The file's bytes against its encoding (c.encoding, else UTF-8): nil when every byte is a
+-- character of it, else a warning naming the first bad line, column and byte, and how many lines.
+-- Fast (one read of the file, a word at a time through ASCII), so every run can afford it.
+local function encoding_problem(c, header)
+  local enc = c.encoding or "utf-8"
+  local ok, info = csv.check_encoding(c.recipients_path, { delimiter = c.delimiter, encoding = enc })
+  if ok ~= false then return nil end                   -- clean, or unreadable: csv.open says why
+  local where = ("line %d, %s, byte 0x%02X at offset %d"):format(info.line,
+    header and header[info.field] and ("column '%s'"):format(header[info.field]) or ("field %d"):format(info.field),
+    info.byte, info.offset)
+  local lines = info.lines == 1 and "1 line" or ("%d lines"):format(info.lines)
+  if c.encoding then
+    return ("%s: %s not valid %s (first: %s); their rows are skipped"):format(
+      c.recipients_path, info.lines == 1 and "1 line is" or lines .. " are", info.encoding, where)
+  end
+  return ("%s is not valid UTF-8: %s (%s in all); --send refuses such a file, a dry run skips those rows. If it is a Latin-1 or Windows-1252 list (as Excel saves "
+    .. "CSV), set encoding = \"latin-1\" or encoding = \"windows-1252\" in the campaign; encoding = \"utf-8\" "
+    .. "sends the other rows and skips these"):format(c.recipients_path, where, lines)
+end
+
+--- rows.open(c [, o]) -> reader, warning | nil, err: the campaign's recipients file, with its header
+--- checked for the address column (c.email_field becomes the header's spelling of it).  Fields are
+--- read in c.encoding (converted to UTF-8), else checked as UTF-8: a row with bytes that are not is
+--- skipped, never sent garbled.  warning: the file has such rows (encoding_problem); with
+--- o.refuse_undeclared and no c.encoding declared, that is an error instead (--send refuses).
+function M.open_reader(c, o)
+  local reader, err = csv.open(c.recipients_path, { delimiter = c.delimiter, encoding = c.encoding or "utf-8" })
+  if not reader then
+    local problem = err and encoding_problem(c)
+    return nil, problem and err .. "; " .. problem or err
+  end
   local header = reader:header()
+  local warning = encoding_problem(c, header)
+  if warning and not c.encoding and o and o.refuse_undeclared then
+    reader:close()
+    return nil, "not sending: " .. warning
+  end
   local col, cerr = M.email_column(c, header)
   if not col then reader:close(); return nil, cerr end
   c.email_field = col
@@ -88,7 +119,7 @@ function M.open_reader(c)
     local ok, ferr = c:check_fields(header)
     if not ok then reader:close(); return nil, ferr end
   end
-  return reader
+  return reader, warning
 end
 
 --- A duplicate check: each address once per campaign, compared ignoring case.  dedupe(address)

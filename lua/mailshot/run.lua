@@ -206,8 +206,10 @@ end
 --- (nothing started).
 function M.new(c, opts, columns)
   if not opts.dry and not c.send then return nil, "the campaign has no 'send' function: it can only be run as a dry run" end
-  local reader, err = rows.open_reader(c)
+  -- a list that is not UTF-8 and says no encoding: a dry run warns, --send refuses (mailshot.rows)
+  local reader, err = rows.open_reader(c, { refuse_undeclared = not opts.dry })
   if not reader then return nil, err end
+  if err then io.stderr:write("mailshot: warning: ", err, "\n") end
   if opts.dry then
     local ok, merr = os.execute(("mkdir -p '%s'"):format(opts.outbox:gsub("'", "'\\''")))
     if not ok then reader:close(); return nil, "cannot create outbox " .. opts.outbox .. ": " .. tostring(merr) end

@@ -1,6 +1,6 @@
 /* fuzz_csv.c - libFuzzer target for the streaming CSV reader (src/csv_reader.c over libcsv).
  * make build/fuzz/fuzz_csv   (clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc
- *   tests/fuzz/fuzz_csv.c src/csv_reader.c -lcsv)
+ *   tests/fuzz/fuzz_csv.c src/csv_reader.c src/csv_encoding.c -lcsv)
  *
  * csv_reader reads from a path only, so the input goes into a memfd opened as /proc/self/fd/N.
  * The first byte may pick a mode, the file is then what follows its arguments:
@@ -8,13 +8,16 @@
  *   0x01 B     chunk boundary: the file's first line, then a line of spaces (a blank line: skipped,
  *              but counted) that puts the rest B bytes before the end of the reader's first
  *              CSV_READER_CHUNK, so that rows, quoted fields and resynchronisation cross a refill;
+ *   0x02 E     encoding E % 5 (CSV_ENC_*): fields are checked and converted to UTF-8;
  *   otherwise  the input is the file, with the default options.
  *
  * Checked: open fails with a message or gives unique, non-empty, trimmed column names; every row
  * is OK (ncols NUL-terminated fields without a NUL inside; without any quote in the file, no field
  * holds the delimiter or a line break), BAD (with a message) or EOF, then EOF for good; each row
  * starts on a later line than the one before, within the file's lines; the reader's buffers stay
- * within a bound of the input size; no leak (the reader is closed every time). */
+ * within a bound of the input size; no leak (the reader is closed every time).  With an encoding:
+ * every field is valid UTF-8, and a row is bad for its encoding only when csv_scan_encoding finds
+ * a bad byte in the file. */
 #include "csv_reader.h"
 
 #include <stdint.h>
@@ -62,12 +65,14 @@ static void check_header (const csv_reader *r)
   }
 }
 
-static void check_row (const csv_reader *r, const csv_row *row, unsigned char delim, int quoted)
+static void check_row (const csv_reader *r, const csv_row *row, unsigned char delim, int quoted, int enc)
 {
   ASSERT(row->error == NULL && row->nfields == csv_reader_ncols(r) && row->fields != NULL);
   for (size_t i = 0; i < row->nfields; i++) {
     const csv_field *f = &row->fields[i];
     ASSERT(f->ptr != NULL && f->ptr[f->len] == '\0' && memchr(f->ptr, '\0', f->len) == NULL);
+    if (enc != CSV_ENC_BYTES)
+      ASSERT(csv_encoding_check(CSV_ENC_UTF8, (const unsigned char *)f->ptr, f->len) == f->len);
     if (!quoted) {  /* only quotes can put these in a field */
       ASSERT(memchr(f->ptr, delim, f->len) == NULL);
       ASSERT(memchr(f->ptr, '\n', f->len) == NULL && memchr(f->ptr, '\r', f->len) == NULL);
@@ -84,7 +89,13 @@ static void read_all (const uint8_t *file, size_t size, const csv_options *opt)
   char err[256];
   csv_reader *r;
   csv_row row;
+  csv_scan scan = {0};
   int st;
+
+  if (opt->encoding != CSV_ENC_BYTES) {
+    ASSERT(csv_scan_encoding(path, opt, &scan, err, sizeof err) == 0);
+    ASSERT(scan.bad_lines <= lines + 1 && (scan.bad_lines == 0 || (scan.line >= 1 && scan.offset < size)));
+  }
 
   memset(err, 'x', sizeof err);
   r = csv_reader_open(path, opt, err, sizeof err);
@@ -103,9 +114,9 @@ static void read_all (const uint8_t *file, size_t size, const csv_options *opt)
     ASSERT(row.line <= csv_reader_line(r) && csv_reader_line(r) <= lines + 1);
     prev = row.line;
     if (st == CSV_ROW_OK)
-      check_row(r, &row, delim, quoted);
+      check_row(r, &row, delim, quoted, opt->encoding);
     else
-      ASSERT(row.error != NULL && row.error[0] != '\0');
+      ASSERT(row.error != NULL && row.error[0] != '\0' && (scan.bad_lines || !strstr(row.error, " is not valid ")));
     /* memory grows with the longest row, never with the file: a loose bound of the input size */
     ASSERT(csv_reader_buffer_size(r) <= 40 * size + 16384);
   }
@@ -140,7 +151,7 @@ static uint8_t *boundary_file (const uint8_t *d, size_t n, unsigned back, size_t
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-  csv_options opt = { 0, 0 };
+  csv_options opt = { 0, 0, CSV_ENC_BYTES };
   uint8_t *big = NULL;
 
   if (mfd < 0) {
@@ -152,6 +163,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     opt.delimiter = data[1];
     opt.quote = data[2];
     data += 3, size -= 3;
+  } else if (size >= 2 && data[0] == 0x02) {
+    opt.encoding = data[1] % 5;
+    data += 2, size -= 2;
   } else if (size >= 2 && data[0] == 0x01) {
     size_t len;
     big = boundary_file(data + 2, size - 2, data[1], &len);

@@ -63,6 +63,14 @@ class PreflightTests(MailshotTestCase):
         self.assertIn("1 duplicate rows will be skipped", out)
         self.assertRegex(out, r"\n\s+2\s+good\.test\n")
 
+    def test_a_list_that_is_not_utf8_without_an_encoding_blocks(self):
+        with open(self.path("c", "list.csv"), "ab") as f:
+            f.write("z@good.test,Zoë\r\n".encode("latin-1"))
+        p = self.preflight("acme.test")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"blocking.*list\.csv is not valid UTF-8: line 8, column 'name', byte 0xEB")
+        self.assertNotIn("ready to send", p.stdout)
+
     def test_a_lookup_without_an_answer_is_not_reported_as_no_record(self):
         # SERVFAIL: dnsmasq passes on its upstream's for names under broken.test; REFUSED: dnsmasq's
         # own answer for names outside its zones.  Neither says the record is missing.

@@ -569,6 +569,184 @@ static void test_wide_header_is_checked_in_linear_time (void)
   free(s);
 }
 
+/* ---------------------------------------------------------------- encodings (csv_encoding.c) */
+
+static void test_encoding_names (void)
+{
+  CHECK_INT(csv_encoding_lookup("UTF-8"), CSV_ENC_UTF8);
+  CHECK_INT(csv_encoding_lookup("latin1"), CSV_ENC_LATIN1);
+  CHECK_INT(csv_encoding_lookup("ISO-8859-1"), CSV_ENC_LATIN1);
+  CHECK_INT(csv_encoding_lookup("cp1252"), CSV_ENC_CP1252);
+  CHECK_INT(csv_encoding_lookup("latin-9"), CSV_ENC_LATIN9);
+  CHECK_INT(csv_encoding_lookup("ebcdic"), -1);
+  CHECK_STR(csv_encoding_name(CSV_ENC_CP1252), "windows-1252");
+}
+
+/* s converted from enc is want. */
+static void expect_utf8 (int srcline, int enc, const char *s, const char *want)
+{
+  unsigned char out[64];
+  size_t n = strlen(s), len;
+  check_count++;
+  if (csv_encoding_check(enc, (const unsigned char *)s, n) != n) {
+    check_failures++;
+    fprintf(stderr, "%s:%d: FAIL: \"%s\" not valid in %s\n", __FILE__, srcline, s, csv_encoding_name(enc));
+    return;
+  }
+  len = csv_encoding_to_utf8(enc, (const unsigned char *)s, n, out);
+  CHECK_INT(csv_encoding_utf8_len(enc, (const unsigned char *)s, n), len);
+  check_count++;
+  if (len != strlen(want) || memcmp(out, want, len) != 0) {
+    check_failures++;
+    fprintf(stderr, "%s:%d: FAIL: %s \"%s\" -> \"%.*s\", want \"%s\"\n", __FILE__, srcline, csv_encoding_name(enc), s,
+            (int)len, out, want);
+  }
+}
+#define EXPECT_UTF8(enc, s, want) expect_utf8(__LINE__, enc, s, want)
+
+static void test_single_byte_encodings_convert_to_utf8 (void)
+{
+  EXPECT_UTF8(CSV_ENC_LATIN1, "Zo\xEB M\xFCller \xD1" "and\xFA", "Zoë Müller Ñandú");
+  EXPECT_UTF8(CSV_ENC_LATIN1, "\xA0\xA4\xFF", "\xC2\xA0¤ÿ");
+  EXPECT_UTF8(CSV_ENC_CP1252, "\x93quoted\x94 O\x92" "Brien \x80 5 \x96 \x8C\x9C\x9F\x8A", "“quoted” O’Brien € 5 – ŒœŸŠ");
+  EXPECT_UTF8(CSV_ENC_CP1252, "caf\xE9", "café");
+  EXPECT_UTF8(CSV_ENC_LATIN9, "\xA4 \xA6\xA8\xB4\xB8\xBC\xBD\xBE \xE9", "€ ŠšŽžŒœŸ é");
+  EXPECT_UTF8(CSV_ENC_UTF8, "déjà", "déjà");
+  EXPECT_UTF8(CSV_ENC_LATIN1, "plain ASCII", "plain ASCII");
+}
+
+static void test_bytes_that_are_no_character_are_found (void)
+{
+  const unsigned char undefined[] = {0x81, 0x8D, 0x8F, 0x90, 0x9D};
+  for (size_t i = 0; i < sizeof undefined; i++) CHECK_INT(csv_encoding_char(CSV_ENC_CP1252, undefined + i, 1), 0);
+  CHECK_INT(csv_encoding_check(CSV_ENC_CP1252, (const unsigned char *)"abc\x81", 4), 3);
+  CHECK_INT(csv_encoding_check(CSV_ENC_LATIN1, (const unsigned char *)"\x93x", 2), 0); /* C1 control */
+  CHECK_INT(csv_encoding_check(CSV_ENC_LATIN9, (const unsigned char *)"ab\x80", 3), 2);
+  CHECK_INT(csv_encoding_check(CSV_ENC_BYTES, (const unsigned char *)"\xFF\xFE", 2), 2);
+}
+
+static void test_utf8_is_checked_strictly (void)
+{
+  static const struct { const char *s; size_t bad; } cases[] = {
+    {"0123456789abcdef\xC3\xA9", 18},             /* ASCII words, then a valid 2-byte sequence */
+    {"Zo\xEB", 2},                                /* Latin-1 */
+    {"\xC0\x80", 0}, {"\xC1\xBF", 0},             /* overlong 2-byte */
+    {"\xE0\x80\x80", 0}, {"\xE0\xA0\x80", 3},     /* overlong 3-byte; the smallest valid one */
+    {"\xED\xA0\x80", 0}, {"\xED\x9F\xBF", 3},     /* surrogate; the last before them */
+    {"\xF0\x8F\xBF\xBF", 0}, {"\xF0\x90\x80\x80", 4},
+    {"\xF4\x90\x80\x80", 0}, {"\xF4\x8F\xBF\xBF", 4}, /* past U+10FFFF; U+10FFFF */
+    {"\xF5\x80\x80\x80", 0}, {"a\xBF", 1},        /* no such lead byte; a lone continuation */
+    {"ab\xE2\x82", 2},                            /* cut short at the end */
+    {"\xE2\x82x", 0},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    size_t n = strlen(cases[i].s), got = csv_encoding_check(CSV_ENC_UTF8, (const unsigned char *)cases[i].s, n);
+    check_count++;
+    if (got != (cases[i].bad < n ? cases[i].bad : n)) {
+      check_failures++;
+      fprintf(stderr, "%s:%d: FAIL: case %zu: bad at %zu, want %zu\n", __FILE__, __LINE__, i, got, cases[i].bad);
+    }
+  }
+  CHECK_INT(csv_encoding_char(CSV_ENC_UTF8, (const unsigned char *)"\xE2\x82", 2), -1);
+  CHECK_INT(csv_encoding_char(CSV_ENC_UTF8, (const unsigned char *)"\xE2\x82\xAC", 3), 3);
+}
+
+static void test_reader_converts_fields_and_names_a_bad_one (void)
+{
+  csv_options o = { .encoding = CSV_ENC_CP1252 };
+  const char *s = "email,n\xE4me\n"
+                  "a@example.org,\x93Zo\xEB\x94\n"
+                  "b@example.org,Bad\x81\n"
+                  "c@example.org,\"multi\nl\xEDne \x80\"\n";
+  csv_reader *r = open_data(s, strlen(s), &o);
+  if (!r) { CHECK(r); return; }
+  CHECK_STR(csv_reader_colname(r, 1), "näme");
+  EXPECT_ROW(r, 2, "a@example.org", "“Zoë”");
+  EXPECT_BAD(r, 3, "field 2 (näme) is not valid windows-1252: byte 0x81 at byte 4 of the field");
+  EXPECT_ROW(r, 4, "c@example.org", "multi\nlíne €");
+  EXPECT_EOF(r);
+  csv_reader_close(r);
+
+  o.encoding = CSV_ENC_UTF8;
+  s = "email,name\nzoe@example.org,Zo\xEB\nb@example.org,\xC3\xA9\n";
+  r = open_data(s, strlen(s), &o);
+  if (!r) { CHECK(r); return; }
+  EXPECT_BAD(r, 2, "field 2 (name) is not valid utf-8: byte 0xEB at byte 3 of the field");
+  EXPECT_ROW(r, 3, "b@example.org", "é");
+  csv_reader_close(r);
+
+  o.encoding = CSV_ENC_LATIN1;
+  s = "email,name\nq@example.org,\x93q\x94\n";
+  r = open_data(s, strlen(s), &o);
+  if (!r) { CHECK(r); return; }
+  EXPECT_BAD(r, 2, "byte 0x93 at byte 1 of the field (a control code there: the file is likely windows-1252)");
+  csv_reader_close(r);
+
+  o.encoding = CSV_ENC_UTF8;
+  EXPECT_OPEN_ERROR("em\xE4il,name\n", &o, "bad header row: field 1 is not valid utf-8: byte 0xE4");
+  r = open_str("email,name\nzoe@example.org,Zo\xEB\n"); /* no encoding: bytes as they are */
+  if (!r) { CHECK(r); return; }
+  EXPECT_ROW(r, 2, "zoe@example.org", "Zo\xEB");
+  csv_reader_close(r);
+}
+
+/* csv_scan_encoding over s: bad_lines, line, field, offset (bad_lines 0: the rest unchecked). */
+static void expect_scan (int srcline, const char *s, size_t n, int enc, unsigned long lines, unsigned long line,
+                         size_t field, unsigned long long offset)
+{
+  csv_options o = { .encoding = enc };
+  csv_scan scan;
+  check_count++;
+  if (csv_scan_encoding(write_file(s, n), &o, &scan, err, sizeof err) != 0 || scan.bad_lines != lines
+      || (lines && (scan.line != line || scan.field != field || scan.offset != offset))) {
+    check_failures++;
+    fprintf(stderr, "%s:%d: FAIL: scan: %lu lines, first line %lu field %zu offset %llu (%s); want %lu, %lu, %zu, %llu\n",
+            __FILE__, srcline, scan.bad_lines, scan.line, scan.field, scan.offset, err, lines, line, field, offset);
+  }
+}
+#define EXPECT_SCAN(s, enc, lines, line, field, offset) expect_scan(__LINE__, s, strlen(s), enc, lines, line, field, offset)
+
+static void test_scan_finds_the_first_bad_line_field_and_offset_and_counts_lines (void)
+{
+  EXPECT_SCAN("email,name\r\na@x.test,Ann\r\n", CSV_ENC_UTF8, 0, 0, 0, 0);
+  EXPECT_SCAN("\xEF\xBB\xBF" "email,name\na@x.test,Zo\xC3\xAB\n", CSV_ENC_UTF8, 0, 0, 0, 0);
+  /* CRLF counted once; a quoted field with a delimiter and a newline; two bad bytes on one line */
+  EXPECT_SCAN("email,name,city\r\na@x.test,\"x,\r\ny\",M\xFCnchen \xFC\r\nb@x.test,Zo\xEB,Oslo\n", CSV_ENC_UTF8,
+              2, 3, 3, 35);
+  EXPECT_SCAN("email,name\r\n\r\na@x.test,B\x81" "d\r\n", CSV_ENC_CP1252, 1, 3, 2, 24);
+  EXPECT_SCAN("email,name\ra@x.test,Bad\xE2\x82", CSV_ENC_UTF8, 1, 2, 2, 23); /* cut short by the end */
+  EXPECT_SCAN("email,name\na@x.test,\x93q\x94\n", CSV_ENC_LATIN1, 1, 2, 2, 20);
+  EXPECT_SCAN("email,name\na@x.test,\x93q\x94\n", CSV_ENC_CP1252, 0, 0, 0, 0);
+  {
+    csv_options o = { .delimiter = ';' }; /* the default encoding is UTF-8 */
+    csv_scan scan;
+    CHECK_INT(csv_scan_encoding(write_file("a;b,c;d\nx;y,z;\xFF\n", 16), &o, &scan, err, sizeof err), 0);
+    CHECK_INT(scan.field, 3);
+    CHECK_INT(scan.byte, 0xFF);
+  }
+  CHECK(csv_scan_encoding("/nonexistent/x.csv", NULL, &(csv_scan){0}, err, sizeof err) == -1);
+  CHECK(strstr(err, "/nonexistent/x.csv: No such file") == err);
+}
+
+/* A UTF-8 sequence cut by the end of a 64 KiB block is carried into the next one, in both passes. */
+static void test_scan_across_block_boundaries (void)
+{
+  size_t n = 3 * CSV_READER_CHUNK;
+  char *s = malloc(n + 1);
+  if (!s) { CHECK(s); return; }
+  memset(s, 'x', n);
+  memcpy(s, "email\n", 6);
+  memcpy(s + CSV_READER_CHUNK - 5, "\xE2\x82\xAC", 3);
+  memcpy(s + CSV_READER_CHUNK - 1, "\xE2\x82\xAC", 3); /* the 1st block ends after its first byte */
+  s[n] = '\0';
+  expect_scan(__LINE__, s, n, CSV_ENC_UTF8, 0, 0, 0, 0);
+  s[2 * CSV_READER_CHUNK + 5] = '\xFF';            /* one bad byte late in the file: found by offset */
+  /* a 4-byte sequence cut by the end of the 2nd block (which starts with the 1st one's last byte) */
+  memcpy(s + 2 * CSV_READER_CHUNK - 3, "\xF0\x9F\x98\x80", 4);
+  expect_scan(__LINE__, s, n, CSV_ENC_UTF8, 1, 2, 1, 2 * CSV_READER_CHUNK + 5);
+  free(s);
+}
+
 static void cleanup (void)
 {
   for (int i = 1; i <= nfiles; i++) {
@@ -607,6 +785,13 @@ int main (void)
   test_wide_header_is_checked_in_linear_time();
   test_rows_do_not_depend_on_chunk_boundaries();
   test_large_file_is_streamed_in_bounded_memory();
+  test_encoding_names();
+  test_single_byte_encodings_convert_to_utf8();
+  test_bytes_that_are_no_character_are_found();
+  test_utf8_is_checked_strictly();
+  test_reader_converts_fields_and_names_a_bad_one();
+  test_scan_finds_the_first_bad_line_field_and_offset_and_counts_lines();
+  test_scan_across_block_boundaries();
   cleanup();
   return DONE();
 }
