@@ -23,9 +23,9 @@ PKGS    := lua5.4 libcares openssl
 # the code needs are in MS_CFLAGS, always added.  VERSION is the one place the version is written: the C
 # side hands it to Lua as mailshot.core.version (mailshot.version, `mailshot --version`).
 CFLAGS    ?= -O2 -g
-MS_CFLAGS := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
+MS_CFLAGS := -std=c11 -pthread -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
              -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm -pthread
 
 SRC      := $(wildcard src/*.c)
 LIB_SRC  := $(filter-out src/main.c src/embed_gen.c, $(SRC))
