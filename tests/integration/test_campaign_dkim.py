@@ -1,6 +1,6 @@
 """A campaign with DKIM signing and one-click unsubscribe: every message the server receives verifies with
 dkimpy, for RSA and
-Ed25519; `mailshot dkim keygen` writes a private key (mode 0600) and the TXT record that verifies it;
+Ed25519, also when many are signed at once on 2 worker threads; `mailshot dkim keygen` writes a private key (mode 0600) and the TXT record that verifies it;
 a bad key stops the script before anything is sent."""
 import os
 import stat
@@ -8,7 +8,7 @@ import unittest
 
 import dkim
 
-from tests.integration.harness import MailshotTestCase, write_csv
+from tests.integration.harness import MailshotTestCase, scaled, write_csv
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -16,7 +16,7 @@ local relay = mailshot.relay { server = os.getenv "SMTP_SERVER", tls = "none" }
 return mailshot.campaign {
   recipients = "list.csv", from = "Acme <news@acme.example>", subject = "Grüße, {{name}}",
   text = "Hello {{name}},\\n\\nnews.\\n", html = "<p>Hello {{name}}</p>",
-  dkim = { domain = "acme.example", selector = "s1", key_file = os.getenv "KEY" },
+  dkim = { domain = "acme.example", selector = "s1", key_file = os.getenv "KEY", threads = tonumber(os.getenv "THREADS") },
   unsubscribe = { url = "https://acme.example/u/{{token}}", mailto = "unsub@acme.example",
                   secret = "a-test-secret-of-some-length" },
   send = relay,
@@ -67,6 +67,31 @@ class CampaignDkimTests(MailshotTestCase):
                 self.assertIn(f"a={algorithm};".encode(), m["raw"].replace(b"\r\n\t", b"").replace(b" ", b""))
             tampered = msgs[0]["raw"].replace(b"news.", b"NEWS.")
             self.assertFalse(dkim.verify(tampered, dnsfunc=dnsfunc))
+
+    def test_two_signing_threads_every_message_verifies(self):
+        # 24 messages in flight (the relay's default concurrency) share 2 signing threads; each
+        # message carries its own name and must verify on its own bytes
+        n = scaled(300, 40)
+        d = self.path("c")
+        os.makedirs(d)
+        names = ["Zoë", "Дмитрий", "محمد", "王芳", "José", "Ann"]
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"],
+                  [[f"u{i}@example.com", f"{names[i % len(names)]} {i}"] for i in range(n)])
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN)
+        for algorithm in ("rsa-sha256", "ed25519-sha256"):
+            key, record = self.keygen(algorithm)
+            srv = self.start_smtpd()
+            p = self.run_mailshot("run", os.path.join(d, "c.lua"), "--send", "--force", "--report", f"{algorithm}.csv",
+                                  env={"SMTP_SERVER": srv.address, "KEY": key, "THREADS": "2"})
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+            msgs = srv.messages()
+            self.assertEqual(len(msgs), n)
+            seen = set()
+            for m in msgs:
+                self.assertTrue(dkim.verify(m["raw"], dnsfunc=lambda name, timeout=5: record), algorithm)
+                seen.add(m["msg"]["To"].addresses[0].addr_spec)
+            self.assertEqual(seen, {f"u{i}@example.com" for i in range(n)})
 
     def test_a_missing_key_stops_the_script_before_sending(self):
         d = self.path("c")
