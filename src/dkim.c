@@ -474,13 +474,16 @@ int dkim_parse_canon(const char *s, dkim_canon *header, dkim_canon *body) {
 /* ---------------------------------------------------------------- signing */
 
 /* What one signature needs besides the key: a digest context to hash into, and the signing
- * templates to copy.  dkim_sign uses the key's own templates; a dkim_ctx has copies of them, so
- * that threads signing at once never touch the same OpenSSL context (openssl-threads(7): "two
- * threads can calculate a signature using two different EVP_PKEY_CTX objects"; the EVP_PKEY
- * under them is only read while signing, which the same page allows: "Objects are thread-safe as
- * long as the API's being invoked don't modify the object"). */
+ * templates to copy.  dkim_sign uses the key's own templates.  A dkim_ctx (one per signing thread)
+ * has its own copy of the key (EVP_PKEY_dup) and templates made from that copy, so threads signing
+ * at once share no OpenSSL object at all.  openssl-threads(7) allows less: "two threads can
+ * calculate a signature using two different EVP_PKEY_CTX objects", over a shared key, since
+ * "Objects are thread-safe as long as the API's being invoked don't modify the object"; but an RSA
+ * key shared by threads keeps one blinding value for all but its first user, behind a lock taken
+ * at every signature (crypto/rsa/rsa_ossl.c), which a copy per thread avoids. */
 struct dkim_ctx {
   const dkim_key *k;
+  EVP_PKEY *pkey; /* a dkim_ctx's own copy of the key (NULL in dkim_sign's) */
   EVP_MD_CTX *md; /* hashing; reused from message to message */
   EVP_MD_CTX *ed_tmpl; /* Ed25519: DigestSign initialised with the key */
   EVP_PKEY_CTX *rsa_tmpl; /* RSA: sign initialised, PKCS#1 v1.5 padding, SHA-256 */
@@ -628,7 +631,7 @@ done:
 
 int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
               size_t errlen) {
-  dkim_ctx c = {k, EVP_MD_CTX_new(), k->ed_tmpl, k->rsa_tmpl};
+  dkim_ctx c = {k, NULL, EVP_MD_CTX_new(), k->ed_tmpl, k->rsa_tmpl};
   int rc;
   if (c.md == NULL) {
     seterr(err, errlen, "out of memory");
@@ -639,6 +642,8 @@ int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len
   return rc;
 }
 
+static int make_templates(EVP_PKEY *pk, int ed25519, EVP_MD *sha256, EVP_MD_CTX **ed, EVP_PKEY_CTX **rsa);
+
 dkim_ctx *dkim_ctx_new(const dkim_key *k, char *err, size_t errlen) {
   dkim_ctx *c = calloc(1, sizeof *c);
   char why[256];
@@ -647,12 +652,9 @@ dkim_ctx *dkim_ctx_new(const dkim_key *k, char *err, size_t errlen) {
     return NULL;
   }
   c->k = k;
-  if ((c->md = EVP_MD_CTX_new()) == NULL) goto fail;
-  if (k->ed25519) {
-    if ((c->ed_tmpl = EVP_MD_CTX_new()) == NULL || EVP_MD_CTX_copy_ex(c->ed_tmpl, k->ed_tmpl) != 1) goto fail;
-  } else if ((c->rsa_tmpl = EVP_PKEY_CTX_dup(k->rsa_tmpl)) == NULL) {
+  if ((c->md = EVP_MD_CTX_new()) == NULL || (c->pkey = EVP_PKEY_dup(k->pkey)) == NULL ||
+      make_templates(c->pkey, k->ed25519, k->sha256, &c->ed_tmpl, &c->rsa_tmpl) < 0)
     goto fail;
-  }
   return c;
 fail:
   seterr(err, errlen, "signing context: %s", ssl_reason(why, sizeof why));
@@ -665,6 +667,7 @@ void dkim_ctx_free(dkim_ctx *c) {
     EVP_MD_CTX_free(c->md);
     EVP_MD_CTX_free(c->ed_tmpl);
     EVP_PKEY_CTX_free(c->rsa_tmpl);
+    EVP_PKEY_free(c->pkey);
     free(c);
   }
 }
@@ -675,6 +678,20 @@ int dkim_sign_ctx(dkim_ctx *c, const dkim_opts *o, const char *msg, size_t len, 
 }
 
 /* ---------------------------------------------------------------- keys */
+
+/* The signing templates for pk: DigestSign for Ed25519, or an RSA sign context with PKCS#1 v1.5
+ * padding and SHA-256.  -1 on an OpenSSL failure (what was made is in *ed or *rsa, to free). */
+static int make_templates(EVP_PKEY *pk, int ed25519, EVP_MD *sha256, EVP_MD_CTX **ed, EVP_PKEY_CTX **rsa) {
+  if (ed25519)
+    return (*ed = EVP_MD_CTX_new()) != NULL && EVP_DigestSignInit_ex(*ed, NULL, NULL, NULL, NULL, pk, NULL) == 1
+               ? 0
+               : -1;
+  return (*rsa = EVP_PKEY_CTX_new_from_pkey(NULL, pk, NULL)) != NULL && EVP_PKEY_sign_init(*rsa) == 1 &&
+                 EVP_PKEY_CTX_set_rsa_padding(*rsa, RSA_PKCS1_PADDING) == 1 &&
+                 EVP_PKEY_CTX_set_signature_md(*rsa, sha256) == 1
+             ? 0
+             : -1;
+}
 
 /* Checks the type and size of pk and wraps it; pk is freed on failure. */
 static dkim_key *key_wrap(EVP_PKEY *pk, const char *what, char *err, size_t errlen) {
@@ -699,17 +716,9 @@ static dkim_key *key_wrap(EVP_PKEY *pk, const char *what, char *err, size_t errl
   k->pkey = pk;
   k->ed25519 = id == EVP_PKEY_ED25519;
   k->bits = bits;
-  if ((k->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL) goto ssl_fail;
-  if (k->ed25519) {
-    if ((k->ed_tmpl = EVP_MD_CTX_new()) == NULL ||
-        EVP_DigestSignInit_ex(k->ed_tmpl, NULL, NULL, NULL, NULL, pk, NULL) != 1)
-      goto ssl_fail;
-  } else if ((k->rsa_tmpl = EVP_PKEY_CTX_new_from_pkey(NULL, pk, NULL)) == NULL ||
-             EVP_PKEY_sign_init(k->rsa_tmpl) != 1 ||
-             EVP_PKEY_CTX_set_rsa_padding(k->rsa_tmpl, RSA_PKCS1_PADDING) != 1 ||
-             EVP_PKEY_CTX_set_signature_md(k->rsa_tmpl, k->sha256) != 1) {
+  if ((k->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL ||
+      make_templates(pk, k->ed25519, k->sha256, &k->ed_tmpl, &k->rsa_tmpl) < 0)
     goto ssl_fail;
-  }
   return k;
 ssl_fail:
   seterr(err, errlen, "%s: %s", what, ssl_reason(why, sizeof why));

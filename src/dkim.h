@@ -81,10 +81,10 @@ int dkim_opts_check(const dkim_opts *o, char *err, size_t errlen);
 int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out,
               char *err, size_t errlen);
 
-/* A signing context for one thread: copies of the key's OpenSSL contexts and a digest context of
- * its own, so that several threads can sign with one key at once, each with its own dkim_ctx
- * (dkim_sign itself uses the key's contexts: one thread at a time).  Make it on any thread, while
- * no other thread makes one from the same key; the key must outlive it.  NULL with a reason in err. */
+/* A signing context for one thread: its own copy of the key and OpenSSL contexts made from it, so
+ * that several threads can sign with one key at once, each with its own dkim_ctx, sharing nothing
+ * (dkim_sign itself uses the key's contexts: one thread at a time).  Make it on the thread that
+ * uses the key (the copy reads it); the key must outlive it.  NULL with a reason in err. */
 typedef struct dkim_ctx dkim_ctx;
 dkim_ctx *dkim_ctx_new(const dkim_key *k, char *err, size_t errlen);
 void dkim_ctx_free(dkim_ctx *c); /* c may be NULL */
