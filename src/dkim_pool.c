@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,21 +199,30 @@ dkim_pool *dkim_pool_new(const dkim_key *k, int nthreads, loop *lp, dkim_pool_do
   /* the contexts are copied here, one after the other, before any thread runs */
   for (int i = 0; i < nthreads; i++)
     if ((p->ctx[i] = dkim_ctx_new(k, err, errlen)) == NULL) goto fail;
+  /* The workers block every signal (a thread inherits its creator's mask): SIGINT and SIGTERM are
+   * the loop's, through a signalfd, and a worker that took one would die of it (default action). */
+  sigset_t all, old;
+  sigfillset(&all);
+  if ((rc = pthread_sigmask(SIG_SETMASK, &all, &old)) != 0) {
+    seterr(err, errlen, "pthread_sigmask: %s", strerror(rc));
+    goto fail;
+  }
   for (int i = 0; i < nthreads; i++) {
     worker_arg *a = malloc(sizeof *a);
     if (a == NULL) {
       seterr(err, errlen, "out of memory");
-      goto fail;
+      break;
     }
     a->p = p, a->ctx = p->ctx[i];
     if ((rc = pthread_create(&p->tid[i], NULL, worker, a)) != 0) {
       free(a);
       seterr(err, errlen, "cannot start a signing thread: %s", strerror(rc));
-      goto fail;
+      break;
     }
     p->nthreads++;
   }
-  return p;
+  pthread_sigmask(SIG_SETMASK, &old, NULL); /* cannot fail: it took this mask above */
+  if (p->nthreads == nthreads) return p;
 fail:
   stop_free(p);
   return NULL;

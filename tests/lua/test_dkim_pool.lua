@@ -1,8 +1,8 @@
 -- test_dkim_pool.lua - DKIM signing on worker threads (dkim = { threads = N }): from many tasks at
 -- once every signature is the very bytes the same key makes on the main thread (RSA PKCS#1 v1.5 and
 -- Ed25519 are deterministic), the loop runs other tasks while the workers sign, more tasks than the
--- pool has slots wait in line, a signer closed or a program ending while jobs are out, and the
--- option's checks.  Run by `mailshot exec` (the chunk is a task itself); `make tsan` runs it under
+-- pool has slots wait in line, a signer closed while jobs are out, and the option's checks (a
+-- program that ends while jobs are out: tests/integration/test_campaign_dkim.py).  Run by `mailshot exec` (the chunk is a task itself); `make tsan` runs it under
 -- ThreadSanitizer (DKIM_POOL_N sets the number of messages).
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local check = dofile(here .. "check.lua")
@@ -143,28 +143,6 @@ case("a signer closed while tasks wait on it: each gets its message or nil, err,
   eq(signed + closed, 100)
   assert(closed > 0, "no job was still waiting when the signer closed (signed " .. signed .. ")")
   checkerr("attempt to use a closed dkim signer", s.sign, s, message(1))
-end)
-
-case("a program that ends while tasks wait on signatures exits at once and cleanly", function()
-  -- the binary running this test, found through the shell's parent
-  local bin = io.popen("readlink /proc/$PPID/exe"):read("l")
-  local script = os.tmpname()
-  local f = assert(io.open(script, "w"))
-  f:write(([[
-    local core, dkim = require("mailshot.core"), require("mailshot.dkim")
-    local s = assert(dkim.signer { domain = "acme.example", selector = "s1", key_file = %q, threads = 2 })
-    for i = 1, 200 do core.spawn(function() s:sign("From: a@acme.example\r\n\r\n" .. ("x"):rep(i * 100)) end) end
-    core.sleep(0)
-    print("leaving with jobs out")
-    return 0
-  ]]):format(keys["rsa-sha256"]))
-  f:close()
-  local p = io.popen(("%q exec %q 2>&1"):format(bin, script))
-  local out = p:read("a")
-  local ok, how, code = p:close()
-  os.remove(script)
-  eq(out, "leaving with jobs out\n")
-  assert(ok and how == "exit" and code == 0, tostring(how) .. " " .. tostring(code) .. ": " .. out)
 end)
 
 case("threads: an integer from 0 to 64, checked when the signer is made", function()
