@@ -1,7 +1,7 @@
 /* dkim_pool.c - worker threads that sign DKIM jobs; see dkim_pool.h.
  *
- * Two queues under one mutex: `todo` (submitted, FIFO; workers sleep on `more` while it is empty)
- * and `done` (finished, handed back in the order they finished).  A worker that makes `done`
+ * Two queues under one mutex: `todo` (submitted, FIFO; workers sleep on `more` while it is empty;
+ * the loop hands over each turn's jobs at once, in a deferred call after the ready tasks ran) and `done` (finished, handed back in the order they finished).  A worker that makes `done`
  * non-empty writes the eventfd; the loop reads the eventfd first and then takes the whole `done`
  * list, so a job finished after that take writes again, and none is ever left unannounced (at
  * worst a wake-up finds the list empty).  The eventfd is watched only while jobs are out, so a
@@ -33,6 +33,8 @@ struct dkim_pool {
   /* the loop thread's alone */
   loop *lp;
   int watching;
+  dkim_job *batch, *batch_tail; /* submitted this turn of the loop, handed over at its end */
+  loop_deferred flush;
   size_t pending;               /* submitted, not yet given to done */
   dkim_pool_done_fn *done_fn;
   void *data;
@@ -118,6 +120,23 @@ static void on_done(loop *l, int fd, int events, void *data) {
   unwatch_if_idle(p);
 }
 
+/* The jobs of a turn of the loop go to the workers together, once the ready tasks have run: one
+ * lock and one wake-up per turn rather than per message. */
+static void flush(loop *l, void *data) {
+  dkim_pool *p = data;
+  (void)l;
+  if (p->batch == NULL) return;
+  pthread_mutex_lock(&p->mu);
+  if (p->todo_tail) p->todo_tail->next = p->batch; else p->todo = p->batch;
+  p->todo_tail = p->batch_tail;
+  if (p->batch == p->batch_tail)
+    pthread_cond_signal(&p->more);
+  else
+    pthread_cond_broadcast(&p->more);
+  pthread_mutex_unlock(&p->mu);
+  p->batch = p->batch_tail = NULL;
+}
+
 int dkim_pool_submit(dkim_pool *p, dkim_job *j) {
   if (!p->watching) {
     if (loop_watch(p->lp, p->efd, LOOP_READ, on_done, p) < 0) return -1;
@@ -126,11 +145,9 @@ int dkim_pool_submit(dkim_pool *p, dkim_job *j) {
   j->next = NULL;
   j->signed_ = 0;
   p->pending++;
-  pthread_mutex_lock(&p->mu);
-  if (p->todo_tail) p->todo_tail->next = j; else p->todo = j;
-  p->todo_tail = j;
-  pthread_cond_signal(&p->more);
-  pthread_mutex_unlock(&p->mu);
+  if (p->batch_tail) p->batch_tail->next = j; else p->batch = j;
+  p->batch_tail = j;
+  loop_defer(p->lp, &p->flush);
   return 0;
 }
 
@@ -151,6 +168,7 @@ static void stop_free(dkim_pool *p) {
   pthread_mutex_unlock(&p->mu);
   for (int i = 0; i < p->nthreads; i++) pthread_join(p->tid[i], NULL);
   for (int i = 0; i < p->nctx; i++) dkim_ctx_free(p->ctx[i]);
+  loop_cancel_deferred(p->lp, &p->flush);
   if (p->watching) loop_unwatch(p->lp, p->efd);
   if (p->efd >= 0) close(p->efd);
   pthread_cond_destroy(&p->more);
@@ -173,6 +191,7 @@ dkim_pool *dkim_pool_new(const dkim_key *k, int nthreads, loop *lp, dkim_pool_do
     return NULL;
   }
   p->lp = lp, p->done_fn = done, p->data = data;
+  p->flush.fn = flush, p->flush.data = p;
   p->efd = -1;
   if ((rc = pthread_mutex_init(&p->mu, NULL)) != 0) {
     free(p);
@@ -237,7 +256,9 @@ void dkim_pool_free(dkim_pool *p) {
   pthread_mutex_unlock(&p->mu);
   for (int i = 0; i < p->nthreads; i++) pthread_join(p->tid[i], NULL);
   p->nthreads = 0;   /* joined: stop_free must not join again */
-  /* no thread runs now: the lists are ours; signed jobs first, then those never started */
+  /* no thread runs now: the lists are ours; signed jobs first, then those never started, then
+   * those not handed over yet */
+  flush(p->lp, p);
   left = p->done;
   if (p->done_tail) p->done_tail->next = p->todo; else left = p->todo;
   p->done = p->done_tail = p->todo = p->todo_tail = NULL;
