@@ -299,8 +299,6 @@ static int dkim_keygen(lua_State *L) {
   return 2;
 }
 
-/* ---------------------------------------------------------------- signing */
-
 /* ---------------------------------------------------------------- signing on the workers */
 
 static sjob *job_get(LSigner *p) {
