@@ -7,6 +7,7 @@
 #   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan
 #   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
+#   make tsan       the DKIM signing threads under ThreadSanitizer (build/tsan/mailshot, tests/lua/test_dkim_pool.lua)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME), the report's rewrite in CSV
@@ -25,9 +26,9 @@ PKGS    := lua5.4 libcares openssl
 # the code needs are in MS_CFLAGS, always added.  VERSION is the one place the version is written: the C
 # side hands it to Lua as mailshot.core.version (mailshot.version, `mailshot --version`).
 CFLAGS    ?= -O2 -g
-MS_CFLAGS := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
+MS_CFLAGS := -std=c11 -pthread -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
              -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm -pthread
 
 SRC      := $(wildcard src/*.c)
 LIB_SRC  := $(filter-out src/main.c src/embed_gen.c, $(SRC))
@@ -36,7 +37,9 @@ UNIT_SRC := $(wildcard tests/unit/test_*.c)
 
 OBJ      := $(LIB_SRC:src/%.c=build/%.o)
 ASAN_OBJ := $(LIB_SRC:src/%.c=build/asan/%.o)
+TSAN_OBJ := $(LIB_SRC:src/%.c=build/tsan/%.o)
 SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
+TSAN     := -fsanitize=thread -fno-omit-frame-pointer
 
 # Debian packages the build and the tests need (installed by `make deps` when missing).
 DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev
@@ -44,11 +47,11 @@ DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix 
 # clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14
 DEB_TEST  += clang libclang-rt-14-dev
 
-.PHONY: all deps demo check test unit luatest integration valgrind valgrind-all \
+.PHONY: all deps demo check test unit luatest tsan integration valgrind valgrind-all \
         bench install clean
 all: mailshot
 
-build build/asan:
+build build/asan build/tsan:
 	@mkdir -p $@
 
 build/%.o: src/%.c $(wildcard src/*.h) | build
@@ -69,6 +72,17 @@ mailshot: src/main.c build/lua_embed.c $(OBJ)
 # The same program under AddressSanitizer + UBSan: the integration tests run this one.
 build/asan/mailshot: src/main.c build/lua_embed.c $(ASAN_OBJ)
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ src/main.c build/lua_embed.c $(ASAN_OBJ) $(LDLIBS)
+
+# The same program under ThreadSanitizer, for the one part that runs threads: DKIM signing (src/dkim_pool.c).
+# `make tsan` signs a few thousand messages from many tasks at once with it; any report fails (part of make test).
+build/tsan/%.o: src/%.c $(wildcard src/*.h) | build/tsan
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(TSAN) -c -o $@ $<
+
+build/tsan/mailshot: src/main.c build/lua_embed.c $(TSAN_OBJ)
+	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(TSAN) -Isrc -o $@ src/main.c build/lua_embed.c $(TSAN_OBJ) $(LDLIBS)
+
+tsan: build/tsan/mailshot
+	TSAN_OPTIONS="halt_on_error=1 exitcode=66 $(TSAN_OPTIONS)" DKIM_POOL_N=2000 build/tsan/mailshot exec tests/lua/test_dkim_pool.lua
 
 build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)

@@ -473,18 +473,35 @@ int dkim_parse_canon(const char *s, dkim_canon *header, dkim_canon *body) {
 
 /* ---------------------------------------------------------------- signing */
 
+/* What one signature needs besides the key: a digest context to hash into, and the signing
+ * templates to copy.  dkim_sign uses the key's own templates.  A dkim_ctx (one per signing thread)
+ * has its own copy of the key (EVP_PKEY_dup) and templates made from that copy, so threads signing
+ * at once share no OpenSSL object at all.  openssl-threads(7) allows less: "two threads can
+ * calculate a signature using two different EVP_PKEY_CTX objects", over a shared key, since
+ * "Objects are thread-safe as long as the API's being invoked don't modify the object"; but an RSA
+ * key shared by threads keeps one blinding value for all but its first user, behind a lock taken
+ * at every signature (crypto/rsa/rsa_ossl.c), which a copy per thread avoids. */
+struct dkim_ctx {
+  const dkim_key *k;
+  EVP_PKEY *pkey; /* a dkim_ctx's own copy of the key (NULL in dkim_sign's) */
+  EVP_MD_CTX *md; /* hashing; reused from message to message */
+  EVP_MD_CTX *ed_tmpl; /* Ed25519: DigestSign initialised with the key */
+  EVP_PKEY_CTX *rsa_tmpl; /* RSA: sign initialised, PKCS#1 v1.5 padding, SHA-256 */
+};
+
 /* RSASSA-PKCS1-v1_5 over the digest (RFC 8017 §8.2: the DigestInfo is added by OpenSSL), or Ed25519
- * over the 32 digest bytes themselves (RFC 8463 §3: PureEdDSA of the SHA-256 hash). */
-static int sign_digest(const dkim_key *k, const unsigned char *dg, size_t dglen, unsigned char *sig,
+ * over the 32 digest bytes themselves (RFC 8463 §3: PureEdDSA of the SHA-256 hash).  The template
+ * is copied, never used itself: a context is good for one signature. */
+static int sign_digest(const dkim_ctx *c, const unsigned char *dg, size_t dglen, unsigned char *sig,
                        size_t *siglen) {
   int ok;
-  if (!k->ed25519) {
-    EVP_PKEY_CTX *pc = EVP_PKEY_CTX_dup(k->rsa_tmpl);
+  if (!c->k->ed25519) {
+    EVP_PKEY_CTX *pc = EVP_PKEY_CTX_dup(c->rsa_tmpl);
     ok = pc && EVP_PKEY_sign(pc, sig, siglen, dg, dglen) == 1;
     EVP_PKEY_CTX_free(pc);
   } else {
     EVP_MD_CTX *mc = EVP_MD_CTX_new();
-    ok = mc && EVP_MD_CTX_copy_ex(mc, k->ed_tmpl) == 1 && EVP_DigestSign(mc, sig, siglen, dg, dglen) == 1;
+    ok = mc && EVP_MD_CTX_copy_ex(mc, c->ed_tmpl) == 1 && EVP_DigestSign(mc, sig, siglen, dg, dglen) == 1;
     EVP_MD_CTX_free(mc);
   }
   return ok ? 0 : -1;
@@ -548,7 +565,7 @@ static void put_tags(folder *f, const dkim_key *k, const dkim_opts *o) {
 
 /* b= (§3.7): hashes the field written so far (out from start: it ends in "b="), without CRLF,
  * after the signed fields already in the digest; signs; appends the value and the CRLF. */
-static int put_signature(folder *f, const dkim_key *k, sink *s, dkim_canon c, size_t start) {
+static int put_signature(folder *f, const dkim_ctx *dc, sink *s, dkim_canon c, size_t start) {
   unsigned char md[EVP_MAX_MD_SIZE], sig[DKIM_SIG_MAX];
   char b64[DKIM_SIG_MAX / 3 * 4 + 8];
   unsigned int mdlen = 0;
@@ -556,7 +573,7 @@ static int put_signature(folder *f, const dkim_key *k, sink *s, dkim_canon c, si
   int n;
   canon_header(s, c, (const unsigned char *)f->out->data + start, f->out->len - start, 1);
   sink_flush(s);
-  if (s->failed || EVP_DigestFinal_ex(s->md, md, &mdlen) != 1 || sign_digest(k, md, mdlen, sig, &siglen) < 0)
+  if (s->failed || EVP_DigestFinal_ex(s->md, md, &mdlen) != 1 || sign_digest(dc, md, mdlen, sig, &siglen) < 0)
     return -1;
   n = EVP_EncodeBlock((unsigned char *)b64, sig, (int)siglen);
   fold_base64(f, b64, (size_t)n);
@@ -564,8 +581,9 @@ static int put_signature(folder *f, const dkim_key *k, sink *s, dkim_canon c, si
   return 0;
 }
 
-int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
-              size_t errlen) {
+static int sign_with(const dkim_ctx *dc, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
+                     size_t errlen) {
+  const dkim_key *k = dc->k;
   field stackv[64];
   fields fl = {stackv, 0, sizeof stackv / sizeof stackv[0], 0};
   char bh[64], why[256];
@@ -574,11 +592,7 @@ int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len
   sink s;
   int rc = -1;
 
-  s.buf = NULL, s.failed = 0, s.n = 0;
-  if ((s.md = EVP_MD_CTX_new()) == NULL) {
-    seterr(err, errlen, "out of memory");
-    return -1;
-  }
+  s.md = dc->md, s.buf = NULL, s.failed = 0, s.n = 0;
   if (dkim_opts_check(o, err, errlen) < 0 || parse_header(msg, len, &fl, &body, err, errlen) < 0) goto done;
   if (count_fields(&fl, "from") == 0) {
     seterr(err, errlen, "the message has no From: header field (RFC 6376 §5.4 requires signing it)");
@@ -596,7 +610,7 @@ int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len
     fold_raw(&f, " ", 1);
   fold_raw(&f, "b=", 2);
   if (f.failed) goto oom;
-  if (put_signature(&f, k, &s, o->header_canon, start) < 0) goto ssl_fail;
+  if (put_signature(&f, dc, &s, o->header_canon, start) < 0) goto ssl_fail;
   if (f.failed) goto oom;
   rc = 0;
   goto done;
@@ -607,7 +621,6 @@ oom:
 ssl_fail:
   seterr(err, errlen, "signing failed: %s", ssl_reason(why, sizeof why));
 done:
-  EVP_MD_CTX_free(s.md);
   if (fl.heap) free(fl.v);
   if (rc < 0 && out->data) {
     out->len = start;
@@ -616,7 +629,69 @@ done:
   return rc;
 }
 
+int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
+              size_t errlen) {
+  dkim_ctx c = {k, NULL, EVP_MD_CTX_new(), k->ed_tmpl, k->rsa_tmpl};
+  int rc;
+  if (c.md == NULL) {
+    seterr(err, errlen, "out of memory");
+    return -1;
+  }
+  rc = sign_with(&c, o, msg, len, out, err, errlen);
+  EVP_MD_CTX_free(c.md);
+  return rc;
+}
+
+static int make_templates(EVP_PKEY *pk, int ed25519, EVP_MD *sha256, EVP_MD_CTX **ed, EVP_PKEY_CTX **rsa);
+
+dkim_ctx *dkim_ctx_new(const dkim_key *k, char *err, size_t errlen) {
+  dkim_ctx *c = calloc(1, sizeof *c);
+  char why[256];
+  if (c == NULL) {
+    seterr(err, errlen, "out of memory");
+    return NULL;
+  }
+  c->k = k;
+  if ((c->md = EVP_MD_CTX_new()) == NULL || (c->pkey = EVP_PKEY_dup(k->pkey)) == NULL ||
+      make_templates(c->pkey, k->ed25519, k->sha256, &c->ed_tmpl, &c->rsa_tmpl) < 0)
+    goto fail;
+  return c;
+fail:
+  seterr(err, errlen, "signing context: %s", ssl_reason(why, sizeof why));
+  dkim_ctx_free(c);
+  return NULL;
+}
+
+void dkim_ctx_free(dkim_ctx *c) {
+  if (c) {
+    EVP_MD_CTX_free(c->md);
+    EVP_MD_CTX_free(c->ed_tmpl);
+    EVP_PKEY_CTX_free(c->rsa_tmpl);
+    EVP_PKEY_free(c->pkey);
+    free(c);
+  }
+}
+
+int dkim_sign_ctx(dkim_ctx *c, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
+                  size_t errlen) {
+  return sign_with(c, o, msg, len, out, err, errlen);
+}
+
 /* ---------------------------------------------------------------- keys */
+
+/* The signing templates for pk: DigestSign for Ed25519, or an RSA sign context with PKCS#1 v1.5
+ * padding and SHA-256.  -1 on an OpenSSL failure (what was made is in *ed or *rsa, to free). */
+static int make_templates(EVP_PKEY *pk, int ed25519, EVP_MD *sha256, EVP_MD_CTX **ed, EVP_PKEY_CTX **rsa) {
+  if (ed25519)
+    return (*ed = EVP_MD_CTX_new()) != NULL && EVP_DigestSignInit_ex(*ed, NULL, NULL, NULL, NULL, pk, NULL) == 1
+               ? 0
+               : -1;
+  return (*rsa = EVP_PKEY_CTX_new_from_pkey(NULL, pk, NULL)) != NULL && EVP_PKEY_sign_init(*rsa) == 1 &&
+                 EVP_PKEY_CTX_set_rsa_padding(*rsa, RSA_PKCS1_PADDING) == 1 &&
+                 EVP_PKEY_CTX_set_signature_md(*rsa, sha256) == 1
+             ? 0
+             : -1;
+}
 
 /* Checks the type and size of pk and wraps it; pk is freed on failure. */
 static dkim_key *key_wrap(EVP_PKEY *pk, const char *what, char *err, size_t errlen) {
@@ -641,17 +716,9 @@ static dkim_key *key_wrap(EVP_PKEY *pk, const char *what, char *err, size_t errl
   k->pkey = pk;
   k->ed25519 = id == EVP_PKEY_ED25519;
   k->bits = bits;
-  if ((k->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL) goto ssl_fail;
-  if (k->ed25519) {
-    if ((k->ed_tmpl = EVP_MD_CTX_new()) == NULL ||
-        EVP_DigestSignInit_ex(k->ed_tmpl, NULL, NULL, NULL, NULL, pk, NULL) != 1)
-      goto ssl_fail;
-  } else if ((k->rsa_tmpl = EVP_PKEY_CTX_new_from_pkey(NULL, pk, NULL)) == NULL ||
-             EVP_PKEY_sign_init(k->rsa_tmpl) != 1 ||
-             EVP_PKEY_CTX_set_rsa_padding(k->rsa_tmpl, RSA_PKCS1_PADDING) != 1 ||
-             EVP_PKEY_CTX_set_signature_md(k->rsa_tmpl, k->sha256) != 1) {
+  if ((k->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL ||
+      make_templates(pk, k->ed25519, k->sha256, &k->ed_tmpl, &k->rsa_tmpl) < 0)
     goto ssl_fail;
-  }
   return k;
 ssl_fail:
   seterr(err, errlen, "%s: %s", what, ssl_reason(why, sizeof why));

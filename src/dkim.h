@@ -81,6 +81,19 @@ int dkim_opts_check(const dkim_opts *o, char *err, size_t errlen);
 int dkim_sign(const dkim_key *k, const dkim_opts *o, const char *msg, size_t len, bytebuf *out,
               char *err, size_t errlen);
 
+/* A signing context for one thread: its own copy of the key and OpenSSL contexts made from it, so
+ * that several threads can sign with one key at once, each with its own dkim_ctx, sharing nothing
+ * (dkim_sign itself uses the key's contexts: one thread at a time).  Make it on the thread that
+ * uses the key (the copy reads it); the key must outlive it.  NULL with a reason in err. */
+typedef struct dkim_ctx dkim_ctx;
+dkim_ctx *dkim_ctx_new(const dkim_key *k, char *err, size_t errlen);
+void dkim_ctx_free(dkim_ctx *c); /* c may be NULL */
+
+/* dkim_sign with the key of c, on the thread that owns c; no allocation but out's growth (and the
+ * field table past 64 header fields). */
+int dkim_sign_ctx(dkim_ctx *c, const dkim_opts *o, const char *msg, size_t len, bytebuf *out, char *err,
+                  size_t errlen);
+
 /* The canonical forms that are hashed (RFC 6376 §3.4), appended to out; for tests and debugging.
  * dkim_canon_header: field is one header field as in the message ("Name: value", maybe folded,
  * with or without its final line break); the result ends in CRLF.  dkim_canon_body: body is

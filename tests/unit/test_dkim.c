@@ -580,6 +580,31 @@ done:
   bytebuf_free(&out);
 }
 
+/* A dkim_ctx (one per signing thread, its own copy of the key) signs the same bytes as the key
+ * itself, message after message (its digest context is reused). */
+static void dkim_test_ctx (dkim_key *k)
+{
+  dkim_opts o = { "acme.example", "s1", NULL, DKIM_RELAXED, DKIM_RELAXED, 1700000000, 0 };
+  dkim_ctx *c = dkim_ctx_new(k, err, sizeof err);
+  bytebuf a = { 0 }, b = { 0 };
+  CHECK(c != NULL);
+  if (!c)
+    return;
+  for (int i = 0; i < 3; i++) {
+    a.len = b.len = 0;
+    o.timestamp = 1700000000 + i;
+    CHECK(dkim_sign(k, &o, dkim_msg, sizeof dkim_msg - 1 - (size_t)i, &a, err, sizeof err) == 0);
+    CHECK(dkim_sign_ctx(c, &o, dkim_msg, sizeof dkim_msg - 1 - (size_t)i, &b, err, sizeof err) == 0);
+    CHECK(a.len > 0 && a.len == b.len && memcmp(a.data, b.data, a.len) == 0);
+  }
+  a.len = 0;
+  CHECK(dkim_sign_ctx(c, &o, "Subject: x\r\n\r\n", 15, &a, err, sizeof err) == -1);   /* no From: */
+  CHECK(strstr(err, "no From:") != NULL);
+  dkim_ctx_free(c);
+  bytebuf_free(&a);
+  bytebuf_free(&b);
+}
+
 int main (void)
 {
   dkim_key *rsa, *ed;
@@ -607,6 +632,8 @@ int main (void)
   dkim_test_errors(ed);
   dkim_test_key_load();
   dkim_test_records(rsa, ed);
+  dkim_test_ctx(rsa);
+  dkim_test_ctx(ed);
   dkim_rate(rsa);
   dkim_rate(ed);
 
