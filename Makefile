@@ -170,7 +170,7 @@ build/fuzz/fuzz_csv: FUZZ_LIBS = -lcsv
 build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c
 build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null || echo -lcares)
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c src/smtp_proto.c src/bytebuf.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
 
 fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
