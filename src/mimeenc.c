@@ -17,54 +17,54 @@ static const char HEX[] = "0123456789ABCDEF";
  * the end of a line (qp_line). */
 static int qp_plain(unsigned char c) { return (c >= 32 && c <= 126 && c != '=') || c == '\t'; }
 
-/* The encoded line at out->data[start..out->len) cut with soft breaks: while more than 76
- * characters are left, the next 75 (74 or 73 when that would split an =XX) and "=" CRLF.  Written
- * after the line, then moved over it. */
-static int qp_cut(bytebuf *out, size_t start) {
-  size_t end = out->len, len = end - start;
-  if (bytebuf_reserve(out, len + 3 * (len / 73 + 1)) < 0) return -1;
-  char *d = out->data, *w = d + end;
-  size_t pos = start;
-  while (end - pos > MIMEENC_QP_LINE) {
-    size_t cut = pos + MIMEENC_QP_LINE - 2;    /* the last of 75 characters */
-    if (d[cut] == '=') cut -= 1;               /* "=" only ever starts an escape */
-    else if (d[cut - 1] == '=') cut -= 2;
-    memcpy(w, d + pos, cut + 1 - pos);
-    w += cut + 1 - pos;
-    memcpy(w, "=\r\n", 3);
-    w += 3;
-    pos = cut + 1;
-  }
-  memcpy(w, d + pos, end - pos);
-  w += end - pos;
-  size_t cut_len = (size_t)(w - (d + end));
-  memmove(d + start, d + end, cut_len);
-  out->len = start + cut_len;
-  return 0;
-}
-
-/* bytebuf_lines callback: one line of the text, encoded, and a CRLF when a break ended it. */
+/* bytebuf_lines callback: one line of the text, encoded, and a CRLF when a break ended it.  The
+ * encoded length is counted first: while more than 76 characters of the line are left, a soft break
+ * ("=" CRLF) follows the most whole characters or =XX escapes that make at most 75. */
 static int qp_line(void *ud, const char *line, size_t n, int brk) {
   bytebuf *out = ud;
   const unsigned char *s = (const unsigned char *)line;
-  if (n > (SIZE_MAX - 8) / 3 || bytebuf_reserve(out, 3 * n + 2) < 0) return -1;
-  size_t start = out->len;
-  char *d = out->data + start;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = s[i];
-    if (qp_plain(c) && !(i + 1 == n && (c == ' ' || c == '\t'))) {
-      *d++ = (char)c;
-    } else {
-      d[0] = '=', d[1] = HEX[c >> 4], d[2] = HEX[c & 15];
-      d += 3;
+  size_t len = n, i = 0;                          /* the encoded line's length */
+  for (; i + 8 <= n; i += 8) {                    /* 8 bytes at a time: any to look at? */
+    const uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
+    uint64_t w;
+    memcpy(&w, s + i, 8);
+    /* the lowest byte < 32, >= 127 or "=" sets its high bit in one of these (higher ones may be
+     * false alarms, and tab is one): exact enough to skip 8 plain bytes */
+    if (((w | (w - 0x20 * ones) | (w + ones) | ((w ^ 0x3D * ones) - ones)) & high) == 0) continue;
+    for (size_t j = i; j < i + 8; j++) len += qp_plain(s[j]) ? 0 : 2;
+  }
+  for (; i < n; i++) len += qp_plain(s[i]) ? 0 : 2;
+  int blank_end = n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t');
+  if (blank_end) len += 2;                        /* RFC 2045 6.7 (3): =20 or =09 */
+  if (len > (SIZE_MAX - 8) / 2 || bytebuf_reserve(out, len + 3 * (len / 73 + 1) + 2) < 0) return -1;
+  char *d = out->data + out->len;
+  size_t left = len, col = 0;                     /* characters from the current line's start on */
+  if (len == n) {                                 /* all plain (an ASCII line): 75 at a time */
+    for (; left > MIMEENC_QP_LINE; line += MIMEENC_QP_LINE - 1, left -= MIMEENC_QP_LINE - 1) {
+      memcpy(d, line, MIMEENC_QP_LINE - 1);
+      memcpy(d + MIMEENC_QP_LINE - 1, "=\r\n", 3);
+      d += MIMEENC_QP_LINE + 2;
     }
+    memcpy(d, line, left);
+    d += left;
+    n = 0;
   }
+  for (i = 0; i < n; i++) {
+    unsigned char c = s[i];
+    int plain = qp_plain(c) && !(blank_end && i + 1 == n);
+    size_t k = plain ? 1 : 3;
+    if (left > MIMEENC_QP_LINE && col + k > MIMEENC_QP_LINE - 1) {
+      memcpy(d, "=\r\n", 3);
+      d += 3;
+      left -= col;
+      col = 0;
+    }
+    if (plain) *d++ = (char)c;
+    else d[0] = '=', d[1] = HEX[c >> 4], d[2] = HEX[c & 15], d += 3;
+    col += k;
+  }
+  if (brk) *d++ = '\r', *d++ = '\n';
   out->len = (size_t)(d - out->data);
-  if (out->len - start > MIMEENC_QP_LINE && qp_cut(out, start) < 0) return -1;
-  if (brk) {                                   /* room reserved above */
-    out->data[out->len++] = '\r';
-    out->data[out->len++] = '\n';
-  }
   out->data[out->len] = '\0';
   return 0;
 }
