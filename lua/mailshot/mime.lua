@@ -17,12 +17,12 @@
 -- neither text nor html -> error().
 
 local string, table, math, os, io, utf8, type, tostring, error, assert,
-      pairs, ipairs, select, setmetatable =
+      pairs, ipairs, select =
       string, table, math, os, io, utf8, type, tostring, error, assert,
-      pairs, ipairs, select, setmetatable
-local byte, char, find, sub, gsub, match, format, lower, gmatch, unpack =
-      string.byte, string.char, string.find, string.sub, string.gsub,
-      string.match, string.format, string.lower, string.gmatch, string.unpack
+      pairs, ipairs, select
+local byte, find, sub, gsub, match, format, lower, gmatch =
+      string.byte, string.find, string.sub, string.gsub,
+      string.match, string.format, string.lower, string.gmatch
 local concat, sort = table.concat, table.sort
 local utf8_len, random, time = utf8.len, math.random, os.time
 local text = require("mailshot.text")
