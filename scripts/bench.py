@@ -2,10 +2,13 @@
 """mailshot benchmark (make bench): mailshot against Postfix's smtp-sink, side by side with Postfix's
 smtp-source, a C load generator that does no templating at all.
 
-For concurrency 1, 8 and 64 it sends N personalized messages (a ~1.5 KB body, subject and greeting from
-the CSV; text only, and text+HTML) through a relay pointed at smtp-sink, then runs `smtp-source -d -s C`
-with the same count and size against the same sink, and prints both rates and their ratio (medians of
-RUNS runs).  Then: peak RSS at 10,000 and 1,000,000 recipients (and the rate of each), STARTTLS rates
+For concurrency 1, 8 and 64 it sends N personalized text+HTML messages (a ~1.5 KB body in each, subject,
+greeting and the To display name from the CSV) through a relay pointed at smtp-sink twice: with ASCII
+names and with international ones (names in Cyrillic, Arabic, CJK, Greek, Hangul, accented Latin... for
+two rows in three, and a subject in the recipient's language: RFC 2047 encoded-words in Subject and To,
+quoted-printable bodies), and runs `smtp-source -d -s C` with the same count at the international
+message's size against the same sink; the three runs interleaved, RUNS times, and the medians printed
+side by side with their ratios.  Then: peak RSS at 10,000 and 1,000,000 recipients (and the rate of each), STARTTLS rates
 against tests/servers/tls_sink.c (with the sink's own CPU time per message, to show it is not the
 bottleneck), the DKIM signing cost, the live progress line's cost (a pseudo-terminal as stderr,
 against no progress at all), and the rate limiter over a run at "100/s".
@@ -51,6 +54,7 @@ return mailshot.campaign {
   recipients = os.getenv "LIST",
   from = "Acme News <news@acme.example>",
   subject = "{{subject}}, {{first_name}}",
+  to_name = "{{first_name}} {{last_name}}",
   text = mailshot.template.file "body.txt",
   html = os.getenv "HTML" == "1" and mailshot.template.file "body.html" or nil,
   send = relay,
@@ -99,11 +103,32 @@ class Sink:
         self.proc.wait()
 
 
-def write_list(path, n):
+# Names as an international list has them: one row in three ASCII, the others in Cyrillic, Arabic,
+# CJK, Greek, Hangul, Hebrew, Devanagari, Thai and accented Latin; subjects in the same languages.
+INTL_NAMES = [("John", "Smith"), ("Иван", "Петров"), ("José", "García"), ("Mary", "Johnson"),
+              ("محمد", "العلي"), ("王", "小明"), ("Peter", "Brown"), ("Γιώργος", "Παπαδόπουλος"),
+              ("Ayşe", "Yılmaz"), ("Linda", "Davis"), ("山田", "太郎"), ("François", "Müller"),
+              ("James", "Wilson"), ("Ольга", "Смирнова"), ("김", "민준"), ("Anna", "Taylor"),
+              ("דוד", "כהן"), ("अमित", "शर्मा"), ("Robert", "Moore"), ("Nguyễn", "Thị Hương"),
+              ("สมชาย", "ใจดี")]
+INTL_SUBJECTS = ["Наше предложение № {}", "Notre offre n° {} pour vous", "عرضنا رقم {}", "我们的优惠 {}",
+                 "Η προσφορά μας {}", "Unser Angebot Nr. {} für Sie", "특별 할인 {}", "Nuestra oferta n.º {}"]
+
+
+def write_list(path, n, intl=False):
     with open(path, "w") as f:
-        f.write("email,first_name,subject\n")
+        f.write("email,first_name,last_name,subject\n")
         for i in range(n):
-            f.write(f"user{i}@example.com,Name{i},Our offer number {i}\n")
+            if intl:
+                first, last = INTL_NAMES[i % len(INTL_NAMES)]
+                subject = INTL_SUBJECTS[i % len(INTL_SUBJECTS)].format(i)
+                f.write(f"user{i}@example.com,{first},{last},{subject}\n")
+            else:
+                f.write(f"user{i}@example.com,Name{i},Smith,Our offer number {i}\n")
+
+
+def list_path(work, n, intl=False):
+    return os.path.join(work, f"list-{'intl-' if intl else ''}{n}.csv")
 
 
 LAST_STDERR = ""                   # of the last run_timed()
@@ -153,9 +178,10 @@ def run_timed(cmd, env=None, cwd=None, tty=False):
     return dt, usage.ru_maxrss / 1024, out
 
 
-def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None, live=False):
-    """One campaign run; live: with its live progress line on a terminal (else none at all)."""
-    env = dict(os.environ, SINK=sink, CONNS=str(conns), LIST=os.path.join(work, f"list-{n}.csv"),
+def mailshot_run(work, sink, conns, n, html=False, tls="none", extra_env=None, live=False, intl=False):
+    """One campaign run; live: with its live progress line on a terminal (else none at all); intl: to
+    the list with international names."""
+    env = dict(os.environ, SINK=sink, CONNS=str(conns), LIST=list_path(work, n, intl),
                HTML="1" if html else "0", TLS=tls)
     env.update(extra_env or {})
     quiet = [] if live else ["--quiet", "--progress", "0"]
@@ -196,16 +222,16 @@ def median_rate(fn, n):
 
 
 def message_size(work):
-    """Size of one rendered message, text only and text+HTML, from a dry run's outbox."""
+    """Mean size of a rendered text+HTML message, ASCII and international ("intl") names, from a dry
+    run's outbox of the first 42 rows (two rounds of the names)."""
     sizes = {}
-    for html in (False, True):
-        out = os.path.join(work, "outbox-html" if html else "outbox-text")
-        env = dict(os.environ, SINK="127.0.0.1:9", CONNS="1", LIST=os.path.join(work, "list-5.csv"),
-                   HTML="1" if html else "0")
+    for intl in (False, True):
+        out = os.path.join(work, "outbox-intl" if intl else "outbox-ascii")
+        env = dict(os.environ, SINK="127.0.0.1:9", CONNS="1", LIST=list_path(work, 42, intl), HTML="1")
         subprocess.run([MAILSHOT, "run", os.path.join(work, "bench.lua"), "--outbox", out, "--quiet",
                         "--report", os.path.join(work, "dry.csv")], env=env, check=True, capture_output=True)
-        f = sorted(os.listdir(out))[0]
-        sizes[html] = os.path.getsize(os.path.join(out, f))
+        files = [os.path.join(out, f) for f in os.listdir(out)]
+        sizes["intl" if intl else "ascii"] = round(sum(map(os.path.getsize, files)) / len(files))
     return sizes
 
 
@@ -215,21 +241,22 @@ def section(title):
 
 
 def throughput(work, sink, sizes):
-    section(f"relay to smtp-sink: {N} personalized messages, median of {RUNS} runs (msgs/s)")
-    print(f"{'conc':>5} {'text':>9} {'source':>9} {'ratio':>6}   {'text+html':>9} {'source':>9} {'ratio':>6}")
+    section(f"relay to smtp-sink: {N} personalized text+HTML messages, ASCII and international names, "
+            f"median of {RUNS} runs (msgs/s)")
+    print(f"{'conc':>5} {'ascii':>9} {'intl':>9} {'source':>9}   {'ascii/src':>9} {'intl/src':>9} {'intl/ascii':>10}")
     for conns in (1, 8, 64):
-        # interleaved runs: a machine that slows down (or speeds up) midway weighs on both sides alike
-        rates = {"text": [], "src": [], "html": [], "src_html": []}
+        # interleaved runs: a machine that slows down (or speeds up) midway weighs on all three alike
+        rates = {"ascii": [], "intl": [], "src": []}
         for _ in range(RUNS):
-            rates["text"].append(N / mailshot_run(work, sink.address, conns, N)[0])
-            rates["src"].append(N / smtp_source(sink.address, conns, N, sizes[False])[0])
-            rates["html"].append(N / mailshot_run(work, sink.address, conns, N, html=True)[0])
-            rates["src_html"].append(N / smtp_source(sink.address, conns, N, sizes[True])[0])
-        text, src, html, src_html = (statistics.median(rates[k]) for k in ("text", "src", "html", "src_html"))
-        print(f"{conns:>5} {text:>9.0f} {src:>9.0f} {text / src:>6.2f}   {html:>9.0f} {src_html:>9.0f} {html / src_html:>6.2f}")
+            rates["ascii"].append(N / mailshot_run(work, sink.address, conns, N, html=True)[0])
+            rates["intl"].append(N / mailshot_run(work, sink.address, conns, N, html=True, intl=True)[0])
+            rates["src"].append(N / smtp_source(sink.address, conns, N, sizes["intl"])[0])
+        ascii, intl, src = (statistics.median(rates[k]) for k in ("ascii", "intl", "src"))
+        print(f"{conns:>5} {ascii:>9.0f} {intl:>9.0f} {src:>9.0f}   {ascii / src:>9.2f} {intl / src:>9.2f} "
+              f"{intl / ascii:>10.2f}")
         sys.stdout.flush()
-    print(f"(source: smtp-source -d -s C -l SIZE with each message's size: text {sizes[False]} bytes, text+html "
-          f"{sizes[True]} bytes; mailshot: C sessions, 3*C messages per run at once)")
+    print(f"(source: smtp-source -d -s C -l {sizes['intl']}, the international message's mean size; the ASCII "
+          f"one is {sizes['ascii']} bytes; mailshot: C sessions, 3*C messages at once)")
 
 
 def memory(work, sink):
@@ -344,8 +371,9 @@ def main():
             f.write(BODY)
         with open(os.path.join(work, "body.html"), "w") as f:
             f.write(HTML)
-        write_list(os.path.join(work, f"list-{N}.csv"), N)
-        write_list(os.path.join(work, "list-5.csv"), 5)
+        for intl in (False, True):
+            write_list(list_path(work, N, intl), N, intl)
+            write_list(list_path(work, 42, intl), 42, intl)
         sizes = message_size(work)
         print(f"mailshot benchmark: {os.cpu_count()} cores, N={N}, {RUNS} runs each")
         sink = Sink()

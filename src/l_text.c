@@ -20,7 +20,13 @@
  *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\.
  *   text.address_ok(addr) -> true | false, reason
  *       smtp_addr_ok, the rule the SMTP client applies to every MAIL FROM and RCPT TO: the one
- *       rule set for an address (mime.valid_address narrows it to what a header can carry). */
+ *       rule set for an address (mime.valid_address narrows it to what a header can carry).
+ *   text.qp(s) -> quoted-printable of s, CRLF line breaks (mime.qp; mimeenc_qp)
+ *   text.base64(s) -> base64 of s in lines of 76 joined by CRLF (mime.base64)
+ *   text.encode_words(s, first) -> RFC 2047 encoded-words for s separated by spaces, the first at
+ *       most `first` characters, the others at most 75 (mimeenc_words)
+ * The three encoders write into one buffer kept between calls (an upvalue), so encoding a message
+ * allocates nothing but the resulting string. */
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdint.h>
@@ -28,6 +34,7 @@
 
 #include "bytebuf.h"
 #include "l_text.h"
+#include "mimeenc.h"
 #include "smtp_proto.h"
 
 /* text.crlf's two walks over the lines (bytebuf_lines finds the breaks): is s already CRLF-only with
@@ -199,11 +206,69 @@ static int t_address_ok(lua_State *L) {
   return 2;
 }
 
+/* The encoders' shared output buffer: emptied before each call; one that grew past SCRATCH_KEEP
+ * (a large attachment) is given back after the call. */
+#define SCRATCH_KEEP (1u << 20)
+#define SCRATCH_META "mailshot.text.scratch"
+
+static bytebuf *scratch(lua_State *L) {
+  bytebuf *b = lua_touserdata(L, lua_upvalueindex(1));
+  b->len = 0;
+  return b;
+}
+
+/* Push the buffer's contents (or raise on ENOMEM: rc < 0) and release a large buffer. */
+static int push_scratch(lua_State *L, bytebuf *b, int rc) {
+  if (rc < 0) return luaL_error(L, "not enough memory");
+  lua_pushlstring(L, b->data, b->len);
+  if (b->cap > SCRATCH_KEEP) bytebuf_free(b);
+  return 1;
+}
+
+static int scratch_gc(lua_State *L) {
+  bytebuf_free(luaL_checkudata(L, 1, SCRATCH_META));
+  return 0;
+}
+
+static int t_qp(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  bytebuf *b = scratch(L);
+  return push_scratch(L, b, mimeenc_qp(b, s, n));
+}
+
+static int t_base64(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  bytebuf *b = scratch(L);
+  return push_scratch(L, b, mimeenc_base64_lines(b, s, n));
+}
+
+static int t_encode_words(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  lua_Integer first = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, first > 0, 2, "first must be > 0");
+  bytebuf *b = scratch(L);
+  return push_scratch(L, b, mimeenc_words(b, s, n, (size_t)first));
+}
+
 int luaopen_mailshot_text(lua_State *L) {
   static const luaL_Reg fns[] = {
     { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record },
     { "address_ok", t_address_ok }, { NULL, NULL }
   };
+  static const luaL_Reg encoders[] = {
+    { "qp", t_qp }, { "base64", t_base64 }, { "encode_words", t_encode_words }, { NULL, NULL }
+  };
   luaL_newlib(L, fns);
+  bytebuf *b = lua_newuserdatauv(L, sizeof *b, 0);
+  *b = (bytebuf){ 0 };
+  if (luaL_newmetatable(L, SCRATCH_META)) {
+    lua_pushcfunction(L, scratch_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  luaL_setfuncs(L, encoders, 1);   /* each with the buffer as its upvalue */
   return 1;
 }
