@@ -10,9 +10,8 @@
 #   make tsan       the DKIM signing threads under ThreadSanitizer (build/tsan/mailshot, tests/lua/test_dkim_pool.lua)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
-#                   (scripts/bench-lua.lua: IDNA, CSV, templates, MIME), the report's rewrite in CSV
-#                   order (scripts/bench-report.lua), checking and converting a list's encoding
-#                   (scripts/bench-csv-encoding.lua)
+#                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
+#                   order (scripts/bench-report.lua)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -100,7 +99,6 @@ bench: deps
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
-	./mailshot exec scripts/bench-csv-encoding.lua
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
