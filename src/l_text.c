@@ -25,7 +25,15 @@
  *   text.base64(s) -> base64 of s in lines of 76 joined by CRLF (mime.base64)
  *   text.encode_words(s, first) -> RFC 2047 encoded-words for s separated by spaces, the first at
  *       most `first` characters, the others at most 75 (mimeenc_words)
- * The three encoders write into one buffer kept between calls (an upvalue), so encoding a message
+ *   text.header_text(s) -> s as header text (mime.header_text): each run of CR, LF and NUL with the
+ *       blanks around it one space, no blanks at either end, invalid UTF-8 bytes U+FFFD; s itself
+ *       when that changes nothing (mimeenc_header_text)
+ *   text.header_words(s, first) -> v, encoded: v = text.header_text(s), as encoded-words
+ *       (text.encode_words(v, first)) when it has to be: a byte that is not printable ASCII or tab,
+ *       an "=?", or a word over 70 characters; encoded tells which
+ *   text.fold(name, value) -> "name: value" folded at 78 (CRLF before the blanks before a word),
+ *       blanks at the end of value dropped; nil when a line would still be over 998 (mimeenc_fold)
+ * The encoders write into one buffer kept between calls (an upvalue), so encoding a message
  * allocates nothing but the resulting string. */
 #include <lauxlib.h>
 #include <lua.h>
@@ -253,13 +261,64 @@ static int t_encode_words(lua_State *L) {
   return push_scratch(L, b, mimeenc_words(b, s, n, (size_t)first));
 }
 
+/* Push mimeenc_header_text's result for the string at index 1: s itself (no copy) when it is all of
+ * s, else the slice or the buffer's contents. */
+static void push_header_text(lua_State *L, const char *s, size_t n, bytebuf *b) {
+  size_t a, e;
+  int rc = mimeenc_header_text(b, s, n, &a, &e);
+  if (rc < 0) luaL_error(L, "not enough memory");
+  if (rc == 0 && a == 0 && e == n) lua_pushvalue(L, 1);
+  else if (rc == 0) lua_pushlstring(L, s + a, e - a);
+  else lua_pushlstring(L, b->data, b->len);
+  if (b->cap > SCRATCH_KEEP) bytebuf_free(b);
+}
+
+static int t_header_text(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  push_header_text(L, s, n, scratch(L));
+  return 1;
+}
+
+static int t_header_words(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  lua_Integer first = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, first > 0, 2, "first must be > 0");
+  bytebuf *b = scratch(L);
+  push_header_text(L, s, n, b);
+  s = lua_tolstring(L, -1, &n);
+  if (!mimeenc_needs_words(s, n)) {
+    lua_pushboolean(L, 0);
+    return 2;
+  }
+  b->len = 0;
+  push_scratch(L, b, mimeenc_words(b, s, n, (size_t)first));
+  lua_pushboolean(L, 1);
+  return 2;
+}
+
+static int t_fold(lua_State *L) {
+  size_t nl, vl;
+  const char *name = luaL_checklstring(L, 1, &nl);
+  const char *value = luaL_checklstring(L, 2, &vl);
+  bytebuf *b = scratch(L);
+  int rc = mimeenc_fold(b, name, nl, value, vl);
+  if (rc == 1) {
+    lua_pushnil(L);
+    return 1;
+  }
+  return push_scratch(L, b, rc);
+}
+
 int luaopen_mailshot_text(lua_State *L) {
   static const luaL_Reg fns[] = {
     { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record },
     { "address_ok", t_address_ok }, { NULL, NULL }
   };
   static const luaL_Reg encoders[] = {
-    { "qp", t_qp }, { "base64", t_base64 }, { "encode_words", t_encode_words }, { NULL, NULL }
+    { "qp", t_qp }, { "base64", t_base64 }, { "encode_words", t_encode_words },
+    { "header_text", t_header_text }, { "header_words", t_header_words }, { "fold", t_fold }, { NULL, NULL }
   };
   luaL_newlib(L, fns);
   bytebuf *b = lua_newuserdatauv(L, sizeof *b, 0);

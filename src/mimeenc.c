@@ -196,3 +196,150 @@ int mimeenc_words(bytebuf *out, const char *s, size_t n, size_t first) {
   }
   return 0;
 }
+
+/* ---------------------------------------------------------------- header text and folding */
+
+static int blank(unsigned char c) { return c == ' ' || c == '\t'; }
+static int line_break(unsigned char c) { return c == '\r' || c == '\n' || c == '\0'; }
+static int plain_text(unsigned char c) { return c == '\t' || (c >= 32 && c <= 126); }
+
+/* The length of the UTF-8 character at s[i] (s[i..n)), or 0 when it is not valid: Lua 5.4's
+ * utf8_decode in strict mode (what utf8.len checks), with bytes past n read as NUL. */
+static size_t utf8_char(const unsigned char *s, size_t i, size_t n) {
+  static const uint32_t limits[] = { ~(uint32_t)0, 0x80, 0x800, 0x10000u, 0x200000u, 0x4000000u };
+  unsigned int c = s[i];
+  if (c < 0x80) return 1;
+  uint32_t res = 0;
+  size_t count = 0;
+  for (; c & 0x40; c <<= 1) {
+    count++;
+    unsigned int cc = i + count < n ? s[i + count] : 0;
+    if ((cc & 0xC0) != 0x80 || count > 5) return 0;
+    res = (res << 6) | (cc & 0x3F);
+  }
+  res |= (uint32_t)(c & 0x7F) << (count * 5);
+  if (res > 0x7FFFFFFFu || res < limits[count]) return 0;
+  if (res > 0x10FFFFu || (res >= 0xD800u && res <= 0xDFFFu)) return 0;
+  return count + 1;
+}
+
+/* Copy s[0..n) to out, each invalid byte as U+FFFD (the character after it is decoded afresh). */
+static int fix_utf8(bytebuf *out, const unsigned char *s, size_t n) {
+  if (bytebuf_reserve(out, 3 * n) < 0) return -1;
+  char *d = out->data + out->len;
+  for (size_t i = 0; i < n;) {
+    size_t k = utf8_char(s, i, n);
+    if (k == 0) memcpy(d, "\xEF\xBF\xBD", 3), d += 3, i++;
+    else memcpy(d, s + i, k), d += k, i += k;
+  }
+  out->len = (size_t)(d - out->data);
+  out->data[out->len] = '\0';
+  return 0;
+}
+
+/* s[a..b) without blanks at either end */
+static void trim(const unsigned char *s, size_t *a, size_t *b) {
+  while (*a < *b && blank(s[*a])) (*a)++;
+  while (*b > *a && blank(s[*b - 1])) (*b)--;
+}
+
+static int utf8_valid(const unsigned char *s, size_t n) {
+  for (size_t i = 0, k; i < n; i += k)
+    if ((k = utf8_char(s, i, n)) == 0) return 0;
+  return 1;
+}
+
+int mimeenc_header_text(bytebuf *out, const char *str, size_t n, size_t *a, size_t *b) {
+  const unsigned char *s = (const unsigned char *)str;
+  int breaks = 0, plain = 1;
+  for (size_t i = 0; i < n; i++) {
+    breaks |= line_break(s[i]);
+    plain &= plain_text(s[i]);
+  }
+  *a = 0, *b = n;
+  if (!breaks) {
+    trim(s, a, b);
+    if (plain || utf8_valid(s + *a, *b - *a)) return 0;
+    return fix_utf8(out, s + *a, *b - *a) < 0 ? -1 : 1;
+  }
+  /* each run of CR/LF/NUL with the blanks on both sides -> one space; then trimmed, then fixed */
+  bytebuf tmp = { 0 };
+  if (bytebuf_reserve(&tmp, n) < 0) return -1;
+  char *d = tmp.data;
+  for (size_t i = 0; i < n;) {
+    size_t j = i;
+    while (j < n && blank(s[j])) j++;
+    if (j < n && line_break(s[j])) {
+      while (j < n && line_break(s[j])) j++;
+      while (j < n && blank(s[j])) j++;
+      *d++ = ' ';
+    } else {
+      if (j == i) j++;
+      memcpy(d, s + i, j - i), d += j - i;
+    }
+    i = j;
+  }
+  tmp.len = (size_t)(d - tmp.data);
+  size_t ta = 0, tb = tmp.len;
+  trim((const unsigned char *)tmp.data, &ta, &tb);
+  int rc = fix_utf8(out, (const unsigned char *)tmp.data + ta, tb - ta);
+  bytebuf_free(&tmp);
+  return rc < 0 ? -1 : 1;
+}
+
+int mimeenc_needs_words(const char *str, size_t n) {
+  const unsigned char *s = (const unsigned char *)str;
+  size_t word = 0;
+  int long_word = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (!plain_text(s[i]) || (s[i] == '=' && i + 1 < n && s[i + 1] == '?')) return 1;
+    word = blank(s[i]) ? 0 : word + 1;
+    long_word |= word > MIMEENC_LONG_WORD;
+  }
+  return long_word;
+}
+
+int mimeenc_fold(bytebuf *out, const char *name, size_t nl, const char *value, size_t vl) {
+  const unsigned char *v = (const unsigned char *)value;
+  size_t len0 = out->len;
+  /* every word may add a CRLF: at most one per 2 characters of value */
+  if (vl > SIZE_MAX / 4 || nl > SIZE_MAX / 4 || bytebuf_reserve(out, nl + 3 + 2 * vl) < 0) return -1;
+  char *d = out->data + out->len;
+  memcpy(d, name, nl), d += nl, *d++ = ':';
+  if (nl + 2 + vl <= MIMEENC_FOLD_AT) {
+    *d++ = ' ';
+    memcpy(d, value, vl), d += vl;
+  } else {
+    /* the words of " " value, each with the blanks before it: a line full at 78 goes on the next,
+     * unless the line has no word yet (the header's first line, or one word that is longer) */
+    char *line = out->data + out->len;
+    size_t cur = nl + 1, longest = 0;
+    for (size_t i = 0; i < vl;) {            /* i: the value's character after the " " */
+      size_t j = i;
+      while (j < vl && blank(v[j])) j++;
+      size_t k = j;
+      while (k < vl && !blank(v[k])) k++;
+      if (k == j) break;                    /* blanks at the end */
+      size_t seg = 1 + (j - i) + (k - j) - (i > 0); /* the leading " " belongs to the first word */
+      const char *from = i > 0 ? value + i : NULL;
+      if (cur + seg > MIMEENC_FOLD_AT && cur >= nl + 2) {
+        if ((size_t)(d - line) > longest) longest = (size_t)(d - line);
+        *d++ = '\r', *d++ = '\n';
+        line = d;
+        cur = 0;
+      }
+      if (from) memcpy(d, from, k - i), d += k - i;
+      else *d++ = ' ', memcpy(d, value, k), d += k;
+      cur += seg;
+      i = k;
+    }
+    if ((size_t)(d - line) > longest) longest = (size_t)(d - line);
+    if (longest > MIMEENC_MAX_LINE) {
+      out->data[len0] = '\0';
+      return 1;
+    }
+  }
+  out->len = (size_t)(d - out->data);
+  out->data[out->len] = '\0';
+  return 0;
+}

@@ -16,15 +16,15 @@
 -- values) -> nil, message.  Wrong types, bad header names, a message with
 -- neither text nor html -> error().
 
-local string, table, math, os, io, utf8, type, tostring, error, assert,
+local string, table, math, os, io, type, tostring, error, assert,
       pairs, ipairs, select =
-      string, table, math, os, io, utf8, type, tostring, error, assert,
+      string, table, math, os, io, type, tostring, error, assert,
       pairs, ipairs, select
 local byte, find, sub, gsub, match, format, lower, gmatch =
       string.byte, string.find, string.sub, string.gsub,
       string.match, string.format, string.lower, string.gmatch
 local concat, sort = table.concat, table.sort
-local utf8_len, random, time = utf8.len, math.random, os.time
+local random, time = math.random, os.time
 local text = require("mailshot.text")
 local paths = require("mailshot.path")
 
@@ -52,20 +52,6 @@ M.base64, M.qp = base64, qp
 
 ---------------------------------------------------------------- header text
 
--- Invalid UTF-8 bytes become U+FFFD: headers say their charset is UTF-8.
-local function fix_utf8(s)
-  if utf8_len(s) then return s end
-  local out, pos = {}, 1
-  while true do
-    local ok, bad = utf8_len(s, pos)
-    if ok then out[#out + 1] = sub(s, pos) break end
-    out[#out + 1] = sub(s, pos, bad - 1)
-    out[#out + 1] = "\239\191\189"
-    pos = bad + 1
-  end
-  return concat(out)
-end
-
 -- s without leading and trailing blanks (space, tab).
 local function trim(s)
   local first, last = byte(s, 1), byte(s, -1)
@@ -75,41 +61,24 @@ local function trim(s)
   return s
 end
 
--- Header values are data: a run of CR/LF/NUL, with the blanks around it,
--- becomes one space (it could start a new header line); leading and
--- trailing blanks go; invalid UTF-8 is replaced.
-local function header_text(s)
-  -- the usual case: printable ASCII, no blank at either end
-  if find(s, "^[\33-\126][\t\32-\126]*[\33-\126]$") then return s end
-  if find(s, "^[\t\32-\126]*$") then return trim(s) end
-  -- three memchr() are much cheaper than a pattern scan of s
-  if find(s, "\n", 1, true) or find(s, "\r", 1, true) or find(s, "\0", 1, true) then
-    s = gsub(s, "[ \t]*[\r\n%z]+[ \t]*", " ")
-  end
-  return fix_utf8(trim(s))
-end
+-- mime.header_text(s): header values are data (C: text.header_text): a run
+-- of CR/LF/NUL, with the blanks around it, becomes one space (it could
+-- start a new header line); leading and trailing blanks go; invalid UTF-8
+-- is replaced (U+FFFD: headers say their charset is UTF-8).
+local header_text = text.header_text
 M.header_text = header_text
 
--- True when s must be RFC 2047 encoded: non-ASCII or control bytes, text
--- that a reader would take for an encoded-word, or a word too long to fold.
-local function needs_encoding(s)
-  -- "^[...]*$" is one match call; "[^...]" would be one per position
-  if not find(s, "^[\t\32-\126]*$") or find(s, "=?", 1, true) then return true end
-  if #s <= LONG_WORD then return false end
-  for w in gmatch(s, "[^ \t]+") do
-    if #w > LONG_WORD then return true end
-  end
-  return false
-end
-
--- encode_words(s, first) -> encoded-words for s separated by spaces (C:
+-- header_words(s, first) -> header_text(s), as encoded-words when it must
+-- be (C: text.header_words): non-ASCII or control bytes, text that a
+-- reader would take for an encoded-word ("=?"), or a word too long to fold
+-- (over 70); and whether it was encoded.  The encoded-words (C:
 -- text.encode_words): UTF-8, Q or B, whichever is shorter; the first word is
 -- at most `first` characters, the others at most 75 (RFC 2047 2), and no
 -- word ends inside a UTF-8 sequence.  A word that is full ends after the
 -- last space in it when it has one, so the words split where the text has
 -- spaces (readers that wrongly keep the blank between encoded-words then
 -- show a double space, not a split word).
-local encode_words = text.encode_words
+local header_words = text.header_words
 
 -- mime.encode_header(s [, used]) -> s ready for an unstructured header:
 -- unfolded (CR/LF/NUL -> space) and, when needed, RFC 2047 encoded-words
@@ -117,35 +86,16 @@ local encode_words = text.encode_words
 -- many characters precede the value on the header's first line ("Subject: "
 -- is 9) so that line stays within 78.
 local function encode_header(s, used)
-  s = header_text(s)
-  if not needs_encoding(s) then return s end
   local first = FOLD_AT - (used or 0)
   if first > WORD_MAX then first = WORD_MAX elseif first < 20 then first = 20 end
-  return encode_words(s, first)
+  return (header_words(s, first))
 end
 M.encode_header = encode_header
 
--- fold(name, value) -> "Name: value" with CRLF + space inserted before
--- whitespace so lines stay within 78 where the value allows it.  Returns
--- nil if a line would still exceed 998.
-local function fold(name, value)
-  local line = name .. ": " .. value
-  if #line <= FOLD_AT then return line end
-  local out, cur = {}, name .. ":"
-  for seg in gmatch(" " .. value, "[ \t]+[^ \t]+") do
-    if #cur + #seg > FOLD_AT and find(cur, "[^ \t]", #name + 2) then
-      out[#out + 1] = cur
-      cur = seg
-    else
-      cur = cur .. seg
-    end
-  end
-  out[#out + 1] = cur
-  for _, l in ipairs(out) do
-    if #l > MAX_LINE then return nil end
-  end
-  return concat(out, CRLF)
-end
+-- fold(name, value) -> "Name: value" with CRLF inserted before the blanks
+-- before a word so lines stay within 78 where the value allows it (C:
+-- text.fold).  Returns nil if a line would still exceed 998.
+local fold = text.fold
 
 ---------------------------------------------------------------- addresses
 
@@ -268,10 +218,11 @@ local PLAIN_PHRASE = "^[" .. PLAIN_ATOM .. "][a-z " .. PLAIN_ATOM .. "\t]*[" .. 
 -- when it is atoms, else a quoted-string.
 local function phrase(name)
   if #name <= LONG_WORD and find(name, PLAIN_PHRASE) then return name end
-  name = header_text(name)
-  if name == "" then return nil end
   -- first word at most 66: "Reply-To: " + 66 stays within 78
-  if needs_encoding(name) then return encode_words(name, 66) end
+  local encoded
+  name, encoded = header_words(name, 66)
+  if encoded then return name end
+  if name == "" then return nil end
   if find(name, "^[%w!#%$%%&'%*%+/=%?%^_`{|}~%- \t]+$") then return name end
   return '"' .. gsub(name, '(["\\])', "\\%1") .. '"'
 end

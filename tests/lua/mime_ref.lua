@@ -1,7 +1,10 @@
 -- mime_ref.lua - the Lua encoders mime.lua had before they moved to C (src/mimeenc.c): base64 in
 -- lines, quoted-printable, RFC 2047 encoded-words.  Not a test (make luatest runs test_*.lua only):
 -- test_mimeenc.lua compares the C encoders with these, byte for byte, on random input.
---   local ref = dofile(here .. "mime_ref.lua")  -> { base64 =, qp =, encode_words = }
+--   local ref = dofile(here .. "mime_ref.lua")  -> { base64 =, qp =, encode_words =, header_text =,
+--                                                  header_words =, fold = }
+-- (header_text, header_words and fold: the header code mime.lua had before text.header_text,
+-- text.header_words and text.fold.)
 
 local string, table, setmetatable = string, table, setmetatable
 local byte, char, find, sub, gsub, format, gmatch, unpack =
@@ -185,8 +188,78 @@ local function encode_words(s, first)
   return words
 end
 
--- mime.encode_header(s [, used]) -> s ready for an unstructured header:
--- unfolded (CR/LF/NUL -> space) and, when needed, RFC 2047 encoded-words
 M.encode_words = encode_words
+
+---------------------------------------------------------------- header text and folding
+-- (mime.lua's, before text.header_text / text.header_words / text.fold)
+
+local match, utf8_len, ipairs = string.match, utf8.len, ipairs
+local FOLD_AT, MAX_LINE, LONG_WORD = 78, 998, 70
+
+local function fix_utf8(s)
+  if utf8_len(s) then return s end
+  local out, pos = {}, 1
+  while true do
+    local ok, bad = utf8_len(s, pos)
+    if ok then out[#out + 1] = sub(s, pos) break end
+    out[#out + 1] = sub(s, pos, bad - 1)
+    out[#out + 1] = "\239\191\189"
+    pos = bad + 1
+  end
+  return concat(out)
+end
+
+local function trim(s)
+  local first, last = byte(s, 1), byte(s, -1)
+  if first == 32 or first == 9 or last == 32 or last == 9 then
+    return (match(s, "^[ \t]*(.-)[ \t]*$"))
+  end
+  return s
+end
+
+local function header_text(s)
+  if find(s, "^[\33-\126][\t\32-\126]*[\33-\126]$") then return s end
+  if find(s, "^[\t\32-\126]*$") then return trim(s) end
+  if find(s, "\n", 1, true) or find(s, "\r", 1, true) or find(s, "\0", 1, true) then
+    s = gsub(s, "[ \t]*[\r\n%z]+[ \t]*", " ")
+  end
+  return fix_utf8(trim(s))
+end
+M.header_text = header_text
+
+local function needs_encoding(s)
+  if not find(s, "^[\t\32-\126]*$") or find(s, "=?", 1, true) then return true end
+  if #s <= LONG_WORD then return false end
+  for w in gmatch(s, "[^ \t]+") do
+    if #w > LONG_WORD then return true end
+  end
+  return false
+end
+
+-- header_words(s, first) -> what text.header_words returns
+function M.header_words(s, first)
+  s = header_text(s)
+  if not needs_encoding(s) then return s, false end
+  return concat(encode_words(s, first), " "), true
+end
+
+function M.fold(name, value)
+  local line = name .. ": " .. value
+  if #line <= FOLD_AT then return line end
+  local out, cur = {}, name .. ":"
+  for seg in gmatch(" " .. value, "[ \t]+[^ \t]+") do
+    if #cur + #seg > FOLD_AT and find(cur, "[^ \t]", #name + 2) then
+      out[#out + 1] = cur
+      cur = seg
+    else
+      cur = cur .. seg
+    end
+  end
+  out[#out + 1] = cur
+  for _, l in ipairs(out) do
+    if #l > MAX_LINE then return nil end
+  end
+  return concat(out, CRLF)
+end
 
 return M

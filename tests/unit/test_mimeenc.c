@@ -1,5 +1,5 @@
 /* test_mimeenc.c - the MIME encoders (src/mimeenc.c): quoted-printable (RFC 2045 6.7), base64 lines
- * (RFC 2045 6.8) and RFC 2047 encoded-words, on their boundary cases, then on random text against
+ * (RFC 2045 6.8), RFC 2047 encoded-words, header text and folding, on their boundary cases, then on random text against
  * the rules themselves (line and word lengths, no split escape or UTF-8 sequence, the decoded form
  * is the input).  tests/lua/test_mimeenc.lua compares them byte for byte with the Lua code they
  * replaced. */
@@ -145,6 +145,74 @@ static void test_words(void) {
   CHECK(nwords >= 3);
 }
 
+/* header_text: the slice of s when only blanks at the ends go, else the rewritten text in out. */
+static char *htext(const char *s, size_t n) {
+  static char slice[256];
+  size_t a, b;
+  bytebuf_free(&out);
+  int rc = mimeenc_header_text(&out, s, n, &a, &b);
+  if (rc < 0) return NULL;
+  if (rc == 1) return out.data;
+  CHECK(b - a < sizeof slice);
+  memcpy(slice, s + a, b - a);
+  slice[b - a] = '\0';
+  return slice;
+}
+#define HTEXT(lit) htext(lit, sizeof lit - 1)
+
+static char *fold(const char *name, const char *v, int *rc) {
+  bytebuf_free(&out);
+  *rc = mimeenc_fold(&out, name, strlen(name), v, strlen(v));
+  return out.data ? out.data : "";
+}
+
+static void test_header_text(void) {
+  size_t a, b;
+  CHECK_INT(mimeenc_header_text(&out, " Ivan\t", 6, &a, &b), 0);      /* nothing written */
+  CHECK(a == 1 && b == 5);
+  CHECK_STR(HTEXT("Caf\xc3\xa9"), "Caf\xc3\xa9");
+  CHECK_STR(HTEXT("a \r\n\tb"), "a b");                          /* a break and its blanks: one space */
+  CHECK_STR(HTEXT(" \r \t \n "), "");
+  CHECK_STR(HTEXT("x \r \t \n y"), "x  y");                        /* two runs apart: two spaces */
+  CHECK_STR(HTEXT("a\0\0b"), "a b");
+  CHECK_STR(HTEXT("\xff a"), "\xef\xbf\xbd a");                   /* invalid bytes: U+FFFD each */
+  CHECK_STR(HTEXT("\xc0\x80"), "\xef\xbf\xbd\xef\xbf\xbd");             /* overlong */
+  CHECK_STR(HTEXT("\xed\xa0\x80!"), "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd!");   /* a surrogate */
+  CHECK_STR(HTEXT("\xe2\x82"), "\xef\xbf\xbd\xef\xbf\xbd");             /* cut short at the end */
+  CHECK_INT(mimeenc_needs_words("plain text", 10), 0);
+  CHECK_INT(mimeenc_needs_words("a=?b", 4), 1);
+  CHECK_INT(mimeenc_needs_words("\xc3\xa9", 2), 1);
+  char w[80];
+  memset(w, 'x', 71);
+  CHECK_INT(mimeenc_needs_words(w, 70), 0);
+  CHECK_INT(mimeenc_needs_words(w, 71), 1);                      /* a word over 70 cannot be folded */
+}
+
+static void test_fold(void) {
+  int rc;
+  CHECK_STR(fold("To", "a@example.com", &rc), "To: a@example.com");
+  char v[1100];
+  memset(v, 'a', 74);
+  v[74] = '\0';                                                  /* "To: " + 74 = 78: one line */
+  CHECK(strlen(fold("To", v, &rc)) == 78 && rc == 0);
+  memcpy(v, "aaaa ", 5);                                         /* 79: folds before the second word */
+  v[75] = '\0', v[74] = 'b';
+  char *e = fold("To", v, &rc);
+  CHECK(rc == 0 && strncmp(e, "To: aaaa\r\n aaa", 14) == 0 && longest_line(e) <= 78);
+  memset(v, 'c', 999);                                           /* a word of 999: no fold helps */
+  strcpy(v + 999, " d");
+  CHECK(fold("To", v, &rc) && rc == 1);
+  CHECK_INT((long long)out.len, 0);
+  memset(v, 'c', 994);                                           /* "To: " + 994 = 998: allowed */
+  strcpy(v + 994, " d");
+  e = fold("To", v, &rc);
+  CHECK(rc == 0 && longest_line(e) == 998);
+  memset(v, ' ', 90);                                            /* blanks at the end go */
+  strcpy(v + 90, "");
+  v[0] = 'w';
+  CHECK_STR(fold("X", v, &rc), "X: w");
+}
+
 /* Random text over the bytes that matter: every Q word and every QP line in bounds. */
 static void test_random_bounds(void) {
   static const char *pieces[] = { "a", " ", "\t", "=", "?", "_", "\r", "\n", "\xc3\xa9", "\xe4\xb8\xad",
@@ -182,6 +250,8 @@ int main(void) {
   test_qp_soft_breaks();
   test_base64_lines();
   test_words();
+  test_header_text();
+  test_fold();
   test_random_bounds();
   bytebuf_free(&out);
   return DONE();
