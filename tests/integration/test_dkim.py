@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import unittest
 
-from tests.integration.harness import MailshotTestCase
+from tests.integration.harness import MailshotTestCase, scaled
 
 try:
     import dkim  # python3-dkim
@@ -286,8 +286,10 @@ class TestDkim(MailshotTestCase):
 
     def test_every_message_shape_verifies_for_both_algorithms_and_all_canonicalizations(self):
         messages = _messages()
+        # under valgrind (one slow mailshot per key and pair), relaxed/relaxed and simple/simple: they
+        # run both header and both body canonicalizations; the mixed pairs only combine the same code
         for key, alg in ((self.rsa, "rsa-sha256"), (self.ed, "ed25519-sha256")):
-            for canon in CANONS:
+            for canon in scaled(CANONS, CANONS[:2]):
                 signed, out = self.sign_all(key, canon, messages)
                 self.assertEqual(out[0], alg)
                 self.assertEqual(out[1].encode(), self.records[key], "dns_record() differs from openssl's")
