@@ -55,7 +55,7 @@ class ResumeTests(MailshotTestCase):
         return collections.Counter(m["rcpt_tos"][0] for m in srv.messages())
 
     def test_kill_9_at_random_points_then_resume_sends_everyone_exactly_once(self):
-        n = int(os.environ.get("CRASH_N", scaled(20000, 3000)))     # valgrind: 3000 (15 s there)
+        n = int(os.environ.get("CRASH_N", scaled(20000, 1500)))     # valgrind: 1500 (aiosmtpd alone needs 1.5 s+)
         script = self.campaign(n)
         srv = self.start_smtpd()
         rnd = random.Random(1234)
@@ -215,6 +215,7 @@ class ResumeTests(MailshotTestCase):
         self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["u7@example.com"], ["new@example.com"]])
 
     def test_resume_from_another_folder_finds_the_journal_beside_the_script(self):
+        # (also the summary's reason for a deferral: its first run is the one that test needed)
         script = self.campaign(6)
         here = os.path.dirname(script)
         srv = self.start_smtpd(reject_rcpt=[("u3@", 451, "4.2.1 try later")])
@@ -222,6 +223,10 @@ class ResumeTests(MailshotTestCase):
         p = self.run_mailshot("run", "c.lua", "--send", "--give-up-after", "0", "--progress", "0",
                               env={"SMTP_SERVER": srv.address}, cwd=here)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        # issue 12 item 3: "deferred 1" alone hides a relay's reason; the summary names the last one
+        summary = [l for l in p.stdout.splitlines() if "1 deferred" in l]
+        self.assertTrue(summary, p.stdout + p.stderr)
+        self.assertRegex(summary[0], r"1 deferred \(last: [^)]*try later\)")
         self.assertTrue(os.path.exists(os.path.join(here, "c.journal")))
         self.assertEqual(srv.message_count(), 5)
         srv.stop()
@@ -238,18 +243,6 @@ class ResumeTests(MailshotTestCase):
         rep = read_report(os.path.join(here, "c-report.csv"))
         self.assertEqual(sorted((r["email"], r["status"]) for r in rep),
                          [(f"u{i}@example.com", "sent") for i in range(6)])
-
-    def test_summary_says_why_recipients_were_deferred(self):
-        # issue 12 item 3: "deferred 1" alone hides a relay's reason; the summary names the last one
-        script = self.campaign(3)
-        here = os.path.dirname(script)
-        srv = self.start_smtpd(reject_rcpt=[("u1@", 451, "4.2.1 try later")])
-        p = self.run_mailshot("run", "c.lua", "--send", "--give-up-after", "0", "--progress", "0",
-                              env={"SMTP_SERVER": srv.address}, cwd=here)
-        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
-        summary = [l for l in p.stdout.splitlines() if "1 deferred" in l]
-        self.assertTrue(summary, p.stdout + p.stderr)
-        self.assertRegex(summary[0], r"1 deferred \(last: [^)]*try later\)")
 
     def test_resume_without_a_journal_refuses_and_sends_nothing(self):
         script = self.campaign(5)

@@ -43,6 +43,19 @@ class TaskWaitTests(MailshotTestCase):
             f.write(PRELUDE + body)
         return self.run_mailshot("exec", path, env=env, timeout=timeout)
 
+    def parked_query(self, timeout, rest):
+        """A silent DNS server, and a script whose task t is parked in r:query (its answer goes to
+        got) with `timeout` seconds to wait, then `rest`: (the server, the finished process)."""
+        dns = self.start_silent_dns()
+        p = self.exec_script(f"""
+local resolver = require "mailshot.resolver"
+local r = assert(resolver.new {{ servers = os.getenv "DNS_SERVER", timeout = {timeout}, tries = 1 }})
+local got
+local t = core.spawn(function() got = table.pack(r:query("mx.example.com", "MX")) end)
+core.sleep(0.1)
+""" + rest, env={"DNS_SERVER": dns.address})
+        return dns, p
+
     def assertRefused(self, out, what):
         self.assertRegex(out, r"wake:\s+refused\s+.*core\.wake: the task is waiting in " + re.escape(what)
                          + "; only its completion can wake it")
@@ -77,13 +90,7 @@ relay:close()
     def test_a_stray_wake_of_a_task_in_a_dns_query_is_refused_and_the_answer_is_its_own(self):
         # a server that never answers: the query ends with a timeout after the stray wake and
         # the collection; the task gets that timeout, not the stray values
-        dns = self.start_silent_dns()
-        p = self.exec_script(r"""
-local resolver = require "mailshot.resolver"
-local r = assert(resolver.new { servers = os.getenv "DNS_SERVER", timeout = 0.5, tries = 1 })
-local got
-local t = core.spawn(function() got = table.pack(r:query("mx.example.com", "MX")) end)
-core.sleep(0.1)
+        dns, p = self.parked_query(0.5, r"""
 stray_wake(t)
 t = nil
 collect()
@@ -92,7 +99,7 @@ wait_until(function() return got ~= nil and got[1] ~= "stray" end, 30)
 print("answer:", tostring(got[1]), tostring(got[2]))
 collect()
 r:close()
-""", env={"DNS_SERVER": dns.address})
+""")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertRefused(p.stdout, "resolver:query")
         self.assertRegex(p.stdout, r"answer:\s+nil\s+timeout")
@@ -101,19 +108,14 @@ r:close()
     def test_closing_the_resolver_under_a_parked_query_wakes_its_task_with_cancelled(self):
         # the query's only completion is the cancellation: the task gets it (it used to stay
         # parked for ever), and a collection before and after touches nothing freed
-        dns = self.start_silent_dns()
-        p = self.exec_script(r"""
-local resolver = require "mailshot.resolver"
-local r = assert(resolver.new { servers = os.getenv "DNS_SERVER", timeout = 5, tries = 1 })
-local got
-core.spawn(function() got = table.pack(r:query("mx.example.com", "MX")) end)
-core.sleep(0.1)
+        dns, p = self.parked_query(5, r"""
+t = nil                             -- only the C side holds the parked task
 collect()
 r:close()
 wait_until(function() return got ~= nil end, 30)
 collect()
 print("answer:", tostring(got[1]), got[2], got[3])
-""", env={"DNS_SERVER": dns.address})
+""")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertRegex(p.stdout, r"answer:\s+nil\s+cancelled\s+the resolver was closed")
 
