@@ -101,10 +101,12 @@ case("the loop runs other tasks while the workers sign; threads = 0 signs on the
     ticker:join()
     return during
   end
-  -- while a task waits on a worker, the ticker is ready or its 0 s timer due: it runs at least
-  -- once per signature; signing on the loop never yields, so it never runs
+  -- while a task waits on a worker, the ticker is ready or its 0 s timer due: it runs about once
+  -- per signature (not exactly: under load a worker can finish before the loop next polls, and
+  -- that wait ends in the turn it began, so half of them is the bound); signing on the loop
+  -- never yields, so it never runs
   local off, on = turns_while_signing(signer("rsa-sha256", 1)), turns_while_signing(signer("rsa-sha256", 0))
-  assert(off >= 20, "the loop turned " .. off .. " times during 20 signatures on a worker")
+  assert(off >= 10, "the loop turned " .. off .. " times during 20 signatures on a worker")
   eq(on, 0, "turns of the loop while threads = 0 signed")
 end)
 
