@@ -6,7 +6,7 @@
 #                   under valgrind (make valgrind); what .ci/run runs
 #   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan
 #   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
-#                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1)
+#                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1); and make tsan
 #   make tsan       the DKIM signing threads under ThreadSanitizer (build/tsan/mailshot, tests/lua/test_dkim_pool.lua)
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
@@ -73,7 +73,8 @@ build/asan/mailshot: src/main.c build/lua_embed.c $(ASAN_OBJ)
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ src/main.c build/lua_embed.c $(ASAN_OBJ) $(LDLIBS)
 
 # The same program under ThreadSanitizer, for the one part that runs threads: DKIM signing (src/dkim_pool.c).
-# `make tsan` signs a few thousand messages from many tasks at once with it; any report fails (part of make test).
+# `make tsan` signs a few thousand messages from many tasks at once with it; any report fails (part of
+# make valgrind, so of make check: one command of its run_jobs pool).
 build/tsan/%.o: src/%.c $(wildcard src/*.h) | build/tsan
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(TSAN) -c -o $@ $<
 
@@ -148,8 +149,10 @@ valgrind: deps
 	@$(MAKE) --no-print-directory valgrind-all
 	@echo "valgrind: all tests passed"
 
+# `make tsan` is one more command of the same pool (its build and its run overlap the valgrind work).
 valgrind-all: mailshot $(VG_UNIT) | build
-	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(SLOWEST) \
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(SLOWEST),tsan \
+	  '$(MAKE) --no-print-directory tsan' \
 	  $(INTEG:%='MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
 	  $(VG_LUA:%='MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec %') \
 	  $(VG_UNIT:%='$(VALGRIND) %')
