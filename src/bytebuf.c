@@ -112,24 +112,47 @@ int bytebuf_lines(const char *s, size_t n, bytebuf_line_fn *fn, void *ud) {
   return 0;
 }
 
-struct crlf_out { bytebuf *out; int dot_stuff; };
+/* Copies s[from, to) into out, room for it reserved by the caller's growth checks. */
+static int put(bytebuf *out, const char *from, const char *to) {
+  return to > from ? bytebuf_append(out, from, (size_t)(to - from)) : 0;
+}
 
-static int crlf_line(void *ud, const char *line, size_t n, int brk) {
-  struct crlf_out *c = ud;
-  if (c->dot_stuff && n && *line == '.' && bytebuf_append(c->out, ".", 1) < 0)
-    return -1;
-  if (bytebuf_append(c->out, line, n) < 0 || (brk && bytebuf_append(c->out, "\r\n", 2) < 0))
-    return -1;
-  return 0;
+/* The same breaks as bytebuf_lines, but without a call per line: a message is nearly always CRLF
+ * already, so the bytes between the places that change (a bare CR or LF, a '.' starting a line) are
+ * copied in one piece.  Every byte is scanned at most twice (memchr for LF over the rest, for CR over
+ * one line), against a callback and three appends a line before: DATA and DKIM both do this for
+ * every message, and it was a tenth of the CPU a message costs. */
+static int crlf_copy(bytebuf *out, const char *s, size_t n, int dot_stuff) {
+  const char *p = s, *end = s + n, *from = s;   /* [from, p): bytes seen and not yet copied */
+  while (p < end) {                              /* p: the start of a line */
+    if (dot_stuff && *p == '.') {
+      if (put(out, from, p) < 0 || bytebuf_append(out, ".", 1) < 0) return -1;
+      from = p;                                  /* the line's own '.' goes with the line */
+    }
+    const char *lf = memchr(p, '\n', (size_t)(end - p));
+    const char *stop = lf ? lf : end;
+    const char *cr = memchr(p, '\r', (size_t)(stop - p));
+    if (cr && cr + 1 != lf) {                    /* a bare CR ends this line */
+      if (put(out, from, cr) < 0 || bytebuf_append(out, "\r\n", 2) < 0) return -1;
+      p = from = cr + 1;
+    } else if (!lf) {                            /* the last line, without a break */
+      break;
+    } else if (!cr) {                            /* a bare LF */
+      if (put(out, from, lf) < 0 || bytebuf_append(out, "\r\n", 2) < 0) return -1;
+      p = from = lf + 1;
+    } else {                                     /* CRLF: nothing to change */
+      p = lf + 1;
+    }
+  }
+  return put(out, from, end);
 }
 
 int bytebuf_crlf(bytebuf *out, const char *s, size_t n, int dot_stuff) {
-  struct crlf_out c = { out, dot_stuff };
   size_t start = out->len;
   /* one reservation for the usual case: a few CRs added */
   if (bytebuf_reserve(out, n + n / 32 + 8) < 0)
     return -1;
-  if (bytebuf_lines(s, n, crlf_line, &c) != 0) {
+  if (crlf_copy(out, s, n, dot_stuff) != 0) {
     out->len = start;
     out->data[start] = '\0';
     return -1;

@@ -65,6 +65,22 @@ static int copy_line(void *ud, const char *line, size_t n, int brk) {
   return 0;
 }
 
+/* The usual case, without a call per line: every break a CRLF (no bare CR or LF) and no line over
+ * max_line.  1 when so; 0 means "not sure", and the walk above decides. */
+static int crlf_clean(const char *s, size_t n, size_t max_line) {
+  const char *p = s, *end = s + n;
+  while (p < end) {
+    const char *lf = memchr(p, '\n', (size_t)(end - p));
+    const char *stop = lf ? lf : end;
+    const char *cr = memchr(p, '\r', (size_t)(stop - p));
+    if (lf ? cr != lf - 1 : cr != NULL) return 0;                 /* a bare CR or LF */
+    if ((size_t)((lf ? cr : end) - p) > max_line) return 0;
+    if (!lf) return 1;
+    p = lf + 1;
+  }
+  return 1;
+}
+
 static int t_crlf(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -76,7 +92,7 @@ static int t_crlf(lua_State *L) {
   }
   luaL_Buffer b;
   crlf_walk w = { &b, max_line };
-  if (!bytebuf_lines(s, n, check_line, &w)) { lua_settop(L, 1); return 1; }
+  if (crlf_clean(s, n, max_line) || !bytebuf_lines(s, n, check_line, &w)) { lua_settop(L, 1); return 1; }
   luaL_buffinitsize(L, &b, n + n / 32 + 16);
   if (bytebuf_lines(s, n, copy_line, &w)) { luaL_pushresult(&b); lua_pushnil(L); return 1; }
   luaL_pushresult(&b);

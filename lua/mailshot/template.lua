@@ -343,7 +343,8 @@ local function gen(nodes, ctx)
   end
   for _, node in ipairs(nodes) do
     if node.k == "text" then
-      code[#code + 1] = format("n=n+1 b[n]=K[%d]", k(node.v))
+      if ctx.pieces then ctx.pieces[#ctx.pieces + 1] = format("K[%d]", k(node.v))
+      else code[#code + 1] = format("n=n+1 b[n]=K[%d]", k(node.v)) end
     elseif node.k == "if" then
       code[#code + 1] = format("v=row[K[%d]]", k(node.field))
       code[#code + 1] = "if " .. (node.negate and "" or "not (") .. MISSING_TEST
@@ -375,7 +376,12 @@ local function gen(nodes, ctx)
         end
       end
       if not node.raw then code[#code + 1] = "if html then v=E(v) end" end
-      code[#code + 1] = "n=n+1 b[n]=v"
+      if ctx.pieces then
+        ctx.pieces[#ctx.pieces + 1] = "p" .. id
+        code[#code + 1] = "local p" .. id .. "=v"
+      else
+        code[#code + 1] = "n=n+1 b[n]=v"
+      end
     end
   end
 end
@@ -426,12 +432,28 @@ local function compile(source, name, helpers, html, known)
   local tree = parse(source, name, names)
 
   local ctx = { code = {}, K = {}, kindex = {}, X = {}, outs = {} }
+  -- A template without sections (nearly all of them) renders as one `..` of its pieces, which
+  -- copies each piece once into a string made at its final size; a buffer table and
+  -- table.concat grow and copy a buffer several times.  The leading '' makes a one-piece
+  -- template's value a string, as table.concat did (a helper may return a number).  Capped so the pieces stay well within a function's 200 locals / 255 registers.
+  local flat = #tree <= 60
+  for _, node in ipairs(tree) do if node.k == "if" then flat = false end end
+  ctx.pieces = flat and {} or nil
   gen(tree, ctx)
-  local code = "local K,X,E,MISS,type,tostring,concat=...\n"
-            .. "return function(row,html,F,label)\n"
-            .. "local b,n,v,m={},0\n"
-            .. concat(ctx.code, "\n")
-            .. "\nreturn concat(b,'',1,n)\nend\n"
+  local code
+  if flat then
+    code = "local K,X,E,MISS,type,tostring,concat=...\n"
+           .. "return function(row,html,F,label)\n"
+           .. "local v,m\n"
+           .. concat(ctx.code, "\n")
+           .. "\nreturn ''.." .. (#ctx.pieces > 0 and concat(ctx.pieces, "..") or "''") .. "\nend\n"
+  else
+    code = "local K,X,E,MISS,type,tostring,concat=...\n"
+           .. "return function(row,html,F,label)\n"
+           .. "local b,n,v,m={},0\n"
+           .. concat(ctx.code, "\n")
+           .. "\nreturn concat(b,'',1,n)\nend\n"
+  end
 
   local outs = ctx.outs
   local function miss(id, label, field)

@@ -452,4 +452,26 @@ case("required_fields: fields without a default, outside a section on themselves
   eq(#template.new("plain text", "p"):required_fields(), 0)
 end)
 
+case("a template without sections renders the same as one with them (one `..` against a buffer)", function()
+  local helpers = { n = function() return 5 end, big = function() return 2.5 end }
+  -- the value is a string even when the only piece is a helper's number
+  eq(template.new("{{ n() }}", { helpers = helpers }):render({}), "5")
+  eq(math.type(template.new("{{ n() }}", { helpers = helpers }):render({})), nil)
+  eq(template.new("", "empty"):render({}), "")
+  local row = { a = "x<y", b = "", c = "3" }
+  local flat = template.new("A{{a}}B{{ b | \"dflt\" }}C{{ n() }}{{ big() }}{{{a}}}{{c}}",
+                            { helpers = helpers, html = true })
+  -- the same pieces through the section path (a section that is always true: c is set)
+  local sect = template.new("{{#if c}}A{{a}}B{{ b | \"dflt\" }}C{{ n() }}{{ big() }}{{{a}}}{{c}}{{/if}}",
+                            { helpers = helpers, html = true })
+  eq(flat:render(row), sect:render(row))
+  eq(flat:render(row), "Ax&lt;yBdfltC52.5x<y3")
+  local err = select(2, flat:render({ b = "", c = "1" }))
+  contains(err, 'field "a" is missing')
+  -- many pieces: past the cap, the buffer path is taken and gives the same text
+  local src, want = {}, {}
+  for i = 1, 100 do src[#src + 1] = "<{{c}}>"; want[#want + 1] = "<3>" end
+  eq(template.new(table.concat(src), "many"):render(row), table.concat(want))
+end)
+
 return check.finish("test_template.lua")

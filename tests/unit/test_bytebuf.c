@@ -86,6 +86,38 @@ static void test_dot_stuff_is_the_normaliser_plus_the_terminator(void) {
   }
 }
 
+/* The normaliser as it was first written, one bytebuf_lines callback a line: bytebuf_crlf now copies
+ * the unchanged stretches in one piece, and must write exactly what this writes. */
+struct ref_out { bytebuf *out; int dots; };
+static int ref_line(void *ud, const char *line, size_t n, int brk) {
+  struct ref_out *r = ud;
+  if (r->dots && n && *line == '.' && bytebuf_append(r->out, ".", 1) < 0) return -1;
+  if (bytebuf_append(r->out, line, n) < 0 || (brk && bytebuf_append(r->out, "\r\n", 2) < 0)) return -1;
+  return 0;
+}
+
+static void test_crlf_writes_what_one_call_a_line_writes(void) {
+  static const char alphabet[] = "ab.\r\n";
+  char s[64];
+  srand(12);
+  for (int round = 0; round < 50000; round++) {
+    size_t n = (size_t)(rand() % (int)sizeof s);
+    for (size_t i = 0; i < n; i++) s[i] = alphabet[rand() % 5];
+    int dots = round & 1;
+    bytebuf got = { 0 }, want = { 0 };
+    struct ref_out r = { &want, dots };
+    CHECK_INT(bytebuf_append(&want, "", 0), 0);
+    CHECK_INT(bytebuf_lines(s, n, ref_line, &r), 0);
+    CHECK_INT(bytebuf_crlf(&got, s, n, dots), 0);
+    if (!(got.len == want.len && memcmp(got.data, want.data, got.len) == 0)) {
+      CHECK(!"bytebuf_crlf differs from the line-by-line normaliser");
+      break;
+    }
+    bytebuf_free(&got);
+    bytebuf_free(&want);
+  }
+}
+
 static void test_crlf_appends_after_what_the_buffer_holds(void) {
   bytebuf b = { 0 };
   CHECK_INT(bytebuf_append(&b, "X-Head: 1\r\n", 11), 0);
@@ -98,6 +130,7 @@ int main(void) {
   test_every_kind_of_line_break_ends_one_line();
   test_lines_stop_at_the_first_nonzero_return();
   test_crlf_makes_every_break_crlf_and_dot_stuffs_on_request();
+  test_crlf_writes_what_one_call_a_line_writes();
   test_dot_stuff_is_the_normaliser_plus_the_terminator();
   test_crlf_appends_after_what_the_buffer_holds();
   return DONE();
