@@ -174,7 +174,9 @@ def _valgrind_prefix(log_dir):
         raise AssertionError(f"MAILSHOT_VALGRIND=1 needs the plain build, not an ASan one: "
                              f"MAILSHOT={MAILSHOT} (use MAILSHOT=./mailshot)")
     os.makedirs(log_dir, exist_ok=True)
-    argv = [exe, *VALGRIND_ARGS, f"--log-file={os.path.join(log_dir, 'valgrind.%p.log')}"]
+    # env: the Lua state on the C library's allocator, which memcheck tracks (src/main.c), not mimalloc
+    argv = ["env", "MAILSHOT_MALLOC=libc", exe, *VALGRIND_ARGS,
+            f"--log-file={os.path.join(log_dir, 'valgrind.%p.log')}"]
     if os.path.exists(VALGRIND_SUPPRESSIONS):
         argv.append(f"--suppressions={VALGRIND_SUPPRESSIONS}")
     return argv
