@@ -50,6 +50,7 @@ local TAG_CHARS, LINE_CHARS, MAC_CHARS = 4, 8, 16
 local TOKEN_CHARS = TAG_CHARS + LINE_CHARS + MAC_CHARS
 local MAX_LINE = (1 << (5 * LINE_CHARS)) - 1     -- 2^40 - 1
 local MAX_LOCAL = 64                  -- RFC 5321 4.5.3.1.1
+assert(MAX_PREFIX + 1 + TAG_CHARS + LINE_CHARS + MAC_CHARS <= MAX_LOCAL, "a local part must fit 64 octets")
 local MAX_PATH = 256                  -- RFC 5321 4.5.3.1.3: "<" address ">"
 local MAX_INPUT = 1024                -- decode() looks no further than this
 
