@@ -428,8 +428,9 @@ local function wrap_remote(a, b)
 end
 
 -- mailbox.open(source, opts) -> box | nil, err
--- opts: max_bytes (M.MAX_BYTES), move_to, quarantine (folder names or paths, see above), and for
--- URLs whatever mailshot.mailbox_curl takes (user, password, ca_file, ...).
+-- opts: max_bytes (M.MAX_BYTES), move_to, quarantine (folder names or paths, see above), copy_to
+-- (the quarantine Maildir of read-only sources when quarantine is not given), and for URLs
+-- whatever mailshot.mailbox_curl takes (user, password, ca_file, ...).
 function M.open(source, opts)
   if type(source) ~= "string" then error("mailbox.open: source must be a string", 2) end
   opts = check_opts(opts)
@@ -445,7 +446,7 @@ function M.open(source, opts)
     if not a then return nil, b end
     return wrap_remote(a, b)
   end
-  local owner = setmetatable({ quarantine = opts.quarantine }, Owner)
+  local owner = setmetatable({ quarantine = opts.quarantine or opts.copy_to }, Owner)
   if source == "-" then
     local tmp, err = spool_stdin()
     if not tmp then return nil, err end
