@@ -268,7 +268,7 @@ end
 -- Load a campaign script: the files it names are found beside it.  Its `require "mailshot"`
 -- (and "mailshot.template") gives a view whose campaign and template.file know the folder.
 local function load_campaign(path)
-  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".")
+  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".", path)
   local views = { mailshot = view, ["mailshot.template"] = tpl_view }
   local env = setmetatable({ require = function(name) return views[name] or require(name) end }, { __index = _G })
   local chunk, err = loadfile(path, "t", env)
@@ -425,6 +425,7 @@ function commands.preview(args)
         return 1
       end
       if not m then complain(merr); return 1 end
+      if c.verp then io.stdout:write("Return-Path: <", m.from, ">\r\n") end    -- as a dry run's outbox shows it
       io.stdout:write(m.data)
       return 0
     end
