@@ -336,3 +336,62 @@ class BouncesTests(MailshotTestCase):
         self.assertEqual(entries(os.path.join(d, "bounced.txt")), ["policy@example.org"])
         row = read_report(self.path("r.csv"))[0]
         self.assertEqual((row["class"], row["rule"]), ("hard", "on_bounce"))
+
+
+VERP_CAMPAIGN = """
+local mailshot = require "mailshot"
+return mailshot.campaign {
+  recipients = "list.csv", from = "news@acme.example", subject = "Hi", text = "Hello",
+  bounces_to = "bounced.txt", name = "spring",
+  return_path = { domain = "bounces.acme.example", secret = "0123456789abcdef0123", campaign = "spring" },
+}
+"""
+
+VERP_ADDRESSES = """
+local verp = require "mailshot.verp"
+local v = verp.new { domain = "bounces.acme.example", secret = "0123456789abcdef0123", campaign = arg[1] }
+for i = 2, #arg, 2 do print(v:address(tonumber(arg[i]), arg[i + 1])) end
+"""
+
+
+class VerpBouncesTests(MailshotTestCase):
+    def test_verp_token_matches_forged_and_foreign_tokens_are_never_acted_on(self):
+        d = self.path("camp")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "list.csv"), ["email"], [[a] for a in ADDRESSES])
+        script = os.path.join(d, "c.lua")
+        with open(script, "w") as f:
+            f.write(VERP_CAMPAIGN)
+        gen = self.path("gen.lua")
+        with open(gen, "w") as f:
+            f.write(VERP_ADDRESSES)
+        p = self.run_mailshot("exec", gen, "spring", "2", "hard@example.org", "8", "policy@example.org",
+                              "7", "live@example.org")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        hard_rp, policy_rp, live_rp = p.stdout.split()
+        p = self.run_mailshot("exec", gen, "autumn", "7", "live@example.org")
+        other_rp = p.stdout.strip()
+        # forged: live@'s token with one MAC character changed (decodes, does not verify)
+        local, dom = live_rp.split("@")
+        forged_rp = local[:-1] + ("a" if local[-1] != "a" else "b") + "@" + dom
+        box = self.path("Maildir")
+        maildir(box, [
+            # the DSN names an address the list does not have (an alias rewrote it): the token decides
+            dsn("alias-of-hard@example.org", n=1, to=hard_rp),
+            # the token in the original's Return-Path only (the bounce came to a plain address)
+            dsn("rewritten@example.org", "5.1.1", n=2, return_path=policy_rp),
+            dsn("live@example.org", n=3, to=forged_rp),
+            dsn("live@example.org", n=4, to=other_rp),
+        ])
+        report = self.path("r.csv")
+        p = self.run_mailshot("bounces", box, "--campaign", script, "--report", report)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(entries(os.path.join(d, "bounced.txt")), ["hard@example.org", "policy@example.org"])
+        rows = read_report(report)
+        self.assertEqual([(r["address"], r["line"], r["action"]) for r in rows[:2]],
+                         [("hard@example.org", "2", "suppress"), ("policy@example.org", "8", "suppress")])
+        self.assertTrue(rows[2]["action"].startswith("forged token"), rows[2])
+        self.assertTrue(rows[3]["action"].startswith("not ours: another campaign"), rows[3])
+        # never acted on: still in new/, unmarked
+        self.assertEqual(len([k for k in listing(box) if k.startswith("new/")]), 2)
+        self.assertRegex(p.stdout, r"1 forged token")
