@@ -3,7 +3,7 @@
  *   local mailfetch = require "mailshot.mailfetch"
  *   local h = mailfetch.new{ user=, password=, ca_file=, insecure=false, timeout=30,
  *                            tls = "implicit" | "required" | "optional" }
- *   local body, err, kind, size = h:perform(url[, request[, max_bytes]])
+ *   local body, err, kind, size, partial = h:perform(url[, request[, max_bytes]])
  *   h:connects()  -> how many connections this handle has opened so far
  *   h:close()
  *
@@ -14,9 +14,10 @@
  * server's untagged lines (IMAP) or its multi-line answer (POP3).  The protocol logic (which commands,
  * parsing their answers, read-only fetches, moves) is in lua/mailshot/mailbox_curl.lua.
  *
- * Errors: nil, "curl's reason (server: its last line)", kind, size.  kind is one of "login", "tls",
- * "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the message's size
- * when curl knew it ("too-big").  The password never appears: it is given to curl as its own option
+ * Errors: nil, "curl's reason (server: its last line)", kind, size, partial.  kind is one of "login",
+ * "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
+ * message's size when curl knew it, and partial its first max_bytes bytes ("too-big": the transfer
+ * was cut off there, which also closes the connection).  The password never appears: it is given to curl as its own option
  * (never in the URL), only the server's lines are kept for messages (never ours, which carry the
  * AUTHENTICATE data), and anything curl says is scrubbed of it all the same.
  *
@@ -53,7 +54,10 @@ typedef struct {
 static size_t on_write(char *p, size_t size, size_t n, void *ud) {
   fetcher *f = ud;
   size_t add = size * n;
-  if (add > f->max_bytes - f->body.len) { f->too_big = 1; return 0; }   /* curl aborts: WRITE_ERROR */
+  if (add > f->max_bytes - f->body.len) {   /* keep the first max_bytes; curl aborts: WRITE_ERROR */
+    if (bytebuf_append(&f->body, p, f->max_bytes - f->body.len) == 0) f->too_big = 1;
+    return 0;
+  }
   if (bytebuf_append(&f->body, p, add) != 0) return 0;
   return add;
 }
@@ -210,7 +214,7 @@ static int push_request(lua_State *L, int idx) {
   return 0;
 }
 
-/* h:perform(url[, request[, max_bytes]]) -> body | nil, message, kind, size */
+/* h:perform(url[, request[, max_bytes]]) -> body | nil, message, kind, size, partial */
 static int l_perform(lua_State *L) {
   fetcher *f = check_fetcher(L);
   const char *url = l_checkcstring(L, 2);
@@ -233,7 +237,6 @@ static int l_perform(lua_State *L) {
     bytebuf_free(&f->body);
     return 1;
   }
-  bytebuf_free(&f->body);
   lua_pushnil(L);
   if (f->too_big) lua_pushfstring(L, "over the limit of %I bytes", max);
   else {
@@ -251,7 +254,9 @@ static int l_perform(lua_State *L) {
     lua_pushinteger(L, (lua_Integer)size);
   else
     lua_pushnil(L);
-  return 4;
+  if (f->too_big) lua_pushlstring(L, f->body.data ? f->body.data : "", f->body.len); else lua_pushnil(L);
+  bytebuf_free(&f->body);
+  return 5;
 }
 
 static int l_connects(lua_State *L) {

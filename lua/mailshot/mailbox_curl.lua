@@ -6,8 +6,8 @@
 --     user = "bounces", password = "...",   -- or password_file =, else $MAILSHOT_IMAP_PASSWORD
 --     ca_file = "ca.pem", insecure = false, timeout = 30, allow_plaintext = false,
 --     max_bytes = 10 MiB, all = false, skip = { [id] = true, ... } })
---   for msg in box:messages() do ... end   -- { id =, raw =, size =, where = } (raw = nil, error = ...
---                                          -- when a message could not be read)
+--   for msg in box:messages() do ... end   -- { id =, raw =, size =, where = } (box:each() the same;
+--                                          -- raw = nil, error = ... when a message could not be read)
 --   box:mark(msg, "seen") / box:mark(msg, "move", "Processed") / box:mark(msg, "quarantine", "Bad")
 --   box:close()
 --
@@ -27,9 +27,10 @@
 -- * POP3 has no flags and no folders, so messages are left on the server: mark(msg, "seen") only
 --   records msg.id (the UIDL) in box.seen, and the caller keeps processed UIDLs (opts.skip on the next
 --   run); "move" and "quarantine" are refused with a message saying so.  Nothing is ever deleted.
--- * A message over max_bytes (default 10 MiB) is not fetched (its size is known from the listing): it
---   comes back with raw = nil, too_big = true and an error naming its size; one that turns out larger
---   than the server said is cut off by the binding at max_bytes the same way.
+-- * A message over max_bytes (default 10 MiB, as mailshot.mailbox) is never loaded whole: its size is
+--   known from the listing and only its first max_bytes bytes are fetched (IMAP BODY[]<0.N>; POP3 RETR
+--   cut off there), raw holds them, truncated = too_big = true, size the real size.  One that turns
+--   out larger than the server said is cut off by the binding at max_bytes the same way.
 
 local mailfetch = require "mailshot.mailfetch"
 
@@ -116,7 +117,7 @@ Box.__index = Box
 -- One transfer; errors come back as nil, "WHERE: hint: curl's reason", kind, size.
 function Box:_do(url, request, max)
   local before = self.h:connects()
-  local body, err, kind, size = self.h:perform(url, request, max or LIST_MAX_BYTES)
+  local body, err, kind, size, partial = self.h:perform(url, request, max or LIST_MAX_BYTES)
   if self.h:connects() ~= before then
     -- a new connection: curl logged in again and SELECTed the URL's mailbox (read-write)
     self.mode = url:find("/[^/]", #self.u.base + 1) and "rw" or nil
@@ -125,7 +126,7 @@ function Box:_do(url, request, max)
   if body then return body end
   self.mode = nil   -- curl closes the connection after most failures
   local hint = HINTS[kind]
-  return nil, self.u.where .. ": " .. (hint and hint .. ": " or "") .. err, kind, size
+  return nil, self.u.where .. ": " .. (hint and hint .. ": " or "") .. err, kind, size, partial
 end
 
 function Box:_mailbox_url() return self.u.base .. "/" .. self.u.mailbox_path end
@@ -168,17 +169,20 @@ function Box:_imap_mode(mode)
   return true
 end
 
+-- The message, or (over max_bytes) its first max_bytes bytes: BODY[]<0.max>, read-only too.
 function Box:_imap_fetch(m)
   local ok, err = self:_imap_mode("ro")
   if not ok then return nil, err end
   self.reconnected = false
-  local raw, kind, size
-  raw, err, kind, size = self:_do(self:_mailbox_url() .. ";UID=" .. m.id, nil, self.max_bytes)
+  local url = self:_mailbox_url() .. ";UID=" .. m.id
+  if m.size > self.max_bytes then url = url .. "/;PARTIAL=0." .. self.max_bytes end
+  local raw, kind, size, partial
+  raw, err, kind, size, partial = self:_do(url, nil, self.max_bytes)
   if self.reconnected and not m.seen then
     -- the connection was new: curl had SELECTed read-write, so this fetch set \Seen: undo it
     self:_do(self:_mailbox_url(), "UID STORE " .. m.id .. " -FLAGS.SILENT (\\Seen)")
   end
-  return raw, err, kind, size
+  return raw, err, kind, size, partial
 end
 
 function Box:_imap_folder(folder)
@@ -248,14 +252,14 @@ function Box:_pop3_fetch(m)
   end
   local n = self.num[m.id]
   if not n then return nil, self.u.where .. ": no longer on the server", "gone" end
-  local raw, err, kind, size = self:_do(self.u.base .. "/" .. n, nil, self.max_bytes)
+  local raw, err, kind, size, partial = self:_do(self.u.base .. "/" .. n, nil, self.max_bytes)
   if raw and self.h:connects() ~= self.session then
     local ok
     ok, err = self:_pop3_list()
     if not ok then return nil, err, "error" end
     if self.num[m.id] ~= n then return nil, self.u.where .. ": the server renumbered its messages", "gone" end
   end
-  return raw, err, kind, size
+  return raw, err, kind, size, partial
 end
 
 -- The object ------------------------------------------------------------------------------------
@@ -280,7 +284,8 @@ function M.open(url, opts)
                                  ca_file = opts.ca_file ~= "" and opts.ca_file or nil, insecure = opts.insecure }
   if not h then return nil, u.where .. ": " .. herr end
   local box = setmetatable({ h = h, u = u, where = u.where, max_bytes = max, all = opts.all and true or false,
-                             skip = opts.skip or {}, seen = {}, folders = {} }, Box)
+                             skip = opts.skip or {}, seen = {}, folders = {},
+                             move_to = opts.move_to, quarantine = opts.quarantine }, Box)
   local ok
   if u.proto == "imap" then
     ok, err = box:_imap_list()
@@ -295,9 +300,10 @@ end
 --- How many messages the listing found (before skip).
 function Box:count() return #self.list end
 
---- Iterator over the messages: { id =, raw =, size =, where = }; a message that could not be read
---- has raw = nil and error = reason (too_big = true when over max_bytes).  After a failure of the
---- connection itself the iteration ends and box.failed holds the reason.
+--- Iterator over the messages: { id =, raw =, size =, where = }; one over max_bytes has only its first
+--- max_bytes bytes in raw, truncated = too_big = true and its real size in size; one that could not
+--- be read has raw = nil and error = reason.  After a failure of the connection itself the iteration
+--- ends and box.failed holds the reason.
 function Box:messages()
   local i = 0
   return function()
@@ -308,20 +314,14 @@ function Box:messages()
       if not self.skip[m.id] then
         local label = self.u.proto == "imap" and " uid " or " uidl "
         local msg = { id = m.id, size = m.size, where = self.u.where .. label .. m.id }
-        if m.size > self.max_bytes then
-          msg.too_big = true
-          msg.error = string.format("%s: %d bytes, over the limit of %d bytes: not fetched", msg.where, m.size, self.max_bytes)
-          return msg
-        end
-        local raw, err, kind, size
-        if self.u.proto == "imap" then raw, err, kind, size = self:_imap_fetch(m)
-        else raw, err, kind, size = self:_pop3_fetch(m) end
-        if raw then
+        local raw, err, kind, size, partial
+        if self.u.proto == "imap" then raw, err, kind, size, partial = self:_imap_fetch(m)
+        else raw, err, kind, size, partial = self:_pop3_fetch(m) end
+        if raw and m.size <= self.max_bytes then
           msg.raw, msg.size = raw, #raw
-        elseif kind == "too-big" then
-          msg.too_big = true
-          msg.error = string.format("%s: %s bytes, over the limit of %d bytes: not fetched", msg.where,
-                                    size and tostring(size) or "more than " .. self.max_bytes, self.max_bytes)
+        elseif raw or kind == "too-big" then   -- only the first max_bytes bytes were read
+          msg.raw, msg.truncated, msg.too_big = raw or partial, true, true
+          msg.size = math.max(m.size, size or 0, #msg.raw + 1)
         else
           msg.error = err
           if kind ~= "gone" then self.failed = err end
@@ -333,12 +333,17 @@ function Box:messages()
   end
 end
 
---- mark(msg, "seen" | "move" | "quarantine"[, folder]) -> true | nil, reason
+Box.each = Box.messages   -- the name mailshot.mailbox's other readers use
+
+--- mark(msg, "seen" | "move" | "quarantine"[, folder]) -> true | nil, reason; the folder defaults to
+--- opts.move_to or "Processed" (move), opts.quarantine or "Quarantine" (quarantine).
 function Box:mark(msg, action, folder)
   if type(msg) ~= "table" or msg.id == nil then error("mark: expected a message from box:messages()", 2) end
   if action ~= "seen" and action ~= "move" and action ~= "quarantine" then
     error("mark: action must be \"seen\", \"move\" or \"quarantine\"", 2)
   end
+  if action == "move" then folder = folder or self.move_to or "Processed" end
+  if action == "quarantine" then folder = folder or self.quarantine or "Quarantine" end
   if action ~= "seen" and (type(folder) ~= "string" or folder == "") then
     error("mark: \"" .. action .. "\" needs a folder name", 2)
   end
