@@ -137,7 +137,7 @@ class MailboxTests(MailshotTestCase):
         r, lines = self.run_box(self.srv.url("imaps"), BOX_ALL=1)
         self.assertEqual([m[1] for m in self.msgs(lines)], ["1", "2", "3"])
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_mark_seen_then_the_next_run_lists_nothing(self):
         self.srv.deliver(self.user, message("one"))
         self.srv.deliver(self.user, message("two"))
@@ -150,7 +150,7 @@ class MailboxTests(MailshotTestCase):
         self.assertIn(["count", "0"], lines)
         self.assertEqual(self.msgs(lines), [])
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_move_creates_the_folder_and_moves_each_message(self):
         for s in ("one", "two"):
             self.srv.deliver(self.user, message(s))
@@ -165,7 +165,7 @@ class MailboxTests(MailshotTestCase):
         self.assertEqual([ln[2] for ln in lines if ln[0] == "mark"], ["true"], lines)
         self.assertEqual(len(self.flags("Processed")), 3)
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_move_without_MOVE_expunges_only_that_uid(self):
         srv = self.start_dovecot(extra_conf="imap_capability = IMAP4rev1 LITERAL+ UIDPLUS\n")
         srv.add_user(self.user, self.password)
@@ -182,7 +182,6 @@ class MailboxTests(MailshotTestCase):
         self.assertEqual(list(self.flags("INBOX", srv)), [2])           # UID EXPUNGE 1 only
         self.assertEqual(len(self.flags("Done", srv)), 1)
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
     def test_pop3s_lists_and_fetches_and_deletes_nothing(self):
         a, b = message("one"), message("two")
         self.srv.deliver(self.user, a)
@@ -204,7 +203,7 @@ class MailboxTests(MailshotTestCase):
         self.assertIn("POP3 has no folders", marks[0][3])
         self.assertEqual(len(self.flags()), 2)
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_wrong_password_is_a_clear_error_without_the_password(self):
         wrong = f"wrong-{secrets.token_hex(6)}"
         errs = {}
@@ -218,7 +217,7 @@ class MailboxTests(MailshotTestCase):
         self.assertIn("(server: ", errs["imaps"])                            # the server's own words
         self.assertIn("AUTHENTICATIONFAILED", errs["imaps"])
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_unknown_ca_is_a_certificate_error_and_sends_no_password(self):
         self.srv.deliver(self.user, message("one"))
         other_ca = self.path("other")
@@ -237,7 +236,7 @@ class MailboxTests(MailshotTestCase):
         self.assertRegex(lines[0][1], r"TLS failed.*(?i:certificate)")
         self.assertNotIn(f"Login: user=<{self.user}>", self.srv.log_text())  # no login: no password sent
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_message_over_the_size_cap_comes_truncated_with_its_real_size(self):
         small, big = message("small"), message("big", size=300_000)
         self.srv.deliver(self.user, big)
@@ -267,7 +266,7 @@ class MailboxTests(MailshotTestCase):
                                    "BOX_CA": self.srv.ca_cert})
         self.assertEqual(r.stdout.split("\t"), ["nil", "over the limit of 5000 bytes", "too-big", str(len(big)), "5000\n"])
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_imap_uses_starttls_and_verifies_the_certificate(self):
         raw = message("one")
         self.srv.deliver(self.user, raw)
@@ -279,7 +278,7 @@ class MailboxTests(MailshotTestCase):
         self.assertEqual(len(logins), 2, logins)
         self.assertTrue(all("TLS" in ln for ln in logins), logins)          # dovecot: "..., TLS, session=..."
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_plaintext_is_refused_unless_allowed(self):
         srv = self.start_dovecot(ssl=False)
         srv.add_user(self.user, self.password)
@@ -294,7 +293,7 @@ class MailboxTests(MailshotTestCase):
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
             self.assertEqual(len(self.msgs(lines)), 1, lines)
 
-    @skip_under_valgrind("one case (the listing and fetch) is enough there")
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_url_with_a_password_is_refused_and_not_echoed(self):
         url = f"imaps://{self.user}:{self.password}@127.0.0.1:{self.srv.ports['imaps']}/INBOX"
         script = self.path("url.lua")
