@@ -117,6 +117,7 @@ static const char *configure(fetcher *f, const char *user, const char *ca_file, 
   SETOPT(f, CURLOPT_DEBUGDATA, f);
   SETOPT(f, CURLOPT_VERBOSE, 1L);                    /* feeds on_debug only: nothing is printed */
   SETOPT(f, CURLOPT_CONNECTTIMEOUT, timeout);
+  SETOPT(f, CURLOPT_SERVER_RESPONSE_TIMEOUT, timeout);   /* a greeting or reply that never comes */
   SETOPT(f, CURLOPT_LOW_SPEED_LIMIT, 1L);            /* a stalled server: no byte for `timeout` s */
   SETOPT(f, CURLOPT_LOW_SPEED_TIME, timeout);
   SETOPT(f, CURLOPT_USE_SSL, use_ssl);

@@ -15,7 +15,8 @@ local mc = require "mailshot.mailbox_curl"
 local url, action, folder, outdir = arg[1], arg[2], arg[3], arg[4]
 local opts = { user = os.getenv("BOX_USER"), ca_file = os.getenv("BOX_CA"),
                allow_plaintext = os.getenv("BOX_PLAIN") == "1", all = os.getenv("BOX_ALL") == "1",
-               max_bytes = math.tointeger(tonumber(os.getenv("BOX_MAX") or "")) }
+               max_bytes = math.tointeger(tonumber(os.getenv("BOX_MAX") or "")),
+               timeout = tonumber(os.getenv("BOX_TIMEOUT") or "") }
 local box, err = mc.open(url, opts)
 if not box then print("open-error\t" .. err) return 3 end
 print("count\t" .. box:count())
@@ -292,6 +293,22 @@ class MailboxTests(MailshotTestCase):
             r, lines = self.run_box(srv.url(scheme), srv=srv, BOX_PLAIN=1)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
             self.assertEqual(len(self.msgs(lines)), 1, lines)
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_a_server_that_never_answers_times_out(self):
+        import socket
+        import time
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)                       # accepts (the kernel does), never greets
+            port = listener.getsockname()[1]
+            for scheme in ("imap", "imaps", "pop3s"):
+                url = f"{scheme}://127.0.0.1:{port}/" + ("INBOX" if scheme.startswith("imap") else "")
+                t = time.monotonic()
+                r, lines = self.run_box(url, BOX_TIMEOUT=1)
+                self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+                self.assertIn(f"{url.rstrip('/')}: timed out", lines[0][1])
+                self.assertLess(time.monotonic() - t, 30)   # generous: the timeout is 1 s
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_url_with_a_password_is_refused_and_not_echoed(self):
