@@ -489,6 +489,8 @@ function Run:message(box, src, msg)
     if disposition == "quarantine" then how, folder = "quarantine", self.opts.quarantine
     elseif self.opts.move_to then how, folder = "move", self.opts.move_to
     else how = "seen" end
+    local pop3 = box.u and box.u.proto == "pop3"
+    if pop3 then how, folder = "seen", nil end     -- POP3 has no folders: every message stays on the server
     local ok, err = box:mark(msg, how, folder)
     if not ok then
       note = format("; %s failed: %s", how, one_line(err, 200))
@@ -497,7 +499,10 @@ function Run:message(box, src, msg)
     elseif how == "quarantine" and type(err) == "string" then
       note = "; copy: " .. err
     end
-    if ok and box.u and box.u.proto == "pop3" then self:remember_pop3(src, msg.id) end
+    if ok and pop3 then
+      self:remember_pop3(src, msg.id)
+      if disposition == "quarantine" then note = "; left on the POP3 server (no folders)" end
+    end
   end
   for _, t in ipairs(rows) do
     if note and t.action then t.action = t.action .. note end
@@ -508,8 +513,9 @@ function Run:message(box, src, msg)
 end
 
 function Run:remember_pop3(src, id)
-  -- POP3 marks nothing on the server: the ids processed are kept in the first target's state
-  local t = self.target_order[1]
+  -- POP3 marks nothing on the server: the ids processed are kept in the state of the first
+  -- campaign's suppression file (or --suppress's)
+  local t = self:target(self.campaigns[1])
   if not t then return end
   t.state.seen[src] = t.state.seen[src] or {}
   t.state.seen[src][id] = self.now

@@ -395,3 +395,86 @@ class VerpBouncesTests(MailshotTestCase):
         # never acted on: still in new/, unmarked
         self.assertEqual(len([k for k in listing(box) if k.startswith("new/")]), 2)
         self.assertRegex(p.stdout, r"1 forged token")
+
+
+class ImapBouncesTests(MailshotTestCase):
+    def test_imaps(self):
+        """An IMAPS mailbox: processed messages marked seen, the unreadable one moved to Quarantine, the
+        person's message left unread; the password from the environment.  (A short name: dovecot's unix
+        sockets live under the test's folder, and a socket path is at most 107 octets.)"""
+        import secrets
+        import shutil
+        import tempfile
+        from tests.integration.harness import start_dovecot
+        server_dir = tempfile.mkdtemp(prefix="ms-dc-")
+        self.addCleanup(shutil.rmtree, server_dir, True)
+        srv = start_dovecot(server_dir)
+        self.addCleanup(srv.stop)
+        user, password = f"u{secrets.token_hex(4)}", f"pw-{secrets.token_hex(8)}"
+        self.add_secret(password)
+        srv.add_user(user, password)
+        for m in (dsn("hard@example.org", n=1), person(), garbled(),
+                  dsn("soft2@example.org", "4.2.2", "452 4.2.2 Mailbox full", action="delayed", n=2)):
+            srv.deliver(user, m.encode("utf-8", "surrogateescape"))
+        supp = self.path("bounced.txt")
+        url = f"imaps://127.0.0.1:{srv.ports['imaps']}/INBOX"
+        args = (url, "--suppress", supp, "--user", user, "--ca-file", srv.ca_cert, "--report", self.path("r.csv"))
+        p = self.run_mailshot("bounces", *args, env={"MAILSHOT_IMAP_PASSWORD": password})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(entries(supp), ["hard@example.org"])
+        rows = read_report(self.path("r.csv"))
+        self.assertEqual([r["action"] for r in rows],
+                         ["suppress", "not a bounce (left in place)", "quarantine", "count 1 of 3"])
+        self.assertTrue(all(r["where"].startswith("imaps://127.0.0.1") for r in rows), rows)
+        with srv.imap(user, password) as c:
+            c.select("INBOX", readonly=True)
+            _, unseen = c.search(None, "UNSEEN")
+            _, all_ = c.search(None, "ALL")
+            self.assertEqual(len(all_[0].split()), 3)         # the garbled one moved out
+            self.assertEqual(len(unseen[0].split()), 1)       # the person's message stays unread
+            c.select("Quarantine", readonly=True)
+            _, q = c.search(None, "ALL")
+            self.assertEqual(len(q[0].split()), 1)
+        # a second run reads only what is not seen: the person's message, left again
+        p = self.run_mailshot("bounces", *args, env={"MAILSHOT_IMAP_PASSWORD": password})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual([r["action"] for r in read_report(self.path("r.csv"))], ["not a bounce (left in place)"])
+        # without the password: a clear error, exit 1
+        p = self.run_mailshot("bounces", *args, env={"MAILSHOT_IMAP_PASSWORD": None})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("MAILSHOT_IMAP_PASSWORD", p.stderr)
+
+    def test_pop3s(self):
+        """POP3 has no flags or folders: nothing changes on the server, and the ids processed are kept in
+        the state file, so a second run reads only what is new."""
+        import secrets
+        import shutil
+        import tempfile
+        from tests.integration.harness import start_dovecot
+        server_dir = tempfile.mkdtemp(prefix="ms-dc-")
+        self.addCleanup(shutil.rmtree, server_dir, True)
+        srv = start_dovecot(server_dir)
+        self.addCleanup(srv.stop)
+        user, password = f"u{secrets.token_hex(4)}", f"pw-{secrets.token_hex(8)}"
+        self.add_secret(password)
+        srv.add_user(user, password)
+        for m in (dsn("hard@example.org", n=1), garbled(),
+                  dsn("soft2@example.org", "4.2.2", "452 4.2.2 Mailbox full", action="delayed", n=2)):
+            srv.deliver(user, m.encode("utf-8", "surrogateescape"))
+        supp = self.path("bounced.txt")
+        url = f"pop3s://127.0.0.1:{srv.ports['pop3s']}/"
+        args = (url, "--suppress", supp, "--user", user, "--ca-file", srv.ca_cert, "--report", self.path("r.csv"))
+        p = self.run_mailshot("bounces", *args, env={"MAILSHOT_IMAP_PASSWORD": password})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(entries(supp), ["hard@example.org"])
+        self.assertEqual([r["action"] for r in read_report(self.path("r.csv"))],
+                         ["suppress", "quarantine; left on the POP3 server (no folders)", "count 1 of 3"])
+        with open(supp + ".state") as f:
+            self.assertEqual(len([line for line in f if line.startswith("seen\t")]), 3)
+        srv.deliver(user, dsn("soft3@example.org", "4.2.2", "452 4.2.2 Mailbox full", action="delayed", n=3))
+        p = self.run_mailshot("bounces", *args, env={"MAILSHOT_IMAP_PASSWORD": password})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual([(r["address"], r["action"]) for r in read_report(self.path("r.csv"))],
+                         [("soft3@example.org", "count 1 of 3")])
+        self.assertEqual(len(os.listdir(os.path.join(srv.maildir(user), "new"))) +
+                         len(os.listdir(os.path.join(srv.maildir(user), "cur"))), 4)
