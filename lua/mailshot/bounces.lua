@@ -325,6 +325,10 @@ function Run:act(b, r, class, m, key, bounce_time)
     return "not suppressed (policy block: the sender's problem, not the address's)", "done", "not suppressed"
   end
   if class == "unknown" then return would(dry, "quarantine"), "quarantine", would(dry, "quarantined") end
+  if type(m.email) ~= "string" or m.email == "" or find(m.email, "[%c%s]") then
+    -- nothing a bounce says may add a line to the state or the suppression file
+    return "not acted on: the address is empty or has spaces or control characters", "keep", "not acted on"
+  end
   local t, err = self:target(m.c)
   if not t then
     if err then self.warn(err); self.failed = true; return "error: " .. err, "keep", "error" end

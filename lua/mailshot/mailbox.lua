@@ -1,7 +1,7 @@
 -- mailshot.mailbox: the messages of a mailbox, one at a time, in bounded memory.
 --
 --   local box = assert(mailbox.open("Maildir", { max_bytes = 10 * 1024 * 1024 }))
---   for msg in box:each() do            -- msg = { id, raw, size, truncated, where }
+--   for msg in box:messages() do        -- msg = { id, raw, size, truncated, where }; box:each() the same
 --     ...
 --     box:mark(msg, "seen")             -- or "move", "quarantine"
 --   end
@@ -198,7 +198,7 @@ local function move_file(from, to)
   return true
 end
 
-function Maildir:mark(msg, how)
+function Maildir:mark(msg, how, folder_name)
   local name = basename(msg.file)
   if how == "seen" then
     local to = self.path .. "/cur/" .. seen_name(name)
@@ -208,8 +208,8 @@ function Maildir:mark(msg, how)
     return ok, err
   end
   local folder, plus
-  if how == "move" then folder, plus = folder_path(self.path, self.move_to or "Processed")
-  elseif how == "quarantine" then folder, plus = folder_path(self.path, self.quarantine or "Quarantine")
+  if how == "move" then folder, plus = folder_path(self.path, folder_name or self.move_to or "Processed")
+  elseif how == "quarantine" then folder, plus = folder_path(self.path, folder_name or self.quarantine or "Quarantine")
   else error("mailbox: mark: expected \"seen\", \"move\" or \"quarantine\", got " .. tostring(how), 2) end
   local ok, err = ensure_maildir(folder, plus)
   if not ok then return nil, err end
@@ -220,6 +220,7 @@ function Maildir:mark(msg, how)
 end
 
 function Maildir:close() end
+Maildir.messages = Maildir.each
 
 ---------------------------------------------------------------- mbox
 
@@ -325,8 +326,8 @@ function Mbox:each()
 end
 
 -- mbox is read-only here: see the header comment
-function Mbox:mark(msg, how)
-  if how == "quarantine" then return self.owner:copy_out(msg) end
+function Mbox:mark(msg, how, folder_name)
+  if how == "quarantine" then return self.owner:copy_out(msg, folder_name) end
   if how ~= "seen" and how ~= "move" then
     error("mailbox: mark: expected \"seen\", \"move\" or \"quarantine\", got " .. tostring(how), 2)
   end
@@ -334,6 +335,7 @@ function Mbox:mark(msg, how)
 end
 
 function Mbox:close() if self.f then self.f:close(); self.f = nil end end
+Mbox.messages = Mbox.each
 
 ---------------------------------------------------------------- one message (a file, stdin)
 
@@ -351,8 +353,8 @@ function Single:each()
   end
 end
 
-function Single:mark(msg, how)
-  if how == "quarantine" then return self.owner:copy_out(msg) end
+function Single:mark(msg, how, folder_name)
+  if how == "quarantine" then return self.owner:copy_out(msg, folder_name) end
   if how ~= "seen" and how ~= "move" then
     error("mailbox: mark: expected \"seen\", \"move\" or \"quarantine\", got " .. tostring(how), 2)
   end
@@ -362,6 +364,7 @@ end
 function Single:close()
   if self.temp then os.remove(self.path); self.temp = nil end
 end
+Single.messages = Single.each
 
 ---------------------------------------------------------------- opening
 
@@ -369,19 +372,17 @@ end
 local Owner = {}
 Owner.__index = Owner
 
-function Owner:copy_out(msg)
-  local dir = self.quarantine
+function Owner:copy_out(msg, dir)
+  dir = dir or self.quarantine
   if not dir then return nil, "no quarantine folder given" end
   local ok, err = ensure_maildir(dir, false)
   if not ok then return nil, err end
   local name = copy_name(msg)
   local got
-  if msg.file and not msg.truncated then
-    got, err = copy_into_maildir(msg.file, dir, name)
-  elseif msg.file then
-    got, err = copy_into_maildir(msg.file, dir, name)   -- the whole file, not the capped part
+  if msg.file then
+    got, err = copy_into_maildir(msg.file, dir, name)   -- the whole file, over max_bytes too
   elseif msg.truncated then
-    return nil, "only the first " .. #msg.raw .. " bytes were read"
+    return nil, "only the first " .. #msg.raw .. " bytes were read: the message stays in its mbox"
   else
     got, err = write_into_maildir(msg.raw, dir, name)
   end
@@ -462,6 +463,7 @@ function M.open(source, opts)
           return m
         end
       end
+      box.messages = box.each
       local close = box.close
       box.close = function(self) close(self); os.remove(tmp) end
       return box
