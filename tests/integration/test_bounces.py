@@ -231,6 +231,7 @@ class BouncesTests(MailshotTestCase):
         for a in ("soft2@example.org", "away@example.org", "live@example.org", "policy@example.org"):
             self.assertEqual(run[a]["status"], "written", run[a])
 
+    @skip_under_valgrind("the same Lua paths as the Maildir test, which runs under valgrind")
     def test_dry_run_changes_nothing(self):
         d, script = self.campaign()
         self.standard_box()
@@ -285,6 +286,7 @@ class BouncesTests(MailshotTestCase):
         self.assertEqual(entries(supp), ["a@example.org", "b@example.org", "c@example.org"])
         self.assertEqual(len(listing(supp + ".quarantine")), 1)
 
+    @skip_under_valgrind("2 MB messages through the Lua parser: minutes under valgrind")
     def test_a_message_over_the_cap_is_parsed_from_its_start_or_quarantined(self):
         supp = self.path("bounced.txt")
         # a DSN followed by 2 MB of returned message: its start is enough
@@ -355,6 +357,7 @@ for i = 2, #arg, 2 do print(v:address(tonumber(arg[i]), arg[i + 1])) end
 
 
 class VerpBouncesTests(MailshotTestCase):
+    @skip_under_valgrind("VERP decoding is Lua (tests/lua/test_verp.lua runs under valgrind)")
     def test_verp_token_matches_forged_and_foreign_tokens_are_never_acted_on(self):
         d = self.path("camp")
         os.makedirs(d)
@@ -398,6 +401,7 @@ class VerpBouncesTests(MailshotTestCase):
 
 
 class ImapBouncesTests(MailshotTestCase):
+    @skip_under_valgrind("the libcurl binding runs under valgrind in test_mailbox_imap")
     def test_imaps(self):
         """An IMAPS mailbox: processed messages marked seen, the unreadable one moved to Quarantine, the
         person's message left unread; the password from the environment.  (A short name: dovecot's unix
@@ -444,6 +448,7 @@ class ImapBouncesTests(MailshotTestCase):
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn("MAILSHOT_IMAP_PASSWORD", p.stderr)
 
+    @skip_under_valgrind("the libcurl binding runs under valgrind in test_mailbox_imap")
     def test_pop3s(self):
         """POP3 has no flags or folders: nothing changes on the server, and the ids processed are kept in
         the state file, so a second run reads only what is new."""
