@@ -131,6 +131,20 @@ case("mbox: a line longer than a read chunk, a message over max_bytes", function
   eq(ms2[1].raw, "Subject: long\n\n" .. long .. "\nFrom x\n")   -- "From x" follows no blank line
 end)
 
+case("mbox: a message over max_bytes is quarantined whole, unquoted, from the file", function()
+  local body = "Subject: big\n\n" .. string.rep("z", 150000) .. "\n>From quoted\nend\n"
+  local p = write(DIR .. "/big.mbox", "From a@x Thu Dec  3 10:00:00 2026\n" .. body:gsub("\nFrom", "\n>From")
+                  .. "\nFrom b@x Thu Dec  3 10:01:00 2026\nSubject: small\n\nx\n")
+  local box = assert(mailbox.open(p, { max_bytes = 1000, quarantine = DIR .. "/bigq" }))
+  local ms = all(box)
+  eq(#ms, 2); eq(ms[1].truncated, true)
+  local ok, where = box:mark(ms[1], "quarantine")
+  eq(ok, true)
+  local f = assert(io.open(where, "rb")); local copy = f:read("a"); f:close()
+  eq(copy, (body:gsub("\n>From", "\nFrom")))
+  box:close()
+end)
+
 case("a single file; quarantine copies it once into a Maildir", function()
   local p = write(DIR .. "/one.eml", "Subject: one\n\nbody\n")
   local q = DIR .. "/q"
