@@ -435,7 +435,14 @@ local function recipient_from(g)
     last_attempt = g["last-attempt-date"],
     will_retry_until = g["will-retry-until"],
   }
-  if not r.status and r.diagnostic then r.status = find_status(r.diagnostic) end
+  -- the Status field is the DSN's word, but some MTAs (Exim) always write X.0.0 there and quote the
+  -- remote server's precise code in the diagnostic: take that one then (same class), keeping the field's
+  local quoted = r.diagnostic and find_status(r.diagnostic)
+  if not r.status then
+    r.status = quoted
+  elseif quoted and find(r.status, "^%d%.0%.0$") and sub(quoted, 1, 1) == sub(r.status, 1, 1) then
+    r.dsn_status, r.status = r.status, quoted
+  end
   if r.diagnostic then
     local code = match(r.diagnostic, "^%s*([2-5]%d%d)[%s%-]")
     r.smtp_code = code
@@ -589,6 +596,7 @@ local COPY_MARKERS = {
   "\n%-+ Returned message %-+",
   "\n%-+ Message header follows %-+",
   "\n%-+ The message header follows %-+",
+  "\nOriginal message headers:",                            -- Exchange
 }
 
 local ADDRESS = "[%w.!#$%%&'*+/=?^_`{|}~%-]+@[%w%-]+%.[%w.%-]*%w"
@@ -698,6 +706,7 @@ local function guess(b, root, ctx)
   if not node then
     node = find_node(root, function(n) return n.ctype == "text/html" end)
   end
+  if not node and not root.parts then node = root end     -- a multipart that could not be opened: its body
   local text = node and decode_body(node) or ""
   if node and node.ctype == "text/html" then
     text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^>]*>", "")
