@@ -320,6 +320,31 @@ case("a huge header line and a huge header block", function()
   assert(#b.warnings > 0, "a header warning")
 end)
 
+-- Lua patterns backtrack: a pattern that scans a run and then fails is quadratic on a long run.  Each of
+-- these took minutes (or hours) in an early version; the time is printed, not asserted.
+case("long runs that make naive patterns quadratic: spaces, word characters, dashes", function()
+  local n = check.scaled(200 * 1024, 40 * 1024)
+  local runs = {
+    from_word = "From: " .. string.rep("a", n) .. "\nSubject: x\n\nbody\n",
+    from_spaces = "From: x" .. string.rep(" ", n) .. "y\nTo: a" .. string.rep(" ", n) .. "b@example.org\n\nbody\n",
+    failed_word = "From: MAILER-DAEMON@example.com\nX-Failed-Recipients: " .. string.rep("a", n) .. "@\n\n"
+                  .. string.rep("b", n) .. "@\n550 5.1.1 x\n",
+    body_word = "From: MAILER-DAEMON@example.com\nSubject: Undelivered\n\n" .. string.rep("a.", n // 2)
+                .. "\n" .. string.rep("a", n) .. "@x\n" .. string.rep("\n" .. string.rep("-", 70), n // 71) .. "\n",
+    dsn_spaces = "From: MAILER-DAEMON@example.com\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\n\n"
+                 .. "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\nFinal-Recipient: rfc822; a"
+                 .. string.rep(" ", n) .. "b@example.org\nDiagnostic-Code: smtp; 550" .. string.rep(" ", n)
+                 .. "x\nStatus: 5.1.1\n--b--\n",
+    subject_words = "From: x@example.org\nSubject: " .. string.rep("=?utf-8?q?" .. string.rep("a", 50), n // 60)
+                    .. string.rep(" warning: message ", n // 18) .. "\n\nbody\n",
+  }
+  for name, raw in pairs(runs) do
+    local t0 = os.clock()
+    sane(bounce.parse(raw), name)
+    print(string.format("  %-14s %4.0f kB parsed in %.3f s CPU", name, #raw / 1024, os.clock() - t0))
+  end
+end)
+
 case("a 50 MB message (made here, not stored): the DSN at its start parses, the rest is ignored", function()
   local dsn = read("postfix-user-unknown.eml")
   local cut = dsn:find("--4F2A31C0042.1764756902/mail.example.com--", 1, true)
