@@ -169,7 +169,7 @@ valgrind-all: mailshot $(VG_UNIT) | build
 .PHONY: fuzz fuzz-smoke
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template
+FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template bounce
 FUZZ_CFLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE \
                 -Isrc $(shell pkg-config --cflags lua5.4 2>/dev/null)
 FUZZ_LUA     := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
@@ -185,8 +185,8 @@ build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_mimeenc: src/mimeenc.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c
 build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null || echo -lcares)
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: FUZZ_LIBS = $(FUZZ_LUA)
 
 fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
 	@for t in $(FUZZ_TARGETS); do \
