@@ -104,6 +104,7 @@ end
 
 local HINTS = {
   login = "login refused (check the user and password)",
+  mailbox = "cannot open the mailbox",
   tls = "TLS failed (a server certificate is verified against the system's CAs and --ca-file)",
   starttls = "the server does not offer STARTTLS: refusing to log in without TLS "
     .. "(use imaps:// or pop3s://, or allow plaintext with --allow-plaintext)",

@@ -219,6 +219,15 @@ class MailboxTests(MailshotTestCase):
         self.assertIn("AUTHENTICATIONFAILED", errs["imaps"])
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_missing_mailbox_says_so_with_the_servers_words(self):
+        r, lines = self.run_box(self.srv.url("imaps", "NoSuchBox"))
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        err = lines[0][1]
+        self.assertTrue(err.startswith(self.srv.url("imaps", "NoSuchBox") + ": cannot open the mailbox"), err)
+        self.assertIn("NO Mailbox doesn't exist: NoSuchBox", err)      # not the LOGOUT's "OK" that followed
+        self.assertNotIn("login refused", err)
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_unknown_ca_is_a_certificate_error_and_sends_no_password(self):
         self.srv.deliver(self.user, message("one"))
         other_ca = self.path("other")
