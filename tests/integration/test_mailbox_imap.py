@@ -87,6 +87,8 @@ class MailboxTests(MailshotTestCase):
              "BOX_CA": srv.ca_cert if ca and srv.ca_cert else None}
         e.update({k: str(v) for k, v in env.items()})
         r = self.run_mailshot("exec", self.driver, url, action, folder, self.out, env=e)
+        # whatever happened, the password is nowhere in what mailshot said
+        self.assertNotIn(e["MAILSHOT_IMAP_PASSWORD"], r.stdout + r.stderr)
         lines = [ln.split("\t") for ln in r.stdout.splitlines()]
         return r, lines
 
