@@ -160,7 +160,10 @@ static int l_new(lua_State *L) {
   static const char *const modes[] = { "implicit", "required", "optional", NULL };
   static const long use_ssl[] = { CURLUSESSL_NONE, CURLUSESSL_ALL, CURLUSESSL_TRY };
   lua_getfield(L, 1, "tls");
-  int mode = luaL_checkoption(L, -1, "implicit", modes);
+  const char *tls = luaL_optstring(L, -1, "implicit");
+  int mode = 0;
+  while (modes[mode] && strcmp(modes[mode], tls) != 0) mode++;
+  if (!modes[mode]) return luaL_error(L, "mailfetch.new: option 'tls' must be implicit, required or optional");
   lua_pop(L, 1);
 
   fetcher *f = lua_newuserdatauv(L, sizeof *f, 0);
@@ -230,10 +233,11 @@ static int push_request(lua_State *L, int idx) {
 static int l_perform(lua_State *L) {
   fetcher *f = check_fetcher(L);
   const char *url = l_checkcstring(L, 2);
-  push_request(L, 3);
-  const char *request = lua_tostring(L, -1);
   lua_Integer max = luaL_optinteger(L, 4, DEFAULT_MAX);
   luaL_argcheck(L, max > 0, 4, "max_bytes must be positive");
+  lua_settop(L, 4);
+  push_request(L, 3);   /* at 5 */
+  const char *request = lua_tostring(L, 5);
   bytebuf_free(&f->body);
   f->max_bytes = (size_t)max;
   f->too_big = 0;
