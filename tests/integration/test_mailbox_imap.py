@@ -7,8 +7,8 @@ import shutil
 import tempfile
 import unittest
 
-from tests.integration.harness import (MailshotTestCase, VALGRIND, make_ca_and_cert, skip_under_valgrind,
-                                       start_dovecot)
+from tests.integration.harness import (MailshotTestCase, process_group_alive, skip_under_valgrind, start_dovecot,
+                                       wait_for)
 
 DRIVER = r"""
 local mc = require "mailshot.mailbox_curl"
@@ -320,6 +320,18 @@ class MailboxTests(MailshotTestCase):
                 self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
                 self.assertIn(f"{url.rstrip('/')}: timed out", lines[0][1])
                 self.assertLess(time.monotonic() - t, 30)   # generous: the timeout is 1 s
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_dovecot_stops_with_all_its_processes(self):
+        srv = self.start_dovecot()
+        srv.add_user(self.user, self.password)
+        c = srv.imap(self.user, self.password)          # a logged-in session: a mail process running
+        c.select("INBOX")
+        self.assertTrue(process_group_alive(srv.pid))
+        srv.stop()
+        # (SIGKILLed children are reaped by init a moment later)
+        wait_for(lambda: not process_group_alive(srv.pid), timeout=5, what="dovecot's processes to be gone")
+        c.shutdown()
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_url_with_a_password_is_refused_and_not_echoed(self):
