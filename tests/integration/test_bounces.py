@@ -483,3 +483,41 @@ class ImapBouncesTests(MailshotTestCase):
                          [("soft3@example.org", "count 1 of 3")])
         self.assertEqual(len(os.listdir(os.path.join(srv.maildir(user), "new"))) +
                          len(os.listdir(os.path.join(srv.maildir(user), "cur"))), 4)
+
+
+class CorpusTests(MailshotTestCase):
+    @skip_under_valgrind("45 messages through the Lua parser; the parser's own tests cover the corpus")
+    def test_the_bounce_corpus_as_a_maildir(self):
+        """tests/data/bounces/ (real formats of MTAs and providers, vacations, hostile input) as one Maildir,
+        every address taken as is (--suppress, no campaign): every message is in the report; auto-replies,
+        policy blocks, successful deliveries, not-spam reports and people's messages suppress nothing;
+        unreadable ones are quarantined; no message is lost."""
+        import glob
+        import shutil
+        corpus = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "data", "bounces", "*.eml")))
+        self.assertGreaterEqual(len(corpus), 40)
+        box = self.path("Maildir")
+        maildir(box, [])
+        for f in corpus:
+            shutil.copy(f, os.path.join(box, "new", os.path.basename(f)))
+        supp = self.path("bounced.txt")
+        p = self.run_mailshot("bounces", box, "--suppress", supp, "--report", self.path("r.csv"))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        rows = read_report(self.path("r.csv"))
+        by_file = {}
+        for r in rows:
+            by_file.setdefault(os.path.basename(r["where"]), []).append(r)
+        self.assertEqual(sorted(by_file), sorted(os.path.basename(f) for f in corpus))
+        suppressed = set(entries(supp))
+        for name, rs in by_file.items():
+            with self.subTest(message=name):
+                if name.startswith(("vacation-", "policy-", "human-", "read-receipt", "dsn-delivered", "arf-not-spam")):
+                    self.assertFalse(any(r["action"].startswith("suppress") for r in rs), rs)
+                if name.startswith("vacation-"):
+                    self.assertEqual([r["action"] for r in rs], ["ignored (autoreply)"])
+        for name in ("postfix-user-unknown.eml", "sendmail-user-unknown.eml", "gmail-dsn.eml", "rfc5965-b2-abuse.eml"):
+            self.assertTrue({r["address"] for r in by_file[name]} <= suppressed, by_file[name])
+        for name in ("hostile-binary-garbage.eml", "hostile-nested-50.eml"):
+            self.assertEqual(by_file[name][0]["action"], "quarantine")
+            self.assertTrue(os.path.exists(os.path.join(box, ".Quarantine", "new", name)))
+        self.assertEqual(len(listing(box)), len(corpus))
