@@ -169,6 +169,25 @@ case("bounces.parse_date", function()
   eq(pd(nil), nil)
 end)
 
+case("bounces: a campaign's recipients indexed by line and address, memory per row", function()
+  local n = check.scaled(100000, 2000)
+  local csvp = DIR .. "/list.csv"
+  local f = assert(io.open(csvp, "wb"))
+  f:write("email,name\n")
+  for i = 1, n do f:write(string.format("User%06d.Name@Domain%d.example,x\n", i, i % 500)) end
+  f:close()
+  local c = require("mailshot.campaign").new({ recipients = csvp, from = "a@b.example", text = "x" })
+  collectgarbage("collect")
+  local before = collectgarbage("count")
+  local idx = assert(require("mailshot.bounces")._index_of(c))
+  collectgarbage("collect")
+  local per = (collectgarbage("count") - before) * 1024 / n
+  eq(idx.by_line[2], "user000001.name@domain1.example")
+  eq(idx.by_addr["user000002.name@domain2.example"], 3)
+  print(string.format("     bounces: a %d-row list indexed in %.0f bytes a row", n, per))
+  assert(per < 300, "bytes per row " .. per)
+end)
+
 case("the modules write no globals", no_new_globals)
 
 os.execute("rm -rf '" .. DIR .. "'")
