@@ -320,6 +320,12 @@ class BouncesTests(MailshotTestCase):
         self.assertIn("nb.lua has no bounces_to", p.stderr)
         p = self.bounces(self.path("x"), "--suppress", self.path("s.txt"), "--soft-limit", "0")
         self.assertEqual(p.returncode, 2)
+        p = self.bounces("imaps://127.0.0.1/INBOX", "--suppress", self.path("s.txt"), "--password", "pw")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("passwords are not taken from the command line", p.stderr)
+        p = self.bounces(self.path("x"), "--suppress", self.path("s.txt"), "--report", self.path("no", "r.csv"))
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(self.path("no", "r.csv"), p.stderr)
         # a missing source fails (exit 1, named) and the next one is still read
         box = self.path("Maildir")
         maildir(box, [dsn("hard@example.org", n=1)])
@@ -327,6 +333,25 @@ class BouncesTests(MailshotTestCase):
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn(self.path("missing"), p.stderr)
         self.assertEqual(entries(os.path.join(d, "bounced.txt")), ["hard@example.org"])
+
+    @skip_under_valgrind("renames: Lua only")
+    def test_move_to_and_quarantine_folders(self):
+        """--move-to: processed messages go to the Maildir++ folder beside the source folder, flagged seen;
+        --quarantine names the quarantine folder; the rest stays."""
+        root = self.path("Maildir")
+        maildir(root, [])
+        box = os.path.join(root, ".Bounces")
+        maildir(box, [dsn("hard@example.org", n=1), garbled(), person()])
+        supp = self.path("bounced.txt")
+        p = self.bounces(box, "--suppress", supp, "--report", self.path("r.csv"), "--move-to", "Done",
+                         "--quarantine", "Bad")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        after = listing(root)
+        self.assertEqual(len([k for k in after if k.startswith(".Done/cur/") and k.endswith(":2,S")]), 1)
+        self.assertEqual(len([k for k in after if k.startswith(".Bad/new/")]), 1)
+        self.assertEqual([k for k in after if k.startswith(".Bounces/")], [k for k in after if "Bounces/new/" in k])
+        self.assertEqual(len(after), 3)
+        self.assertTrue(os.path.exists(os.path.join(root, ".Done", "maildirfolder")))
 
     @skip_under_valgrind("the on_bounce call is Lua only")
     def test_on_bounce_overrides_the_class(self):
