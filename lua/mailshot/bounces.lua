@@ -587,6 +587,11 @@ function M.run(opts)
   opts.soft_limit = opts.soft_limit or M.SOFT_LIMIT
   opts.soft_days = opts.soft_days or M.SOFT_DAYS
   opts.max_bytes = opts.max_bytes or mailbox.MAX_BYTES
+  -- a list that cannot be read would make every bounce "not ours": stop before reading anything
+  for _, c in ipairs(self.campaigns) do
+    local idx, err = index_of(c)
+    if not idx then return nil, format("%s: %s", c.name or "campaign", tostring(err)) end
+  end
   local report_path = opts.report or "bounces-report.csv"
   local f, tmp = util.temp_file(report_path)
   if not f then return nil, "--report: " .. tostring(tmp) end

@@ -326,6 +326,12 @@ class BouncesTests(MailshotTestCase):
         p = self.bounces(self.path("x"), "--suppress", self.path("s.txt"), "--report", self.path("no", "r.csv"))
         self.assertEqual(p.returncode, 2)
         self.assertIn(self.path("no", "r.csv"), p.stderr)
+        # a campaign whose recipients file is gone: nothing could be matched, so nothing is read (exit 2, named)
+        os.rename(os.path.join(d, "list.csv"), os.path.join(d, "list.old"))
+        p = self.bounces(self.path("x"), "--campaign", script)
+        self.assertEqual(p.returncode, 2, p.stdout + p.stderr)
+        self.assertIn(os.path.join(d, "list.csv"), p.stderr)
+        os.rename(os.path.join(d, "list.old"), os.path.join(d, "list.csv"))
         # a missing source fails (exit 1, named) and the next one is still read
         box = self.path("Maildir")
         maildir(box, [dsn("hard@example.org", n=1)])
