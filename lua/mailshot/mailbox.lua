@@ -29,8 +29,8 @@
 
 local util = require("mailshot.util")
 
-local byte, find, format, gsub, lower, match, sub = string.byte, string.find, string.format, string.gsub,
-  string.lower, string.match, string.sub
+local find, format, gsub, lower, match, sub = string.find, string.format, string.gsub, string.lower,
+  string.match, string.sub
 
 local M = {}
 
@@ -67,20 +67,6 @@ local function ensure_maildir(path, plus_folder)
     if f then f:close() end
   end
   return true
-end
-
--- Unique names for files written into a Maildir (the spec's time.unique.host)
-local host = (function()
-  local f = io.open("/proc/sys/kernel/hostname", "rb")
-  local h = f and f:read("l")
-  if f then f:close() end
-  h = gsub(h or "localhost", "[/:]", "_")
-  return h
-end)()
-local seq = 0
-local function unique_name()
-  seq = seq + 1
-  return format("%d.M%dP%dQ%d.%s", os.time(), math.random(0, 0x7fffffff), seq, seq, host)
 end
 
 -- The folder NAME of a Maildir source (see the header comment) -> path, plus_folder
