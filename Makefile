@@ -11,7 +11,8 @@
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
-#                   order (scripts/bench-report.lua)
+#                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
+#                   (scripts/bench-bounces.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -102,6 +103,7 @@ bench: deps
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
+	/usr/bin/python3 scripts/bench-bounces.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
