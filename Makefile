@@ -11,7 +11,8 @@
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
-#                   order (scripts/bench-report.lua)
+#                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
+#                   (scripts/bench-bounces.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -20,14 +21,14 @@
 CC      ?= cc
 PREFIX  ?= /usr/local
 VERSION := 0.1.0
-PKGS    := lua5.4 libcares openssl
+PKGS    := lua5.4 libcares openssl libcurl
 # CFLAGS is the user's (optimisation, debugging: `make CFLAGS=-O0` keeps everything else); the flags
 # the code needs are in MS_CFLAGS, always added.  VERSION is the one place the version is written: the C
 # side hands it to Lua as mailshot.core.version (mailshot.version, `mailshot --version`).
 CFLAGS    ?= -O2 -g
 MS_CFLAGS := -std=c11 -pthread -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
              -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto) -lcsv -lm -pthread
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto -lcurl) -lcsv -lm -pthread
 
 SRC      := $(wildcard src/*.c)
 LIB_SRC  := $(filter-out src/main.c src/embed_gen.c, $(SRC))
@@ -41,8 +42,10 @@ SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
 TSAN     := -fsanitize=thread -fno-omit-frame-pointer
 
 # Debian packages the build and the tests need (installed by `make deps` when missing).
-DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev libmimalloc-dev
+DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev libmimalloc-dev libcurl4-openssl-dev
 DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix dnsmasq-base valgrind
+# a private IMAP/POP3 server for the bounce-mailbox tests (tests/integration/harness.py start_dovecot)
+DEB_TEST  += dovecot-imapd dovecot-pop3d
 # clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14
 DEB_TEST  += clang libclang-rt-14-dev
 
@@ -101,6 +104,7 @@ bench: deps
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
+	/usr/bin/python3 scripts/bench-bounces.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
@@ -168,7 +172,7 @@ valgrind-all: mailshot $(VG_UNIT) | build
 .PHONY: fuzz fuzz-smoke
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template
+FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template bounce
 FUZZ_CFLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE \
                 -Isrc $(shell pkg-config --cflags lua5.4 2>/dev/null)
 FUZZ_LUA     := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
@@ -184,8 +188,8 @@ build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_mimeenc: src/mimeenc.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c
 build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null || echo -lcares)
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: FUZZ_LIBS = $(FUZZ_LUA)
 
 fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
 	@for t in $(FUZZ_TARGETS); do \

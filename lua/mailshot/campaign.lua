@@ -40,6 +40,8 @@ local FIELDS = {
   to_name = "any", suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
   stop_when_down = "any", return_path = "table",
 }
+-- mailshot bounces: on_bounce(b) -> a class ("hard", "soft", ...) or nil for bounce.classify's (bounces.lua)
+FIELDS.on_bounce = "function"
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
 local function compile(value, name, helpers)

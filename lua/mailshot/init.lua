@@ -20,6 +20,7 @@ local M = {
   idna = require "mailshot.idna",
   rate = require "mailshot.rate",
   hooks = require "mailshot.hooks",
+  bounce = require "mailshot.bounce",
 }
 local direct = require("mailshot.direct")
 
