@@ -15,7 +15,7 @@
  * parsing their answers, read-only fetches, moves) is in lua/mailshot/mailbox_curl.lua.
  *
  * Errors: nil, "curl's reason (server: its last line)", kind, size, partial.  kind is one of "login",
- * "mailbox" (no such mailbox), "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
+ * "mailbox" (no such mailbox), "dropped" (the connection broke, or an answer curl did not expect), "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
  * message's size when curl knew it, and partial its first max_bytes bytes ("too-big": the transfer
  * was cut off there, which also closes the connection).  The password never appears: it is given to curl as its own option
  * (never in the URL), only the server's lines are kept for messages (never ours, which carry the
@@ -193,6 +193,11 @@ static const char *kind_of(CURLcode rc, int too_big, const char *errbuf) {
   case CURLE_OPERATION_TIMEDOUT: return "timeout";
   case CURLE_REMOTE_FILE_NOT_FOUND: return "gone";
   case CURLE_QUOTE_ERROR: return "refused";
+  /* the server closed a connection curl kept (an idle timeout, a restart, an admin's kick): a new
+   * connection may well work.  IMAP shows it as a failed read after "* BYE", POP3 as an unexpected
+   * reply ("-ERR [SYS/TEMP] Server shutting down." to RETR) */
+  case CURLE_RECV_ERROR: case CURLE_SEND_ERROR: case CURLE_GOT_NOTHING: case CURLE_WEIRD_SERVER_REPLY:
+    return "dropped";
   default: return "error";
   }
 }

@@ -112,16 +112,22 @@ local HINTS = {
   starttls = "the server does not offer STARTTLS: refusing to log in without TLS "
     .. "(use imaps:// or pop3s://, or allow plaintext with --allow-plaintext)",
   connect = "cannot connect",
+  dropped = "the server closed the connection",
   timeout = "timed out",
 }
 
 local Box = {}
 Box.__index = Box
 
--- One transfer; errors come back as nil, "WHERE: hint: curl's reason", kind, size.
+-- One transfer; errors come back as nil, "WHERE: hint: curl's reason", kind, size.  A connection kept
+-- from an earlier transfer that the server has closed meanwhile (idle timeout, restart) is replaced
+-- once: every operation here can be repeated (fetches are read-only, \Seen and moves idempotent).
 function Box:_do(url, request, max)
   local before = self.h:connects()
   local body, err, kind, size, partial = self.h:perform(url, request, max or LIST_MAX_BYTES)
+  if not body and kind == "dropped" and self.h:connects() == before then
+    body, err, kind, size, partial = self.h:perform(url, request, max or LIST_MAX_BYTES)
+  end
   if self.h:connects() ~= before then
     -- a new connection: curl logged in again and SELECTed the URL's mailbox (read-write)
     self.mode = url:find("/[^/]", #self.u.base + 1) and "rw" or nil
