@@ -95,10 +95,15 @@ static fetcher *check_fetcher(lua_State *L) {
   return f;
 }
 
+/* Option `key` of the table at t: a string without NUL, or NULL.  Left on the stack (a number
+ * converted to a string lives only there). */
 static const char *opt_string(lua_State *L, int t, const char *key) {
   lua_getfield(L, t, key);
-  const char *s = luaL_opt(L, l_checkcstring, -1, NULL);
-  lua_pop(L, 1);   /* the option table keeps the string alive */
+  if (lua_isnil(L, -1)) return NULL;
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  if (!s) luaL_error(L, "mailfetch.new: option '%s' must be a string", key);
+  if (memchr(s, '\0', len)) luaL_error(L, "mailfetch.new: option '%s' must not contain a NUL byte", key);
   return s;
 }
 
@@ -154,9 +159,11 @@ static int l_new(lua_State *L) {
   const char *ca_file = opt_string(L, 1, "ca_file");
   int insecure = opt_bool(L, 1, "insecure");
   lua_getfield(L, 1, "timeout");
-  lua_Number timeout = luaL_optnumber(L, -1, 30);
+  int isnum;
+  lua_Number timeout = lua_isnil(L, -1) ? 30 : lua_tonumberx(L, -1, &isnum);
+  if (!lua_isnil(L, -1) && !isnum) return luaL_error(L, "mailfetch.new: option 'timeout' must be a number");
   lua_pop(L, 1);
-  luaL_argcheck(L, timeout >= 1 && timeout <= 3600, 1, "timeout must be in [1, 3600] seconds");
+  if (!(timeout >= 1 && timeout <= 3600)) return luaL_error(L, "mailfetch.new: timeout must be in [1, 3600] seconds");
   static const char *const modes[] = { "implicit", "required", "optional", NULL };
   static const long use_ssl[] = { CURLUSESSL_NONE, CURLUSESSL_ALL, CURLUSESSL_TRY };
   lua_getfield(L, 1, "tls");
@@ -202,10 +209,12 @@ static const char *kind_of(CURLcode rc, int too_big, const char *errbuf) {
   }
 }
 
-/* Pushes msg with every copy of the password replaced by "***". */
+/* Pushes msg with every copy of the password replaced by "***": a second guard, since neither curl's
+ * messages nor the server's lines carry it.  Not for passwords under 4 bytes, which would only mangle
+ * words ("p" in "port"). */
 static void push_scrubbed(lua_State *L, const fetcher *f, const char *msg) {
   const char *pw = f->password;
-  size_t pwlen = pw ? strlen(pw) : 0;
+  size_t pwlen = pw && strlen(pw) >= 4 ? strlen(pw) : 0;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   const char *hit;
