@@ -143,17 +143,43 @@ function Box:_mailbox_url() return self.u.base .. "/" .. self.u.mailbox_path end
 
 -- IMAP ----------------------------------------------------------------------------------------
 
+-- The listing goes LIST_WINDOW messages at a time (message numbers are dense, UIDs need not be):
+-- libcurl caps the untagged lines of one command at 300 kB ("Too large response headers"), which
+-- one FETCH 1:* reaches at about 300 messages.
+local LIST_WINDOW = 100
+
 function Box:_imap_list()
   local caps, err = self:_do(self.u.base .. "/", "CAPABILITY")
   if not caps then return nil, err end
   self.caps = {}
   for word in (caps:match("%* CAPABILITY ([^\r\n]*)") or ""):gmatch("%S+") do self.caps[word:upper()] = true end
-  -- curl SELECTs the mailbox first: a missing mailbox fails here
-  local body
-  body, err = self:_do(self:_mailbox_url(), "UID FETCH 1:* (UID FLAGS RFC822.SIZE)")
-  if not body then return nil, err end
-  self.mode = "rw"
-  local list = {}
+  local q
+  q, err = quote(self.u.mailbox)
+  if not q then return nil, self.u.where .. ": " .. err end
+  local status, kind
+  status, err, kind = self:_do(self.u.base .. "/", "STATUS " .. q .. " (MESSAGES)")
+  if not status then
+    if kind ~= "refused" then return nil, err end   -- the server said NO: no such mailbox, or not ours
+    return nil, self.u.where .. ": cannot open the mailbox: " .. err:sub(#self.u.where + 3)
+  end
+  local count = tonumber(status:match("MESSAGES (%d+)"))
+  if not count then return nil, self.u.where .. ": no message count in the server's STATUS answer" end
+  local list, window = {}, self.list_window or LIST_WINDOW
+  for first = 1, count, window do
+    -- curl SELECTs the mailbox before the first one
+    local body
+    body, err = self:_do(self:_mailbox_url(), string.format("FETCH %d:%d (UID FLAGS RFC822.SIZE)", first,
+                                                            math.min(first + window - 1, count)))
+    if not body then return nil, err end
+    self.mode = "rw"
+    self:_parse_listing(body, list)
+  end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  self.list = list
+  return true
+end
+
+function Box:_parse_listing(body, list)
   for line in body:gmatch("[^\r\n]+") do
     local uid = tonumber(line:match("[(%s]UID (%d+)"))
     local flags = line:match("FLAGS %(([^)]*)%)") or ""
@@ -165,9 +191,6 @@ function Box:_imap_list()
       end
     end
   end
-  table.sort(list, function(a, b) return a.id < b.id end)
-  self.list = list
-  return true
 end
 
 function Box:_imap_mode(mode)
@@ -295,7 +318,8 @@ function M.open(url, opts)
   if not h then return nil, u.where .. ": " .. herr end
   local box = setmetatable({ h = h, u = u, where = u.where, max_bytes = max, all = opts.all and true or false,
                              skip = opts.skip or {}, seen = {}, folders = {},
-                             move_to = opts.move_to, quarantine = opts.quarantine }, Box)
+                             move_to = opts.move_to, quarantine = opts.quarantine,
+                             list_window = opts.list_window }, Box)
   local ok
   if u.proto == "imap" then
     ok, err = box:_imap_list()

@@ -16,10 +16,12 @@ local url, action, folder, outdir = arg[1], arg[2], arg[3], arg[4]
 local opts = { user = os.getenv("BOX_USER"), ca_file = os.getenv("BOX_CA"),
                allow_plaintext = os.getenv("BOX_PLAIN") == "1", all = os.getenv("BOX_ALL") == "1",
                max_bytes = math.tointeger(tonumber(os.getenv("BOX_MAX") or "")),
-               timeout = tonumber(os.getenv("BOX_TIMEOUT") or "") }
+               timeout = tonumber(os.getenv("BOX_TIMEOUT") or ""),
+               list_window = math.tointeger(tonumber(os.getenv("BOX_WINDOW") or "")) }
 local box, err = mc.open(url, opts)
 if not box then print("open-error\t" .. err) return 3 end
 print("count\t" .. box:count())
+if os.getenv("BOX_LIST_ONLY") then box:close() return 0 end
 for m in box:messages() do
   if m.raw then
     local f = assert(io.open(outdir .. "/" .. m.id .. ".eml", "wb"))
@@ -140,6 +142,30 @@ class MailboxTests(MailshotTestCase):
         # all: the seen one too
         r, lines = self.run_box(self.srv.url("imaps"), BOX_ALL=1)
         self.assertEqual([m[1] for m in self.msgs(lines)], ["1", "2", "3"])
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_the_listing_goes_a_window_at_a_time(self):
+        # libcurl refuses more than 300 kB of untagged lines for one command (about 300 messages of
+        # FETCH 1:*): the listing asks for a window of messages at a time; here windows of 2
+        raws = [message(f"m{i}") for i in range(5)]
+        for i, raw in enumerate(raws):
+            self.srv.deliver(self.user, raw, seen=(i == 2))
+        r, lines = self.run_box(self.srv.url("imaps"), BOX_WINDOW=2)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual([m[1] for m in self.msgs(lines)], ["1", "2", "4", "5"])
+        r, lines = self.run_box(self.srv.url("imaps"), BOX_WINDOW=2, BOX_ALL=1)
+        self.assertEqual([m[1] for m in self.msgs(lines)], ["1", "2", "3", "4", "5"])
+        self.assertEqual([m[2] for m in self.msgs(lines)], [str(len(raw)) for raw in raws])
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_a_mailbox_of_400_messages_is_listed_whole(self):
+        # one FETCH 1:* for all of them failed at about 300 ("Too large response headers")
+        for i in range(400):
+            self.srv.deliver(self.user, message(f"m{i}"))
+        for scheme in ("imaps", "pop3s"):
+            r, lines = self.run_box(self.srv.url(scheme), BOX_LIST_ONLY=1)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertEqual(lines, [["count", "400"]])
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_mark_seen_then_the_next_run_lists_nothing(self):
