@@ -17,8 +17,9 @@
 --   allow_plaintext is set (then STARTTLS is still used when offered).  The password is given to
 --   libcurl apart from the URL and never appears in an error; a URL with a password in it is refused.
 -- * IMAP lists the messages not \Seen (all = true: every one), none flagged \Deleted, in UID order,
---   with their sizes (FETCH a:b (UID FLAGS RFC822.SIZE), a window at a time: no long SEARCH line).  Reading never
---   marks a message seen: messages are fetched with the mailbox opened read-only (EXAMINE), so a run
+--   with their sizes (FETCH a:b (UID FLAGS RFC822.SIZE), opts.list_window = 100 messages at a time:
+--   no long SEARCH line).  Reading never marks a message seen: messages are fetched with the mailbox
+--   opened read-only (EXAMINE), so a run
 --   that stops half-way, or a --dry-run, leaves the mailbox as it was.  (curl's own fetch sends
 --   BODY[], not BODY.PEEK[], and a custom "UID FETCH n BODY.PEEK[]" loses the literal; so EXAMINE is
 --   sent as a custom command and curl, which believes its SELECT still holds, fetches by URL on the
