@@ -175,6 +175,7 @@ publish at S._domainkey.D.  Campaigns sign with it through
 Usage: mailshot bounces SOURCE... [--campaign SCRIPT]... [--suppress FILE] [--report FILE] [--dry-run]
                                   [--move-to FOLDER] [--quarantine FOLDER] [--soft-limit N] [--soft-days D]
                                   [--max-bytes N] [--user USER] [--password-file F] [--ca-file F]
+                                  [--insecure] [--allow-plaintext]
 
 Read bounce messages (RFC 3464 DSNs, RFC 5965 ARF complaints, auto-replies, bounces in other
 formats) and suppress the addresses that bounced.  SOURCE: a Maildir (cur/ and new/), an mbox
@@ -207,6 +208,9 @@ blocks and auto-replies never; what cannot be read is quarantined.  Nothing is e
                       --password-file, never from the command line
   --password-file F   read the IMAP/POP3 password from the first line of F
   --ca-file F         trust this CA certificate for IMAPS/POP3S in addition to the system's
+  --insecure          do not verify the IMAP/POP3 server's certificate (an explicit opt-out)
+  --allow-plaintext   imap:// and pop3:// to a server that offers no STARTTLS: the password
+                      crosses the network in clear (refused without this flag)
 
 Exit status: 0 every source read, 1 a source (or a marking, a write) failed: the others were
 still processed, 2 a usage error, a campaign script or its recipients file that does not load.
@@ -699,7 +703,8 @@ function commands.bounces(args)
   local opts, pos = parse(args, { campaign = "list", suppress = "value", report = "value", ["dry-run"] = "flag",
                                   ["move-to"] = "value", quarantine = "value", ["soft-limit"] = "value",
                                   ["soft-days"] = "value", ["max-bytes"] = "value", user = "value",
-                                  ["password-file"] = "value", ["ca-file"] = "value", password = "value" }, "bounces")
+                                  ["password-file"] = "value", ["ca-file"] = "value", password = "value",
+                                  insecure = "flag", ["allow-plaintext"] = "flag" }, "bounces")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.bounces); return 0 end
   if opts.password then
@@ -709,7 +714,8 @@ function commands.bounces(args)
   if #pos == 0 then complain("bounces: expected at least one SOURCE (see mailshot bounces --help)"); return 2 end
   local o = { sources = pos, suppress = opts.suppress, report = opts.report, dry_run = opts["dry-run"],
               move_to = opts["move-to"], quarantine = opts.quarantine, campaigns = {},
-              mailbox = { user = opts.user, password_file = opts["password-file"], ca_file = opts["ca-file"] } }
+              mailbox = { user = opts.user, password_file = opts["password-file"], ca_file = opts["ca-file"],
+                          insecure = opts.insecure or nil, allow_plaintext = opts["allow-plaintext"] or nil } }
   local err
   if opts["soft-limit"] then o.soft_limit, err = positive_int(opts["soft-limit"], "soft-limit") end
   if not err and opts["max-bytes"] then o.max_bytes, err = positive_int(opts["max-bytes"], "max-bytes") end

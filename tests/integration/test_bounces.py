@@ -516,6 +516,41 @@ class ImapBouncesTests(MailshotTestCase):
                          len(os.listdir(os.path.join(srv.maildir(user), "cur"))), 4)
 
 
+    @skip_under_valgrind("the libcurl binding runs under valgrind in test_mailbox_imap")
+    def test_plaintext_and_unverified_servers_need_their_flag(self):
+        """imap:// to a server without STARTTLS is refused before any password is sent, unless
+        --allow-plaintext; an imaps:// server whose CA is not trusted is refused, unless --insecure."""
+        import secrets
+        import shutil
+        import tempfile
+        from tests.integration.harness import start_dovecot
+        user, password = f"u{secrets.token_hex(4)}", f"pw-{secrets.token_hex(8)}"
+        self.add_secret(password)
+        env = {"MAILSHOT_IMAP_PASSWORD": password}
+        supp = self.path("bounced.txt")
+        for ssl in (False, True):
+            server_dir = tempfile.mkdtemp(prefix="ms-dc-")
+            self.addCleanup(shutil.rmtree, server_dir, True)
+            srv = start_dovecot(server_dir, ssl=ssl)
+            self.addCleanup(srv.stop)
+            srv.add_user(user, password)
+            srv.deliver(user, dsn("hard@example.org", n=1).encode())
+            if ssl:
+                url, flag, words = f"imaps://127.0.0.1:{srv.ports['imaps']}/INBOX", "--insecure", "certificate"
+            else:
+                url, flag, words = f"imap://127.0.0.1:{srv.ports['imap']}/INBOX", "--allow-plaintext", "STARTTLS"
+            args = (url, "--suppress", supp, "--user", user, "--report", self.path("r.csv"))
+            p = self.run_mailshot("bounces", *args, env=env)
+            self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+            self.assertIn(words, p.stderr)
+            self.assertNotIn("Login: user=", srv.log_text())      # refused before the password was sent
+            self.assertEqual(entries(supp), [])
+            p = self.run_mailshot("bounces", *args, flag, env=env)
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+            self.assertEqual(entries(supp), ["hard@example.org"])
+            os.unlink(supp)
+
+
 class CorpusTests(MailshotTestCase):
     @skip_under_valgrind("45 messages through the Lua parser; the parser's own tests cover the corpus")
     def test_the_bounce_corpus_as_a_maildir(self):
