@@ -684,6 +684,15 @@ local function guess_recipients(text, excluded, failed_header)
       add(first_here, pending.status, pending.code, pending.line)
       pending = nil
     end
+    -- an address alone on its line ("  a@b", "<a@b>:"): the list of failed addresses of Exim, qmail,
+    -- Sendmail; kept when the text says whether the failure is permanent or temporary
+    if first_here and #line <= #first_here + 40 then
+      local t = trim(line)
+      if #t <= #first_here + 3 and find(t, first_here, 1, true) and not find(t, "[^<>:]", #first_here + 1)
+         and (t == first_here or sub(t, 1, 1) == "<") then
+        add(first_here)
+      end
+    end
     local status = find_status(line)
     local code = basic_code(line)
     if status or code then
@@ -707,6 +716,8 @@ local function guess_recipients(text, excluded, failed_header)
   local lt = lower(text)
   local permanent_text = find(lt, "permanent error") or find(lt, "permanent fatal") or find(lt, "given up")
                          or find(lt, "failed permanently") or find(lt, "permanently failed")
+  local temporary_text = find(lt, "not yet been delivered") or find(lt, "will continue") or find(lt, "still trying")
+                         or find(lt, "will be retried") or find(lt, "will keep trying") or find(lt, "temporary error")
   for _, r in ipairs(found) do
     if not r.status and not r.smtp_code then
       local s, e = find(text, r.address, 1, true)
@@ -715,7 +726,7 @@ local function guess_recipients(text, excluded, failed_header)
         local nextline = nl and match(text, "^[ \t]*([^\n]*%S)", nl + 1)
         if nextline and not find(nextline, "@", 1, true) then r.diagnostic = cap(trim(nextline), MAX_DIAGNOSTIC) end
       end
-      if permanent_text then r.status = "5.0.0" end
+      if permanent_text then r.status = "5.0.0" elseif temporary_text then r.status = "4.0.0" end
     end
     if not r.status and r.smtp_code then r.status = sub(r.smtp_code, 1, 1) .. ".0.0" end
     if r.status then
@@ -761,6 +772,10 @@ local function guess(b, root, ctx)
       end
     end
     text = sub(text, 1, cut)
+  end
+  if not b.original then
+    local part = find_node(root, is_original_part)
+    if part then read_original(b, part, ctx) end
   end
   local excluded = {}
   for _, a in ipairs(b.envelope_candidates) do excluded[lower(a)] = true end
@@ -886,16 +901,17 @@ local function parse(raw, opts)
       return b
     end
   end
-  if auto then
-    b.kind, b.autoreply = "autoreply", auto
-    return b
-  end
   if vacation_subject(b.subject) then
-    b.kind, b.autoreply = "autoreply", "subject"
+    b.kind, b.autoreply = "autoreply", auto or "subject"
     return b
   end
+  -- a bounce we cannot read is kept for a person to look at (quarantined), even when it says auto-replied
   if bounce_sign then
     b.kind, b.error = "unparsed", "looks like a bounce (" .. bounce_sign .. ") but names no failed recipient"
+    return b
+  end
+  if auto then
+    b.kind, b.autoreply = "autoreply", auto
     return b
   end
   local as = h["auto-submitted"] and lower(h["auto-submitted"])
@@ -999,10 +1015,12 @@ M.rules = {
       return find(status_of(r), "^5%.4%.4") ~= nil and any_text(diag(b, r), M.texts.no_domain)
              and not find(diag(b, r), "try again")
     end },
-  { name = "network", class = "soft",
-    match = function(b, r) return find(status_of(r), "^5%.[34]%.") ~= nil end },
+  -- before the routing codes: Exchange Online refuses unknown recipients with "550 5.4.1 Recipient address
+  -- rejected: Access denied"
   { name = "user-unknown-text", class = "hard",
     match = function(b, r) return permanent(r) and any_text(diag(b, r), M.texts.user_unknown) end },
+  { name = "network", class = "soft",
+    match = function(b, r) return find(status_of(r), "^5%.[34]%.") ~= nil end },
   { name = "policy-text", class = "policy",
     match = function(b, r) return permanent(r) and any_text(diag(b, r), M.texts.policy) end },
 }

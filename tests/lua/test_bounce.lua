@@ -38,12 +38,16 @@ local CORPUS = {
   ["exim-smtp-error.eml"] = { "dsn", { { "gone@example.org", "5.1.1" } }, "hard", "bad-mailbox" },
   ["exim-text-unrouteable.eml"] = { "guessed", { { "someone@nxdomain.test", "5.0.0" } }, "hard", "user-unknown-text" },
   ["sendmail-user-unknown.eml"] = { "dsn", { { "nouser@example.org", "5.1.1" } }, "hard", "bad-mailbox" },
+  ["sendmail-text-fatal.eml"] = { "guessed", { { "olduser@old.example.net", "5.1.1" } }, "hard", "bad-mailbox" },
+  ["exim-delay-warning.eml"] = { "guessed", { { "slow@example.org", "4.0.0" } }, "soft", "delayed" },
+  ["domino-mixed-attached.eml"] = { "guessed", { { "retired@domino.example.net", "5.1.1" } }, "hard", "bad-mailbox" },
   ["qmail-remote-said.eml"] = { "guessed", { { "nobody@example.org", "5.1.1" } }, "hard", "bad-mailbox" },
   ["qmail-no-mailbox.eml"] = { "guessed", { { "ghost@qmail.example.net", "5.1.1" } }, "hard", "bad-mailbox" },
   -- providers
   ["gmail-dsn.eml"] = { "dsn", { { "missing@gmail.example", "5.1.1" } }, "hard", "bad-mailbox" },
   ["gmail-text-failure.eml"] = { "guessed", { { "blocked@example.org", "5.7.1" } }, "policy", "policy-status" },
   ["outlook-ndr.eml"] = { "dsn", { { "absent@outlook.example", "5.1.10" } }, "hard", "bad-mailbox" },
+  ["office365-541-dbeb.eml"] = { "dsn", { { "left@contoso.example", "5.4.1" } }, "hard", "user-unknown-text" },
   ["outlook-text-ndr.eml"] = { "guessed", { { "former.employee@exchange.example.net", "5.1.1" } }, "hard", "bad-mailbox" },
   ["yahoo-nondsn.eml"] = { "guessed", { { "noaccount@yahoo.example", "5.0.0" } }, "hard", "user-unknown-text" },
   -- status codes and texts
@@ -232,6 +236,11 @@ case("guessed bounces keep the inline copy's headers as the original, and never 
   eq(b.original.from, "news@example.com")
   b = bounce.parse(read("outlook-text-ndr.eml"))
   eq(b.original.message_id, "<1764758460.12345678.9abcdef013@example.com>")
+  b = bounce.parse(read("domino-mixed-attached.eml"))
+  eq(b.original.message_id, "<1764758819.12345678.9abcdef017@example.com>", "from the attached message/rfc822")
+  b = bounce.parse(read("exim-delay-warning.eml"))
+  eq(b.recipients[1].action, "delayed")
+  eq(b.recipients[1].diagnostic, "Delay reason: retry time not reached for any host after a long failure period")
 end)
 
 case("auto-replies: which header or subject made it one; X-Auto-Response-Suppress alone does not", function()
@@ -246,6 +255,16 @@ case("auto-replies: which header or subject made it one; X-Auto-Response-Suppres
   eq(bounce.parse(read("human-reply.eml")).kind, "other", "X-Auto-Response-Suppress: All on a person's reply")
   -- Postfix marks its own bounces auto-replied: a bounce still
   eq(bounce.parse(read("exim-text-unrouteable.eml")).kind, "guessed")
+end)
+
+case("a bounce that names nobody is unparsed (to quarantine), even marked auto-replied as Postfix marks its own", function()
+  local b = bounce.parse("From: MAILER-DAEMON@mail.example.com (Mail Delivery System)\nAuto-Submitted: auto-replied\n"
+                         .. "Subject: Undelivered Mail Returned to Sender\n\nSomething went wrong, we cannot say what.\n")
+  eq(b.kind, "unparsed")
+  check.contains(b.error, "names no failed recipient")
+  -- an RFC 3834 reply sent with an empty Return-Path is still an auto-reply
+  b = bounce.parse("Return-Path: <>\nFrom: pat@example.org\nAuto-Submitted: auto-replied\nSubject: Re: news\n\nAway.\n")
+  eq(b.kind, "autoreply")
 end)
 
 case("rules: a user rule put first wins; a rule's class may be a function; bad rules are an error", function()
