@@ -414,14 +414,14 @@ local function unescape_unicode(s)
   end))
 end
 
--- "rfc822; a@b" -> "a@b" (any address type; xtext "+HH" decoded for rfc822, \x{} for utf-8)
+-- "rfc822; a@b" -> "a@b" (any address type; \x{} decoded for utf-8).  No xtext decoding: MTAs write
+-- the address as is, and "+HH" is common in plus-addresses (bob+dec@example.org).
 local function typed_address(v)
   if not v then return nil end
   local typ, addr = match(v, "^%s*([%w%-]+)%s*;(.*)$")
   if typ then addr = trim(addr) else addr = trim(v); typ = "rfc822" end
   typ = lower(typ)
   if typ == "utf-8" then addr = unescape_unicode(addr) end
-  if typ == "rfc822" then addr = gsub(addr, "%+(%x%x)", hexbyte) end
   addr = match(addr, "^<(.*)>$") or addr
   if addr == "" then return nil end
   return addr

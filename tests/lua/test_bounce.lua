@@ -192,6 +192,13 @@ case("DSN: a recipient group without Final-Recipient or Original-Recipient is dr
   eq(b.recipients[1].address, "nobody@example.org")
 end)
 
+case("DSN: a plus-address is kept as it is (no xtext decoding of +HH)", function()
+  local raw = read("postfix-user-unknown.eml"):gsub("nobody@example%.org", "bob+dec@example.org")
+  local b = bounce.parse(raw)
+  eq(b.recipients[1].address, "bob+dec@example.org")
+  eq(b.recipients[1].original, "bob+dec@example.org")
+end)
+
 case("RFC 6533 global DSN: UTF-8 addresses, \\x{} escapes decoded, message/global-headers original", function()
   local b = bounce.parse(read("rfc6533-global-dsn.eml"))
   eq(b.recipients[1].original, "jöran@bücher.example")
