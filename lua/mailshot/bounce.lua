@@ -74,7 +74,8 @@ local function each_address(s, f, loose)
     if not at then return end
     local lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
     local dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
-    if lp and dom then
+    if lp then lp = match(lp, "^['`.]*(.*)$") end        -- quoted in text: 'a@b', `a@b`
+    if lp and lp ~= "" and dom then
       if f(lp .. "@" .. dom, at - #lp) then return end
     end
     pos = at + 1

@@ -250,6 +250,14 @@ case("guessed bounces keep the inline copy's headers as the original, and never 
   eq(b.recipients[1].diagnostic, "Delay reason: retry time not reached for any host after a long failure period")
 end)
 
+case("guessed: an address quoted in the text is read without its quotes", function()
+  local b = bounce.parse("From: MAILER-DAEMON@mail.example.com\nSubject: failure notice\n\n"
+                         .. "550 'quoted@example.org' is not a registered user\n")
+  eq(b.kind, "guessed")
+  eq(b.recipients[1].address, "quoted@example.org")
+  eq(select(1, bounce.classify(b)), "unknown", "5.0.0 with no user-unknown text")
+end)
+
 case("auto-replies: which header or subject made it one; X-Auto-Response-Suppress alone does not", function()
   eq(bounce.parse(read("vacation-en-rfc3834.eml")).autoreply, "Auto-Submitted: auto-replied")
   eq(bounce.parse(read("vacation-de.eml")).autoreply, "X-Autoreply")
