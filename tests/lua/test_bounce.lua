@@ -23,11 +23,11 @@ end
 -- file -> expected kind, recipients ({ address, status } in order), class, rule
 local CORPUS = {
   -- RFC 3464 appendix examples (names replaced by reserved ones)
-  ["rfc3464-a1-simple.eml"] = { "dsn", { { "louisl@larry.slip.example.edu", "4.0.0" } }, "soft", "transient" },
+  ["rfc3464-a1-simple.eml"] = { "dsn", { { "louisl@larry.slip.example.net", "4.0.0" } }, "soft", "transient" },
   ["rfc3464-a2-multi.eml"] = { "dsn", { { "arathib@vnet.example.com", "5.0.0" },
                                         { "johnh@hpnjld.njd.example.com", "4.0.0" },
-                                        { "wsnell@sdcc13.example.edu", "5.0.0" } }, "unknown", "default" },
-  ["rfc3464-a3-delayed.eml"] = { "dsn", { { "thomas@de-montfort.example.uk", "4.0.0" } }, "soft", "delayed" },
+                                        { "wsnell@sdcc13.example.net", "5.0.0" } }, "unknown", "default" },
+  ["rfc3464-a3-delayed.eml"] = { "dsn", { { "thomas@de-montfort.example.org", "4.0.0" } }, "soft", "delayed" },
   -- RFC 6533: message/global-delivery-status, base64, UTF-8 addresses
   ["rfc6533-global-dsn.eml"] = { "dsn", { { "jöran@bücher.example", "5.1.1" } }, "hard", "bad-mailbox" },
   -- MTAs
