@@ -638,6 +638,8 @@ local BASIC_CODE_PATTERNS = {
   "said:%s*([45][0-5]%d)[ %-]",          -- Postfix/Sendmail: host x said: 550 ...
   "returned '([45][0-5]%d)[ %-]",        -- Exchange: Remote Server returned '550 5.1.1 ...'
   "error:%s*([45][0-5]%d)[ %-]",
+  "reason:%s*([45][0-5]%d)[ %-]",        -- Sendmail: (reason: 550 5.1.1 ...)
+  "smtp;%s*([45][0-5]%d)[ %-]",          -- a Diagnostic-Code line read as text
   "#([45][0-5]%d)[ %-]",
 }
 
@@ -694,8 +696,19 @@ local function guess_recipients(text, excluded, failed_header)
         add(first_here)
       end
     end
-    local status = find_status(line)
+    local status, at = find_status(line)
     local code = basic_code(line)
+    -- a dotted number in running text ("version 5.1.2") is no status: one counts only beside a reply
+    -- code, at the start of a line, after "#" or "(" (qmail, Exchange), or after "Status:"
+    if status and not code then
+      local before = lower(sub(line, at > 40 and at - 40 or 1, at - 1))
+      local reply = match(before, "%f[%d]([45]%d%d)[ %-]$")    -- "addr: 550 5.1.1", "550-5.1.1"
+      if reply then
+        code = reply
+      elseif not (find(before, "^[%s>]*$") and at <= 41 or find(before, "[#(]%s*$") or find(before, "status:?%s*$")) then
+        status = nil
+      end
+    end
     if status or code then
       local target = first_here or last_addr
       if target then

@@ -258,6 +258,19 @@ case("guessed: an address quoted in the text is read without its quotes", functi
   eq(select(1, bounce.classify(b)), "unknown", "5.0.0 with no user-unknown text")
 end)
 
+case("guessed: a dotted number in running text is no status", function()
+  local b = bounce.parse("From: MAILER-DAEMON@mail.example.com\nSubject: failure notice\n\n"
+                         .. "Our newsletter: upgrade to 5.1.1 today, fan@example.org!\n"
+                         .. "<gone@example.org>: 550 5.7.1 rejected by policy\n")
+  eq(b.kind, "guessed")
+  eq(#b.recipients, 1)
+  eq(b.recipients[1].address, "gone@example.org")
+  eq(b.recipients[1].status, "5.7.1")
+  b = bounce.parse("From: MAILER-DAEMON@mail.example.com\nSubject: failure notice\n\n"
+                   .. "<x@example.org>:\nSorry, no mailbox here by that name. (#5.1.1)\n\nStatus: 5.2.2\n")
+  eq(b.recipients[1].status, "5.1.1")
+end)
+
 case("auto-replies: which header or subject made it one; X-Auto-Response-Suppress alone does not", function()
   eq(bounce.parse(read("vacation-en-rfc3834.eml")).autoreply, "Auto-Submitted: auto-replied")
   eq(bounce.parse(read("vacation-de.eml")).autoreply, "X-Autoreply")
