@@ -62,6 +62,7 @@ end
 
 local LOCAL_CHARS = "[%w.!#$%%&'*+/=?^_`{|}~%-]"
 local LOCAL_PART = LOCAL_CHARS .. "+$"
+local LOCAL_CHAR_AT = "^" .. LOCAL_CHARS
 local DOMAIN = "^[%w%-]+%.[%w.%-]*%w"
 local DOMAIN_LABELS = "^[%w%-]+[%w.%-]*"
 
@@ -72,8 +73,11 @@ local function each_address(s, f, loose)
   while true do
     local at = find(s, "@", pos, true)
     if not at then return end
-    local lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
-    local dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
+    local lp, dom
+    if find(s, LOCAL_CHAR_AT, at - 1) and find(s, "^[%w%-]", at + 1) then      -- cheap test first
+      lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
+      dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
+    end
     if lp then lp = match(lp, "^['`.]*(.*)$") end        -- quoted in text: 'a@b', `a@b`
     if lp and lp ~= "" and dom then
       if f(lp .. "@" .. dom, at - #lp) then return end
@@ -781,7 +785,8 @@ local function guess(b, root, ctx)
   if not node and not root.parts then node = root end     -- a multipart that could not be opened: its body
   local text = node and decode_body(node) or ""
   if node and node.ctype == "text/html" then
-    text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^>]*>", "")
+    -- "<[^<>]*>", not "<[^>]*>": a run of "<" without ">" would make the latter quadratic
+    text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^<>]*>", "")
     text = gsub(text, "&lt;", "<"); text = gsub(text, "&gt;", ">"); text = gsub(text, "&amp;", "&")
     text = gsub(text, "&nbsp;", " ")
   end

@@ -399,6 +399,8 @@ case("long runs that make naive patterns quadratic: spaces, word characters, das
                  .. "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\nFinal-Recipient: rfc822; a"
                  .. string.rep(" ", n) .. "b@example.org\nDiagnostic-Code: smtp; 550" .. string.rep(" ", n)
                  .. "x\nStatus: 5.1.1\n--b--\n",
+    html_lt = "From: MAILER-DAEMON@example.com\nContent-Type: text/html\n\n" .. string.rep("<", n) .. "\n",
+    at_signs = "From: MAILER-DAEMON@example.com\n\n" .. string.rep("@", n) .. "\n",
     subject_words = "From: x@example.org\nSubject: " .. string.rep("=?utf-8?q?" .. string.rep("a", 50), n // 60)
                     .. string.rep(" warning: message ", n // 18) .. "\n\nbody\n",
   }
