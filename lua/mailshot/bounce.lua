@@ -870,11 +870,11 @@ local function parse(raw, opts)
   b.content_type = root.ctype
   -- where VERP tokens come back: X-Original-To keeps the address as it arrived even when an alias map
   -- rewrote the final recipient (Postfix sets both); then Delivered-To, then To
-  local cands = {}
+  local cands, seen = {}, {}
   local function cand(v)
-    local a = bare_address(v)
-    if a then
-      for _, c in ipairs(cands) do if lower(c) == lower(a) then return end end
+    local a = #cands < 20 and bare_address(v)               -- 20: a hostile message may have thousands
+    if a and not seen[lower(a)] then
+      seen[lower(a)] = true
       cands[#cands + 1] = a
     end
   end
