@@ -163,6 +163,11 @@ case("envelope_to: X-Original-To before Delivered-To before To; every candidate 
   eq_deep(b.envelope_candidates, { "b+tok@bounces.example.com", "bounces@example.com", "to@example.com" })
   b = bounce.parse("To: Other <to@example.com>\nSubject: hi\n\nbody\n")
   eq(b.envelope_to, "to@example.com")
+  local many = {}
+  for i = 1, 1999 do many[i] = "Delivered-To: u" .. i .. "@example.org" end
+  b = bounce.parse(table.concat(many, "\n") .. "\n\nbody\n")
+  eq(#b.envelope_candidates, 20, "the first 20 of 1999")
+  eq(b.envelope_to, "u1@example.org")
 end)
 
 case("DSN: a base64 delivery-status (Exchange), the multi-recipient report, Exim's X.0.0 refined by its diagnostic", function()
