@@ -987,15 +987,19 @@ end
 
 -- Diagnostic texts (lower-case Lua patterns).
 M.texts = {
+  -- "Recipient address rejected:" alone is only Postfix's prefix (the reason follows: "User unknown ...",
+  -- "Access denied", "Greylisted"), so it is not here; Exchange Online's "Access denied. AS(2018...)" for a
+  -- recipient not in its directory is
   user_unknown = {
     "user unknown", "unknown user", "no such user", "no such recipient", "unknown recipient",
     "recipient unknown", "recipient not found", "user not found", "mailbox not found", "mailbox unavailable",
-    "mailbox does not exist", "address does not exist", "account does not exist", "does not exist",
-    "no mailbox", "invalid recipient", "invalid mailbox", "invalid address", "not a valid mailbox",
-    "unrouteable address", "recipient address rejected", "no such address", "doesn't have a",
+    "does not exist", "doesn't exist", "may not exist", "no mailbox", "invalid recipient", "invalid mailbox",
+    "invalid address", "not a valid mailbox", "unrouteable address", "no such address", "doesn't have a",
     "address couldn't be found", "not our customer", "account has been disabled", "account is disabled",
-    "mailbox disabled", "user doesn't exist", "recipnotfound", "no longer available", "unknown local part",
-    "undeliverable address", "bad destination mailbox", "address not found",
+    "mailbox disabled", "recipnotfound", "recipientnotfound", "no longer available", "unknown local part",
+    "undeliverable address", "bad destination mailbox", "address not found", "no valid recipients",
+    "access denied%. as%(", "unbekannt", "existiert nicht", "n'existe pas", "inexistant", "no existe",
+    "inesistente",
   },
   mailbox_full = {
     "mailbox full", "mailbox is full", "quota exceeded", "over quota", "overquota", "exceeded storage",

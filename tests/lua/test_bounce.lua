@@ -300,6 +300,42 @@ case("a bounce that names nobody is unparsed (to quarantine), even marked auto-r
   eq(b.kind, "autoreply")
 end)
 
+-- Common replies as DSNs carry them: status, diagnostic -> class, rule.
+local REPLIES = {
+  { "5.1.1", "550 5.1.1 <a@example.org>: Recipient address rejected: User unknown in local recipient table", "hard", "bad-mailbox" },
+  { "5.0.0", "550 Requested action not taken: mailbox unavailable", "hard", "user-unknown-text" },
+  { "5.0.0", "550 No such user here", "hard", "user-unknown-text" },
+  { "5.5.0", "550 5.5.0 Requested action not taken: mailbox unavailable", "hard", "user-unknown-text" },
+  { "5.0.0", "554 5.5.1 Error: no valid recipients", "hard", "user-unknown-text" },
+  { "5.0.0", "unknown user: \"nobody\"", "hard", "user-unknown-text" },
+  { "5.0.0", "550 Benutzer unbekannt", "hard", "user-unknown-text" },
+  { "5.4.1", "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", "hard", "user-unknown-text" },
+  { "5.0.0", "554 <a@example.org>: Recipient address rejected: blocked using a DNSBL", "policy", "policy-text" },
+  { "5.0.0", "554 <a@example.org>: Recipient address rejected: Access denied", "unknown", "default" },
+  { "5.7.1", "554 5.7.1 <a@example.org>: Relay access denied", "policy", "policy-status" },
+  { "5.7.26", "550 5.7.26 Unauthenticated email is not accepted due to DMARC policy", "policy", "policy-status" },
+  { "5.7.606", "550 5.7.606 Access denied, banned sending IP [198.51.100.7]", "policy", "policy-status" },
+  { "4.7.0", "421 4.7.0 Try again later, closing connection", "soft", "transient" },
+  { "4.2.2", "452 4.2.2 The email account that you tried to reach is over quota", "soft", "transient" },
+  { "5.2.2", "552 5.2.2 The email account that you tried to reach is over quota", "soft", "mailbox-full" },
+  { "5.0.0", "552 Mailbox size limit exceeded", "soft", "mailbox-full" },
+  { "5.1.10", "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", "hard", "bad-mailbox" },
+  { "5.1.2", "550 5.1.2 Host unknown (Name server: nxdomain.test: host not found)", "hard", "bad-mailbox" },
+  { "5.4.4", "Host or domain name not found. Name service error for name=x.test type=MX: Host not found, try again", "soft", "network" },
+  { "5.3.4", "552 5.3.4 Message size exceeds fixed limit", "soft", "network" },
+  { "5.0.0", "554 Transaction failed: message looks like spam", "policy", "policy-text" },
+  { "5.0.0", "550 Service unavailable; client [198.51.100.7] blocked using zen.spamhaus.example", "policy", "policy-text" },
+  { "5.6.0", "554 5.6.0 Message content not supported", "unknown", "default" },
+}
+
+case("common replies: each status and diagnostic gives its class by the expected rule", function()
+  for i, t in ipairs(REPLIES) do
+    local b = { kind = "dsn", recipients = { { address = "a@example.org", action = "failed", status = t[1], diagnostic = t[2] } } }
+    local class, rule = bounce.classify(b)
+    eq(class .. " " .. rule, t[3] .. " " .. t[4], "reply " .. i .. " (" .. t[2] .. ")")
+  end
+end)
+
 case("rules: a user rule put first wins; a rule's class may be a function; bad rules are an error", function()
   local b = bounce.parse(read("dsn-560-unknown.eml"))
   local rules = { { name = "content", class = "policy",
