@@ -922,11 +922,13 @@ local function parse(raw, opts)
     -- machine-readable part: go on as for any other message
   end
 
-  -- RFC 3834 replies are sent with an empty Return-Path too: with an auto-reply header, only the stronger
+  -- RFC 3834 replies are sent with an empty Return-Path too: with an auto-reply header or a vacation
+  -- subject, only the stronger
   -- signs (MAILER-DAEMON, X-Failed-Recipients, a bounce subject) make it a bounce (Postfix marks its own
   -- bounces "Auto-Submitted: auto-replied")
   local auto = autoreply_header(h)
-  local bounce_sign = looks_like_bounce(b, auto ~= nil)
+  local vacation = vacation_subject(b.subject)
+  local bounce_sign = looks_like_bounce(b, auto ~= nil or vacation ~= nil)
   if bounce_sign then
     b.bounce_sign = bounce_sign
     b.recipients = guess(b, root, ctx)
@@ -935,7 +937,7 @@ local function parse(raw, opts)
       return b
     end
   end
-  if vacation_subject(b.subject) then
+  if vacation then
     b.kind, b.autoreply = "autoreply", auto or "subject"
     return b
   end

@@ -295,6 +295,10 @@ case("a bounce that names nobody is unparsed (to quarantine), even marked auto-r
                          .. "Subject: Undelivered Mail Returned to Sender\n\nSomething went wrong, we cannot say what.\n")
   eq(b.kind, "unparsed")
   check.contains(b.error, "names no failed recipient")
+  -- a vacation reply sent with an empty Return-Path, whose text has a line like a reply code
+  b = bounce.parse("Return-Path: <>\nFrom: pat@example.org\nSubject: Out of office\n\nAway until Monday.\n"
+                   .. "555-0100 is my deputy's number, or deputy@example.org.\n")
+  eq(b.kind, "autoreply")
   -- an RFC 3834 reply sent with an empty Return-Path is still an auto-reply
   b = bounce.parse("Return-Path: <>\nFrom: pat@example.org\nAuto-Submitted: auto-replied\nSubject: Re: news\n\nAway.\n")
   eq(b.kind, "autoreply")
