@@ -923,9 +923,8 @@ local function parse(raw, opts)
   end
 
   -- RFC 3834 replies are sent with an empty Return-Path too: with an auto-reply header or a vacation
-  -- subject, only the stronger
-  -- signs (MAILER-DAEMON, X-Failed-Recipients, a bounce subject) make it a bounce (Postfix marks its own
-  -- bounces "Auto-Submitted: auto-replied")
+  -- subject, only the stronger signs (MAILER-DAEMON, X-Failed-Recipients, a bounce subject) make it a
+  -- bounce (Postfix marks its own bounces "Auto-Submitted: auto-replied")
   local auto = autoreply_header(h)
   local vacation = vacation_subject(b.subject)
   local bounce_sign = looks_like_bounce(b, auto ~= nil or vacation ~= nil)
