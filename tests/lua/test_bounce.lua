@@ -370,6 +370,8 @@ case("decoders: base64 (junk, no padding), quoted-printable, RFC 2047 words", fu
   eq(bounce.decode_words("=?iso-8859-1?Q?=E9?="), "é")
   eq(bounce.find_status("host 192.0.2.5 said 550 5.1.1 x"), "5.1.1", "not the IP address")
   eq(bounce.find_status("Postfix 3.5.1.2"), nil, "not a version")
+  local map, list = bounce.parse_headers("Subject: a\r\n  folded\nX-A: 1\nx-a: 2\nno colon\n")
+  eq(map.subject, "a folded"); eq(map["x-a"], "1", "the first"); eq(#list, 3)
 end)
 
 case("misuse raises: a non-string message, bad opts", function()
