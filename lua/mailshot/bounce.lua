@@ -278,8 +278,13 @@ local function split_head(raw, s, e, warn)
   local c = byte(raw, s)
   if c == 10 then return s - 1, s + 1 end
   if c == 13 and byte(raw, s + 1) == 10 then return s - 1, s + 2 end
-  local last = math.min(e, s + MAX_HEADER_BYTES + 2)
+  -- most header blocks end within 8 kB: look there first, then in the whole allowance
+  local last = math.min(e, s + 8192)
   local i, j = find(sub(raw, s, last), "\n\r?\n")
+  if not i and last < e then
+    last = math.min(e, s + MAX_HEADER_BYTES + 2)
+    i, j = find(sub(raw, s, last), "\n\r?\n")
+  end
   if not i then
     if last < e and warn then warn("header block over " .. MAX_HEADER_BYTES .. " bytes: the entity's body skipped") end
     return e, e + 1
