@@ -1000,7 +1000,7 @@ M.texts = {
     "user unknown", "unknown user", "no such user", "no such recipient", "unknown recipient",
     "recipient unknown", "recipient not found", "user not found", "mailbox not found", "mailbox unavailable",
     "does not exist", "doesn't exist", "may not exist", "no mailbox", "invalid recipient", "invalid mailbox",
-    "invalid address", "not a valid mailbox", "unrouteable address", "no such address", "doesn't have a",
+    "invalid address", "not a valid mailbox", "not a valid recipient", "unrouteable address", "no such address", "doesn't have a",
     "address couldn't be found", "not our customer", "account has been disabled", "account is disabled",
     "mailbox disabled", "recipnotfound", "recipientnotfound", "no longer available", "unknown local part",
     "undeliverable address", "bad destination mailbox", "address not found", "no valid recipients",

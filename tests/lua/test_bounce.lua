@@ -313,6 +313,7 @@ local REPLIES = {
   { "5.0.0", "554 5.5.1 Error: no valid recipients", "hard", "user-unknown-text" },
   { "5.0.0", "unknown user: \"nobody\"", "hard", "user-unknown-text" },
   { "5.0.0", "550 Benutzer unbekannt", "hard", "user-unknown-text" },
+  { "5.0.0", "554 delivery error: dd Not a valid recipient - atlas101.example.net", "hard", "user-unknown-text" },
   { "5.4.1", "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", "hard", "user-unknown-text" },
   { "5.0.0", "554 <a@example.org>: Recipient address rejected: blocked using a DNSBL", "policy", "policy-text" },
   { "5.0.0", "554 <a@example.org>: Recipient address rejected: Access denied", "unknown", "default" },
