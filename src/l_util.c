@@ -31,6 +31,7 @@
 #include <lua.h>
 #include <lualib.h>
 #include <openssl/evp.h>
+#include <openssl/crypto.h>
 #include <openssl/hmac.h>
 #include <signal.h>
 #include <stdint.h>
@@ -76,6 +77,16 @@ static int u_hmac_sha256(lua_State *L) {
   if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)data, dlen, d, &n))
     return luaL_error(L, "hmac_sha256 failed");
   push_hex(L, d, n);
+  return 1;
+}
+
+/* util.same(a, b) -> boolean: equal strings, compared in time that depends on the length only
+ * (CRYPTO_memcmp), for MACs: an early exit would tell a forger how many leading characters were right. */
+static int u_same(lua_State *L) {
+  size_t an, bn;
+  const char *a = luaL_checklstring(L, 1, &an);
+  const char *b = luaL_checklstring(L, 2, &bn);
+  lua_pushboolean(L, an == bn && CRYPTO_memcmp(a, b, an) == 0);
   return 1;
 }
 
@@ -506,7 +517,7 @@ static int u_exit_now(lua_State *L) {
 
 int luaopen_mailshot_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
-    { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
+    { "sha256", u_sha256 }, { "hmac_sha256", u_hmac_sha256 }, { "same", u_same }, { "sha256_file", u_sha256_file }, { "lock", u_lock }, { "fsync", u_fsync },
     { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now },
     { "write_secret", u_write_secret }, { "replace_file", u_replace_file }, { "temp_file", u_temp_file }, { "new_set", u_new_set },
     { "line_index", u_line_index },

@@ -349,7 +349,7 @@ function Mbox:each()
   end
 end
 
--- mbox is read-only here: see the header comment
+-- mbox (and a single message) is read-only here: see the header comment
 function Mbox:mark(msg, how, folder_name)
   if how == "quarantine" then return self.owner:copy_out(msg, folder_name) end
   if how ~= "seen" and how ~= "move" then
@@ -377,13 +377,7 @@ function Single:each()
   end
 end
 
-function Single:mark(msg, how, folder_name)
-  if how == "quarantine" then return self.owner:copy_out(msg, folder_name) end
-  if how ~= "seen" and how ~= "move" then
-    error("mailbox: mark: expected \"seen\", \"move\" or \"quarantine\", got " .. tostring(how), 2)
-  end
-  return true, "read-only"
-end
+Single.mark = Mbox.mark   -- read-only as well
 
 function Single:close()
   if self.temp then os.remove(self.path); self.temp = nil end

@@ -32,6 +32,7 @@ local concat = table.concat
 local template = require "mailshot.template"
 local idna = require "mailshot.idna"
 local hmac_sha256 = require("mailshot.util").hmac_sha256
+local same = require("mailshot.util").same   -- MACs compared in constant time
 
 local M = {}
 
@@ -124,13 +125,6 @@ function M.token(secret, email, campaign)
   return b64url(email) .. "." .. mac(secret, email, campaign)
 end
 
--- Equal strings of equal length, looking at every octet (no early exit on the first difference).
-local function same(a, b)
-  if #a ~= #b then return false end
-  local diff = 0
-  for i = 1, #a do diff = diff | (byte(a, i) ~ byte(b, i)) end
-  return diff == 0
-end
 
 -- unsubscribe.verify(secret, token [, campaign]) -> email | nil, reason
 -- reason: "malformed token" (not two base64url parts, too long, not a string) or

@@ -40,6 +40,7 @@ local concat = table.concat
 
 local idna = require "mailshot.idna"
 local hmac_sha256 = require("mailshot.util").hmac_sha256
+local same = require("mailshot.util").same   -- MACs compared in constant time
 
 local M = {}
 
@@ -94,13 +95,6 @@ local function hex_b32(hex, groups)
   return concat(out)
 end
 
--- Equal strings, looking at every octet (no early exit on the first difference).
-local function same(a, b)
-  if #a ~= #b then return false end
-  local diff = 0
-  for i = 1, #a do diff = diff | (byte(a, i) ~ byte(b, i)) end
-  return diff == 0
-end
 
 ---------------------------------------------------------------- addresses
 

@@ -212,6 +212,17 @@ case("unsubscribe.headers makes the object once per options table", function()
   eq(tostring(unsubscribe.new(OPTS)), "unsubscribe (https://acme.example/u/{{token}}, mailto:unsub@acme.example)")
 end)
 
+case("util.same: equality of strings of any bytes, lengths first", function()
+  local same = require("mailshot.util").same
+  eq(same("", ""), true)
+  eq(same("abc", "abc"), true)
+  eq(same("abc", "abd"), false)
+  eq(same("abc", "ab"), false)
+  eq(same("a\0b", "a\0b"), true)
+  eq(same("a\0b", "a\0c"), false)
+  checkerr("bad argument", same, "a", nil)
+end)
+
 case("the module writes no globals", no_new_globals)
 
 return check.finish("test_unsubscribe.lua")
