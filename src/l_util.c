@@ -17,7 +17,14 @@
  *   util.new_set() -> set                 (set:add(s) -> true if new; set:count(): compact)
  *   util.line_index([limit]) -> index     (index:set(i, v), index:get(i) -> v | nil, index:size():
  *                                          an integer per line 1..limit, 8 bytes each, grown to
- *                                          the highest line set; what --resume keeps) */
+ *                                          the highest line set; what --resume keeps)
+ *   util.list_dir(path) -> { name, ... } | nil, err
+ *                                         (a folder's entries but . and .., in no order; what
+ *                                          reading a Maildir needs)
+ *   util.mkdir(path) -> true | nil, err, "exists"
+ *                                         (a new folder, mode 0700)
+ *   util.stat(path) -> "file"|"dir"|"other", size, mtime | nil, err
+ *                                         (stat(2), following symlinks) */
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
@@ -30,7 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -447,6 +456,50 @@ static int index_gc(lua_State *L) {
   return 0;
 }
 
+/* ---- folders: what reading and marking a Maildir needs ---- */
+
+/* util.list_dir(path) -> { name, ... } | nil, "path: reason" */
+static int u_list_dir(lua_State *L) {
+  const char *path = l_checkcstring(L, 1);
+  lua_newtable(L);   /* before opendir: a memory error in Lua then leaks no DIR */
+  DIR *d = opendir(path);
+  if (!d) return luaL_fileresult(L, 0, path);
+  lua_Integer n = 0;
+  struct dirent *e;
+  errno = 0;
+  while ((e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    lua_pushstring(L, e->d_name);  /* may raise on no memory: the DIR leaks then, as any */
+    lua_rawseti(L, -2, ++n);
+    errno = 0;
+  }
+  int err = errno;
+  closedir(d);
+  if (err) { errno = err; return luaL_fileresult(L, 0, path); }
+  return 1;
+}
+
+/* util.mkdir(path) -> true | nil, "path: reason", "exists" (the third value only for EEXIST) */
+static int u_mkdir(lua_State *L) {
+  const char *path = l_checkcstring(L, 1);
+  if (mkdir(path, 0700) == 0) { lua_pushboolean(L, 1); return 1; }
+  int e = errno;
+  luaL_fileresult(L, 0, path);
+  if (e == EEXIST) { lua_pop(L, 1); lua_pushliteral(L, "exists"); return 3; }
+  return 3;
+}
+
+/* util.stat(path) -> "file" | "dir" | "other", size, mtime | nil, "path: reason" */
+static int u_stat(lua_State *L) {
+  const char *path = l_checkcstring(L, 1);
+  struct stat st;
+  if (stat(path, &st) != 0) return luaL_fileresult(L, 0, path);
+  lua_pushstring(L, S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "dir" : "other");
+  lua_pushinteger(L, (lua_Integer)st.st_size);
+  lua_pushinteger(L, (lua_Integer)st.st_mtime);
+  return 3;
+}
+
 static int u_exit_now(lua_State *L) {
   _exit((int)luaL_optinteger(L, 1, 1));
 }
@@ -457,6 +510,7 @@ int luaopen_mailshot_util(lua_State *L) {
     { "wait_signal", u_wait_signal }, { "stop_signals", u_stop_signals }, { "exit_now", u_exit_now },
     { "write_secret", u_write_secret }, { "replace_file", u_replace_file }, { "temp_file", u_temp_file }, { "new_set", u_new_set },
     { "line_index", u_line_index },
+    { "list_dir", u_list_dir }, { "mkdir", u_mkdir }, { "stat", u_stat },
     { NULL, NULL }
   };
   static const luaL_Reg lockm[] = { { "unlock", u_unlock }, { "__gc", u_unlock }, { "__close", u_unlock }, { NULL, NULL } };

@@ -10,6 +10,7 @@ local mime = require("mailshot.mime")
 local rate = require("mailshot.rate")
 local suppress = require("mailshot.suppress")
 local unsubscribe = require("mailshot.unsubscribe")
+local verp = require("mailshot.verp")
 local util = require("mailshot.util")
 local classify = require("mailshot.classify")
 local paths = require("mailshot.path")
@@ -37,8 +38,10 @@ local FIELDS = {
   email_field = "string", name = "string", cc = "any", rate = "any", domain_rate = "table",
   resend_in_flight = "boolean", retry = "any", on_result = "function", dkim = "table", base_dir = "string",
   to_name = "any", suppress = "any", suppress_roles = "boolean", bounces_to = "string", unsubscribe = "table",
-  stop_when_down = "any",
+  stop_when_down = "any", return_path = "table",
 }
+-- mailshot bounces: on_bounce(b) -> a class ("hard", "soft", ...) or nil for bounce.classify's (bounces.lua)
+FIELDS.on_bounce = "function"
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
 local function compile(value, name, helpers)
@@ -91,10 +94,28 @@ function M.stop_config(v)
   return { failures = n, seconds = seconds(v.seconds or 60, "stop_when_down.seconds") }
 end
 
+-- return_path = { domain, secret | secret_file, campaign, prefix } -> a mailshot.verp object.
+-- The campaign id defaults to the campaign's name (its `name`, else the script's file name
+-- without .lua): `mailshot bounces` loads the same script and so gets the same id.
+local function return_path(def, c, name)
+  local o = {}
+  for k, v in pairs(def.return_path) do o[k] = v end
+  if type(o.secret_file) == "string" then o.secret_file = paths.resolve(o.secret_file, c.base_dir) end
+  if o.campaign == nil then o.campaign = name end
+  if o.campaign == nil then
+    error("mailshot.campaign: return_path: give it campaign = \"<id>\" (or give the campaign a name): "
+          .. "a campaign made outside `mailshot run` has no script name to default to", 4)
+  end
+  local ok, v = pcall(verp.new, o)
+  if not ok then error("mailshot.campaign: return_path: " .. tostring(v):gsub("^verp: ", ""), 4) end
+  return v
+end
+
 --- Check a campaign definition (programmer mistakes raise here, before anything is read).
 --- Relative paths are resolved against def.base_dir, else base_dir (mailshot.campaign gives
---- the folder of the script that calls it), else the current directory.
-function M.new(def, base_dir)
+--- the folder of the script that calls it), else the current directory.  name: the campaign's
+--- name when def has none (mailshot run: the script's file name without .lua).
+function M.new(def, base_dir, name)
   if type(def) ~= "table" then error("mailshot.campaign: expected a table", 3) end
   for k, v in pairs(def) do
     local want = FIELDS[k]
@@ -116,6 +137,7 @@ function M.new(def, base_dir)
   local c = setmetatable({}, Campaign)
   for k, v in pairs(def) do c[k] = v end
   c.base_dir = def.base_dir or base_dir
+  c.name = def.name or name
   c.recipients_path = paths.resolve(def.recipients, c.base_dir)
   c.concurrency = math.floor(def.concurrency or default_concurrency(def.send))
   if c.concurrency < 1 then error("mailshot.campaign: concurrency must be at least 1", 3) end
@@ -152,6 +174,7 @@ function M.new(def, base_dir)
     c.suppressed = list
   end
   if def.unsubscribe then c.unsub = unsubscribe.new(def.unsubscribe) end
+  if def.return_path then c.verp = return_path(def, c, c.name) end
   if def.dkim then
     -- the key is read once, here: a missing, unreadable or wrong-type key stops the script
     -- before any message is sent
@@ -269,9 +292,11 @@ function Campaign:render(row, line)
     if not signed then return nil, "dkim: " .. tostring(err) end
     data = signed
   end
+  local email = row[self.email_field]
   return {
-    data = data, from = info.envelope_from, to = info.recipients, message_id = info.message_id,
-    row = row, line = line, email = row[self.email_field],
+    -- the envelope sender: From's address, or the row's own signed return path (return_path)
+    data = data, from = self.verp and self.verp:address(line, email) or info.envelope_from,
+    to = info.recipients, message_id = info.message_id, row = row, line = line, email = email,
     eightbit = info.eightbit,         -- mime.build knows the body's class: relay:send need not scan
   }
 end

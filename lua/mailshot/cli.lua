@@ -19,6 +19,8 @@ Commands:
   preflight SCRIPT check SPF, DKIM, DMARC and the recipient list before sending
   check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
   mx DOMAIN        show a domain's mail servers in the order direct delivery tries them
+  bounces SOURCE   read bounces and complaints from a Maildir, mbox, .eml, stdin or IMAP/POP3
+                   mailbox and suppress the addresses that bounced (hard, complaint, soft N times)
   dkim keygen      make a DKIM key pair and print the DNS TXT record to publish
   exec FILE [ARG]  run a Lua file with the mailshot runtime (tasks, relays, CSV, templates)
   help [COMMAND]   show this help, or a command's
@@ -169,6 +171,46 @@ S.D.key, mode 0600; an existing file is never overwritten), then print the TXT r
 publish at S._domainkey.D.  Campaigns sign with it through
   dkim = { domain = "D", selector = "S", key_file = "FILE" }
 ]=],
+  bounces = [=[
+Usage: mailshot bounces SOURCE... [--campaign SCRIPT]... [--suppress FILE] [--report FILE] [--dry-run]
+                                  [--move-to FOLDER] [--quarantine FOLDER] [--soft-limit N] [--soft-days D]
+                                  [--max-bytes N] [--user USER] [--password-file F] [--ca-file F]
+
+Read bounce messages (RFC 3464 DSNs, RFC 5965 ARF complaints, auto-replies, bounces in other
+formats) and suppress the addresses that bounced.  SOURCE: a Maildir (cur/ and new/), an mbox
+file, a single message file (.eml), - (standard input: one message or an mbox), or
+imap://, imaps://, pop3://, pop3s://HOST[:PORT]/[MAILBOX] (TLS, certificate verified).
+Each message is tied to a campaign by its VERP token (return_path; a token that does not verify
+is reported as forged and never acted on), else by the failed address in the campaign's list.
+Hard bounces and complaints are suppressed at once, soft ones on the Nth within D days, policy
+blocks and auto-replies never; what cannot be read is quarantined.  Nothing is ever deleted.
+
+  --campaign SCRIPT   a campaign script (repeat for several); its bounces_to file is where
+                      suppressed addresses go, its on_bounce(b) may change a class
+  --suppress FILE     append suppressed addresses to FILE instead (needed without --campaign);
+                      the soft-bounce counts are kept in FILE.state beside it
+  --report FILE       one CSV row per address (or message): source, where, message_id, kind,
+                      address, campaign, line, class, rule, status, diagnostic, action
+                      (default: bounces-report.csv)
+  --dry-run           change nothing (no suppression, no counts, no marking): the report and
+                      summary say what would be done
+  --move-to FOLDER    move processed messages to FOLDER (Maildir: .FOLDER beside the source;
+                      IMAP: a mailbox) instead of marking them seen
+  --quarantine FOLDER where unreadable and unclassified messages go (default: the Maildir's
+                      .Quarantine, IMAP's Quarantine; for mbox, .eml and stdin a copy goes to the
+                      Maildir FILE.quarantine beside the suppression file)
+  --soft-limit N      soft bounces within the period that suppress an address (default 3)
+  --soft-days D       the period in days (default 7)
+  --max-bytes N       bytes of one message read into memory (default 10485760); a larger
+                      message is parsed from its start and quarantined when that is not enough
+  --user USER         IMAP/POP3 user; the password comes from MAILSHOT_IMAP_PASSWORD or
+                      --password-file, never from the command line
+  --password-file F   read the IMAP/POP3 password from the first line of F
+  --ca-file F         trust this CA certificate for IMAPS/POP3S in addition to the system's
+
+Exit status: 0 every source read, 1 a source (or a marking, a write) failed: the others were
+still processed, 2 a usage error or a campaign script that does not load.
+]=],
   exec = [=[
 Usage: mailshot exec FILE [ARGS...]
 
@@ -202,7 +244,12 @@ local function parse(args, spec, command)
           value = args[i]
           if not value then return nil, ("%s: --%s needs a value"):format(command, name) end
         end
-        opts[name] = value
+        if kind == "list" then                  -- an option given several times
+          opts[name] = opts[name] or {}
+          table.insert(opts[name], value)
+        else
+          opts[name] = value
+        end
       end
     else
       pos[#pos + 1] = a
@@ -221,7 +268,7 @@ end
 -- Load a campaign script: the files it names are found beside it.  Its `require "mailshot"`
 -- (and "mailshot.template") gives a view whose campaign and template.file know the folder.
 local function load_campaign(path)
-  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".")
+  local view, tpl_view = mailshot.for_folder(path:match("^(.*)/[^/]*$") or ".", path)
   local views = { mailshot = view, ["mailshot.template"] = tpl_view }
   local env = setmetatable({ require = function(name) return views[name] or require(name) end }, { __index = _G })
   local chunk, err = loadfile(path, "t", env)
@@ -378,6 +425,7 @@ function commands.preview(args)
         return 1
       end
       if not m then complain(merr); return 1 end
+      if c.verp then io.stdout:write("Return-Path: <", m.from, ">\r\n") end    -- as a dry run's outbox shows it
       io.stdout:write(m.data)
       return 0
     end
@@ -645,6 +693,50 @@ function commands.preflight(args)
   end
   say("verdict: ready to send")
   return 0
+end
+
+function commands.bounces(args)
+  local opts, pos = parse(args, { campaign = "list", suppress = "value", report = "value", ["dry-run"] = "flag",
+                                  ["move-to"] = "value", quarantine = "value", ["soft-limit"] = "value",
+                                  ["soft-days"] = "value", ["max-bytes"] = "value", user = "value",
+                                  ["password-file"] = "value", ["ca-file"] = "value", password = "value" }, "bounces")
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.bounces); return 0 end
+  if opts.password then
+    complain("bounces: passwords are not taken from the command line; set MAILSHOT_IMAP_PASSWORD or use --password-file")
+    return 2
+  end
+  if #pos == 0 then complain("bounces: expected at least one SOURCE (see mailshot bounces --help)"); return 2 end
+  local o = { sources = pos, suppress = opts.suppress, report = opts.report, dry_run = opts["dry-run"],
+              move_to = opts["move-to"], quarantine = opts.quarantine, campaigns = {},
+              mailbox = { user = opts.user, password_file = opts["password-file"], ca_file = opts["ca-file"] } }
+  local err
+  if opts["soft-limit"] then o.soft_limit, err = positive_int(opts["soft-limit"], "soft-limit") end
+  if not err and opts["max-bytes"] then o.max_bytes, err = positive_int(opts["max-bytes"], "max-bytes") end
+  if not err and opts["soft-days"] then
+    o.soft_days = tonumber(opts["soft-days"])
+    if not o.soft_days or o.soft_days <= 0 then err = "--soft-days must be a positive number of days" end
+  end
+  if err then complain("bounces: ", err); return 2 end
+  for _, script in ipairs(opts.campaign or {}) do
+    local c
+    c, err = load_campaign(script)
+    if not c then complain(err); return 2 end
+    if not o.suppress and not c.bounces_path then
+      complain(("bounces: %s has no bounces_to file: set one in the campaign or give --suppress FILE"):format(script))
+      return 2
+    end
+    o.campaigns[#o.campaigns + 1] = c
+  end
+  if #o.campaigns == 0 and not o.suppress then
+    complain("bounces: give --campaign SCRIPT (its bounces_to file) or --suppress FILE (see mailshot bounces --help)")
+    return 2
+  end
+  local res
+  res, err = require("mailshot.bounces").run(o)
+  if not res then complain("bounces: ", err); return 2 end
+  say("mailshot bounces: ", res.text)
+  return res.failed and 1 or 0
 end
 
 function commands.exec(args)

@@ -20,6 +20,7 @@ local M = {
   idna = require "mailshot.idna",
   rate = require "mailshot.rate",
   hooks = require "mailshot.hooks",
+  bounce = require "mailshot.bounce",
 }
 local direct = require("mailshot.direct")
 
@@ -219,8 +220,10 @@ end
 
 --- The mailshot module as a campaign script in folder dir sees it: mailshot.campaign and
 --- mailshot.template.file resolve relative paths against dir (`mailshot run` loads scripts
---- with it, so a script's files sit beside it).  -> mailshot view, template view
-function M.for_folder(dir)
+--- with it, so a script's files sit beside it).  script: the script's path, whose file name
+--- without .lua is the campaign's default name.  -> mailshot view, template view
+function M.for_folder(dir, script)
+  local name = script and (script:match("([^/]+)%.lua$") or script:match("([^/]+)$")) or nil
   local campaign = require "mailshot.campaign"
   local tpl = setmetatable({
     file = function(path, opts)
@@ -232,7 +235,7 @@ function M.for_folder(dir)
   }, { __index = M.template })
   local view = setmetatable({
     template = tpl,
-    campaign = function(def) return campaign.new(def, dir) end,
+    campaign = function(def) return campaign.new(def, dir, name) end,
   }, { __index = M })
   return view, tpl
 end

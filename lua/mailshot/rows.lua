@@ -122,6 +122,41 @@ function M.open_reader(c, o)
   return reader, warning
 end
 
+--- rows.emails_at(c, lines) -> { [line] = email } | nil, err
+--- The addresses on the given CSV lines of campaign c's recipients file (the report's `line`:
+--- the line a row starts on), read as a run reads them (delimiter, encoding, email column), as
+--- written in the file.  lines: a list of line numbers or a set { [line] = true }.  A line
+--- that holds no row (the header, a blank or malformed line, past the end) is left out.  The
+--- file is streamed and left at the last line asked for: memory holds the lines asked, not the
+--- file.  What `mailshot bounces` uses to find the address a VERP token's line was sent to.
+function M.emails_at(c, lines)
+  if type(lines) ~= "table" then error("rows.emails_at: lines must be a list or a set of line numbers", 2) end
+  local want, left, last = {}, 0, 0
+  for k, v in pairs(lines) do
+    local n = v == true and k or v
+    if math.type(n) ~= "integer" then error("rows.emails_at: a line number must be an integer, got " .. tostring(n), 2) end
+    if not want[n] then want[n], left, last = true, left + 1, math.max(last, n) end
+  end
+  local found = {}
+  if left == 0 then return found end
+  local reader <close>, err = csv.open(c.recipients_path, { delimiter = c.delimiter, encoding = c.encoding or "utf-8" })
+  if not reader then return nil, err end
+  local col, cerr = M.email_column(c, reader:header())
+  if not col then return nil, cerr end
+  while left > 0 do
+    local row, line, msg = reader:read()
+    if row == nil then
+      if msg then return nil, ("%s: %s"):format(c.recipients_path, msg) end
+      break
+    end
+    if line > last then break end
+    if row and want[line] then
+      found[line], left = row[col], left - 1
+    end
+  end
+  return found
+end
+
 --- A duplicate check: each address once per campaign, compared ignoring case.  dedupe(address)
 --- -> true for its first row (and for a row without an address: classify says why it is out).
 function M.dedupe()

@@ -75,7 +75,10 @@ function Run:deliver(msg, email, row, line, rep)
   if opts.dry then
     local path = ("%s/%06d-%s.eml"):format(opts.outbox, line, safe_name(email))
     -- a new 0600 file renamed over path: a symlink planted in the outbox is replaced, not followed
-    local ok, ferr = util.replace_file(path, msg.data)
+    -- with return_path, the envelope sender is shown as the delivering MTA would record it
+    -- (RFC 5321 4.4): a Return-Path line first; what is sent has none
+    local data = c.verp and ("Return-Path: <" .. msg.from .. ">\r\n" .. msg.data) or msg.data
+    local ok, ferr = util.replace_file(path, data)
     if not ok then rep.status, rep.stage, rep.response = "failed", "write", ferr; return rep end
     rep.status, rep.response = "written", path
     return rep

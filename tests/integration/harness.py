@@ -1442,6 +1442,226 @@ def start_smtpd_many(workdir, hosts, port=0, attempts=5, **options):
     raise AssertionError(f"could not start smtpd on {hosts} with one port: {last}")
 
 
+# --------------------------------------------------------------------------- IMAP/POP3 server (dovecot)
+
+DOVECOT = "/usr/sbin/dovecot"
+
+
+def _dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid, internal_user, login_user, extra_conf):
+    """The text of a private dovecot.conf: everything under workdir, nothing from /etc/dovecot."""
+    listeners = {"imap": [], "pop3": []}
+    for name, port in ports.items():
+        proto = name.rstrip("s")
+        ssl_line = "    ssl = yes\n" if name.endswith("s") else ""
+        listeners[proto].append(f"  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n{ssl_line}  }}\n")
+    ssl_conf = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n" if ssl else "ssl = no\n"
+    return (
+        f"base_dir = {workdir}/run\n"
+        f"state_dir = {workdir}/state\n"
+        f"instance_name = mailshot-test-{os.path.basename(workdir)}-{ports['imap']}\n"
+        f"log_path = {workdir}/dovecot.log\n"
+        f"info_log_path = {workdir}/dovecot.log\n"
+        "protocols = imap pop3\n"
+        "listen = 127.0.0.1\n"
+        + ssl_conf +
+        # the client decides whether a password may travel in the clear (mailshot refuses by default)
+        "disable_plaintext_auth = no\n"
+        "auth_mechanisms = plain login\n"
+        "auth_verbose = yes\n"
+        "auth_failure_delay = 0\n"        # a wrong-password test need not wait 2 s
+        f"default_internal_user = {internal_user}\n"
+        f"default_login_user = {login_user}\n"
+        "first_valid_uid = 1\n"
+        "first_valid_gid = 0\n"
+        "passdb {\n  driver = passwd-file\n"
+        f"  args = scheme=PLAIN username_format=%u {workdir}/users/%u\n}}\n"
+        "userdb {\n  driver = passwd-file\n"
+        f"  args = username_format=%u {workdir}/users/%u\n"
+        f"  default_fields = uid={mail_uid} gid={mail_gid} home={workdir}/home/%u\n}}\n"
+        "mail_location = maildir:~/Maildir\n"
+        "pop3_uidl_format = %08Xu%08Xv\n"
+        "service imap-login {\n" + "".join(listeners["imap"]) + "}\n"
+        "service pop3-login {\n" + "".join(listeners["pop3"]) + "}\n"
+        + extra_conf)
+
+
+class DovecotServer:
+    """A private dovecot (IMAP, IMAPS, POP3, POP3S on 127.0.0.1) started by start_dovecot."""
+
+    def __init__(self, proc, workdir, ports, ca_cert, mail_uid, mail_gid, ssl):
+        self.proc = proc
+        self.pid = proc.pid
+        self.workdir = workdir
+        self.ports = ports            # {"imap": n, "imaps": n, "pop3": n, "pop3s": n} (no *s without ssl)
+        self.ca_cert = ca_cert        # the CA that signed the server's certificate (None without ssl)
+        self.mail_uid, self.mail_gid = mail_uid, mail_gid
+        self.ssl = ssl
+        self.users_dir = os.path.join(workdir, "users")
+        self.log_path = os.path.join(workdir, "dovecot.log")
+
+    def __repr__(self):
+        return f"<dovecot pid={self.pid} ports={self.ports}>"
+
+    def url(self, scheme="imaps", mailbox="INBOX"):
+        """imaps://127.0.0.1:PORT/INBOX (pop3/pop3s: no mailbox)."""
+        base = f"{scheme}://127.0.0.1:{self.ports[scheme]}"
+        return base + "/" if scheme.startswith("pop3") else f"{base}/{mailbox}"
+
+    def add_user(self, user, password):
+        """Add a user: its own passwd-file, users/USER (with one shared file, users appended within
+        the same second were refused: dovecot notices a changed passwd-file by its mtime); returns
+        the user's Maildir."""
+        if not user.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("user: letters, digits, - and _ only")
+        if ":" in password or "\n" in password:
+            raise ValueError("password must not contain ':' or a line break")
+        with open(os.path.join(self.users_dir, user), "w", encoding="utf-8") as f:
+            f.write(f"{user}:{{PLAIN}}{password}::::::\n")
+        home = os.path.join(self.workdir, "home", user)
+        maildir = os.path.join(home, "Maildir")
+        for d in (home, maildir, *(os.path.join(maildir, s) for s in ("cur", "new", "tmp"))):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chown(d, self.mail_uid, self.mail_gid)
+        return maildir
+
+    def maildir(self, user):
+        return os.path.join(self.workdir, "home", user, "Maildir")
+
+    def deliver(self, user, raw, seen=False, name=None):
+        """Put one message (bytes or str) straight into user's Maildir (new/, or cur/ flagged seen),
+        as an MTA's local delivery would; owned by the mail uid.  Returns the file's path."""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
+        md = self.maildir(user)
+        _deliver_counter[0] += 1
+        base = name or f"{time.time_ns()}.M{_deliver_counter[0]}P{os.getpid()}.mailshot-test"
+        tmp = os.path.join(md, "tmp", base)
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.chown(tmp, self.mail_uid, self.mail_gid)
+        dest = os.path.join(md, "cur", base + ":2,S") if seen else os.path.join(md, "new", base)
+        os.rename(tmp, dest)
+        return dest
+
+    def imap(self, user, password):
+        """A logged-in imaplib client over plain IMAP on loopback (for the tests' own checks);
+        the caller logs out (or uses it as a context manager)."""
+        import imaplib
+        c = imaplib.IMAP4("127.0.0.1", self.ports["imap"], timeout=10)
+        c.login(user, password)
+        return c
+
+    def log_text(self):
+        return _read_text(self.log_path)
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """Stop dovecot and every process it forked (its process group). Idempotent."""
+        _kill_group(self.proc)
+        return self.proc.returncode
+
+
+_deliver_counter = [0]
+
+
+def _dovecot_users():
+    """(internal_user, login_user, mail_uid, mail_gid): see start_dovecot."""
+    import pwd
+    if os.getuid() != 0:
+        me = pwd.getpwuid(os.getuid()).pw_name
+        return me, me, os.getuid(), os.getgid()
+    for name in ("dovecot", "dovenull"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise AssertionError(f"user {name!r} is missing: install dovecot-core (it creates dovecot and dovenull)")
+    try:
+        nobody = pwd.getpwnam("nobody")
+        return "dovecot", "dovenull", nobody.pw_uid, nobody.pw_gid
+    except KeyError:
+        raise AssertionError("user 'nobody' is missing: dovecot will not serve mail as root")
+
+
+def _make_traversable(path):
+    """Give others search (x) permission on path and its ancestors that we own: the mail processes
+    run as another uid and must reach workdir (mkdtemp makes folders 0700)."""
+    path = os.path.abspath(path)
+    while True:
+        st = os.stat(path)
+        if st.st_uid == os.getuid() and not st.st_mode & 0o001:
+            os.chmod(path, (st.st_mode & 0o7777) | 0o001)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def start_dovecot(workdir, ssl=True, ready_timeout=READY_TIMEOUT, attempts=5, extra_conf=""):
+    """Start a private dovecot on 127.0.0.1 and return a DovecotServer once every port accepts.
+
+    Four listeners on free ports, srv.ports = {"imap", "imaps", "pop3", "pop3s"} (ssl=False: no
+    TLS at all, so no STARTTLS either: only "imap" and "pop3").  Its certificate is a leaf of
+    make_ca_and_cert (srv.ca_cert verifies it; IP:127.0.0.1 in its subjectAltName).  Users:
+    srv.add_user(name, password) (a passwd-file per user, PLAIN scheme, read at each login: a shared
+    server gives each test its own user and Maildir); messages: srv.deliver(user, raw)
+    into the Maildir, or IMAP APPEND with srv.imap(user, password).  extra_conf: more dovecot.conf
+    lines (e.g. "imap_capability = IMAP4rev1 UIDPLUS" to hide MOVE).
+
+    The recipe (dovecot 2.3, Debian 12): `dovecot -F -c workdir/dovecot.conf`, in its own process
+    group, with base_dir, state_dir, the log (workdir/dovecot.log), the passwd-files, homes and
+    Maildirs all under workdir, so nothing of /etc/dovecot or /var is used and several run at once.
+    As root (CI, these machines): the login processes run as `dovenull` and dovecot's internal ones
+    as `dovecot` (both created by the dovecot-core package), and mail is served as `nobody`:
+    dovecot refuses uid 0 for mail, so the homes are chowned to nobody and workdir and its
+    ancestors get o+x so that uid can reach them.  As another user everything runs as that user.
+    It starts in well under a second (about 30 ms here): start it per test class, or per test
+    when a test needs its own configuration.  stop() kills the process group."""
+    workdir = os.path.abspath(workdir)
+    for d in ("run", "state", "home", "users"):
+        os.makedirs(os.path.join(workdir, d), exist_ok=True)
+    internal_user, login_user, mail_uid, mail_gid = _dovecot_users()
+    if os.getuid() == 0:
+        _make_traversable(workdir)
+        os.chown(os.path.join(workdir, "home"), mail_uid, mail_gid)
+    ca_cert = cert = key = None
+    if ssl:
+        ca_cert, cert, key = make_ca_and_cert(os.path.join(workdir, "tls"))
+    conf_path = os.path.join(workdir, "dovecot.conf")
+    last = ""
+    for _ in range(attempts):
+        names = ("imap", "imaps", "pop3", "pop3s") if ssl else ("imap", "pop3")
+        ports = {}
+        while len(set(ports.values())) < len(names):
+            ports = {n: free_port() for n in names}
+        with open(conf_path, "w", encoding="utf-8") as f:
+            f.write(_dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid,
+                                  internal_user, login_user, extra_conf))
+        stderr_path = os.path.join(workdir, "dovecot.stderr")
+        with open(stderr_path, "wb") as errf:
+            proc = subprocess.Popen([DOVECOT, "-F", "-c", conf_path], stdout=errf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir)
+        srv = DovecotServer(proc, workdir, ports, ca_cert, mail_uid, mail_gid, ssl)
+        deadline = time.monotonic() + ready_timeout
+        pending = set(ports.values())
+        import socket
+        while proc.poll() is None and pending and time.monotonic() < deadline:
+            for p in list(pending):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", p), timeout=0.2):
+                    pending.discard(p)
+            if pending:
+                time.sleep(0.01)
+        if not pending and proc.poll() is None:
+            return srv
+        srv.stop()
+        last = _read_text(stderr_path) + srv.log_text()
+        if "in use" not in last.lower():
+            break
+    raise AssertionError(f"dovecot did not come up (ports {ports})\n--- {conf_path} ---\n"
+                         f"{_read_text(conf_path)}--- output and log ---\n{last}")
+
+
 # --------------------------------------------------------------------------- TestCase
 
 class MailshotTestCase(unittest.TestCase):
@@ -1527,6 +1747,14 @@ class MailshotTestCase(unittest.TestCase):
         It runs in self.tmp/dns-N and dies with the test."""
         n = sum(1 for s in self._servers if isinstance(s, DnsServer))
         srv = start_dnsmasq(os.path.join(self.tmp, f"dns-{n}"), zone, **kw)
+        self._servers.append(srv)
+        return srv
+
+    def start_dovecot(self, **kw):
+        """Start a private dovecot (harness.start_dovecot) in self.tmp/dovecot-N; it dies with the test.
+        For one server shared by a test class, call harness.start_dovecot in setUpClass instead."""
+        n = sum(1 for s in self._servers if isinstance(s, DovecotServer))
+        srv = start_dovecot(os.path.join(self.tmp, f"dovecot-{n}"), **kw)
         self._servers.append(srv)
         return srv
 
