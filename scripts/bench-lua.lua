@@ -1,7 +1,8 @@
 -- bench-lua.lua - CPU rates of the Lua-side work done per recipient (make bench runs it):
 --   ./mailshot exec scripts/bench-lua.lua
 -- idna.to_ascii conversions/s, CSV rows read/s, rows/s rendered into the example campaign's bodies, mime.build messages/s with a
--- 100 kB attachment, and what reading a list in each encoding costs (the last section).
+-- 100 kB attachment, bounce.parse + classify messages/s over tests/data/bounces, and what reading a list in each
+-- encoding costs (the last section).
 -- Each figure is the median of 3 rounds of CPU time (os.clock).  Not a test: nothing is asserted
 -- but that the work succeeded (the tests in tests/lua check what it produces).
 local idna = require "mailshot.idna"
@@ -73,11 +74,39 @@ local mime_rate = median3(function()
   return n
 end)
 
+-- bounce.parse + classify over the corpus of returned messages (DSNs, ARF, auto-replies, guessed bounces)
+local bounce = require "mailshot.bounce"
+local bounce_raws = {}
+do
+  local dir = "tests/data/bounces/"
+  local p = assert(io.popen("ls " .. dir))
+  for name in p:lines() do
+    if name:match("%.eml$") then
+      local f = assert(io.open(dir .. name, "rb"))
+      bounce_raws[#bounce_raws + 1] = f:read("a")
+      f:close()
+    end
+  end
+  p:close()
+  assert(#bounce_raws > 0, "no corpus in " .. dir)
+end
+local bounce_rate = median3(function()
+  local n = 0
+  for _ = 1, 100 do
+    for _, raw in ipairs(bounce_raws) do
+      assert(bounce.classify(bounce.parse(raw)))
+      n = n + 1
+    end
+  end
+  return n
+end)
+
 print("Lua-side CPU rates, median of 3:")
 print(("  idna.to_ascii                      %10.0f conversions/s"):format(idna_rate))
 print(("  csv reader (4 columns)             %10.0f rows/s"):format(csv_rate))
 print(("  template render (example bodies)  %10.0f rows/s (text + html)"):format(template_rate))
 print(("  mime.build, 100 kB attachment      %10.0f messages/s"):format(mime_rate))
+print(("  bounce.parse + classify (corpus)   %10.0f messages/s (%d files of tests/data/bounces)"):format(bounce_rate, #bounce_raws))
 
 -- CSV encodings: what declaring a recipient list's encoding costs.  The same 100,000 rows (a third of
 -- the names non-ASCII: Zoë Müller, Ñandú Ibáñez) written as UTF-8 and as windows-1252; rows/s read

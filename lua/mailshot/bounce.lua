@@ -49,7 +49,37 @@ M.limits = {
 
 ---------------------------------------------------------------- small helpers
 
-local function trim(s) return (match(s, "^[ \t\r\n]*(.-)[ \t\r\n]*$")) end
+-- Lua patterns backtrack: "(.-)%s*$" or "%w+@" over a long run of blanks or letters is quadratic.  Hostile
+-- input has such runs, so the helpers below scan with anchored or literal searches only.
+local function trim(s)
+  local i = find(s, "[^ \t\r\n]")
+  if not i then return "" end
+  local j = #s
+  local c = byte(s, j)
+  while c == 32 or c == 9 or c == 13 or c == 10 do j = j - 1; c = byte(s, j) end
+  return sub(s, i, j)
+end
+
+local LOCAL_CHARS = "[%w.!#$%%&'*+/=?^_`{|}~%-]"
+local LOCAL_PART = LOCAL_CHARS .. "+$"
+local DOMAIN = "^[%w%-]+%.[%w.%-]*%w"
+local DOMAIN_LABELS = "^[%w%-]+[%w.%-]*"
+
+-- The addresses in s (local@domain.tld), found from each "@": at most 64 octets before it, 255 after
+-- (RFC 5321 limits), so a long run costs no more than its length.  f(address, start) for each.
+local function each_address(s, f, loose)
+  local pos = 1
+  while true do
+    local at = find(s, "@", pos, true)
+    if not at then return end
+    local lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
+    local dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
+    if lp and dom then
+      if f(lp .. "@" .. dom, at - #lp) then return end
+    end
+    pos = at + 1
+  end
+end
 
 local function cap(s, n)
   if #s > n then return sub(s, 1, n) end
@@ -60,12 +90,13 @@ end
 local function bare_address(v)
   if not v then return nil end
   local a = match(v, "<([^<>]*)>")
+  if a and #a > 320 then a = nil end
   if not a or a == "" then
-    a = match(v, "([^%s<>,;:\"()]+@[^%s<>,;:\"()]+)")
+    each_address(v, function(x) a = x; return true end, true)
   end
   if not a then
     a = trim(v)
-    if a == "" or find(a, "[%s<>]") then return nil end
+    if a == "" or #a > 320 or find(a, "[%s<>]") then return nil end
   end
   return a
 end
@@ -386,8 +417,8 @@ end
 -- "rfc822; a@b" -> "a@b" (any address type; xtext "+HH" decoded for rfc822, \x{} for utf-8)
 local function typed_address(v)
   if not v then return nil end
-  local typ, addr = match(v, "^%s*([%w%-]+)%s*;%s*(.-)%s*$")
-  if not typ then addr = trim(v); typ = "rfc822" end
+  local typ, addr = match(v, "^%s*([%w%-]+)%s*;(.*)$")
+  if typ then addr = trim(addr) else addr = trim(v); typ = "rfc822" end
   typ = lower(typ)
   if typ == "utf-8" then addr = unescape_unicode(addr) end
   if typ == "rfc822" then addr = gsub(addr, "%+(%x%x)", hexbyte) end
@@ -399,8 +430,7 @@ end
 -- "dns; mx.example.com" / "smtp; 550 5.1.1 ..." -> the text after the type.
 local function typed_text(v)
   if not v then return nil end
-  local t = match(v, "^%s*[%w%-]+%s*;%s*(.-)%s*$") or trim(v)
-  return t
+  return trim(match(v, "^%s*[%w%-]+%s*;(.*)$") or v)
 end
 
 local STATUS = "([245]%.%d%d?%d?%.%d%d?%d?)"
@@ -435,7 +465,14 @@ local function recipient_from(g)
     last_attempt = g["last-attempt-date"],
     will_retry_until = g["will-retry-until"],
   }
-  if not r.status and r.diagnostic then r.status = find_status(r.diagnostic) end
+  -- the Status field is the DSN's word, but some MTAs (Exim) always write X.0.0 there and quote the
+  -- remote server's precise code in the diagnostic: take that one then (same class), keeping the field's
+  local quoted = r.diagnostic and find_status(r.diagnostic)
+  if not r.status then
+    r.status = quoted
+  elseif quoted and find(r.status, "^%d%.0%.0$") and sub(quoted, 1, 1) == sub(r.status, 1, 1) then
+    r.dsn_status, r.status = r.status, quoted
+  end
   if r.diagnostic then
     local code = match(r.diagnostic, "^%s*([2-5]%d%d)[%s%-]")
     r.smtp_code = code
@@ -546,7 +583,7 @@ M.vacation_subjects = {
 
 local function vacation_subject(s)
   if not s then return nil end
-  s = lower(s)
+  s = lower(sub(s, 1, 1000))
   for _, p in ipairs(M.vacation_subjects) do
     if find(s, p) then return p end
   end
@@ -571,7 +608,7 @@ local function looks_like_bounce(b, autoreply)
   end
   if b.return_path == "" and not autoreply then return "null return path" end
   if b.headers["x-failed-recipients"] then return "X-Failed-Recipients" end
-  local s = lower(b.subject or "")
+  local s = lower(sub(b.subject or "", 1, 1000))
   for _, p in ipairs(M.bounce_subjects) do
     if find(s, p) then return "subject" end
   end
@@ -589,9 +626,9 @@ local COPY_MARKERS = {
   "\n%-+ Returned message %-+",
   "\n%-+ Message header follows %-+",
   "\n%-+ The message header follows %-+",
+  "\nOriginal message headers:",                            -- Exchange
 }
 
-local ADDRESS = "[%w.!#$%%&'*+/=?^_`{|}~%-]+@[%w%-]+%.[%w.%-]*%w"
 
 local BASIC_CODE_PATTERNS = {
   "^[ \t>]*([45][0-5]%d)[ %-:]",        -- a reply line:  550 5.1.1 ..., 550-..., 554: delivery error
@@ -634,12 +671,13 @@ local function guess_recipients(text, excluded, failed_header)
     lines = lines + 1
     if lines > 5000 then break end
     local first_here
-    for a in gmatch(line, ADDRESS) do
-      if not excluded[lower(a)] and not find(lower(a), "^mailer%-daemon@") and not find(lower(a), "^postmaster@") then
+    each_address(line, function(a)
+      local la = lower(a)
+      if not excluded[la] and not find(la, "^mailer%-daemon@") and not find(la, "^postmaster@") then
         first_here = first_here or a
         last_addr = a
       end
-    end
+    end)
     if pending and first_here then
       add(first_here, pending.status, pending.code, pending.line)
       pending = nil
@@ -673,7 +711,7 @@ local function guess_recipients(text, excluded, failed_header)
       if s then
         local nl = find(text, "\n", e, true)
         local nextline = nl and match(text, "^[ \t]*([^\n]*%S)", nl + 1)
-        if nextline and not find(nextline, ADDRESS) then r.diagnostic = cap(trim(nextline), MAX_DIAGNOSTIC) end
+        if nextline and not find(nextline, "@", 1, true) then r.diagnostic = cap(trim(nextline), MAX_DIAGNOSTIC) end
       end
       if permanent_text then r.status = "5.0.0" end
     end
@@ -698,6 +736,7 @@ local function guess(b, root, ctx)
   if not node then
     node = find_node(root, function(n) return n.ctype == "text/html" end)
   end
+  if not node and not root.parts then node = root end     -- a multipart that could not be opened: its body
   local text = node and decode_body(node) or ""
   if node and node.ctype == "text/html" then
     text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^>]*>", "")
@@ -731,7 +770,9 @@ local function guess(b, root, ctx)
   end
   local failed = {}
   if b.headers["x-failed-recipients"] then
-    for a in gmatch(b.headers["x-failed-recipients"], ADDRESS) do failed[#failed + 1] = a end
+    each_address(b.headers["x-failed-recipients"], function(a)
+      if #failed < MAX_RECIPIENTS then failed[#failed + 1] = a end
+    end)
   end
   return guess_recipients(text, excluded, failed)
 end
