@@ -296,6 +296,7 @@ function Campaign:render(row, line)
   return {
     -- the envelope sender: From's address, or the row's own signed return path (return_path)
     data = data, from = self.verp and self.verp:address(line, email) or info.envelope_from,
+    header_from = info.envelope_from,         -- From's address: the DKIM/DMARC domain (preflight)
     to = info.recipients, message_id = info.message_id, row = row, line = line, email = email,
     eightbit = info.eightbit,         -- mime.build knows the body's class: relay:send need not scan
   }

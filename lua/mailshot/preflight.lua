@@ -2,7 +2,9 @@
 --
 -- Renders every message (nothing is sent), then looks at what decides whether mail is read:
 -- for the From domain, SPF, the DKIM key published at the selector (and whether it matches the
--- campaign's private key), DMARC and the alignment of From with the DKIM domain; for the list,
+-- campaign's private key), DMARC and the alignment of From with the DKIM domain (SPF at the
+-- return_path domain instead when the campaign has one: it is the envelope sender's, and it
+-- must receive mail and should align with From); for the list,
 -- the recipients per domain, domains that cannot receive mail (NXDOMAIN, null MX, no MX and no
 -- address), invalid, suppressed and duplicate rows.  Problems are ranked: "blocking" ones make
 -- `mailshot preflight` exit 1.
@@ -107,6 +109,25 @@ local function check_dkim(c, from_domain, opts, add)
   end
 end
 
+-- The return_path domain (mailshot.verp): bounces come back to it, so it must receive mail
+-- (receivers that check the envelope sender's domain refuse mail from one that cannot), and SPF
+-- passes DMARC for these messages only when it is aligned with the From domain.
+local function check_return_path(domain, from_domain, opts, add)
+  local plan, err, kind = dns.plan(domain, opts)
+  if not plan and unanswered(kind) then
+    could_not_ask(add, "return_path", domain .. "'s mail servers", err)
+  elseif not plan then
+    add("blocking", "return_path: %s cannot receive mail (%s): bounces to it would be lost, and receivers that "
+        .. "check the envelope sender's domain refuse the messages", domain, err)
+  else
+    add("info", "return_path: bounces come back to %s (mail server %s); SPF is checked there", domain, plan[1].host)
+  end
+  if not aligned(domain, from_domain) then
+    add("warning", "return_path: %s is not aligned with the From domain %s: SPF cannot pass DMARC for these "
+        .. "messages, only an aligned DKIM signature can (use a subdomain of %s)", domain, from_domain, from_domain)
+  end
+end
+
 local function check_dmarc(from_domain, opts, add)
   local recs, err, kind = txt_with("_dmarc." .. from_domain, "v=dmarc1", opts)
   if not recs and unanswered(kind) then
@@ -174,7 +195,7 @@ function M.run(c, opts)
   if not reader then return nil, err end
   -- undeclared, it stops --send; declared, its bad rows are skipped
   if err then add(c.encoding and "warning" or "blocking", "%s", err) end
-  local from_domain = nil
+  local from_domain, envelope_domain = nil, nil
   local first = rows.dedupe()
   while true do
     local row, line, msg = reader:read()
@@ -215,7 +236,10 @@ function M.run(c, opts)
           res.render_errors = res.render_errors + 1
           if res.render_errors <= 5 then add("blocking", "%s", merr) end
         elseif not from_domain then
-          from_domain = m.from:match("@([^@]+)$")
+          -- DKIM and DMARC judge the From header's domain; SPF the envelope sender's (MAIL FROM),
+          -- which is the return_path domain when the campaign has one
+          from_domain = (m.header_from or m.from):match("@([^@]+)$")
+          envelope_domain = m.from:match("@([^@]+)$")
         end
       end
     end
@@ -275,8 +299,11 @@ function M.run(c, opts)
     end
   end
 
+  if envelope_domain and envelope_domain:lower() ~= from_domain:lower() then
+    check_return_path(envelope_domain, from_domain, dopts, add)
+  end
   if from_domain then
-    check_spf(from_domain, { server = opts.dns, timeout = dopts.timeout, relay_addresses = opts.relay_addresses }, add)
+    check_spf(envelope_domain or from_domain, { server = opts.dns, timeout = dopts.timeout, relay_addresses = opts.relay_addresses }, add)
     check_dkim(c, from_domain, dopts, add)
     check_dmarc(from_domain, dopts, add)
   else

@@ -12,6 +12,7 @@ return mailshot.campaign {
   recipients = "list.csv", from = "News <news@" .. os.getenv "FROM_DOMAIN" .. ">", subject = "Hi {{name}}",
   text = "Hello {{name}}", suppress = "unsubscribed.txt",
   dkim = { domain = os.getenv "FROM_DOMAIN", selector = "s1", key_file = os.getenv "KEY" },
+  return_path = os.getenv "RP_DOMAIN" and { domain = os.getenv "RP_DOMAIN", secret = "preflight-secret-0123456789" },
 }
 """
 
@@ -27,10 +28,10 @@ class PreflightTests(MailshotTestCase):
             keys[name] = p.stdout.strip().splitlines()[-1]
         self.key = self.path("right.key")
         self.dns = self.start_dns({
-            "mx": [("good.test", "mx.good.test", 10)],
+            "mx": [("good.test", "mx.good.test", 10), ("bounces.acme.test", "mx.good.test", 10)],
             "a": [("mx.good.test", "127.0.0.2")],
             "null_mx": ["null.test"],
-            "txt": [("acme.test", "v=spf1 ip4:127.0.0.1 -all"), ("s1._domainkey.acme.test", keys["right"]),
+            "txt": [("acme.test", "v=spf1 ip4:127.0.0.1 -all"), ("bounces.acme.test", "v=spf1 ip4:127.0.0.3 -all"), ("s1._domainkey.acme.test", keys["right"]),
                     ("_dmarc.acme.test", "v=DMARC1; p=reject; rua=mailto:d@acme.test"),
                     ("s1._domainkey.bad.test", keys["other"]), ("bad.test", "some unrelated text")],
         })
@@ -45,9 +46,9 @@ class PreflightTests(MailshotTestCase):
             f.write(CAMPAIGN)
         self.script = os.path.join(d, "c.lua")
 
-    def preflight(self, domain):
+    def preflight(self, domain, return_path=None):
         return self.run_mailshot("preflight", self.script, "--dns", self.dns.address, "--timeout", "1",
-                                 env={"FROM_DOMAIN": domain, "KEY": self.key})
+                                 env={"FROM_DOMAIN": domain, "KEY": self.key, "RP_DOMAIN": return_path})
 
     def test_a_correct_setup_is_ready_and_the_list_problems_are_reported(self):
         p = self.preflight("acme.test")
@@ -126,6 +127,26 @@ class PreflightTests(MailshotTestCase):
                                    r"refuses .*: mx\.good\.test 127\.0\.0\.2 \(loopback\)")
         self.assertNotIn("TLSv1", p.stdout)
         self.assertEqual(servers[0].connections(), 0)
+
+    def test_a_return_path_domain_gets_the_spf_check_and_must_receive_mail(self):
+        # SPF is judged at the envelope sender's domain (return_path); DKIM and DMARC at From's
+        p = self.preflight("acme.test", return_path="bounces.acme.test")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        out = p.stdout
+        self.assertIn("SPF: bounces.acme.test: v=spf1 ip4:127.0.0.3 -all", out)
+        self.assertNotIn("SPF: acme.test:", out)
+        self.assertIn("return_path: bounces come back to bounces.acme.test (mail server mx.good.test)", out)
+        self.assertIn("DKIM: the key at s1._domainkey.acme.test matches", out)
+        self.assertIn("DMARC: policy reject at _dmarc.acme.test", out)
+        self.assertNotIn("not aligned", out)
+        # a return path domain that cannot receive mail, has no SPF record and is not under From's domain
+        p = self.preflight("acme.test", return_path="bounces.elsewhere.test")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        out = p.stdout
+        self.assertRegex(out, r"blocking.*return_path: bounces\.elsewhere\.test cannot receive mail")
+        self.assertRegex(out, r"blocking.*SPF: bounces\.elsewhere\.test publishes no SPF record")
+        self.assertRegex(out, r"warning.*return_path: bounces\.elsewhere\.test is not aligned with the From domain acme\.test")
+        self.assertIn("DMARC: policy reject at _dmarc.acme.test", out)
 
     def test_each_planted_fault_is_found_and_blocks(self):
         p = self.preflight("bad.test")

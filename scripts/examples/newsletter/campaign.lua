@@ -23,4 +23,8 @@ return mailshot.campaign {
   text       = mailshot.template.file "body.txt",
   html       = mailshot.template.file "body.html",
   send       = function(msg) return relay:send(msg) end,
+  -- Signed VERP return paths, so that `mailshot bounces` can tell which recipient each bounce is
+  -- about (README: "VERP return paths"): uncomment, and export BOUNCE_SECRET (openssl rand -base64 32)
+  -- or keep it in a file beside this script (secret_file = "bounce.key", mode 0600).
+  -- return_path = { domain = "bounces.acme.example", secret = os.getenv "BOUNCE_SECRET" },
 }
