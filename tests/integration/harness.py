@@ -533,11 +533,13 @@ postlog    unix-dgram n       -      n      -      1       postlogd
 
 
 def postfix_main_cf(base, relay_port, bounce_domain="bounces.acme.example", mailboxes=("b",),
-                    mailbox_uid=65534, mailbox_gid=65534, extra=None):
+                    mailbox_uid=65534, mailbox_gid=65534, extra=None, maildir=None):
     """The main.cf text of a private Postfix instance living in base (see start_postfix).
+    maildir: the bounce mailbox (default base/mail/bounces).
 
     Everything Postfix writes is under base; nothing is looked up in DNS and the only next hop is
     [127.0.0.1]:relay_port.  The parameters are documented in postconf(5) (Postfix 3.7)."""
+    maildir = (maildir or os.path.join(base, "mail", "bounces")).rstrip("/")
     cf = {
         # the 3.6 defaults, so no "backwards-compatible default setting" warnings in the log
         "compatibility_level": "3.6",
@@ -570,8 +572,8 @@ def postfix_main_cf(base, relay_port, bounce_domain="bounces.acme.example", mail
         # user+ext@domain, then user@domain) land in one Maildir (the trailing "/" in the map value);
         # the files belong to mailbox_uid (virtual_minimum_uid is 100: not root, not a system user)
         "virtual_mailbox_domains": bounce_domain,
-        "virtual_mailbox_base": os.path.join(base, "mail"),
-        "virtual_mailbox_maps": "inline:{ " + ", ".join(f"{m}@{bounce_domain}=bounces/"
+        "virtual_mailbox_base": os.path.dirname(maildir),
+        "virtual_mailbox_maps": "inline:{ " + ", ".join(f"{m}@{bounce_domain}={os.path.basename(maildir)}/"
                                                          for m in mailboxes) + " }",
         "virtual_uid_maps": f"static:{mailbox_uid}",
         "virtual_gid_maps": f"static:{mailbox_gid}",
@@ -613,7 +615,7 @@ def live_processes_in_group(pgid):
 class PostfixServer:
     """A running private Postfix instance (see start_postfix)."""
 
-    def __init__(self, base, port, relay_port, bounce_domain, keep=False):
+    def __init__(self, base, port, relay_port, bounce_domain, keep=False, maildir=None):
         self.base = base
         self.keep = keep
         self.config_dir = os.path.join(base, "conf")
@@ -622,7 +624,8 @@ class PostfixServer:
         self.port = port
         self.relay_port = relay_port
         self.bounce_domain = bounce_domain
-        self.maildir = os.path.join(base, "mail", "bounces")   # the bounce mailbox (a Maildir)
+        # the bounce mailbox (a Maildir; virtual(8) creates it and its cur/ new/ tmp/ when missing)
+        self.maildir = maildir or os.path.join(base, "mail", "bounces")
         self.log_path = os.path.join(base, "maillog")
         self.master_pid = None
         self.start_seconds = None
@@ -722,7 +725,7 @@ class PostfixServer:
 
 
 def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mailboxes=("b",),
-                  name=None, extra=None, keep=False, attempts=3):
+                  name=None, extra=None, maildir=None, owner=None, keep=False, attempts=3):
     """Start a private Postfix instance (in a new temporary folder, linked as workdir/NAME when name is
     given); return a PostfixServer once it listens.
 
@@ -730,11 +733,14 @@ def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mai
     mail for bounce_domain to one of mailboxes (local parts; LOCAL+anything too) is delivered into one
     Maildir (server.maildir), everything else is relayed to [127.0.0.1]:relay_port (a test aiosmtpd),
     whose 5xx replies Postfix turns into real DSNs to the envelope sender, and whose 4xx replies too
-    (maximal_queue_lifetime = 0: one try).  extra: more main.cf parameters.
+    (maximal_queue_lifetime = 0: one try).  extra: more main.cf parameters.  maildir: deliver there
+    instead (an absolute path, e.g. a dovecot user's Maildir, whose parent owner=(uid, gid) can write;
+    the files are owner's, default nobody's).
 
     Its own config_directory, queue_directory, data_directory, log file and Maildir are in that
-    folder (removed by stop() unless keep): `postfix -c DIR start` never reads or writes /etc/postfix/main.cf nor the system's queue,
-    and a system Postfix running beside it is not affected (its own master.lock, queue and port).
+    folder (removed by stop() unless keep): `postfix -c DIR start` never reads or writes
+    /etc/postfix/main.cf nor the system's queue, and a system Postfix running beside it is not
+    affected (its own master.lock, queue and port).
     Postfix needs root (its master and delivery agents switch users): the caller skips otherwise.
     The caller must stop() it (MailshotTestCase does)."""
     import pwd
@@ -754,19 +760,20 @@ def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mai
         os.symlink(base, os.path.join(workdir, name))
     os.makedirs(os.path.join(base, "conf"))
     os.makedirs(os.path.join(base, "queue"))     # postfix check creates the queues inside it
-    mail = os.path.join(base, "mail")
-    os.makedirs(mail)
-    # The daemons run as mail_owner (postfix) and virtual(8) as mailbox_uid: they must get through
-    # base (mkdtemp makes it 0700) to their directories; 0711 lets them in without listing it.
+    # The daemons run as mail_owner (postfix) and virtual(8) as the mailbox owner: they must get
+    # through base (mkdtemp makes it 0700) to their directories; 0711 lets them in without listing it.
     os.chmod(base, 0o711)
-    uid, gid = pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid
-    os.chown(mail, uid, gid)
-    srv = PostfixServer(base, None, relay_port, bounce_domain, keep=keep)
+    uid, gid = owner or (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    if maildir is None:
+        mail = os.path.join(base, "mail")
+        os.makedirs(mail)
+        os.chown(mail, uid, gid)
+    srv = PostfixServer(base, None, relay_port, bounce_domain, keep=keep, maildir=maildir)
     last = ""
     for _ in range(attempts):
         port = free_port()
         with open(os.path.join(base, "conf", "main.cf"), "w") as f:
-            f.write(postfix_main_cf(base, relay_port, bounce_domain, mailboxes, uid, gid, extra))
+            f.write(postfix_main_cf(base, relay_port, bounce_domain, mailboxes, uid, gid, extra, maildir))
         with open(os.path.join(base, "conf", "master.cf"), "w") as f:
             f.write(f"127.0.0.1:{port} inet n - n - - smtpd\n" + _POSTFIX_MASTER_CF)
         # Postfix reads a main.cf modified in the last second again and again, 300 ms apart, until it

@@ -142,3 +142,131 @@ class PostfixHarnessTests(MailshotTestCase):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         self.assertEqual(etc_postfix(), before, "the private instance changed /etc/postfix")
+
+
+def entries(path):
+    """The addresses of a suppression file, in order (comments and blank lines left out)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.split()[0] for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+SECRET = "postfix-e2e-secret-0123456789"
+VERP = """
+  name        = "spring",
+  bounces_to  = "bounced.txt",
+  return_path = {{ domain = "bounces.acme.example", secret = os.getenv "BOUNCE_SECRET" }},"""
+# the list of the end-to-end tests: live, dead (550 5.1.1 downstream) and a full mailbox (452 4.2.2)
+E2E_ROWS = ["live1@x.test", "dead1@x.test", "full@y.test", "live2@y.test", "dead2@y.test", "live3@x.test"]
+E2E_DEAD = {"dead1@x.test": "5.1.1 <dead1@x.test>: Recipient address rejected: User unknown",
+            "dead2@y.test": "5.1.1 No such mailbox here"}
+E2E_FULL = {"full@y.test": "4.2.2 Mailbox full, try again later"}
+
+
+class PostfixDoneWhenTests(MailshotTestCase):
+    """Issue 14's "Done when": a campaign with a VERP return path sent through Postfix to a list with
+    dead addresses; `mailshot bounces` over Postfix's own bounce mailbox suppresses exactly the dead
+    addresses, and the next run of the campaign skips them."""
+
+    env = {"BOUNCE_SECRET": SECRET}
+
+    def send_campaign(self, maildir=None, owner=None, rows=E2E_ROWS):
+        """The downstream aiosmtpd, the private Postfix relaying to it, the campaign sent through it
+        (all accepted by Postfix), and Postfix idle again: every DSN written.  -> (sink, mta, script)."""
+        rejects = [(a, 550, t) for a, t in E2E_DEAD.items()] + [(a, 452, t) for a, t in E2E_FULL.items()]
+        sink = self.start_smtpd(reject_rcpt=rejects)
+        mta = self.start_postfix(sink.port, maildir=maildir, owner=owner)
+        d = self.path("campaign")
+        os.makedirs(d)
+        write_csv(os.path.join(d, "recipients.csv"), ["email", "first_name"],
+                  [[a, a.split("@")[0].title()] for a in rows])
+        script = os.path.join(d, "campaign.lua")
+        with open(script, "w") as f:
+            f.write(CAMPAIGN.format(sender="news@acme.example", relay=mta.address, extra=VERP.format()))
+        r = self.run_mailshot("run", script, "--send", "--report", self.path("sent.csv"), env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr[-3000:])
+        self.assertEqual({x["email"]: x["status"] for x in read_report(self.path("sent.csv"))},
+                         {a: "sent" for a in rows})
+        mta.wait_until_idle(timeout=10)
+        got = sink.messages()
+        live = [a for a in rows if a not in E2E_DEAD and a not in E2E_FULL]
+        self.assertEqual(sorted(m["rcpt_tos"][0] for m in got), sorted(live))
+        # every message left with its own VERP envelope sender (Postfix keeps MAIL FROM)
+        senders = [m["mail_from"] for m in got]
+        self.assertEqual(len(set(senders)), len(senders))
+        self.assertTrue(all(s.startswith("b+") and s.endswith("@bounces.acme.example") for s in senders))
+        return sink, mta, os.path.join(d, "bounced.txt"), script
+
+    def check_dsns(self, mta):
+        """Postfix's DSNs: one per dead address and one for the full mailbox, each delivered to the
+        VERP address of its message, multipart/report with the real status."""
+        bounces = mta.bounces()
+        status = {}
+        for b in bounces:
+            self.assertEqual(b.get_param("report-type"), "delivery-status")
+            self.assertRegex(b["Delivered-To"], r"^b\+[a-z2-7]{28}@bounces\.acme\.example$")
+            _, per_rcpt = delivery_status(b)
+            self.assertEqual(len(per_rcpt), 1)
+            status[per_rcpt[0]["final-recipient"].split(";", 1)[1].strip()] = (
+                per_rcpt[0]["action"], per_rcpt[0]["status"])
+        self.assertEqual(status, {"dead1@x.test": ("failed", "5.1.1"), "dead2@y.test": ("failed", "5.1.1"),
+                                  "full@y.test": ("failed", "4.2.2")})
+        self.assertEqual(len(set(b["Delivered-To"] for b in bounces)), 3)
+
+    def check_bounces_report(self, report, where_prefix):
+        rows = {r["address"]: r for r in read_report(report)}
+        self.assertEqual(set(rows), set(E2E_DEAD) | set(E2E_FULL), rows)
+        for a in E2E_DEAD:
+            self.assertEqual((rows[a]["class"], rows[a]["status"], rows[a]["action"]), ("hard", "5.1.1", "suppress"))
+            self.assertEqual(rows[a]["campaign"], "spring")
+            self.assertEqual(rows[a]["line"], str(E2E_ROWS.index(a) + 2))    # the header is line 1
+            self.assertIn(E2E_DEAD[a].split(" ", 1)[1], rows[a]["diagnostic"])
+        full = rows["full@y.test"]
+        self.assertEqual((full["class"], full["status"], full["action"]), ("soft", "4.2.2", "count 1 of 3"))
+        self.assertTrue(all(r["where"].startswith(where_prefix) for r in rows.values()), rows)
+
+    def check_next_run_skips_the_dead(self, script):
+        r = self.run_mailshot("run", script, "--outbox", self.path("outbox"), "--report", self.path("next.csv"),
+                              env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr[-3000:])
+        run = {x["email"]: x for x in read_report(self.path("next.csv"))}
+        self.assertEqual(sorted(a for a, x in run.items() if x["status"] == "skipped"), sorted(E2E_DEAD))
+        for a in E2E_DEAD:
+            self.assertIn("suppressed: bounced.txt", run[a]["response"])
+        self.assertEqual(sorted(a for a, x in run.items() if x["status"] == "written"),
+                         sorted(a for a in E2E_ROWS if a not in E2E_DEAD))
+
+    def test_done_when_maildir(self):
+        sink, mta, bounced, script = self.send_campaign()
+        self.check_dsns(mta)
+        self.assertFalse(os.path.exists(bounced))     # nothing failed while sending: Postfix took it all
+
+        r = self.run_mailshot("bounces", mta.maildir, "--campaign", script, "--report", self.path("b1.csv"),
+                              env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(sorted(entries(bounced)), sorted(E2E_DEAD))
+        self.check_bounces_report(self.path("b1.csv"), mta.maildir)
+        with open(bounced + ".state") as f:
+            soft = [line.split("\t")[1] for line in f if line.startswith("soft\t")]
+        self.assertEqual(soft, ["full@y.test"])
+        # every DSN processed is marked seen (cur/, :2,S); none deleted
+        self.assertEqual(len(mta.bounce_files()), 3)
+        self.assertTrue(all("/cur/" in p and p.endswith(":2,S") for p in mta.bounce_files()), mta.bounce_files())
+
+        self.check_next_run_skips_the_dead(script)
+
+        # a second pass over the same mailbox changes nothing
+        before = (read_bytes(bounced), read_bytes(bounced + ".state"), sorted(mta.bounce_files()))
+        r = self.run_mailshot("bounces", mta.maildir, "--campaign", script, "--report", self.path("b2.csv"),
+                              env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual((read_bytes(bounced), read_bytes(bounced + ".state"), sorted(mta.bounce_files())), before)
+        self.assertEqual(sorted((x["address"], x["action"]) for x in read_report(self.path("b2.csv"))),
+                         [("dead1@x.test", "already suppressed"), ("dead2@y.test", "already suppressed"),
+                          ("full@y.test", "already counted (1 of 3)")])
