@@ -2,6 +2,9 @@
 test, harness.start_postfix) to an aiosmtpd that rejects the dead addresses; Postfix returns each
 rejection to the envelope sender as an RFC 3464 delivery status notification, delivered into its
 bounce Maildir, which is what `mailshot bounces` reads in production."""
+import email.message
+import email.policy
+import email.utils
 import os
 import smtplib
 import socket
@@ -270,3 +273,61 @@ class PostfixDoneWhenTests(MailshotTestCase):
         self.assertEqual(sorted((x["address"], x["action"]) for x in read_report(self.path("b2.csv"))),
                          [("dead1@x.test", "already suppressed"), ("dead2@y.test", "already suppressed"),
                           ("full@y.test", "already counted (1 of 3)")])
+
+    def test_done_when_a_complaint_suppresses_at_once_and_a_vacation_reply_nothing(self):
+        """An RFC 5965 abuse report from a feedback loop and an RFC 3834 vacation reply, both arriving
+        at Postfix's bounce mailbox through its SMTP server like the DSNs."""
+        sink, mta, bounced, script = self.send_campaign()
+        by_rcpt = {m["rcpt_tos"][0]: m for m in sink.messages()}
+        away, complainer = by_rcpt["live2@y.test"], by_rcpt["live3@x.test"]
+        # the vacation reply goes to the envelope sender (RFC 3834 section 4), from the null sender
+        vacation = (f"From: Live2 <live2@y.test>\r\nTo: {away['mail_from']}\r\n"
+                    f"Subject: Out of office: {away['msg']['Subject']}\r\nAuto-Submitted: auto-replied\r\n"
+                    f"In-Reply-To: {away['msg']['Message-ID']}\r\nDate: {email.utils.formatdate()}\r\n"
+                    f"Message-ID: <vacation.1@y.test>\r\n\r\nI am out of the office until Monday.\r\n")
+        # the feedback loop's report goes to the plain bounce address; the token is in the reported
+        # message's Return-Path, which the complainer's provider added when it delivered it
+        arf = email.message.EmailMessage()
+        arf["From"] = "Feedback Loop <fbl@isp.example>"
+        arf["To"] = "b@bounces.acme.example"
+        arf["Subject"] = "FW: complaint about a message from news@acme.example"
+        arf["Date"] = email.utils.formatdate()
+        arf["Message-ID"] = "<arf.1@isp.example>"
+        arf.set_content("This is an email abuse report for a message received from 127.0.0.1.\n")
+        arf.make_mixed()
+        report = email.message.Message()
+        report.set_type("message/feedback-report")
+        report.set_payload("Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n"
+                           f"Original-Mail-From: <{complainer['mail_from']}>\r\n"
+                           f"Original-Rcpt-To: <live3@x.test>\r\nReported-Domain: acme.example\r\n")
+        arf.attach(report)
+        original = email.message_from_bytes(f"Return-Path: <{complainer['mail_from']}>\r\n".encode()
+                                            + complainer["raw"], policy=email.policy.SMTP)
+        arf.add_attachment(original)
+        arf.replace_header("Content-Type", arf.get_content_type().replace("mixed", "report"))
+        arf.set_param("report-type", "feedback-report")
+        with smtplib.SMTP(mta.host, mta.port, timeout=10) as s:
+            s.sendmail("", [away["mail_from"]], vacation.encode())
+            s.sendmail("fbl@isp.example", ["b@bounces.acme.example"], arf.as_bytes(policy=email.policy.SMTP))
+        mta.wait_until_idle(timeout=10)
+        self.assertEqual(len(mta.bounce_files()), 5)
+
+        r = self.run_mailshot("bounces", mta.maildir, "--campaign", script, "--report", self.path("b.csv"),
+                              env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(sorted(entries(bounced)), sorted([*E2E_DEAD, "live3@x.test"]))
+        rows = {x["address"]: x for x in read_report(self.path("b.csv"))}
+        self.assertEqual((rows["live3@x.test"]["kind"], rows["live3@x.test"]["class"],
+                          rows["live3@x.test"]["action"]), ("arf", "complaint", "suppress"))
+        self.assertEqual(rows["live3@x.test"]["line"], str(E2E_ROWS.index("live3@x.test") + 2))
+        self.assertEqual((rows["live2@y.test"]["class"], rows["live2@y.test"]["action"]),
+                         ("autoreply", "ignored (autoreply)"))
+        self.assertEqual(rows["full@y.test"]["action"], "count 1 of 3")
+
+        r = self.run_mailshot("run", script, "--outbox", self.path("outbox"), "--report", self.path("next.csv"),
+                              env=self.env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr[-3000:])
+        run = {x["email"]: x["status"] for x in read_report(self.path("next.csv"))}
+        self.assertEqual(sorted(a for a, st in run.items() if st == "skipped"),
+                         sorted([*E2E_DEAD, "live3@x.test"]))
+        self.assertEqual(run["live2@y.test"], "written")
