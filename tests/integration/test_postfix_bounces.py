@@ -10,7 +10,7 @@ import smtplib
 import socket
 
 from tests.integration.harness import (MailshotTestCase, live_processes_in_group, read_report,
-                                       write_csv)
+                                       skip_under_valgrind, start_dovecot, write_csv)
 
 # the downstream receiver's answers (aiosmtpd --reject-rcpt PATTERN:CODE:TEXT)
 DEAD = {"dead1@x.test": "5.1.1 <dead1@x.test>: Recipient address rejected: User unknown",
@@ -49,6 +49,16 @@ def returned_message(msg):
     return None
 
 
+def etc_postfix():
+    """The system Postfix's configuration: {path: (mtime, size, mode)}."""
+    out = {}
+    for root, _dirs, files in os.walk("/etc/postfix"):
+        for f in files:
+            st = os.lstat(os.path.join(root, f))
+            out[os.path.join(root, f)] = (st.st_mtime_ns, st.st_size, st.st_mode)
+    return out
+
+
 class PostfixBounceTests(MailshotTestCase):
     def campaign(self, relay, rows, sender, extra=""):
         d = self.path("campaign")
@@ -59,7 +69,9 @@ class PostfixBounceTests(MailshotTestCase):
             f.write(CAMPAIGN.format(sender=sender, relay=relay, extra=extra))
         return script
 
+    @skip_under_valgrind("mailshot run --send through Postfix runs under valgrind in test_done_when_maildir")
     def test_postfix_writes_one_real_dsn_per_dead_address_and_relays_the_live_ones(self):
+        before = etc_postfix()
         sink = self.start_smtpd(reject_rcpt=[(a, 550, text) for a, text in DEAD.items()])
         # without VERP the bounces go to the From address: Postfix's mailbox for acme.example
         mta = self.start_postfix(sink.port, bounce_domain="acme.example", mailboxes=("news",))
@@ -104,40 +116,7 @@ class PostfixBounceTests(MailshotTestCase):
             seen[addr] = b
         self.assertEqual(set(seen), set(DEAD))
 
-
-class PostfixHarnessTests(MailshotTestCase):
-    """The private Postfix instance itself (harness.start_postfix): this tests the test tooling."""
-
-    def test_private_postfix_delivers_plus_addresses_to_one_maildir_and_leaves_nothing_behind(self):
-        def etc_postfix():
-            out = {}
-            for root, _dirs, files in os.walk("/etc/postfix"):
-                for f in files:
-                    st = os.lstat(os.path.join(root, f))
-                    out[os.path.join(root, f)] = (st.st_mtime_ns, st.st_size, st.st_mode)
-            return out
-        before = etc_postfix()
-        sink = self.start_smtpd()
-        mta = self.start_postfix(sink.port)
-        self.assertTrue(mta.running())
-        with smtplib.SMTP(mta.host, mta.port, timeout=10) as s:
-            s.ehlo("client.test")
-            # the bounce domain: b and b+anything land in the one Maildir, another name is refused
-            s.sendmail("x@x.test", ["b+TOKEN@bounces.acme.example"], b"Subject: one\r\n\r\none\r\n")
-            s.sendmail("x@x.test", ["b@bounces.acme.example"], b"Subject: two\r\n\r\ntwo\r\n")
-            with self.assertRaises(smtplib.SMTPRecipientsRefused) as cm:
-                s.sendmail("x@x.test", ["c@bounces.acme.example"], b"Subject: no\r\n\r\nno\r\n")
-            self.assertEqual(cm.exception.recipients["c@bounces.acme.example"][0], 550)
-            # anything else is relayed to the aiosmtpd
-            s.sendmail("x@x.test", ["someone@x.test"], b"Subject: three\r\n\r\nthree\r\n")
-        mta.wait_until_idle()
-        got = mta.bounces()
-        self.assertEqual(sorted(str(m["Subject"]) for m in got), ["one", "two"])
-        self.assertEqual(sorted(m["Delivered-To"] for m in got),
-                         ["b+TOKEN@bounces.acme.example", "b@bounces.acme.example"])
-        self.assertEqual([m["rcpt_tos"] for m in sink.messages()], [["someone@x.test"]])
-        self.assertIn("relay=127.0.0.1[127.0.0.1]", mta.log_text())
-
+        # the instance stops whole, leaves nothing behind and never touched the system's Postfix
         pgid, base, port = mta.master_pid, mta.base, mta.port
         mta.stop()
         self.assertEqual(live_processes_in_group(pgid), [], "a Postfix process outlived stop()")
@@ -274,6 +253,7 @@ class PostfixDoneWhenTests(MailshotTestCase):
                          [("dead1@x.test", "already suppressed"), ("dead2@y.test", "already suppressed"),
                           ("full@y.test", "already counted (1 of 3)")])
 
+    @skip_under_valgrind("the same mailshot paths as test_done_when_maildir, which runs under valgrind")
     def test_done_when_a_complaint_suppresses_at_once_and_a_vacation_reply_nothing(self):
         """An RFC 5965 abuse report from a feedback loop and an RFC 3834 vacation reply, both arriving
         at Postfix's bounce mailbox through its SMTP server like the DSNs."""
@@ -331,3 +311,42 @@ class PostfixDoneWhenTests(MailshotTestCase):
         self.assertEqual(sorted(a for a, st in run.items() if st == "skipped"),
                          sorted([*E2E_DEAD, "live3@x.test"]))
         self.assertEqual(run["live2@y.test"], "written")
+
+    @skip_under_valgrind("the libcurl binding runs under valgrind in test_mailbox_imap; the Maildir case here")
+    def test_done_when_imaps(self):
+        """The same over IMAPS: Postfix delivers its DSNs into the Maildir a private dovecot serves, and
+        `mailshot bounces imaps://...` reads them there (TLS verified, the password from the environment)."""
+        import secrets
+        import shutil
+        import tempfile
+        # a short folder: dovecot's Unix sockets live in it, and a socket path is at most 107 octets
+        server_dir = tempfile.mkdtemp(prefix="ms-dc-")
+        self.addCleanup(shutil.rmtree, server_dir, True)
+        imap = start_dovecot(server_dir)
+        self.addCleanup(imap.stop)
+        user, password = "bounces", f"pw-{secrets.token_hex(8)}"
+        self.add_secret(password)
+        box = imap.add_user(user, password)
+        sink, mta, bounced, script = self.send_campaign(maildir=box, owner=(imap.mail_uid, imap.mail_gid))
+        self.check_dsns(mta)
+
+        args = (imap.url("imaps", "INBOX"), "--campaign", script, "--user", user, "--ca-file", imap.ca_cert)
+        env = {**self.env, "MAILSHOT_IMAP_PASSWORD": password}
+        r = self.run_mailshot("bounces", *args, "--report", self.path("b1.csv"), env=env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(sorted(entries(bounced)), sorted(E2E_DEAD))
+        self.check_bounces_report(self.path("b1.csv"), f"imaps://127.0.0.1:{imap.ports['imaps']}/")
+        with imap.imap(user, password) as c:
+            c.select("INBOX", readonly=True)
+            _, unseen = c.search(None, "UNSEEN")
+            _, everything = c.search(None, "ALL")
+        self.assertEqual((len(everything[0].split()), unseen[0].split()), (3, []))   # seen, none deleted
+
+        self.check_next_run_skips_the_dead(script)
+
+        # a second pass: IMAP reads what is not seen yet, so nothing; nothing changes
+        before = (read_bytes(bounced), read_bytes(bounced + ".state"))
+        r = self.run_mailshot("bounces", *args, "--report", self.path("b2.csv"), env=env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual((read_bytes(bounced), read_bytes(bounced + ".state")), before)
+        self.assertEqual(read_report(self.path("b2.csv")), [])
