@@ -612,6 +612,19 @@ def live_processes_in_group(pgid):
     return out
 
 
+_postfix_running = set()
+
+
+def _stop_every_postfix():
+    """At exit (a test run interrupted between a start and its cleanup): a Postfix master is a daemon,
+    not a child of the test process, so nothing else would stop it."""
+    for srv in list(_postfix_running):
+        srv.stop()
+
+
+atexit.register(_stop_every_postfix)
+
+
 class PostfixServer:
     """A running private Postfix instance (see start_postfix)."""
 
@@ -716,6 +729,7 @@ class PostfixServer:
             time.sleep(0.02)
         self.stop_seconds = time.monotonic() - t0
         self.master_pid = None
+        _postfix_running.discard(self)
         self.remove()
 
     def remove(self):
@@ -790,6 +804,7 @@ def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mai
             with open(os.path.join(base, "queue", "pid", "master.pid")) as f:
                 srv.master_pid = int(f.read().split()[0])
             srv.start_seconds = time.monotonic() - t0
+            _postfix_running.add(srv)
             return srv
         last = f"exit {r.returncode}\n{r.stdout}{r.stderr}\n--- maillog ---\n{srv.log_text()[-3000:]}"
         if "bind" not in last and "Address already in use" not in last:
