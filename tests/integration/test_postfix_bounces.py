@@ -92,7 +92,7 @@ class PostfixBounceTests(MailshotTestCase):
         self.assertEqual({x["email"]: x["status"] for x in report}, {a: "sent" for a in emails})
 
         bounces = mta.wait_for_bounces(len(DEAD) + 1, timeout=15)
-        got = sink.messages()
+        got = sink.wait_for_messages(len(LIVE))
         self.assertEqual(sorted(rcpt for m in got for rcpt in m["rcpt_tos"]), sorted(LIVE))
         self.assertTrue(all(m["mail_from"] == "news@acme.example" for m in got), got)
         self.assertTrue(all("mta.acme.example (Postfix)" in str(m["msg"]["Received"]) for m in got))
