@@ -763,13 +763,11 @@ def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mai
                                 "switch users); CI runs the tests as root")
     if not os.access(POSTFIX, os.X_OK):
         raise AssertionError(f"{POSTFIX} not found: apt-get install postfix (make deps does)")
-    # The base is a short folder of its own, not inside workdir: the `postfix` command reaches postlogd
-    # through the absolute path QUEUE/public/postlog, and a Unix socket name is limited to 107 bytes
-    # ("unix_dgram_connect: unix-domain name too long" otherwise).  workdir/NAME links to it.
-    tmp = tempfile.gettempdir()
-    if len(tmp) > 40:
-        tmp = "/tmp"
-    base = tempfile.mkdtemp(prefix="mailshot-pf-", dir=tmp)
+    # The base is a short folder of its own in /tmp, not inside workdir: the `postfix` command reaches
+    # postlogd through the absolute path QUEUE/public/postlog, and a Unix socket name is limited to 107
+    # bytes ("unix_dgram_connect: unix-domain name too long" otherwise); and the postfix and nobody
+    # users must get to it (/tmp is 1777, a TMPDIR may be 0700).  workdir/NAME links to it.
+    base = tempfile.mkdtemp(prefix="mailshot-pf-", dir="/tmp")
     if name:
         os.symlink(base, os.path.join(workdir, name))
     os.makedirs(os.path.join(base, "conf"))
