@@ -537,8 +537,9 @@ def postfix_main_cf(base, relay_port, bounce_domain="bounces.acme.example", mail
     """The main.cf text of a private Postfix instance living in base (see start_postfix).
     maildir: the bounce mailbox (default base/mail/bounces).
 
-    Everything Postfix writes is under base; nothing is looked up in DNS and the only next hop is
-    [127.0.0.1]:relay_port.  The parameters are documented in postconf(5) (Postfix 3.7)."""
+    Everything Postfix writes is under base (but the Maildir given as maildir); nothing is looked up in
+    DNS and the only next hop is [127.0.0.1]:relay_port.  The parameters are documented in postconf(5)
+    (Postfix 3.7)."""
     maildir = (maildir or os.path.join(base, "mail", "bounces")).rstrip("/")
     cf = {
         # the 3.6 defaults, so no "backwards-compatible default setting" warnings in the log
