@@ -11,7 +11,8 @@
 #   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
-#                   order (scripts/bench-report.lua)
+#                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
+#                   (scripts/bench-bounces.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -102,6 +103,7 @@ bench: deps
 	/usr/bin/python3 scripts/bench.py
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
+	/usr/bin/python3 scripts/bench-bounces.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot
@@ -169,7 +171,7 @@ valgrind-all: mailshot $(VG_UNIT) | build
 .PHONY: fuzz fuzz-smoke
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template
+FUZZ_TARGETS := csv dns mime mimeenc smtp_proto template bounce
 FUZZ_CFLAGS  := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE \
                 -Isrc $(shell pkg-config --cflags lua5.4 2>/dev/null)
 FUZZ_LUA     := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4) -lm
@@ -185,8 +187,8 @@ build/fuzz/fuzz_smtp_proto: src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_mimeenc: src/mimeenc.c src/bytebuf.c
 build/fuzz/fuzz_dns: src/dns.c src/loop.c
 build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null || echo -lcares)
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
-build/fuzz/fuzz_template build/fuzz/fuzz_mime: FUZZ_LIBS = $(FUZZ_LUA)
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
+build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: FUZZ_LIBS = $(FUZZ_LUA)
 
 fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
 	@for t in $(FUZZ_TARGETS); do \

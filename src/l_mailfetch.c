@@ -15,7 +15,7 @@
  * parsing their answers, read-only fetches, moves) is in lua/mailshot/mailbox_curl.lua.
  *
  * Errors: nil, "curl's reason (server: its last line)", kind, size, partial.  kind is one of "login",
- * "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
+ * "mailbox" (no such mailbox), "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
  * message's size when curl knew it, and partial its first max_bytes bytes ("too-big": the transfer
  * was cut off there, which also closes the connection).  The password never appears: it is given to curl as its own option
  * (never in the URL), only the server's lines are kept for messages (never ours, which carry the
@@ -44,6 +44,7 @@ typedef struct {
   char *password;            /* a copy, to scrub it from anything curl says */
   char errbuf[CURL_ERROR_SIZE];
   char last_in[256];         /* the server's last line (CURLINFO_HEADER_IN), for error messages */
+  int said_goodbye;          /* we sent LOGOUT/QUIT (curl closing after an error): keep last_in */
   long connects;
   /* the transfer in progress */
   bytebuf body;
@@ -63,11 +64,20 @@ static size_t on_write(char *p, size_t size, size_t n, void *ud) {
 }
 
 /* Keeps the server's last line only: curl's own messages say little ("Quote command returned
- * error"), the server's NO says why.  Lines we send (HEADER_OUT) are never looked at. */
+ * error", "Select failed"), the server's NO says why.  Of the lines we send (HEADER_OUT, which hold the
+ * AUTHENTICATE data) nothing is kept: they are only checked for the LOGOUT or QUIT that curl sends
+ * when it closes the connection after an error, whose answer must not hide the server's reason. */
+static int is_goodbye(const char *data, size_t n) {
+  if (n >= 4 && strncmp(data, "QUIT", 4) == 0) return 1;
+  const char *sp = memchr(data, ' ', n);
+  return sp && (size_t)(data + n - sp) >= 7 && strncmp(sp, " LOGOUT", 7) == 0;
+}
+
 static int on_debug(CURL *c, curl_infotype type, char *data, size_t n, void *ud) {
   (void)c;
   fetcher *f = ud;
-  if (type != CURLINFO_HEADER_IN) return 0;
+  if (type == CURLINFO_HEADER_OUT && is_goodbye(data, n)) f->said_goodbye = 1;
+  if (type != CURLINFO_HEADER_IN || f->said_goodbye) return 0;
   while (n > 0 && (data[n - 1] == '\n' || data[n - 1] == '\r')) n--;
   if (n == 0) return 0;
   if (n >= sizeof f->last_in) n = sizeof f->last_in - 1;
@@ -150,7 +160,10 @@ static int l_new(lua_State *L) {
   static const char *const modes[] = { "implicit", "required", "optional", NULL };
   static const long use_ssl[] = { CURLUSESSL_NONE, CURLUSESSL_ALL, CURLUSESSL_TRY };
   lua_getfield(L, 1, "tls");
-  int mode = luaL_checkoption(L, -1, "implicit", modes);
+  const char *tls = luaL_optstring(L, -1, "implicit");
+  int mode = 0;
+  while (modes[mode] && strcmp(modes[mode], tls) != 0) mode++;
+  if (!modes[mode]) return luaL_error(L, "mailfetch.new: option 'tls' must be implicit, required or optional");
   lua_pop(L, 1);
 
   fetcher *f = lua_newuserdatauv(L, sizeof *f, 0);
@@ -167,10 +180,11 @@ static int l_new(lua_State *L) {
   return 1;
 }
 
-static const char *kind_of(CURLcode rc, int too_big) {
+static const char *kind_of(CURLcode rc, int too_big, const char *errbuf) {
   if (too_big) return "too-big";
   switch (rc) {
-  case CURLE_LOGIN_DENIED: return "login";
+  case CURLE_LOGIN_DENIED:   /* curl says so for a SELECT refused too */
+    return strncmp(errbuf, "Select failed", 13) == 0 ? "mailbox" : "login";
   case CURLE_PEER_FAILED_VERIFICATION: case CURLE_SSL_CONNECT_ERROR: case CURLE_SSL_CERTPROBLEM:
   case CURLE_SSL_CACERT_BADFILE: case CURLE_SSL_CIPHER: case CURLE_SSL_ISSUER_ERROR:
     return "tls";
@@ -219,14 +233,16 @@ static int push_request(lua_State *L, int idx) {
 static int l_perform(lua_State *L) {
   fetcher *f = check_fetcher(L);
   const char *url = l_checkcstring(L, 2);
-  push_request(L, 3);
-  const char *request = lua_tostring(L, -1);
   lua_Integer max = luaL_optinteger(L, 4, DEFAULT_MAX);
   luaL_argcheck(L, max > 0, 4, "max_bytes must be positive");
+  lua_settop(L, 4);
+  push_request(L, 3);   /* at 5 */
+  const char *request = lua_tostring(L, 5);
   bytebuf_free(&f->body);
   f->max_bytes = (size_t)max;
   f->too_big = 0;
   f->errbuf[0] = f->last_in[0] = '\0';
+  f->said_goodbye = 0;
   if (curl_easy_setopt(f->curl, CURLOPT_URL, url) != CURLE_OK ||
       curl_easy_setopt(f->curl, CURLOPT_CUSTOMREQUEST, request) != CURLE_OK)
     return luaL_error(L, "out of memory");
@@ -249,7 +265,7 @@ static int l_perform(lua_State *L) {
     push_scrubbed(L, f, lua_tostring(L, -1));
     lua_remove(L, -2);
   }
-  lua_pushstring(L, kind_of(rc, f->too_big));
+  lua_pushstring(L, kind_of(rc, f->too_big, f->errbuf));
   curl_off_t size = -1;
   if (curl_easy_getinfo(f->curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &size) == CURLE_OK && size >= 0)
     lua_pushinteger(L, (lua_Integer)size);

@@ -495,8 +495,10 @@ local function read_delivery_status(b, node)
   end
   for k = start, #groups do
     local g = groups[k]
-    if g["final-recipient"] or g["original-recipient"] or g.status or g.action then
-      b.recipients[#b.recipients + 1] = recipient_from(g)
+    -- a group that names no address (a torn or garbled report) tells nothing we could act on
+    if (g["final-recipient"] or g["original-recipient"]) and #b.recipients < MAX_RECIPIENTS then
+      local r = recipient_from(g)
+      if r.address then b.recipients[#b.recipients + 1] = r end
     end
   end
 end

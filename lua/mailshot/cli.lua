@@ -209,7 +209,7 @@ blocks and auto-replies never; what cannot be read is quarantined.  Nothing is e
   --ca-file F         trust this CA certificate for IMAPS/POP3S in addition to the system's
 
 Exit status: 0 every source read, 1 a source (or a marking, a write) failed: the others were
-still processed, 2 a usage error or a campaign script that does not load.
+still processed, 2 a usage error, a campaign script or its recipients file that does not load.
 ]=],
   exec = [=[
 Usage: mailshot exec FILE [ARGS...]

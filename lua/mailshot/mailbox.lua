@@ -23,13 +23,14 @@
 --   mbox, .eml, stdin
 --            read-only: "seen" and "move" do nothing (the report lists what was processed);
 --            "quarantine" writes a copy into the Maildir opts.quarantine (the whole message, even
---            one over max_bytes), named after its id so a second pass does not copy it twice.
+--            one over max_bytes: streamed from the file), named after the message so a second pass
+--            does not copy it twice.
 -- Nothing is ever deleted.
 
 local util = require("mailshot.util")
 
-local byte, find, format, gsub, lower, match, sub = string.byte, string.find, string.format, string.gsub,
-  string.lower, string.match, string.sub
+local find, format, gsub, lower, match, sub = string.find, string.format, string.gsub, string.lower,
+  string.match, string.sub
 
 local M = {}
 
@@ -68,20 +69,6 @@ local function ensure_maildir(path, plus_folder)
   return true
 end
 
--- Unique names for files written into a Maildir (the spec's time.unique.host)
-local host = (function()
-  local f = io.open("/proc/sys/kernel/hostname", "rb")
-  local h = f and f:read("l")
-  if f then f:close() end
-  h = gsub(h or "localhost", "[/:]", "_")
-  return h
-end)()
-local seq = 0
-local function unique_name()
-  seq = seq + 1
-  return format("%d.M%dP%dQ%d.%s", os.time(), math.random(0, 0x7fffffff), seq, seq, host)
-end
-
 -- The folder NAME of a Maildir source (see the header comment) -> path, plus_folder
 local function folder_path(source, name)
   if find(name, "/", 1, true) then return name, false end
@@ -118,6 +105,38 @@ local function copy_into_maildir(src_path, dir, name)
     local chunk = src:read(CHUNK)
     if not chunk then break end
     local ok, werr = out:write(chunk)
+    if not ok then src:close(); out:close(); os.remove(tmp); return nil, werr end
+  end
+  src:close()
+  local ok, cerr = out:close()
+  if not ok then os.remove(tmp); return nil, cerr end
+  local rok, rerr = os.rename(tmp, final)
+  if not rok then os.remove(tmp); return nil, rerr end
+  return name
+end
+
+-- Copies an mbox message (bytes range.from .. range.to - 1 of range.path) into a Maildir's new/,
+-- streaming, ">From " lines unquoted as Mbox:each does -> name | nil, err
+local line_reader
+local function copy_range_into_maildir(range, dir, name)
+  local final = dir .. "/new/" .. name
+  if util.stat(final) then return name end
+  local src, err = io.open(range.path, "rb")
+  if not src then return nil, err end
+  src:seek("set", range.from)
+  local tmp = dir .. "/tmp/" .. name
+  local out
+  out, err = io.open(tmp, "wb")
+  if not out then src:close(); return nil, err end
+  local left, next_line, at_start = range.to - range.from, line_reader(src), true
+  while left > 0 do
+    local l, cont = next_line()
+    if not l then break end
+    if #l > left then l = sub(l, 1, left) end
+    left = left - #l
+    if at_start and not cont and find(l, "^>+From ") then l = sub(l, 2) end
+    at_start = sub(l, -1) == "\n"
+    local ok, werr = out:write(l)
     if not ok then src:close(); out:close(); os.remove(tmp); return nil, werr end
   end
   src:close()
@@ -226,7 +245,7 @@ Maildir.messages = Maildir.each
 
 -- Reads a file in chunks and hands out lines (with their "\n"); a line longer than CHUNK comes
 -- in pieces, the later ones with cont = true (so a 50 MB line never sits in memory whole).
-local function line_reader(f)
+function line_reader(f)
   local buf, pos = "", 1
   return function()
     while true do
@@ -267,12 +286,14 @@ function Mbox:each()
   if not f then error(err, 0) end
   self.f = f
   local next_line = line_reader(f)
-  local lineno, pending, pending_no = 0, nil, nil
+  local lineno, pending, pending_no, pending_end = 0, nil, nil, nil
   local prev_blank, cont_prev = true, false
+  local off = 0                                   -- bytes of the file read so far
   local function read_line()
     local l, cont = next_line()
     if l and not cont_prev then lineno = lineno + 1 end
     cont_prev = l ~= nil and sub(l, -1) ~= "\n"
+    if l then off = off + #l end
     return l, cont
   end
   -- find the first "From " line
@@ -280,13 +301,14 @@ function Mbox:each()
   while true do
     local l, cont = read_line()
     if not l then break end
-    if not cont and sub(l, 1, 5) == "From " then pending, pending_no = l, lineno; break end
+    if not cont and sub(l, 1, 5) == "From " then pending, pending_no, pending_end = l, lineno, off; break end
   end
   local max = self.max
   return function()
     if not pending then return nil end
-    local start = pending_no
+    local start, body_off = pending_no, pending_end
     pending = nil
+    local body_end                                           -- where the separator starts
     local parts, held, size = {}, 0, 0
     local blank_held = nil                                   -- a blank line that may be a separator's
     local function add(s)
@@ -305,12 +327,12 @@ function Mbox:each()
       local line_start = at_line_start and not cont
       at_line_start = sub(l, -1) == "\n"
       if line_start and sub(l, 1, 5) == "From " and prev_blank then
-        pending, pending_no = l, lineno
+        pending, pending_no, pending_end = l, lineno, off
         break
       end
       if blank_held then add(blank_held); blank_held = nil end
       if line_start and (l == "\n" or l == "\r\n") then
-        blank_held, prev_blank = l, true
+        blank_held, prev_blank, body_end = l, true, off - #l
       else
         if line_start and find(l, "^>+From ") then l = sub(l, 2) end
         prev_blank = false
@@ -318,10 +340,12 @@ function Mbox:each()
       end
     end
     if blank_held and pending == nil then add(blank_held) end   -- the file's end: keep it
+    if pending == nil then body_end = off end
     -- the message's last newline is the separator's too (mboxrd): it stays, harmless
     local raw = table.concat(parts)
     return { id = format("%s:%d", self.path, start), raw = raw, size = size, truncated = size > max,
-             where = format("%s:%d", self.path, start) }
+             where = format("%s:%d", self.path, start),
+             range = { path = self.path, from = body_off, to = body_end } }
   end
 end
 
@@ -381,8 +405,10 @@ function Owner:copy_out(msg, dir)
   local got
   if msg.file then
     got, err = copy_into_maildir(msg.file, dir, name)   -- the whole file, over max_bytes too
+  elseif msg.range then
+    got, err = copy_range_into_maildir(msg.range, dir, name)
   elseif msg.truncated then
-    return nil, "only the first " .. #msg.raw .. " bytes were read: the message stays in its mbox"
+    return nil, "only the first " .. #msg.raw .. " bytes were read"
   else
     got, err = write_into_maildir(msg.raw, dir, name)
   end

@@ -19,7 +19,10 @@
 -- * IMAP lists the messages not \Seen (all = true: every one), none flagged \Deleted, in UID order,
 --   with their sizes (one UID FETCH 1:* (UID FLAGS RFC822.SIZE): no long SEARCH line).  Reading never
 --   marks a message seen: messages are fetched with the mailbox opened read-only (EXAMINE), so a run
---   that stops half-way, or a --dry-run, leaves the mailbox as it was.  mark(msg, "seen") stores
+--   that stops half-way, or a --dry-run, leaves the mailbox as it was.  (curl's own fetch sends
+--   BODY[], not BODY.PEEK[], and a custom "UID FETCH n BODY.PEEK[]" loses the literal; so EXAMINE is
+--   sent as a custom command and curl, which believes its SELECT still holds, fetches by URL on the
+--   read-only mailbox.  test_mailbox_imap checks the \Seen flag after reading, should curl change.)  mark(msg, "seen") stores
 --   \Seen; "move" and "quarantine" move it to the folder (created when missing) with UID MOVE, or
 --   without MOVE with UID COPY, \Deleted and, with UIDPLUS, UID EXPUNGE of that one UID (never a
 --   plain EXPUNGE, which would remove other messages someone flagged \Deleted; without UIDPLUS the
@@ -104,6 +107,7 @@ end
 
 local HINTS = {
   login = "login refused (check the user and password)",
+  mailbox = "cannot open the mailbox",
   tls = "TLS failed (a server certificate is verified against the system's CAs and --ca-file)",
   starttls = "the server does not offer STARTTLS: refusing to log in without TLS "
     .. "(use imaps:// or pop3s://, or allow plaintext with --allow-plaintext)",

@@ -320,6 +320,18 @@ class BouncesTests(MailshotTestCase):
         self.assertIn("nb.lua has no bounces_to", p.stderr)
         p = self.bounces(self.path("x"), "--suppress", self.path("s.txt"), "--soft-limit", "0")
         self.assertEqual(p.returncode, 2)
+        p = self.bounces("imaps://127.0.0.1/INBOX", "--suppress", self.path("s.txt"), "--password", "pw")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("passwords are not taken from the command line", p.stderr)
+        p = self.bounces(self.path("x"), "--suppress", self.path("s.txt"), "--report", self.path("no", "r.csv"))
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(self.path("no", "r.csv"), p.stderr)
+        # a campaign whose recipients file is gone: nothing could be matched, so nothing is read (exit 2, named)
+        os.rename(os.path.join(d, "list.csv"), os.path.join(d, "list.old"))
+        p = self.bounces(self.path("x"), "--campaign", script)
+        self.assertEqual(p.returncode, 2, p.stdout + p.stderr)
+        self.assertIn(os.path.join(d, "list.csv"), p.stderr)
+        os.rename(os.path.join(d, "list.old"), os.path.join(d, "list.csv"))
         # a missing source fails (exit 1, named) and the next one is still read
         box = self.path("Maildir")
         maildir(box, [dsn("hard@example.org", n=1)])
@@ -327,6 +339,25 @@ class BouncesTests(MailshotTestCase):
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn(self.path("missing"), p.stderr)
         self.assertEqual(entries(os.path.join(d, "bounced.txt")), ["hard@example.org"])
+
+    @skip_under_valgrind("renames: Lua only")
+    def test_move_to_and_quarantine_folders(self):
+        """--move-to: processed messages go to the Maildir++ folder beside the source folder, flagged seen;
+        --quarantine names the quarantine folder; the rest stays."""
+        root = self.path("Maildir")
+        maildir(root, [])
+        box = os.path.join(root, ".Bounces")
+        maildir(box, [dsn("hard@example.org", n=1), garbled(), person()])
+        supp = self.path("bounced.txt")
+        p = self.bounces(box, "--suppress", supp, "--report", self.path("r.csv"), "--move-to", "Done",
+                         "--quarantine", "Bad")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        after = listing(root)
+        self.assertEqual(len([k for k in after if k.startswith(".Done/cur/") and k.endswith(":2,S")]), 1)
+        self.assertEqual(len([k for k in after if k.startswith(".Bad/new/")]), 1)
+        self.assertEqual([k for k in after if k.startswith(".Bounces/")], [k for k in after if "Bounces/new/" in k])
+        self.assertEqual(len(after), 3)
+        self.assertTrue(os.path.exists(os.path.join(root, ".Done", "maildirfolder")))
 
     @skip_under_valgrind("the on_bounce call is Lua only")
     def test_on_bounce_overrides_the_class(self):
@@ -483,3 +514,41 @@ class ImapBouncesTests(MailshotTestCase):
                          [("soft3@example.org", "count 1 of 3")])
         self.assertEqual(len(os.listdir(os.path.join(srv.maildir(user), "new"))) +
                          len(os.listdir(os.path.join(srv.maildir(user), "cur"))), 4)
+
+
+class CorpusTests(MailshotTestCase):
+    @skip_under_valgrind("45 messages through the Lua parser; the parser's own tests cover the corpus")
+    def test_the_bounce_corpus_as_a_maildir(self):
+        """tests/data/bounces/ (real formats of MTAs and providers, vacations, hostile input) as one Maildir,
+        every address taken as is (--suppress, no campaign): every message is in the report; auto-replies,
+        policy blocks, successful deliveries, not-spam reports and people's messages suppress nothing;
+        unreadable ones are quarantined; no message is lost."""
+        import glob
+        import shutil
+        corpus = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "data", "bounces", "*.eml")))
+        self.assertGreaterEqual(len(corpus), 40)
+        box = self.path("Maildir")
+        maildir(box, [])
+        for f in corpus:
+            shutil.copy(f, os.path.join(box, "new", os.path.basename(f)))
+        supp = self.path("bounced.txt")
+        p = self.run_mailshot("bounces", box, "--suppress", supp, "--report", self.path("r.csv"))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        rows = read_report(self.path("r.csv"))
+        by_file = {}
+        for r in rows:
+            by_file.setdefault(os.path.basename(r["where"]), []).append(r)
+        self.assertEqual(sorted(by_file), sorted(os.path.basename(f) for f in corpus))
+        suppressed = set(entries(supp))
+        for name, rs in by_file.items():
+            with self.subTest(message=name):
+                if name.startswith(("vacation-", "policy-", "human-", "read-receipt", "dsn-delivered", "arf-not-spam")):
+                    self.assertFalse(any(r["action"].startswith("suppress") for r in rs), rs)
+                if name.startswith("vacation-"):
+                    self.assertEqual([r["action"] for r in rs], ["ignored (autoreply)"])
+        for name in ("postfix-user-unknown.eml", "sendmail-user-unknown.eml", "gmail-dsn.eml", "rfc5965-b2-abuse.eml"):
+            self.assertTrue({r["address"] for r in by_file[name]} <= suppressed, by_file[name])
+        for name in ("hostile-binary-garbage.eml", "hostile-nested-50.eml"):
+            self.assertEqual(by_file[name][0]["action"], "quarantine")
+            self.assertTrue(os.path.exists(os.path.join(box, ".Quarantine", "new", name)))
+        self.assertEqual(len(listing(box)), len(corpus))

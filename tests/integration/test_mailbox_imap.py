@@ -7,8 +7,8 @@ import shutil
 import tempfile
 import unittest
 
-from tests.integration.harness import (MailshotTestCase, VALGRIND, make_ca_and_cert, skip_under_valgrind,
-                                       start_dovecot)
+from tests.integration.harness import (MailshotTestCase, process_group_alive, skip_under_valgrind, start_dovecot,
+                                       wait_for)
 
 DRIVER = r"""
 local mc = require "mailshot.mailbox_curl"
@@ -87,6 +87,8 @@ class MailboxTests(MailshotTestCase):
              "BOX_CA": srv.ca_cert if ca and srv.ca_cert else None}
         e.update({k: str(v) for k, v in env.items()})
         r = self.run_mailshot("exec", self.driver, url, action, folder, self.out, env=e)
+        # whatever happened, the password is nowhere in what mailshot said
+        self.assertNotIn(e["MAILSHOT_IMAP_PASSWORD"], r.stdout + r.stderr)
         lines = [ln.split("\t") for ln in r.stdout.splitlines()]
         return r, lines
 
@@ -219,6 +221,15 @@ class MailboxTests(MailshotTestCase):
         self.assertIn("AUTHENTICATIONFAILED", errs["imaps"])
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_missing_mailbox_says_so_with_the_servers_words(self):
+        r, lines = self.run_box(self.srv.url("imaps", "NoSuchBox"))
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        err = lines[0][1]
+        self.assertTrue(err.startswith(self.srv.url("imaps", "NoSuchBox") + ": cannot open the mailbox"), err)
+        self.assertIn("NO Mailbox doesn't exist: NoSuchBox", err)      # not the LOGOUT's "OK" that followed
+        self.assertNotIn("login refused", err)
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_unknown_ca_is_a_certificate_error_and_sends_no_password(self):
         self.srv.deliver(self.user, message("one"))
         other_ca = self.path("other")
@@ -302,13 +313,25 @@ class MailboxTests(MailshotTestCase):
             listener.bind(("127.0.0.1", 0))
             listener.listen(4)                       # accepts (the kernel does), never greets
             port = listener.getsockname()[1]
-            for scheme in ("imap", "imaps", "pop3s"):
+            for scheme in ("imap", "pop3s"):         # no greeting; no TLS handshake
                 url = f"{scheme}://127.0.0.1:{port}/" + ("INBOX" if scheme.startswith("imap") else "")
                 t = time.monotonic()
                 r, lines = self.run_box(url, BOX_TIMEOUT=1)
                 self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
                 self.assertIn(f"{url.rstrip('/')}: timed out", lines[0][1])
                 self.assertLess(time.monotonic() - t, 30)   # generous: the timeout is 1 s
+
+    @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
+    def test_dovecot_stops_with_all_its_processes(self):
+        srv = self.start_dovecot()
+        srv.add_user(self.user, self.password)
+        c = srv.imap(self.user, self.password)          # a logged-in session: a mail process running
+        c.select("INBOX")
+        self.assertTrue(process_group_alive(srv.pid))
+        srv.stop()
+        # (SIGKILLed children are reaped by init a moment later)
+        wait_for(lambda: not process_group_alive(srv.pid), timeout=5, what="dovecot's processes to be gone")
+        c.shutdown()
 
     @skip_under_valgrind("two cases (IMAP and POP3 listing and fetching) are enough there")
     def test_url_with_a_password_is_refused_and_not_echoed(self):

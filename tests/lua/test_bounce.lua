@@ -179,6 +179,15 @@ case("DSN: a base64 delivery-status (Exchange), the multi-recipient report, Exim
   eq(b.recipients[1].dsn_status, "5.0.0")
 end)
 
+case("DSN: a recipient group without Final-Recipient or Original-Recipient is dropped (found by fuzz_bounce)", function()
+  local raw = read("postfix-user-unknown.eml"):gsub("Final%-Recipient: rfc822; nobody@example.org\nOriginal%-Recipient: rfc822;nobody@example.org\n",
+                                                    "Final-Recipient: rfc822; nobody@example.org\n\nStatus: 5.1.1\nAction: failed\n")
+  local b = bounce.parse(raw)
+  eq(b.kind, "dsn")
+  eq(#b.recipients, 1)
+  eq(b.recipients[1].address, "nobody@example.org")
+end)
+
 case("RFC 6533 global DSN: UTF-8 addresses, \\x{} escapes decoded, message/global-headers original", function()
   local b = bounce.parse(read("rfc6533-global-dsn.eml"))
   eq(b.recipients[1].original, "jöran@bücher.example")
@@ -283,6 +292,12 @@ local KINDS = { dsn = true, arf = true, autoreply = true, guessed = true, unpars
 local function sane(b, what)
   assert(type(b) == "table" and KINDS[b.kind], what .. ": kind " .. tostring(b and b.kind))
   assert(type(b.recipients) == "table", what .. ": recipients")
+  -- parse() catches its own errors so a run over a mailbox goes on; here any such error is a bug
+  assert(not (b.error or ""):find("parse error", 1, true), what .. ": " .. tostring(b.error))
+  if b.kind == "dsn" or b.kind == "guessed" then
+    assert(#b.recipients > 0, what .. ": a " .. b.kind .. " without recipients")
+    for _, r in ipairs(b.recipients) do assert(type(r.address) == "string" or r.address == nil, what .. ": address") end
+  end
   local class = bounce.classify(b)
   assert(type(class) == "string", what .. ": class")
   return b

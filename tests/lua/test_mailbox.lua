@@ -131,6 +131,20 @@ case("mbox: a line longer than a read chunk, a message over max_bytes", function
   eq(ms2[1].raw, "Subject: long\n\n" .. long .. "\nFrom x\n")   -- "From x" follows no blank line
 end)
 
+case("mbox: a message over max_bytes is quarantined whole, unquoted, from the file", function()
+  local body = "Subject: big\n\n" .. string.rep("z", 150000) .. "\n>From quoted\nend\n"
+  local p = write(DIR .. "/big.mbox", "From a@x Thu Dec  3 10:00:00 2026\n" .. body:gsub("\nFrom", "\n>From")
+                  .. "\nFrom b@x Thu Dec  3 10:01:00 2026\nSubject: small\n\nx\n")
+  local box = assert(mailbox.open(p, { max_bytes = 1000, quarantine = DIR .. "/bigq" }))
+  local ms = all(box)
+  eq(#ms, 2); eq(ms[1].truncated, true)
+  local ok, where = box:mark(ms[1], "quarantine")
+  eq(ok, true)
+  local f = assert(io.open(where, "rb")); local copy = f:read("a"); f:close()
+  eq(copy, (body:gsub("\n>From", "\nFrom")))
+  box:close()
+end)
+
 case("a single file; quarantine copies it once into a Maildir", function()
   local p = write(DIR .. "/one.eml", "Subject: one\n\nbody\n")
   local q = DIR .. "/q"
@@ -153,6 +167,25 @@ case("bounces.parse_date", function()
   eq(pd("3 Dec 26 13:20 GMT"), 1796256000 + 13 * 3600 + 20 * 60)
   eq(pd("garbage"), nil)
   eq(pd(nil), nil)
+end)
+
+case("bounces: a campaign's recipients indexed by line and address, memory per row", function()
+  local n = check.scaled(100000, 2000)
+  local csvp = DIR .. "/list.csv"
+  local f = assert(io.open(csvp, "wb"))
+  f:write("email,name\n")
+  for i = 1, n do f:write(string.format("User%06d.Name@Domain%d.example,x\n", i, i % 500)) end
+  f:close()
+  local c = require("mailshot.campaign").new({ recipients = csvp, from = "a@b.example", text = "x" })
+  collectgarbage("collect")
+  local before = collectgarbage("count")
+  local idx = assert(require("mailshot.bounces")._index_of(c))
+  collectgarbage("collect")
+  local per = (collectgarbage("count") - before) * 1024 / n
+  eq(idx.by_line[2], "user000001.name@domain1.example")
+  eq(idx.by_addr["user000002.name@domain2.example"], 3)
+  print(string.format("     bounces: a %d-row list indexed in %.0f bytes a row", n, per))
+  assert(per < 300, "bytes per row " .. per)
 end)
 
 case("the modules write no globals", no_new_globals)
