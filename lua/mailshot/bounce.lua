@@ -62,6 +62,7 @@ end
 
 local LOCAL_CHARS = "[%w.!#$%%&'*+/=?^_`{|}~%-]"
 local LOCAL_PART = LOCAL_CHARS .. "+$"
+local LOCAL_CHAR_AT = "^" .. LOCAL_CHARS
 local DOMAIN = "^[%w%-]+%.[%w.%-]*%w"
 local DOMAIN_LABELS = "^[%w%-]+[%w.%-]*"
 
@@ -72,9 +73,13 @@ local function each_address(s, f, loose)
   while true do
     local at = find(s, "@", pos, true)
     if not at then return end
-    local lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
-    local dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
-    if lp and dom then
+    local lp, dom
+    if find(s, LOCAL_CHAR_AT, at - 1) and find(s, "^[%w%-]", at + 1) then      -- cheap test first
+      lp = match(sub(s, at > 64 and at - 64 or 1, at - 1), LOCAL_PART)
+      dom = match(sub(s, at + 1, at + 255), loose and DOMAIN_LABELS or DOMAIN)
+    end
+    if lp then lp = match(lp, "^['`.]*(.*)$") end        -- quoted in text: 'a@b', `a@b`
+    if lp and lp ~= "" and dom then
       if f(lp .. "@" .. dom, at - #lp) then return end
     end
     pos = at + 1
@@ -265,15 +270,26 @@ end
 -- An entity is raw[s .. e]: { headers (map), list, ctype, params, bs, be (its body), parts = {...} }.
 -- Bodies are positions in the one raw string: nothing is copied while the structure is read.
 
--- The end of the header block starting at s: hs_end (last header byte), body start.
-local function split_head(raw, s, e)
+-- The end of the header block starting at s: hs_end (last header byte), body start.  The search is
+-- made in a copy of at most MAX_HEADER_BYTES: a search in raw would run to its end for each part that has
+-- no blank line (200 such parts in 10 MB took 20 s).  A header block longer than that has no body.
+local function split_head(raw, s, e, warn)
   -- an entity that starts with its blank line has no headers
   local c = byte(raw, s)
   if c == 10 then return s - 1, s + 1 end
   if c == 13 and byte(raw, s + 1) == 10 then return s - 1, s + 2 end
-  local i, j = find(raw, "\n\r?\n", s)
-  if not i or i > e then return e, e + 1 end
-  return i - 1, j + 1
+  -- most header blocks end within 8 kB: look there first, then in the whole allowance
+  local last = math.min(e, s + 8192)
+  local i, j = find(sub(raw, s, last), "\n\r?\n")
+  if not i and last < e then
+    last = math.min(e, s + MAX_HEADER_BYTES + 2)
+    i, j = find(sub(raw, s, last), "\n\r?\n")
+  end
+  if not i then
+    if last < e and warn then warn("header block over " .. MAX_HEADER_BYTES .. " bytes: the entity's body skipped") end
+    return e, e + 1
+  end
+  return s + i - 2, s + j
 end
 
 -- The parts of a multipart body raw[bs .. be] with this boundary: list of { s, e }.
@@ -323,7 +339,16 @@ local function open_children(node, raw, depth, ctx)
       return
     end
     if depth >= MAX_DEPTH then ctx.warn("MIME nesting deeper than " .. MAX_DEPTH .. ": not opened"); return end
-    local parts = split_multipart(raw, node.bs, node.be, boundary, ctx)
+    local parts
+    local size = node.be - node.bs + 1
+    if #raw - node.be > 4 * size + 65536 then
+      -- a small multipart early in a big message: a boundary that is not in it would be searched for to
+      -- the end of raw; search a copy of it instead (the copies of siblings add up to raw's size at most)
+      parts = split_multipart(sub(raw, node.bs, node.be), 1, size, boundary, ctx)
+      for _, p in ipairs(parts) do p[1], p[2] = p[1] + node.bs - 1, p[2] + node.bs - 1 end
+    else
+      parts = split_multipart(raw, node.bs, node.be, boundary, ctx)
+    end
     node.parts = {}
     for _, p in ipairs(parts) do
       if ctx.parts >= MAX_PARTS then ctx.warn("more than " .. MAX_PARTS .. " MIME parts: the rest not opened"); break end
@@ -349,7 +374,7 @@ local function open_children(node, raw, depth, ctx)
 end
 
 function parse_entity(raw, s, e, depth, ctx)
-  local he, bs = split_head(raw, s, e)
+  local he, bs = split_head(raw, s, e, ctx.warn)
   local list, map = parse_headers(raw, s, he, ctx.warn)
   local ctype, params = content_type(map["content-type"])
   local node = { headers = map, list = list, ctype = ctype, params = params, bs = bs, be = e, raw = raw }
@@ -414,14 +439,14 @@ local function unescape_unicode(s)
   end))
 end
 
--- "rfc822; a@b" -> "a@b" (any address type; xtext "+HH" decoded for rfc822, \x{} for utf-8)
+-- "rfc822; a@b" -> "a@b" (any address type; \x{} decoded for utf-8).  No xtext decoding: MTAs write
+-- the address as is, and "+HH" is common in plus-addresses (bob+dec@example.org).
 local function typed_address(v)
   if not v then return nil end
   local typ, addr = match(v, "^%s*([%w%-]+)%s*;(.*)$")
   if typ then addr = trim(addr) else addr = trim(v); typ = "rfc822" end
   typ = lower(typ)
   if typ == "utf-8" then addr = unescape_unicode(addr) end
-  if typ == "rfc822" then addr = gsub(addr, "%+(%x%x)", hexbyte) end
   addr = match(addr, "^<(.*)>$") or addr
   if addr == "" then return nil end
   return addr
@@ -637,6 +662,8 @@ local BASIC_CODE_PATTERNS = {
   "said:%s*([45][0-5]%d)[ %-]",          -- Postfix/Sendmail: host x said: 550 ...
   "returned '([45][0-5]%d)[ %-]",        -- Exchange: Remote Server returned '550 5.1.1 ...'
   "error:%s*([45][0-5]%d)[ %-]",
+  "reason:%s*([45][0-5]%d)[ %-]",        -- Sendmail: (reason: 550 5.1.1 ...)
+  "smtp;%s*([45][0-5]%d)[ %-]",          -- a Diagnostic-Code line read as text
   "#([45][0-5]%d)[ %-]",
 }
 
@@ -684,8 +711,28 @@ local function guess_recipients(text, excluded, failed_header)
       add(first_here, pending.status, pending.code, pending.line)
       pending = nil
     end
-    local status = find_status(line)
+    -- an address alone on its line ("  a@b", "<a@b>:"): the list of failed addresses of Exim, qmail,
+    -- Sendmail; kept when the text says whether the failure is permanent or temporary
+    if first_here and #line <= #first_here + 40 then
+      local t = trim(line)
+      if #t <= #first_here + 3 and find(t, first_here, 1, true) and not find(t, "[^<>:]", #first_here + 1)
+         and (t == first_here or sub(t, 1, 1) == "<") then
+        add(first_here)
+      end
+    end
+    local status, at = find_status(line)
     local code = basic_code(line)
+    -- a dotted number in running text ("version 5.1.2") is no status: one counts only beside a reply
+    -- code, at the start of a line, after "#" or "(" (qmail, Exchange), or after "Status:"
+    if status and not code then
+      local before = lower(sub(line, at > 40 and at - 40 or 1, at - 1))
+      local reply = match(before, "%f[%d]([45]%d%d)[ %-]$")    -- "addr: 550 5.1.1", "550-5.1.1"
+      if reply then
+        code = reply
+      elseif not (find(before, "^[%s>]*$") and at <= 41 or find(before, "[#(]%s*$") or find(before, "status:?%s*$")) then
+        status = nil
+      end
+    end
     if status or code then
       local target = first_here or last_addr
       if target then
@@ -707,6 +754,8 @@ local function guess_recipients(text, excluded, failed_header)
   local lt = lower(text)
   local permanent_text = find(lt, "permanent error") or find(lt, "permanent fatal") or find(lt, "given up")
                          or find(lt, "failed permanently") or find(lt, "permanently failed")
+  local temporary_text = find(lt, "not yet been delivered") or find(lt, "will continue") or find(lt, "still trying")
+                         or find(lt, "will be retried") or find(lt, "will keep trying") or find(lt, "temporary error")
   for _, r in ipairs(found) do
     if not r.status and not r.smtp_code then
       local s, e = find(text, r.address, 1, true)
@@ -715,7 +764,7 @@ local function guess_recipients(text, excluded, failed_header)
         local nextline = nl and match(text, "^[ \t]*([^\n]*%S)", nl + 1)
         if nextline and not find(nextline, "@", 1, true) then r.diagnostic = cap(trim(nextline), MAX_DIAGNOSTIC) end
       end
-      if permanent_text then r.status = "5.0.0" end
+      if permanent_text then r.status = "5.0.0" elseif temporary_text then r.status = "4.0.0" end
     end
     if not r.status and r.smtp_code then r.status = sub(r.smtp_code, 1, 1) .. ".0.0" end
     if r.status then
@@ -741,7 +790,8 @@ local function guess(b, root, ctx)
   if not node and not root.parts then node = root end     -- a multipart that could not be opened: its body
   local text = node and decode_body(node) or ""
   if node and node.ctype == "text/html" then
-    text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^>]*>", "")
+    -- "<[^<>]*>", not "<[^>]*>": a run of "<" without ">" would make the latter quadratic
+    text = gsub(gsub(text, "<[Bb][Rr]%s*/?>", "\n"), "<[^<>]*>", "")
     text = gsub(text, "&lt;", "<"); text = gsub(text, "&gt;", ">"); text = gsub(text, "&amp;", "&")
     text = gsub(text, "&nbsp;", " ")
   end
@@ -761,6 +811,10 @@ local function guess(b, root, ctx)
       end
     end
     text = sub(text, 1, cut)
+  end
+  if not b.original then
+    local part = find_node(root, is_original_part)
+    if part then read_original(b, part, ctx) end
   end
   local excluded = {}
   for _, a in ipairs(b.envelope_candidates) do excluded[lower(a)] = true end
@@ -821,11 +875,11 @@ local function parse(raw, opts)
   b.content_type = root.ctype
   -- where VERP tokens come back: X-Original-To keeps the address as it arrived even when an alias map
   -- rewrote the final recipient (Postfix sets both); then Delivered-To, then To
-  local cands = {}
+  local cands, seen = {}, {}
   local function cand(v)
-    local a = bare_address(v)
-    if a then
-      for _, c in ipairs(cands) do if lower(c) == lower(a) then return end end
+    local a = #cands < 20 and bare_address(v)               -- 20: a hostile message may have thousands
+    if a and not seen[lower(a)] then
+      seen[lower(a)] = true
       cands[#cands + 1] = a
     end
   end
@@ -873,11 +927,12 @@ local function parse(raw, opts)
     -- machine-readable part: go on as for any other message
   end
 
-  -- RFC 3834 replies are sent with an empty Return-Path too: with an auto-reply header, only the stronger
-  -- signs (MAILER-DAEMON, X-Failed-Recipients, a bounce subject) make it a bounce (Postfix marks its own
-  -- bounces "Auto-Submitted: auto-replied")
+  -- RFC 3834 replies are sent with an empty Return-Path too: with an auto-reply header or a vacation
+  -- subject, only the stronger signs (MAILER-DAEMON, X-Failed-Recipients, a bounce subject) make it a
+  -- bounce (Postfix marks its own bounces "Auto-Submitted: auto-replied")
   local auto = autoreply_header(h)
-  local bounce_sign = looks_like_bounce(b, auto ~= nil)
+  local vacation = vacation_subject(b.subject)
+  local bounce_sign = looks_like_bounce(b, auto ~= nil or vacation ~= nil)
   if bounce_sign then
     b.bounce_sign = bounce_sign
     b.recipients = guess(b, root, ctx)
@@ -886,16 +941,17 @@ local function parse(raw, opts)
       return b
     end
   end
-  if auto then
-    b.kind, b.autoreply = "autoreply", auto
+  if vacation then
+    b.kind, b.autoreply = "autoreply", auto or "subject"
     return b
   end
-  if vacation_subject(b.subject) then
-    b.kind, b.autoreply = "autoreply", "subject"
-    return b
-  end
+  -- a bounce we cannot read is kept for a person to look at (quarantined), even when it says auto-replied
   if bounce_sign then
     b.kind, b.error = "unparsed", "looks like a bounce (" .. bounce_sign .. ") but names no failed recipient"
+    return b
+  end
+  if auto then
+    b.kind, b.autoreply = "autoreply", auto
     return b
   end
   local as = h["auto-submitted"] and lower(h["auto-submitted"])
@@ -937,15 +993,19 @@ end
 
 -- Diagnostic texts (lower-case Lua patterns).
 M.texts = {
+  -- "Recipient address rejected:" alone is only Postfix's prefix (the reason follows: "User unknown ...",
+  -- "Access denied", "Greylisted"), so it is not here; Exchange Online's "Access denied. AS(2018...)" for a
+  -- recipient not in its directory is
   user_unknown = {
     "user unknown", "unknown user", "no such user", "no such recipient", "unknown recipient",
     "recipient unknown", "recipient not found", "user not found", "mailbox not found", "mailbox unavailable",
-    "mailbox does not exist", "address does not exist", "account does not exist", "does not exist",
-    "no mailbox", "invalid recipient", "invalid mailbox", "invalid address", "not a valid mailbox",
-    "unrouteable address", "recipient address rejected", "no such address", "doesn't have a",
+    "does not exist", "doesn't exist", "may not exist", "no mailbox", "invalid recipient", "invalid mailbox",
+    "invalid address", "not a valid mailbox", "not a valid recipient", "unrouteable address", "no such address", "doesn't have a",
     "address couldn't be found", "not our customer", "account has been disabled", "account is disabled",
-    "mailbox disabled", "user doesn't exist", "recipnotfound", "no longer available", "unknown local part",
-    "undeliverable address", "bad destination mailbox", "address not found",
+    "mailbox disabled", "recipnotfound", "recipientnotfound", "no longer available", "unknown local part",
+    "undeliverable address", "bad destination mailbox", "address not found", "no valid recipients",
+    "access denied%. as%(", "unbekannt", "existiert nicht", "n'existe pas", "inexistant", "no existe",
+    "inesistente",
   },
   mailbox_full = {
     "mailbox full", "mailbox is full", "quota exceeded", "over quota", "overquota", "exceeded storage",
@@ -999,10 +1059,12 @@ M.rules = {
       return find(status_of(r), "^5%.4%.4") ~= nil and any_text(diag(b, r), M.texts.no_domain)
              and not find(diag(b, r), "try again")
     end },
-  { name = "network", class = "soft",
-    match = function(b, r) return find(status_of(r), "^5%.[34]%.") ~= nil end },
+  -- before the routing codes: Exchange Online refuses unknown recipients with "550 5.4.1 Recipient address
+  -- rejected: Access denied"
   { name = "user-unknown-text", class = "hard",
     match = function(b, r) return permanent(r) and any_text(diag(b, r), M.texts.user_unknown) end },
+  { name = "network", class = "soft",
+    match = function(b, r) return find(status_of(r), "^5%.[34]%.") ~= nil end },
   { name = "policy-text", class = "policy",
     match = function(b, r) return permanent(r) and any_text(diag(b, r), M.texts.policy) end },
 }
