@@ -34,8 +34,8 @@
 
 local string, table, type, tostring, tonumber, error, pairs, setmetatable, getmetatable, math, io =
       string, table, type, tostring, tonumber, error, pairs, setmetatable, getmetatable, math, io
-local find, sub, lower, format, byte, match = string.find, string.sub, string.lower, string.format,
-      string.byte, string.match
+local find, sub, lower, format, byte, match, gsub = string.find, string.sub, string.lower, string.format,
+      string.byte, string.match, string.gsub
 local concat = table.concat
 
 local idna = require "mailshot.idna"
@@ -50,6 +50,7 @@ local TAG_CHARS, LINE_CHARS, MAC_CHARS = 4, 8, 16
 local TOKEN_CHARS = TAG_CHARS + LINE_CHARS + MAC_CHARS
 local MAX_LINE = (1 << (5 * LINE_CHARS)) - 1     -- 2^40 - 1
 local MAX_LOCAL = 64                  -- RFC 5321 4.5.3.1.1
+assert(MAX_PREFIX + 1 + TAG_CHARS + LINE_CHARS + MAC_CHARS <= MAX_LOCAL, "a local part must fit 64 octets")
 local MAX_PATH = 256                  -- RFC 5321 4.5.3.1.3: "<" address ">"
 local MAX_INPUT = 1024                -- decode() looks no further than this
 
@@ -61,18 +62,17 @@ local B32 = "abcdefghijklmnopqrstuvwxyz234567"
 local B32_VAL = {}
 for i = 1, 32 do B32_VAL[byte(B32, i)] = i - 1 end
 
--- The low 5*n bits of integer v as n base32 characters, most significant first.
-local function b32(v, n)
-  local out = {}
-  for i = n, 1, -1 do
-    local d = v & 31
-    out[i] = sub(B32, d + 1, d + 1)
-    v = v >> 5
-  end
-  return concat(out)
-end
+-- Every 10-bit value as its two base32 characters: a token is a few table look-ups.
+local PAIR = {}
+for v = 0, 1023 do PAIR[v] = sub(B32, (v >> 5) + 1, (v >> 5) + 1) .. sub(B32, (v & 31) + 1, (v & 31) + 1) end
 
--- s[i .. i+n-1] as an integer; nil when a character is not base32 (lower case: the caller folds).
+-- The low 20 bits of integer v as 4 base32 characters, most significant first.
+local function b32_20(v) return PAIR[(v >> 10) & 1023] .. PAIR[v & 1023] end
+
+-- The low 40 bits of v as 8 characters.
+local function b32_40(v) return b32_20(v >> 20) .. b32_20(v) end
+
+-- s[i .. i+n-1] (n <= 12) as an integer; nil when a character is not base32 (lower case: the caller folds).
 local function b32_int(s, i, n)
   local v = 0
   for j = i, i + n - 1 do
@@ -86,10 +86,11 @@ end
 -- The first `chars` hex digits of an HMAC as an integer (at most 15: 60 bits).
 local function hex_int(hex, chars) return math.tointeger(tonumber(sub(hex, 1, chars), 16)) end
 
--- The first 5*n bits of an HMAC (hex) as n base32 characters (n a multiple of 4: 20 bits, 5 hex digits).
-local function hex_b32(hex, n)
+-- The first 20 * groups bits of an HMAC (hex) as 4 * groups base32 characters (20 bits: 5 hex digits).
+local function hex_b32(hex, groups)
+  if groups == 1 then return b32_20(hex_int(hex, 5)) end
   local out = {}
-  for k = 0, n // 4 - 1 do out[#out + 1] = b32(hex_int(sub(hex, 5 * k + 1), 5), 4) end
+  for k = 0, groups - 1 do out[k + 1] = b32_20(hex_int(sub(hex, 5 * k + 1), 5)) end
   return concat(out)
 end
 
@@ -111,7 +112,9 @@ local function normalize(email)
   local at = find(email, "@[^@]*$")
   if not at then return lower(email) end
   local dom = sub(email, at + 1)
-  return lower(sub(email, 1, at)) .. (idna.to_ascii(dom) or lower(dom))
+  if find(dom, "[\128-\255]") then dom = idna.to_ascii(dom) or lower(dom)
+  else dom = lower((gsub(dom, "%.$", ""))) end      -- what to_ascii makes of an ASCII name, 10 times faster
+  return lower(sub(email, 1, at)) .. dom
 end
 M.normalize = normalize
 
@@ -176,7 +179,7 @@ function M.new(opts)
     error(format("verp: domain %q is too long: the return path would be %d octets (RFC 5321 allows %d)", domain, path, MAX_PATH), 2)
   end
 
-  local tag = hex_b32(hmac_sha256(secret, "mailshot verp campaign\n" .. campaign), TAG_CHARS)
+  local tag = hex_b32(hmac_sha256(secret, "mailshot verp campaign\n" .. campaign), TAG_CHARS // 4)
   local mask = hex_int(hmac_sha256(secret, "mailshot verp line\n" .. campaign), 10)
   return setmetatable({ domain = domain, campaign = campaign, prefix = prefix, tag = tag,
                         secret = secret, mask = mask }, Verp)
@@ -188,7 +191,7 @@ end
 
 local function mac(self, line, email)
   return hex_b32(hmac_sha256(self.secret, "mailshot verp\n" .. self.campaign .. "\n" .. line .. "\n"
-                             .. normalize(email)), MAC_CHARS)
+                             .. normalize(email)), MAC_CHARS // 4)
 end
 
 -- v:token(line, email) -> the 28-character token.
@@ -199,7 +202,7 @@ function Verp:token(line, email)
     error(format("verp: line must be a whole number from 1 to %d, got %s", MAX_LINE, tostring(line)), 2)
   end
   if type(email) ~= "string" or email == "" then error("verp: email must be a non-empty string, got " .. type(email), 2) end
-  return self.tag .. b32(line ~ self.mask, LINE_CHARS) .. mac(self, line, email)
+  return self.tag .. b32_40(line ~ self.mask) .. mac(self, line, email)
 end
 
 -- v:address(line, email) -> "PREFIX+TOKEN@DOMAIN": the envelope sender for that row.
@@ -233,12 +236,9 @@ function Verp:decode(s)
   elseif at then
     return nil, "not ours"                  -- an address of our domain without PREFIX+
   end
-  if #token ~= TOKEN_CHARS then return nil, "malformed token" end
+  if #token ~= TOKEN_CHARS or find(token, "[^a-z2-7]") then return nil, "malformed token" end
   local tag = sub(token, 1, TAG_CHARS)
   local masked = b32_int(token, TAG_CHARS + 1, LINE_CHARS)
-  if not masked or not b32_int(token, 1, TAG_CHARS) or not b32_int(token, TAG_CHARS + LINE_CHARS + 1, MAC_CHARS) then
-    return nil, "malformed token"
-  end
   if tag ~= self.tag then return nil, "another campaign" end
   local line = masked ~ self.mask
   if line < 1 then return nil, "malformed token" end

@@ -182,6 +182,19 @@ case("malformed and foreign input: nil, reason, never an error", function()
   checkerr("email must be a string", v.verify, v, assert(v:decode(a)), 42)
 end)
 
+case("cost: addresses made and decoded+verified per second (a figure, not a bound)", function()
+  local v = new()
+  local n = check.scaled(50000, 2000)
+  local list = {}
+  local t0 = os.clock()
+  for i = 1, n do list[i] = v:address(i + 1, "user" .. i .. "@example.net") end
+  local t1 = os.clock()
+  for i = 1, n do assert(v:verify(assert(v:decode(list[i])), "user" .. i .. "@example.net")) end
+  local t2 = os.clock()
+  print(string.format("     verp: %d addresses in %.3f s (%.0f/s); decode+verify %.0f/s", n, t1 - t0,
+                      n / math.max(t1 - t0, 1e-6), n / math.max(t2 - t1, 1e-6)))
+end)
+
 ---------------------------------------------------------------- the 64-octet bound
 
 case("the local part is at most 64 octets, the path at most 256, for every line and prefix", function()
