@@ -15,7 +15,7 @@
  * parsing their answers, read-only fetches, moves) is in lua/mailshot/mailbox_curl.lua.
  *
  * Errors: nil, "curl's reason (server: its last line)", kind, size, partial.  kind is one of "login",
- * "mailbox" (no such mailbox), "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
+ * "mailbox" (no such mailbox), "dropped" (the connection broke, or an answer curl did not expect), "tls", "starttls", "connect", "timeout", "too-big", "gone", "refused", "error"; size is the
  * message's size when curl knew it, and partial its first max_bytes bytes ("too-big": the transfer
  * was cut off there, which also closes the connection).  The password never appears: it is given to curl as its own option
  * (never in the URL), only the server's lines are kept for messages (never ours, which carry the
@@ -95,10 +95,15 @@ static fetcher *check_fetcher(lua_State *L) {
   return f;
 }
 
+/* Option `key` of the table at t: a string without NUL, or NULL.  Left on the stack (a number
+ * converted to a string lives only there). */
 static const char *opt_string(lua_State *L, int t, const char *key) {
   lua_getfield(L, t, key);
-  const char *s = luaL_opt(L, l_checkcstring, -1, NULL);
-  lua_pop(L, 1);   /* the option table keeps the string alive */
+  if (lua_isnil(L, -1)) return NULL;
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  if (!s) luaL_error(L, "mailfetch.new: option '%s' must be a string", key);
+  if (memchr(s, '\0', len)) luaL_error(L, "mailfetch.new: option '%s' must not contain a NUL byte", key);
   return s;
 }
 
@@ -154,9 +159,11 @@ static int l_new(lua_State *L) {
   const char *ca_file = opt_string(L, 1, "ca_file");
   int insecure = opt_bool(L, 1, "insecure");
   lua_getfield(L, 1, "timeout");
-  lua_Number timeout = luaL_optnumber(L, -1, 30);
+  int isnum;
+  lua_Number timeout = lua_isnil(L, -1) ? 30 : lua_tonumberx(L, -1, &isnum);
+  if (!lua_isnil(L, -1) && !isnum) return luaL_error(L, "mailfetch.new: option 'timeout' must be a number");
   lua_pop(L, 1);
-  luaL_argcheck(L, timeout >= 1 && timeout <= 3600, 1, "timeout must be in [1, 3600] seconds");
+  if (!(timeout >= 1 && timeout <= 3600)) return luaL_error(L, "mailfetch.new: timeout must be in [1, 3600] seconds");
   static const char *const modes[] = { "implicit", "required", "optional", NULL };
   static const long use_ssl[] = { CURLUSESSL_NONE, CURLUSESSL_ALL, CURLUSESSL_TRY };
   lua_getfield(L, 1, "tls");
@@ -193,14 +200,21 @@ static const char *kind_of(CURLcode rc, int too_big, const char *errbuf) {
   case CURLE_OPERATION_TIMEDOUT: return "timeout";
   case CURLE_REMOTE_FILE_NOT_FOUND: return "gone";
   case CURLE_QUOTE_ERROR: return "refused";
+  /* the server closed a connection curl kept (an idle timeout, a restart, an admin's kick): a new
+   * connection may well work.  IMAP shows it as a failed read after "* BYE", POP3 as an unexpected
+   * reply ("-ERR [SYS/TEMP] Server shutting down." to RETR) */
+  case CURLE_RECV_ERROR: case CURLE_SEND_ERROR: case CURLE_GOT_NOTHING: case CURLE_WEIRD_SERVER_REPLY:
+    return "dropped";
   default: return "error";
   }
 }
 
-/* Pushes msg with every copy of the password replaced by "***". */
+/* Pushes msg with every copy of the password replaced by "***": a second guard, since neither curl's
+ * messages nor the server's lines carry it.  Not for passwords under 4 bytes, which would only mangle
+ * words ("p" in "port"). */
 static void push_scrubbed(lua_State *L, const fetcher *f, const char *msg) {
   const char *pw = f->password;
-  size_t pwlen = pw ? strlen(pw) : 0;
+  size_t pwlen = pw && strlen(pw) >= 4 ? strlen(pw) : 0;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   const char *hit;

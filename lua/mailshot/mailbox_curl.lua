@@ -17,8 +17,9 @@
 --   allow_plaintext is set (then STARTTLS is still used when offered).  The password is given to
 --   libcurl apart from the URL and never appears in an error; a URL with a password in it is refused.
 -- * IMAP lists the messages not \Seen (all = true: every one), none flagged \Deleted, in UID order,
---   with their sizes (one UID FETCH 1:* (UID FLAGS RFC822.SIZE): no long SEARCH line).  Reading never
---   marks a message seen: messages are fetched with the mailbox opened read-only (EXAMINE), so a run
+--   with their sizes (FETCH a:b (UID FLAGS RFC822.SIZE), opts.list_window = 100 messages at a time:
+--   no long SEARCH line).  Reading never marks a message seen: messages are fetched with the mailbox
+--   opened read-only (EXAMINE), so a run
 --   that stops half-way, or a --dry-run, leaves the mailbox as it was.  (curl's own fetch sends
 --   BODY[], not BODY.PEEK[], and a custom "UID FETCH n BODY.PEEK[]" loses the literal; so EXAMINE is
 --   sent as a custom command and curl, which believes its SELECT still holds, fetches by URL on the
@@ -112,16 +113,22 @@ local HINTS = {
   starttls = "the server does not offer STARTTLS: refusing to log in without TLS "
     .. "(use imaps:// or pop3s://, or allow plaintext with --allow-plaintext)",
   connect = "cannot connect",
+  dropped = "the server closed the connection",
   timeout = "timed out",
 }
 
 local Box = {}
 Box.__index = Box
 
--- One transfer; errors come back as nil, "WHERE: hint: curl's reason", kind, size.
+-- One transfer; errors come back as nil, "WHERE: hint: curl's reason", kind, size.  A connection kept
+-- from an earlier transfer that the server has closed meanwhile (idle timeout, restart) is replaced
+-- once: every operation here can be repeated (fetches are read-only, \Seen and moves idempotent).
 function Box:_do(url, request, max)
   local before = self.h:connects()
   local body, err, kind, size, partial = self.h:perform(url, request, max or LIST_MAX_BYTES)
+  if not body and kind == "dropped" and self.h:connects() == before then
+    body, err, kind, size, partial = self.h:perform(url, request, max or LIST_MAX_BYTES)
+  end
   if self.h:connects() ~= before then
     -- a new connection: curl logged in again and SELECTed the URL's mailbox (read-write)
     self.mode = url:find("/[^/]", #self.u.base + 1) and "rw" or nil
@@ -137,17 +144,43 @@ function Box:_mailbox_url() return self.u.base .. "/" .. self.u.mailbox_path end
 
 -- IMAP ----------------------------------------------------------------------------------------
 
+-- The listing goes LIST_WINDOW messages at a time (message numbers are dense, UIDs need not be):
+-- libcurl caps the untagged lines of one command at 300 kB ("Too large response headers"), which
+-- one FETCH 1:* reaches at about 300 messages.
+local LIST_WINDOW = 100
+
 function Box:_imap_list()
   local caps, err = self:_do(self.u.base .. "/", "CAPABILITY")
   if not caps then return nil, err end
   self.caps = {}
   for word in (caps:match("%* CAPABILITY ([^\r\n]*)") or ""):gmatch("%S+") do self.caps[word:upper()] = true end
-  -- curl SELECTs the mailbox first: a missing mailbox fails here
-  local body
-  body, err = self:_do(self:_mailbox_url(), "UID FETCH 1:* (UID FLAGS RFC822.SIZE)")
-  if not body then return nil, err end
-  self.mode = "rw"
-  local list = {}
+  local q
+  q, err = quote(self.u.mailbox)
+  if not q then return nil, self.u.where .. ": " .. err end
+  local status, kind
+  status, err, kind = self:_do(self.u.base .. "/", "STATUS " .. q .. " (MESSAGES)")
+  if not status then
+    if kind ~= "refused" then return nil, err end   -- the server said NO: no such mailbox, or not ours
+    return nil, self.u.where .. ": cannot open the mailbox: " .. err:sub(#self.u.where + 3)
+  end
+  local count = tonumber(status:match("MESSAGES (%d+)"))
+  if not count then return nil, self.u.where .. ": no message count in the server's STATUS answer" end
+  local list, window = {}, self.list_window or LIST_WINDOW
+  for first = 1, count, window do
+    -- curl SELECTs the mailbox before the first one
+    local body
+    body, err = self:_do(self:_mailbox_url(), string.format("FETCH %d:%d (UID FLAGS RFC822.SIZE)", first,
+                                                            math.min(first + window - 1, count)))
+    if not body then return nil, err end
+    self.mode = "rw"
+    self:_parse_listing(body, list)
+  end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  self.list = list
+  return true
+end
+
+function Box:_parse_listing(body, list)
   for line in body:gmatch("[^\r\n]+") do
     local uid = tonumber(line:match("[(%s]UID (%d+)"))
     local flags = line:match("FLAGS %(([^)]*)%)") or ""
@@ -159,9 +192,6 @@ function Box:_imap_list()
       end
     end
   end
-  table.sort(list, function(a, b) return a.id < b.id end)
-  self.list = list
-  return true
 end
 
 function Box:_imap_mode(mode)
@@ -289,7 +319,8 @@ function M.open(url, opts)
   if not h then return nil, u.where .. ": " .. herr end
   local box = setmetatable({ h = h, u = u, where = u.where, max_bytes = max, all = opts.all and true or false,
                              skip = opts.skip or {}, seen = {}, folders = {},
-                             move_to = opts.move_to, quarantine = opts.quarantine }, Box)
+                             move_to = opts.move_to, quarantine = opts.quarantine,
+                             list_window = opts.list_window }, Box)
   local ok
   if u.proto == "imap" then
     ok, err = box:_imap_list()

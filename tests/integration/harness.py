@@ -1472,13 +1472,16 @@ def start_smtpd_many(workdir, hosts, port=0, attempts=5, **options):
 DOVECOT = "/usr/sbin/dovecot"
 
 
-def _dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid, internal_user, login_user, extra_conf):
+def _dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid, internal_user, internal_group, login_user,
+                  extra_conf):
     """The text of a private dovecot.conf: everything under workdir, nothing from /etc/dovecot."""
     listeners = {"imap": [], "pop3": []}
     for name, port in ports.items():
         proto = name.rstrip("s")
         ssl_line = "    ssl = yes\n" if name.endswith("s") else ""
         listeners[proto].append(f"  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n{ssl_line}  }}\n")
+    # without root there is no chroot (dovecot's login and anvil processes chroot by default)
+    chroot = "" if os.getuid() == 0 else "  chroot =\n"
     ssl_conf = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n" if ssl else "ssl = no\n"
     return (
         f"base_dir = {workdir}/run\n"
@@ -1495,6 +1498,7 @@ def _dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid, internal_u
         "auth_verbose = yes\n"
         "auth_failure_delay = 0\n"        # a wrong-password test need not wait 2 s
         f"default_internal_user = {internal_user}\n"
+        f"default_internal_group = {internal_group}\n"
         f"default_login_user = {login_user}\n"
         "first_valid_uid = 1\n"
         "first_valid_gid = 0\n"
@@ -1506,9 +1510,9 @@ def _dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid, internal_u
         "mail_location = maildir:~/Maildir\n"
         "pop3_uidl_format = %08Xu%08Xv\n"
         # nor the next logins from 127.0.0.1: no auth penalty (it delays them up to 15 s after failures)
-        "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
-        "service imap-login {\n" + "".join(listeners["imap"]) + "}\n"
-        "service pop3-login {\n" + "".join(listeners["pop3"]) + "}\n"
+        "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n" + chroot + "}\n"
+        "service imap-login {\n" + "".join(listeners["imap"]) + chroot + "}\n"
+        "service pop3-login {\n" + "".join(listeners["pop3"]) + chroot + "}\n"
         + extra_conf)
 
 
@@ -1594,11 +1598,12 @@ _deliver_counter = [0]
 
 
 def _dovecot_users():
-    """(internal_user, login_user, mail_uid, mail_gid): see start_dovecot."""
+    """(internal_user, internal_group, login_user, mail_uid, mail_gid): see start_dovecot."""
+    import grp
     import pwd
     if os.getuid() != 0:
         me = pwd.getpwuid(os.getuid()).pw_name
-        return me, me, os.getuid(), os.getgid()
+        return me, grp.getgrgid(os.getgid()).gr_name, me, os.getuid(), os.getgid()
     for name in ("dovecot", "dovenull"):
         try:
             pwd.getpwnam(name)
@@ -1606,7 +1611,7 @@ def _dovecot_users():
             raise AssertionError(f"user {name!r} is missing: install dovecot-core (it creates dovecot and dovenull)")
     try:
         nobody = pwd.getpwnam("nobody")
-        return "dovecot", "dovenull", nobody.pw_uid, nobody.pw_gid
+        return "dovecot", "dovecot", "dovenull", nobody.pw_uid, nobody.pw_gid
     except KeyError:
         raise AssertionError("user 'nobody' is missing: dovecot will not serve mail as root")
 
@@ -1642,14 +1647,16 @@ def start_dovecot(workdir, ssl=True, ready_timeout=READY_TIMEOUT, attempts=5, ex
     As root (CI, these machines): the login processes run as `dovenull` and dovecot's internal ones
     as `dovecot` (both created by the dovecot-core package), and mail is served as `nobody`:
     dovecot refuses uid 0 for mail, so the homes are chowned to nobody and workdir and its
-    ancestors get o+x so that uid can reach them.  As another user everything runs as that user.
+    ancestors get o+x so that uid can reach them.  As another user everything runs as that user
+    (default_internal_user/group and default_login_user are that user and its group, and the login
+    and anvil processes do not chroot; checked with setpriv as nobody).
     It starts in about 60 ms here (median of 7; the first start of a process also makes the
     certificates, about 1 s): start it per test class, or per test when a test needs its own
     configuration.  stop() kills the process group (the master, its login, auth and mail processes)."""
     workdir = os.path.abspath(workdir)
     for d in ("run", "state", "home", "users"):
         os.makedirs(os.path.join(workdir, d), exist_ok=True)
-    internal_user, login_user, mail_uid, mail_gid = _dovecot_users()
+    internal_user, internal_group, login_user, mail_uid, mail_gid = _dovecot_users()
     if os.getuid() == 0:
         _make_traversable(workdir)
         os.chown(os.path.join(workdir, "home"), mail_uid, mail_gid)
@@ -1665,7 +1672,7 @@ def start_dovecot(workdir, ssl=True, ready_timeout=READY_TIMEOUT, attempts=5, ex
             ports = {n: free_port() for n in names}
         with open(conf_path, "w", encoding="utf-8") as f:
             f.write(_dovecot_conf(workdir, ports, cert, key, ssl, mail_uid, mail_gid,
-                                  internal_user, login_user, extra_conf))
+                                  internal_user, internal_group, login_user, extra_conf))
         stderr_path = os.path.join(workdir, "dovecot.stderr")
         with open(stderr_path, "wb") as errf:
             proc = subprocess.Popen([DOVECOT, "-F", "-c", conf_path], stdout=errf, stderr=subprocess.STDOUT,
