@@ -26,6 +26,11 @@ self.start_silent_dns() a server that never answers (rcode="SERVFAIL": one that 
 dns_query(address, name, qtype) is a tiny client, and self.start_smtpd_many(["127.0.0.2",
 "127.0.0.3"]) starts several SMTP servers ("MX hosts") sharing one port.
 
+Postfix: self.start_postfix(relay_port) runs a private Postfix instance (its own config, queue and data
+directories in a temporary folder, listening on 127.0.0.1) that relays everything to the aiosmtpd on
+relay_port and delivers mail for its bounce domain (b+anything@bounces.acme.example) into one Maildir:
+the real DSNs Postfix writes for the rejections it meets.  It needs root (skipped otherwise).
+
 IMAP/POP3 (bounce mailboxes): start_dovecot(workdir) runs a private dovecot with IMAP, IMAPS, POP3 and
 POP3S on free loopback ports (srv.add_user, srv.deliver into a Maildir, srv.imap for the test's own
 checks; self.start_dovecot() for one that dies with the test).
@@ -497,6 +502,320 @@ def start_smtpd(workdir, host="127.0.0.1", port=0, maildir=None, ready_timeout=R
         raise AssertionError(
             f"smtpd did not come up: {e}\nargv: {argv}\n--- stderr ---\n{srv.stderr()}") from None
     return srv
+
+
+# --------------------------------------------------------------------------- Postfix (a private instance)
+
+POSTFIX = os.environ.get("POSTFIX", "/usr/sbin/postfix")
+POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold", "bounce", "defer", "trace")
+
+# master.cf of the private instance: only the services this setup uses, every one with chroot = n (the
+# 5th column), so no copy of /etc files is needed under the queue directory.  The smtpd line is added
+# with the instance's own address.  postlog writes maillog_file (Postfix 3.4+, no syslog needed).
+_POSTFIX_MASTER_CF = """\
+# service  type       private unpriv chroot wakeup maxproc command
+pickup     unix       n       -      n      60     1       pickup
+cleanup    unix       n       -      n      -      0       cleanup
+qmgr       unix       n       -      n      300    1       qmgr
+rewrite    unix       -       -      n      -      -       trivial-rewrite
+bounce     unix       -       -      n      -      0       bounce
+defer      unix       -       -      n      -      0       bounce
+trace      unix       -       -      n      -      0       bounce
+verify     unix       -       -      n      -      1       verify
+flush      unix       n       -      n      1000?  0       flush
+proxymap   unix       -       -      n      -      -       proxymap
+proxywrite unix       -       -      n      -      1       proxymap
+smtp       unix       -       -      n      -      -       smtp
+relay      unix       -       -      n      -      -       smtp
+showq      unix       n       -      n      -      -       showq
+error      unix       -       -      n      -      -       error
+retry      unix       -       -      n      -      -       error
+discard    unix       -       -      n      -      -       discard
+virtual    unix       -       n      n      -      -       virtual
+anvil      unix       -       -      n      -      1       anvil
+scache     unix       -       -      n      -      1       scache
+postlog    unix-dgram n       -      n      -      1       postlogd
+"""
+
+
+def postfix_main_cf(base, relay_port, bounce_domain="bounces.acme.example", mailboxes=("b",),
+                    mailbox_uid=65534, mailbox_gid=65534, extra=None, maildir=None):
+    """The main.cf text of a private Postfix instance living in base (see start_postfix).
+    maildir: the bounce mailbox (default base/mail/bounces).
+
+    Everything Postfix writes is under base (but the Maildir given as maildir); nothing is looked up in
+    DNS and the only next hop is [127.0.0.1]:relay_port.  The parameters are documented in postconf(5)
+    (Postfix 3.7)."""
+    maildir = (maildir or os.path.join(base, "mail", "bounces")).rstrip("/")
+    cf = {
+        # the 3.6 defaults, so no "backwards-compatible default setting" warnings in the log
+        "compatibility_level": "3.6",
+        "config_directory": os.path.join(base, "conf"),
+        "queue_directory": os.path.join(base, "queue"),
+        "data_directory": os.path.join(base, "data"),
+        # postlogd (master.cf "postlog") appends here; the path must start with one of the prefixes
+        "maillog_file": os.path.join(base, "maillog"),
+        "maillog_file_prefixes": base,
+        "myhostname": "mta.acme.example",
+        "mydomain": "acme.example",
+        "myorigin": "$myhostname",
+        # nothing is delivered with local(8): the bounce mailbox is a virtual(8) one below
+        "mydestination": "",
+        "alias_maps": "",
+        "alias_database": "",
+        "local_recipient_maps": "",
+        "inet_interfaces": "127.0.0.1",
+        "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_peername_lookup": "no",          # no reverse DNS of the client (127.0.0.1)
+        # every non-local message goes to the test's aiosmtpd; "[...]" means: no MX lookup, and with
+        # smtp_dns_support_level = disabled the host lookup is "native" (an IP address: no lookup at all)
+        "relayhost": f"[127.0.0.1]:{relay_port}",
+        "smtp_dns_support_level": "disabled",
+        "smtp_host_lookup": "native",
+        "smtp_bind_address": "127.0.0.1",
+        "smtp_tls_security_level": "none",
+        # the bounce mailbox: b@DOMAIN and b+anything@DOMAIN (recipient_delimiter: virtual(8) looks up
+        # user+ext@domain, then user@domain) land in one Maildir (the trailing "/" in the map value);
+        # the files belong to mailbox_uid (virtual_minimum_uid is 100: not root, not a system user)
+        "virtual_mailbox_domains": bounce_domain,
+        "virtual_mailbox_base": os.path.dirname(maildir),
+        "virtual_mailbox_maps": "inline:{ " + ", ".join(f"{m}@{bounce_domain}={os.path.basename(maildir)}/"
+                                                         for m in mailboxes) + " }",
+        "virtual_uid_maps": f"static:{mailbox_uid}",
+        "virtual_gid_maps": f"static:{mailbox_gid}",
+        "recipient_delimiter": "+",
+        # short timers: postconf(5) "maximal_queue_lifetime: Specify 0 when mail delivery should be
+        # tried only once", so a 4xx reply (mailbox full) is returned at once as a DSN with Action:
+        # failed and the 4.x.x Status, as a real MTA does after days; no delay warnings
+        "maximal_queue_lifetime": "0",
+        "bounce_queue_lifetime": "0",
+        "delay_warning_time": "0",
+        "queue_run_delay": "1s",
+        "minimal_backoff_time": "1s",
+        "maximal_backoff_time": "2s",
+        "biff": "no",
+        "smtputf8_enable": "yes",
+    }
+    cf.update(extra or {})
+    return "".join(f"{k} = {v}\n" for k, v in cf.items())
+
+
+def live_processes_in_group(pgid):
+    """Pids of the processes of process group pgid that still run (not zombies).  A daemon's
+    processes are children of init once their parent is gone, and init may reap them seconds later:
+    until then kill(-pgid, 0) still finds the group."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(name))
+    return out
+
+
+_postfix_running = set()
+
+
+def _stop_every_postfix():
+    """At exit (a test run interrupted between a start and its cleanup): a Postfix master is a daemon,
+    not a child of the test process, so nothing else would stop it."""
+    for srv in list(_postfix_running):
+        srv.stop()
+
+
+atexit.register(_stop_every_postfix)
+
+
+class PostfixServer:
+    """A running private Postfix instance (see start_postfix)."""
+
+    def __init__(self, base, port, relay_port, bounce_domain, keep=False, maildir=None):
+        self.base = base
+        self.keep = keep
+        self.config_dir = os.path.join(base, "conf")
+        self.queue_dir = os.path.join(base, "queue")
+        self.host = "127.0.0.1"
+        self.port = port
+        self.relay_port = relay_port
+        self.bounce_domain = bounce_domain
+        # the bounce mailbox (a Maildir; virtual(8) creates it and its cur/ new/ tmp/ when missing)
+        self.maildir = maildir or os.path.join(base, "mail", "bounces")
+        self.log_path = os.path.join(base, "maillog")
+        self.master_pid = None
+        self.start_seconds = None
+        self.stop_seconds = None
+
+    def __repr__(self):
+        return f"<PostfixServer {self.address} pid={self.master_pid} base={self.base}>"
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
+
+    def log_text(self):
+        """Postfix's log (maillog_file)."""
+        return _read_text(self.log_path)
+
+    def postfix(self, *args, timeout=30):
+        """Run `postfix -c CONFIG_DIR ARGS...` (CompletedProcess, text)."""
+        return subprocess.run([POSTFIX, "-c", self.config_dir, *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def bounce_files(self):
+        """Paths of the messages delivered to the bounce Maildir (new/ and cur/), oldest first."""
+        out = []
+        for sub in ("new", "cur"):
+            d = os.path.join(self.maildir, sub)
+            try:
+                out += [os.path.join(d, f) for f in os.listdir(d) if not f.startswith(".")]
+            except FileNotFoundError:
+                pass
+        return sorted(out, key=lambda p: (os.stat(p).st_mtime_ns, p))
+
+    def bounces(self):
+        """The bounce mailbox's messages as email.message.EmailMessage (policy=default), with .path."""
+        out = []
+        for p in self.bounce_files():
+            with open(p, "rb") as f:
+                m = email.message_from_bytes(f.read(), policy=email.policy.default)
+            m.path = p
+            out.append(m)
+        return out
+
+    def queued(self):
+        """Queue files still in Postfix's queues (incoming, active, deferred, the bounce logs, ...)."""
+        n = 0
+        for q in POSTFIX_QUEUES:
+            for _root, _dirs, files in os.walk(os.path.join(self.queue_dir, q)):
+                n += len(files)
+        return n
+
+    def wait_until_idle(self, timeout=10.0):
+        """Wait until every queue is empty: every message relayed, and every DSN it caused written
+        (the bounce daemon queues the DSN before the returned message leaves the active queue)."""
+        wait_for(lambda: self.queued() == 0, timeout,
+                 what=f"Postfix's queue to empty ({self.queued()} files left)\n{self.log_text()[-3000:]}")
+
+    def wait_for_bounces(self, n, timeout=10.0):
+        """Wait until the bounce Maildir holds at least n messages; return bounces()."""
+        wait_for(lambda: len(self.bounce_files()) >= n, timeout,
+                 what=f"{n} messages in {self.maildir} (have {len(self.bounce_files())})\n"
+                      f"{self.log_text()[-3000:]}")
+        return self.bounces()
+
+    def processes(self):
+        """Pids of the instance's live processes (its master's process group, zombies left out)."""
+        return [] if self.master_pid is None else live_processes_in_group(self.master_pid)
+
+    def running(self):
+        return self.master_pid in self.processes()
+
+    def stop(self):
+        """`postfix stop`, wait for the master and its daemons to exit, SIGKILL whatever is left of
+        its process group (the master is a session leader: its daemons are in its group), then
+        remove the folder.  Idempotent."""
+        if self.master_pid is None:
+            return
+        t0 = time.monotonic()
+        if self.running():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.postfix("stop", timeout=10)
+            deadline = time.monotonic() + STOP_GRACE
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.processes() and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.master_pid, signal.SIGKILL)
+            time.sleep(0.02)
+        self.stop_seconds = time.monotonic() - t0
+        self.master_pid = None
+        _postfix_running.discard(self)
+        self.remove()
+
+    def remove(self):
+        """Remove the instance's folder (not with keep=True).  Only once nothing of it runs."""
+        if not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_postfix(workdir, relay_port, bounce_domain="bounces.acme.example", mailboxes=("b",),
+                  name=None, extra=None, maildir=None, owner=None, keep=False, attempts=3):
+    """Start a private Postfix instance (in a new temporary folder, linked as workdir/NAME when name is
+    given); return a PostfixServer once it listens.
+
+    It listens on 127.0.0.1:PORT (a free port) and takes mail from 127.0.0.0/8 without AUTH or TLS;
+    mail for bounce_domain to one of mailboxes (local parts; LOCAL+anything too) is delivered into one
+    Maildir (server.maildir), everything else is relayed to [127.0.0.1]:relay_port (a test aiosmtpd),
+    whose 5xx replies Postfix turns into real DSNs to the envelope sender, and whose 4xx replies too
+    (maximal_queue_lifetime = 0: one try).  extra: more main.cf parameters.  maildir: deliver there
+    instead (an absolute path, e.g. a dovecot user's Maildir, whose parent owner=(uid, gid) can write;
+    the files are owner's, default nobody's).
+
+    Its own config_directory, queue_directory, data_directory, log file and Maildir are in that
+    folder (removed by stop() unless keep): `postfix -c DIR start` never reads or writes
+    /etc/postfix/main.cf nor the system's queue, and a system Postfix running beside it is not
+    affected (its own master.lock, queue and port).
+    Postfix needs root (its master and delivery agents switch users): the caller skips otherwise.
+    The caller must stop() it (MailshotTestCase does)."""
+    import pwd
+    if os.geteuid() != 0:
+        raise unittest.SkipTest("a private Postfix instance needs root (the master and virtual(8) "
+                                "switch users); CI runs the tests as root")
+    if not os.access(POSTFIX, os.X_OK):
+        raise AssertionError(f"{POSTFIX} not found: apt-get install postfix (make deps does)")
+    # The base is a short folder of its own in /tmp, not inside workdir: the `postfix` command reaches
+    # postlogd through the absolute path QUEUE/public/postlog, and a Unix socket name is limited to 107
+    # bytes ("unix_dgram_connect: unix-domain name too long" otherwise); and the postfix and nobody
+    # users must get to it (/tmp is 1777, a TMPDIR may be 0700).  workdir/NAME links to it.
+    base = tempfile.mkdtemp(prefix="mailshot-pf-", dir="/tmp")
+    if name:
+        os.symlink(base, os.path.join(workdir, name))
+    os.makedirs(os.path.join(base, "conf"))
+    os.makedirs(os.path.join(base, "queue"))     # postfix check creates the queues inside it
+    # The daemons run as mail_owner (postfix) and virtual(8) as the mailbox owner: they must get
+    # through base (mkdtemp makes it 0700) to their directories; 0711 lets them in without listing it.
+    os.chmod(base, 0o711)
+    uid, gid = owner or (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    if maildir is None:
+        mail = os.path.join(base, "mail")
+        os.makedirs(mail)
+        os.chown(mail, uid, gid)
+    srv = PostfixServer(base, None, relay_port, bounce_domain, keep=keep, maildir=maildir)
+    last = ""
+    for _ in range(attempts):
+        port = free_port()
+        with open(os.path.join(base, "conf", "main.cf"), "w") as f:
+            f.write(postfix_main_cf(base, relay_port, bounce_domain, mailboxes, uid, gid, extra, maildir))
+        with open(os.path.join(base, "conf", "master.cf"), "w") as f:
+            f.write(f"127.0.0.1:{port} inet n - n - - smtpd\n" + _POSTFIX_MASTER_CF)
+        # Postfix reads a main.cf modified in the last second again and again, 300 ms apart, until it
+        # is a second old (in case an editor is still writing it): 1.5 s per start.  Date them back.
+        past = time.time() - 10
+        for f in ("main.cf", "master.cf"):
+            os.utime(os.path.join(base, "conf", f), (past, past))
+        srv.port = port
+        t0 = time.monotonic()
+        # `postfix start` runs `postfix check` (creates the queue and data directories with their
+        # owners), then master -w, which returns once the master is up: its listener is bound then
+        r = srv.postfix("start")
+        if r.returncode == 0:
+            with open(os.path.join(base, "queue", "pid", "master.pid")) as f:
+                srv.master_pid = int(f.read().split()[0])
+            srv.start_seconds = time.monotonic() - t0
+            _postfix_running.add(srv)
+            return srv
+        last = f"exit {r.returncode}\n{r.stdout}{r.stderr}\n--- maillog ---\n{srv.log_text()[-3000:]}"
+        if "bind" not in last and "Address already in use" not in last:
+            break    # not a port taken meanwhile: trying again will not help
+    srv.remove()
+    raise AssertionError(f"Postfix did not start in {base}: {last}")
 
 
 # --------------------------------------------------------------------------- DNS: tiny client
@@ -1450,6 +1769,15 @@ class MailshotTestCase(unittest.TestCase):
         servers, port = start_smtpd_many(self.tmp, hosts, secrets=self._secrets, **options)
         self._servers.extend(servers)
         return servers, port
+
+    def start_postfix(self, relay_port, **kw):
+        """Start a private Postfix instance relaying to 127.0.0.1:relay_port (harness.start_postfix);
+        returns PostfixServer.  Its folder is linked as self.tmp/postfix-N; it is stopped (and the folder
+        removed, unless MAILSHOT_KEEP_TMP is set) when the test ends."""
+        n = sum(1 for s in self._servers if isinstance(s, PostfixServer))
+        srv = start_postfix(self.tmp, relay_port, name=f"postfix-{n}", keep=self.keep_tmp, **kw)
+        self._servers.append(srv)
+        return srv
 
     def start_dns(self, zone=None, **kw):
         """Start dnsmasq serving zone (see harness.start_dnsmasq); returns DnsServer.
