@@ -13,7 +13,7 @@
 -- quotes nothing of the original (no headers, no recipient) still says whom it is about: the
 -- bounce comes back to that address.  The address itself is not in the token (it would not fit
 -- in the 64 octets of a local part, RFC 5321 4.5.3.1.1); `mailshot bounces` finds it from the
--- line in the campaign's CSV file (rows.emails_at) or from the DSN's recipients, and v:verify
+-- line in the campaign's CSV file (its index of the list) or from the DSN's recipients, and v:verify
 -- checks it against the MAC, so nobody can make us suppress an address by mailing us a
 -- made-up token.
 --

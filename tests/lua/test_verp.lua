@@ -1,6 +1,6 @@
 -- test_verp.lua - mailshot.verp: signed VERP return paths (round trip, case folding, forged
 -- and foreign tokens, malformed input, the 64-octet local part), the campaign's `return_path`
--- option, and rows.emails_at (the CSV line -> address look-up `mailshot bounces` uses).
+-- option, and rows.emails_at (a CSV line -> address look-up for scripts).
 -- Run: make mailshot && ./mailshot exec tests/lua/test_verp.lua
 --      (or MAILSHOT_LUA_PATH=lua ./mailshot exec tests/lua/test_verp.lua to test the tree)
 -- The expected tokens below were computed independently with Python's hmac/base64 modules:
