@@ -89,77 +89,70 @@ local function read_capped(path, max)
   return raw, size, size > max
 end
 
--- Copies a file into a Maildir's new/ (via tmp/), streaming: -> name | nil, err
-local function copy_into_maildir(src_path, dir, name)
-  local final = dir .. "/new/" .. name
-  if util.stat(final) then return name end                   -- copied by an earlier pass
-  local cur = util.list_dir(dir .. "/cur") or {}
-  for _, n in ipairs(cur) do if match(n, "^[^:]*") == name then return name end end
-  local src, err = io.open(src_path, "rb")
-  if not src then return nil, err end
-  local tmp = dir .. "/tmp/" .. name
-  local out
-  out, err = io.open(tmp, "wb")
-  if not out then src:close(); return nil, err end
-  while true do
-    local chunk = src:read(CHUNK)
-    if not chunk then break end
-    local ok, werr = out:write(chunk)
-    if not ok then src:close(); out:close(); os.remove(tmp); return nil, werr end
-  end
-  src:close()
-  local ok, cerr = out:close()
-  if not ok then os.remove(tmp); return nil, cerr end
-  local rok, rerr = os.rename(tmp, final)
-  if not rok then os.remove(tmp); return nil, rerr end
-  return name
-end
-
--- Copies an mbox message (bytes range.from .. range.to - 1 of range.path) into a Maildir's new/,
--- streaming, ">From " lines unquoted as Mbox:each does -> name | nil, err
-local line_reader
-local function copy_range_into_maildir(range, dir, name)
-  local final = dir .. "/new/" .. name
-  if util.stat(final) then return name end
-  local src, err = io.open(range.path, "rb")
-  if not src then return nil, err end
-  src:seek("set", range.from)
-  local tmp = dir .. "/tmp/" .. name
-  local out
-  out, err = io.open(tmp, "wb")
-  if not out then src:close(); return nil, err end
-  local left, next_line, at_start = range.to - range.from, line_reader(src), true
-  while left > 0 do
-    local l, cont = next_line()
-    if not l then break end
-    if #l > left then l = sub(l, 1, left) end
-    left = left - #l
-    if at_start and not cont and find(l, "^>+From ") then l = sub(l, 2) end
-    at_start = sub(l, -1) == "\n"
-    local ok, werr = out:write(l)
-    if not ok then src:close(); out:close(); os.remove(tmp); return nil, werr end
-  end
-  src:close()
-  local ok, cerr = out:close()
-  if not ok then os.remove(tmp); return nil, cerr end
-  local rok, rerr = os.rename(tmp, final)
-  if not rok then os.remove(tmp); return nil, rerr end
-  return name
-end
-
--- Writes a string into a Maildir's new/ (via tmp/) -> name | nil, err
-local function write_into_maildir(data, dir, name)
+-- Delivers a message into a Maildir's new/ as the Maildir spec asks: written in tmp/, then renamed
+-- into new/, so no reader sees half a message.  fill(out) writes it: true | nil, err.  A message
+-- already in new/ (copied by an earlier pass) is left as it is.  -> name | nil, err
+local function deliver(dir, name, fill)
   local final = dir .. "/new/" .. name
   if util.stat(final) then return name end
   local tmp = dir .. "/tmp/" .. name
   local out, err = io.open(tmp, "wb")
   if not out then return nil, err end
-  local ok, werr = out:write(data)
+  local ok, werr = fill(out)
   local cok, cerr = out:close()
   if not ok or not cok then os.remove(tmp); return nil, werr or cerr end
   local rok, rerr = os.rename(tmp, final)
   if not rok then os.remove(tmp); return nil, rerr end
   return name
+end
+
+-- Copies a file into a Maildir, streaming (also done when an earlier pass's copy was since
+-- marked, in cur/): -> name | nil, err
+local function copy_into_maildir(src_path, dir, name)
+  for _, n in ipairs(util.list_dir(dir .. "/cur") or {}) do
+    if match(n, "^[^:]*") == name then return name end
+  end
+  return deliver(dir, name, function(out)
+    local src, err = io.open(src_path, "rb")
+    if not src then return nil, err end
+    while true do
+      local chunk = src:read(CHUNK)
+      if not chunk then break end
+      local ok, werr = out:write(chunk)
+      if not ok then src:close(); return nil, werr end
+    end
+    src:close()
+    return true
+  end)
+end
+
+-- Copies an mbox message (bytes range.from .. range.to - 1 of range.path) into a Maildir,
+-- streaming, ">From " lines unquoted as Mbox:each does -> name | nil, err
+local line_reader
+local function copy_range_into_maildir(range, dir, name)
+  return deliver(dir, name, function(out)
+    local src, err = io.open(range.path, "rb")
+    if not src then return nil, err end
+    src:seek("set", range.from)
+    local left, next_line, at_start = range.to - range.from, line_reader(src), true
+    while left > 0 do
+      local l, cont = next_line()
+      if not l then break end
+      if #l > left then l = sub(l, 1, left) end
+      left = left - #l
+      if at_start and not cont and find(l, "^>+From ") then l = sub(l, 2) end
+      at_start = sub(l, -1) == "\n"
+      local ok, werr = out:write(l)
+      if not ok then src:close(); return nil, werr end
+    end
+    src:close()
+    return true
+  end)
+end
+
+-- Writes a string into a Maildir -> name | nil, err
+local function write_into_maildir(data, dir, name)
+  return deliver(dir, name, function(out) return out:write(data) end)
 end
 
 -- A name for a message copied out of a read-only source: stable for the same message, so a
