@@ -440,20 +440,13 @@ local function compile(source, name, helpers, html, known)
   for _, node in ipairs(tree) do if node.k == "if" then flat = false end end
   ctx.pieces = flat and {} or nil
   gen(tree, ctx)
-  local code
-  if flat then
-    code = "local K,X,E,MISS,type,tostring,concat=...\n"
-           .. "return function(row,html,F,label)\n"
-           .. "local v,m\n"
-           .. concat(ctx.code, "\n")
-           .. "\nreturn ''.." .. (#ctx.pieces > 0 and concat(ctx.pieces, "..") or "''") .. "\nend\n"
-  else
-    code = "local K,X,E,MISS,type,tostring,concat=...\n"
-           .. "return function(row,html,F,label)\n"
-           .. "local b,n,v,m={},0\n"
-           .. concat(ctx.code, "\n")
-           .. "\nreturn concat(b,'',1,n)\nend\n"
-  end
+  local locals, result = "local b,n,v,m={},0", "concat(b,'',1,n)"
+  if flat then locals, result = "local v,m", "''.." .. (#ctx.pieces > 0 and concat(ctx.pieces, "..") or "''") end
+  local code = "local K,X,E,MISS,type,tostring,concat=...\n"
+            .. "return function(row,html,F,label)\n"
+            .. locals .. "\n"
+            .. concat(ctx.code, "\n")
+            .. "\nreturn " .. result .. "\nend\n"
 
   local outs = ctx.outs
   local function miss(id, label, field)
