@@ -266,14 +266,15 @@ static void on_reply(redis_conn *c, redisReply *r) {
 static void read_input(redis_conn *c) {
   char buf[READ_CHUNK];
   c->read_wants_write = 0;
-  while (c->state == RS_READY) {
+  /* a callback may free the connection: then the rest is cancelled, not delivered */
+  while (c->state == RS_READY && !c->free_pending) {
     int want = 0;
     ssize_t n = net_read(&c->s, buf, sizeof buf, &want);
     if (n == NET_AGAIN) { c->read_wants_write = want == LOOP_WRITE; return; }
     if (n == NET_EOF) { die(c, "connection closed by the server"); return; }
     if (n < 0) { die(c, "read: %s", c->s.err); return; }
     if (redisReaderFeed(c->reader, buf, (size_t)n) != REDIS_OK) { die(c, "out of memory"); return; }
-    while (c->state == RS_READY) {
+    while (c->state == RS_READY && !c->free_pending) {
       void *reply = NULL;
       if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
         die(c, "protocol error: %s", c->reader->errstr);
