@@ -35,6 +35,11 @@ IMAP/POP3 (bounce mailboxes): start_dovecot(workdir) runs a private dovecot with
 POP3S on free loopback ports (srv.add_user, srv.deliver into a Maildir, srv.imap for the test's own
 checks; self.start_dovecot() for one that dies with the test).
 
+Redis: self.start_redis(tls=False, password=None, user=None) runs a private redis-server on a free port of
+127.0.0.1 (its own folder, no persistence; TLS-only with a make_ca_and_cert leaf; requirepass, or an ACL user
+with the default user off): srv.url, srv.ca_file, srv.cli(*args) (redis-cli, the password through
+REDISCLI_AUTH), srv.kill() (SIGKILL), srv.restart() (same port, data kept).
+
 Valgrind (`make valgrind`): with MAILSHOT_VALGRIND=1 every mailshot the tests start (run_mailshot, and
 Popen(self.mailshot_cmd(...)) for the ones a test drives itself) runs under valgrind (memcheck, full leak
 check) on MAILSHOT, which must then be the plain build (./mailshot, not build/asan/mailshot).  Each run
