@@ -10,7 +10,7 @@ import os
 import socket
 import unittest
 
-from tests.integration.harness import MailshotTestCase, free_port, scaled, skip_under_valgrind, wait_for
+from tests.integration.harness import MailshotTestCase, free_port, scaled, skip_under_valgrind
 
 # Every script starts with this: the module, the scheduler, the server's port, and show(...), which
 # prints values one line at a time: strings quoted with every byte outside printable ASCII as \xNN,
@@ -385,6 +385,42 @@ show(#got, got == big)
 show(c:call("STRLEN", "big"))
 ''', srv)
         self.assertEqual(out, ['"OK"', "integer:10485760 true", "integer:10485760"])
+
+
+class RedisHarnessTests(MailshotTestCase):
+    """harness.start_redis itself, which the cluster tests build on."""
+
+    def test_password_user_tls_kill_and_restart(self):
+        password = "harness-redis-pw"
+        srv = self.start_redis(password=password)
+        self.assertEqual(srv.url, f"redis://127.0.0.1:{srv.port}/0")
+        with open(f"/proc/{srv.pid}/cmdline", "rb") as f:
+            self.assertNotIn(password.encode(), f.read())            # only in the 0600 redis.conf
+        self.assertEqual(os.stat(srv.conf_path).st_mode & 0o777, 0o600)
+        self.assertEqual(srv.cli("SET", "kept", "yes").strip(), "OK")
+        port = srv.port
+        srv.restart()
+        self.assertEqual((srv.port, srv.cli("GET", "kept").strip()), (port, "yes"))
+        srv.kill()
+        self.assertFalse(srv.running())
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+        acl = self.start_redis(password=password, user="worker")
+        self.assertEqual(acl.url, f"redis://worker@127.0.0.1:{acl.port}/0")
+        self.assertEqual(acl.cli("ACL", "WHOAMI").strip(), "worker")
+
+        tls = self.start_redis(tls=True)
+        self.assertEqual(tls.url, f"rediss://127.0.0.1:{tls.port}/0")
+        self.assertEqual(tls.cli("PING").strip(), "PONG")
+        with socket.create_connection(("127.0.0.1", tls.port), timeout=5) as s:   # TLS only: no plain RESP
+            s.sendall(b"PING\r\n")
+            s.settimeout(5)
+            try:
+                got = s.recv(100)
+            except (ConnectionResetError, socket.timeout):
+                got = b""
+            self.assertNotIn(b"PONG", got)
 
 
 if __name__ == "__main__":
