@@ -326,6 +326,7 @@ show(c:closed(), c:stats().pending)
         out = self.lua(r'''
 local c = assert(redis.connect{ port = PORT, timeout = 5 })
 local other = assert(redis.connect{ port = PORT })
+local d = assert(redis.connect{ port = PORT, timeout = 0.4 })   -- connect's timeout: every call's default
 c:settimeout(0.3)
 show(other:call("CLIENT", "PAUSE", 1500))          -- the server answers nobody for 1.5 s
 local t0 = core.now()
@@ -333,11 +334,13 @@ show(c:call("GET", "k"))
 print(core.now() - t0 >= 0.25)
 show(c:closed(), c:call("PING"))
 show(pcall(c.settimeout, c, 0))
+show(d:call("GET", "k"))
 ''', srv)
         late = f'nil "redis 127.0.0.1:{srv.port}: timeout: no reply within 0.3 s" "io"'
         self.assertEqual(out[0:3], ['"OK"', late, "true"])
         self.assertEqual(out[3], "true " + late)
         self.assertRegex(out[4], r'^false ".*timeout must be in')
+        self.assertEqual(out[5], late.replace("0.3 s", "0.4 s"))
 
     def test_close_fails_pending_calls_and_an_exit_with_calls_pending_is_clean(self):
         srv = self.start_redis()
