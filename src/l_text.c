@@ -120,45 +120,97 @@ static int t_kind(lua_State *L) {
 
 static int is_space(unsigned char c) { return c == ' ' || (c >= 9 && c <= 13); }
 
-/* Push t[keys[i]] for i = 1..#keys as strings ("" for nil); returns how many.  The values are
- * all on the stack before any luaL_Buffer starts, which must see the stack balanced. */
+/* Push t[keys[i]] for i = 1..#keys; returns how many.  Strings, integers and nil stay as they are
+ * (field_text writes them); anything else goes through tostring (luaL_tolstring) here.  The values
+ * are all on the stack before the output buffer is made. */
 static int push_fields(lua_State *L, int t, int keys) {
   lua_Integer n = luaL_len(L, keys);
   luaL_argcheck(L, n >= 0 && n < 1000, keys, "too many keys");
   luaL_checkstack(L, (int)n + 8, "too many fields");
   for (lua_Integer i = 1; i <= n; i++) {
     lua_geti(L, keys, i);
-    lua_gettable(L, t);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); lua_pushliteral(L, ""); }
-    else if (lua_type(L, -1) != LUA_TSTRING) { luaL_tolstring(L, -1, NULL); lua_remove(L, -2); }
+    int ty = lua_gettable(L, t);
+    if (ty != LUA_TSTRING && ty != LUA_TNIL && !lua_isinteger(L, -1)) {
+      luaL_tolstring(L, -1, NULL);
+      lua_remove(L, -2);
+    }
   }
   return (int)n;
 }
 
-/* A cell a spreadsheet would read as a formula (= + - @, or TAB/CR before one), or one that starts
- * with the quote we prefix, gets one ' in front (OWASP "CSV injection"): taking one leading ' off any
- * cell that starts with one gives the raw text back. */
+/* The most bytes field_text gives for the value at idx: an integer's 20 digits and sign */
+static size_t field_max(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING) { size_t n; lua_tolstring(L, idx, &n); return n; }
+  return lua_isnil(L, idx) ? 0 : 20;
+}
+
+/* The text of a value push_fields left: a string's bytes, "" for nil, an integer's digits in num
+ * (as tostring writes them, "%lld", without the string it would make). */
+static const char *field_text(lua_State *L, int idx, char num[24], size_t *n) {
+  if (lua_type(L, idx) == LUA_TSTRING) return lua_tolstring(L, idx, n);
+  if (lua_isnil(L, idx)) { *n = 0; return ""; }
+  lua_Integer v = lua_tointeger(L, idx);
+  unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+  char *p = num + 24;
+  do { *--p = (char)('0' + u % 10); u /= 10; } while (u);
+  if (v < 0) *--p = '-';
+  *n = (size_t)(num + 24 - p);
+  return p;
+}
+
+/* The output of one row or record: on the C stack when `max` (an upper bound) fits, else in a
+ * luaL_Buffer of that size; out_push makes the string of the `used` bytes. */
+typedef struct { char local[1024]; luaL_Buffer b; char *p; } outbuf;
+static char *out_init(lua_State *L, outbuf *o, size_t max) {
+  o->p = max <= sizeof o->local ? o->local : luaL_buffinitsize(L, &o->b, max);
+  return o->p;
+}
+static void out_push(lua_State *L, outbuf *o, const char *end) {
+  if (o->p == o->local) lua_pushlstring(L, o->local, (size_t)(end - o->p));
+  else luaL_pushresultsize(&o->b, (size_t)(end - o->p));
+}
+
 static int needs_prefix(const char *v, size_t n) {
   static const char lead[] = "=+-@\t\r'";
   return n > 0 && memchr(lead, v[0], sizeof lead - 1) != NULL;
 }
 
-static void add_csv_field(luaL_Buffer *b, const char *v, size_t n) {
+/* One CSV cell at d (at most 2 n + 3 bytes); returns its end. */
+static char *put_csv_field(char *d, const char *v, size_t n) {
   int prefix = needs_prefix(v, n);
   int quote = prefix || (n > 0 && (memchr(v, '"', n) || memchr(v, ',', n) || memchr(v, '\r', n)
                                    || memchr(v, '\n', n) || is_space((unsigned char)v[0])
                                    || is_space((unsigned char)v[n - 1])));
-  if (!quote) { luaL_addlstring(b, v, n); return; }
-  luaL_addchar(b, '"');
-  if (prefix) luaL_addchar(b, '\'');
+  if (!quote) { memcpy(d, v, n); return d + n; }
+  *d++ = '"';
+  if (prefix) *d++ = '\'';
   for (const char *p = v, *end = v + n; p < end;) {
     const char *q = memchr(p, '"', (size_t)(end - p));
     size_t run = q ? (size_t)(q - p) + 1 : (size_t)(end - p);
-    luaL_addlstring(b, p, run);
-    if (q) luaL_addchar(b, '"');   /* "" inside quotes */
+    memcpy(d, p, run);
+    d += run;
+    if (q) *d++ = '"';   /* "" inside quotes */
     p += run;
   }
-  luaL_addchar(b, '"');
+  *d++ = '"';
+  return d;
+}
+
+/* One journal field at d with \t \n \r \\ escaped (at most 2 n bytes); returns its end.  Runs of
+ * plain bytes are copied whole. */
+static char *put_escaped(char *d, const char *v, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i;
+    while (j < n && v[j] != '\t' && v[j] != '\n' && v[j] != '\r' && v[j] != '\\') j++;
+    memcpy(d, v + i, j - i);
+    d += j - i;
+    if (j == n) break;
+    *d++ = '\\';
+    *d++ = v[j] == '\t' ? 't' : v[j] == '\n' ? 'n' : v[j] == '\r' ? 'r' : '\\';
+    i = j + 1;
+  }
+  return d;
 }
 
 static int t_csv_row(lua_State *L) {
@@ -166,29 +218,18 @@ static int t_csv_row(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
   int n = push_fields(L, 1, 2);
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
+  size_t max = (size_t)n;
+  for (int i = 0; i < n; i++) max += 2 * field_max(L, 3 + i) + 3;
+  outbuf o;
+  char *d = out_init(L, &o, max), num[24];
   for (int i = 0; i < n; i++) {
     size_t len;
-    const char *v = lua_tolstring(L, 3 + i, &len);
-    if (i > 0) luaL_addchar(&b, ',');
-    add_csv_field(&b, v, len);
+    const char *v = field_text(L, 3 + i, num, &len);
+    if (i > 0) *d++ = ',';
+    d = put_csv_field(d, v, len);
   }
-  luaL_pushresult(&b);
+  out_push(L, &o, d);
   return 1;
-}
-
-static void add_escaped(luaL_Buffer *b, const char *v, size_t n) {
-  for (size_t i = 0; i < n; i++) {
-    char c = v[i];
-    switch (c) {
-    case '\t': luaL_addlstring(b, "\\t", 2); break;
-    case '\n': luaL_addlstring(b, "\\n", 2); break;
-    case '\r': luaL_addlstring(b, "\\r", 2); break;
-    case '\\': luaL_addlstring(b, "\\\\", 2); break;
-    default: luaL_addchar(b, c);
-    }
-  }
 }
 
 static int t_tsv_record(lua_State *L) {
@@ -199,21 +240,24 @@ static int t_tsv_record(lua_State *L) {
     luaL_checktype(L, 5, LUA_TTABLE);
   }
   lua_settop(L, 5);
-  for (int i = 2; i <= 3; i++) {   /* line and email: as tostring would give them, nil as "" */
-    if (lua_isnil(L, i)) { lua_pushliteral(L, ""); lua_replace(L, i); }
-    else if (lua_type(L, i) != LUA_TSTRING) { luaL_tolstring(L, i, NULL); lua_replace(L, i); }
-  }
+  for (int i = 2; i <= 3; i++)     /* line and email: as tostring would give them, nil as "" */
+    if (lua_type(L, i) != LUA_TSTRING && !lua_isnil(L, i) && !lua_isinteger(L, i)) {
+      luaL_tolstring(L, i, NULL);
+      lua_replace(L, i);
+    }
   if (!lua_isnil(L, 4)) n = push_fields(L, 4, 5);
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
+  size_t max = 1;
+  for (int i = 1; i <= 3 + n; i++) max += 2 * field_max(L, i <= 3 ? i : 6 + (i - 4)) + 1;
+  outbuf o;
+  char *d = out_init(L, &o, max), num[24];
   for (int i = 1; i <= 3 + n; i++) {
     size_t len;
-    const char *v = lua_tolstring(L, i <= 3 ? i : 6 + (i - 4), &len);
-    if (i > 1) luaL_addchar(&b, '\t');
-    add_escaped(&b, v, len);
+    const char *v = field_text(L, i <= 3 ? i : 6 + (i - 4), num, &len);
+    if (i > 1) *d++ = '\t';
+    d = put_escaped(d, v, len);
   }
-  luaL_addchar(&b, '\n');
-  luaL_pushresult(&b);
+  *d++ = '\n';
+  out_push(L, &o, d);
   return 1;
 }
 
