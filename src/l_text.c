@@ -18,6 +18,8 @@
  *       with = + - @ TAB CR (a spreadsheet formula) or ' gets one ' prepended, and is quoted.
  *   text.tsv_record(kind, line, email [, t, keys]) -> "kind\tline\temail[\tt[k]...]\n"
  *       a journal record: tab, LF, CR and backslash in values escaped as \t \n \r \\.
+ *   text.message_id(prefix, r, counter, domain), text.boundary(r, q) -> mime.lua's Message-ID and
+ *       multipart boundary from its random numbers, in hex (below)
  *   text.address_ok(addr) -> true | false, reason
  *       smtp_addr_ok, the rule the SMTP client applies to every MAIL FROM and RCPT TO: the one
  *       rule set for an address (mime.valid_address narrows it to what a header can carry).
@@ -261,6 +263,48 @@ static int t_tsv_record(lua_State *L) {
   return 1;
 }
 
+/* n hex digits (lowercase) of v's low 4 n bits at d; returns the end */
+static char *put_hex(char *d, uint64_t v, int n) {
+  static const char hex[] = "0123456789abcdef";
+  for (int i = n - 1; i >= 0; i--) d[i] = hex[v & 15], v >>= 4;
+  return d + n;
+}
+
+/* text.message_id(prefix, r, counter, domain) -> prefix .. 8 hex digits of r's high half .. "." ..
+ * counter in hex (as %x) .. 8 hex digits of r's low half .. "@" .. domain .. ">" (mime.lua's
+ * Message-ID: r from math.random(0), so its ids follow the Lua generator as before). */
+static int t_message_id(lua_State *L) {
+  size_t np, nd;
+  const char *prefix = luaL_checklstring(L, 1, &np);
+  uint64_t r = (uint64_t)luaL_checkinteger(L, 2), counter = (uint64_t)luaL_checkinteger(L, 3);
+  const char *domain = luaL_checklstring(L, 4, &nd);
+  int ndig = 1;
+  while (ndig < 16 && counter >> (4 * ndig)) ndig++;
+  luaL_Buffer b;
+  char *d = luaL_buffinitsize(L, &b, np + nd + 40), *start = d;
+  memcpy(d, prefix, np);
+  d = put_hex(d + np, r >> 32, 8);
+  *d++ = '.';
+  d = put_hex(d, counter, ndig);
+  d = put_hex(d, r & 0xffffffffu, 8);
+  *d++ = '@';
+  memcpy(d, domain, nd);
+  d += nd;
+  *d++ = '>';
+  luaL_pushresultsize(&b, (size_t)(d - start));
+  return 1;
+}
+
+/* text.boundary(r, q) -> "=_ms_" .. 16 hex digits of r .. 8 of q's low half (mime.lua's multipart
+ * boundary, from two math.random(0)) */
+static int t_boundary(lua_State *L) {
+  uint64_t r = (uint64_t)luaL_checkinteger(L, 1), q = (uint64_t)luaL_checkinteger(L, 2);
+  char buf[32] = "=_ms_";
+  put_hex(put_hex(buf + 5, r, 16), q & 0xffffffffu, 8);
+  lua_pushlstring(L, buf, 29);
+  return 1;
+}
+
 static int t_address_ok(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -374,7 +418,7 @@ static int t_fold(lua_State *L) {
 int luaopen_mailshot_text(lua_State *L) {
   static const luaL_Reg fns[] = {
     { "crlf", t_crlf }, { "kind", t_kind }, { "csv_row", t_csv_row }, { "tsv_record", t_tsv_record },
-    { "address_ok", t_address_ok }, { NULL, NULL }
+    { "address_ok", t_address_ok }, { "message_id", t_message_id }, { "boundary", t_boundary }, { NULL, NULL }
   };
   static const luaL_Reg encoders[] = {
     { "qp", t_qp }, { "base64", t_base64 }, { "encode_words", t_encode_words },

@@ -185,6 +185,33 @@ case("csv_row and tsv_record agree with the Lua references on 5,000 rows of mixe
   end
 end)
 
+case("message_id and boundary write what mime.lua's Lua code wrote (HEX2 table lookups, %x)", function()
+  local HEX2 = {}
+  for i = 0, 255 do HEX2[i] = ("%02x"):format(i) end
+  local function ref_id(prefix, r, counter, domain)
+    return prefix .. HEX2[r >> 56] .. HEX2[r >> 48 & 255] .. HEX2[r >> 40 & 255]
+           .. HEX2[r >> 32 & 255] .. "." .. ("%x"):format(counter) .. HEX2[r >> 24 & 255]
+           .. HEX2[r >> 16 & 255] .. HEX2[r >> 8 & 255] .. HEX2[r & 255] .. "@" .. domain .. ">"
+  end
+  local function ref_boundary(r, q)
+    return "=_ms_" .. HEX2[r >> 56] .. HEX2[r >> 48 & 255] .. HEX2[r >> 40 & 255]
+           .. HEX2[r >> 32 & 255] .. HEX2[r >> 24 & 255] .. HEX2[r >> 16 & 255]
+           .. HEX2[r >> 8 & 255] .. HEX2[r & 255] .. HEX2[q >> 24 & 255]
+           .. HEX2[q >> 16 & 255] .. HEX2[q >> 8 & 255] .. HEX2[q & 255]
+  end
+  math.randomseed(29)
+  local counters = { 1, 9, 15, 16, 255, 256, 4095, 65536, 0x7fffffff, math.maxinteger }
+  for i = 1, 20000 do
+    local r, q = math.random(0), math.random(0)
+    local counter = counters[i % #counters + 1] + (i % 3 == 0 and math.random(0, 1000) or 0)
+    if counter < 0 then counter = i end
+    eq(text.message_id("<1764770000.", r, counter, "acme.example"), ref_id("<1764770000.", r, counter, "acme.example"))
+    eq(text.boundary(r, q), ref_boundary(r, q))
+  end
+  eq(text.message_id("<1.", 0, 1, "x"), "<1.00000000.100000000@x>")
+  eq(text.boundary(-1, -1), "=_ms_ffffffffffffffffffffffff")
+end)
+
 case("address_ok is the SMTP client's own check (smtp_addr_ok), reasons and all", function()
   for _, good in ipairs { "a@b", "first.last+tag@sub.example.com", "x@xn--bcher-kva.example", '"a b"@x.test' } do
     local ok, why = text.address_ok(good)
