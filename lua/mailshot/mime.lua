@@ -151,9 +151,13 @@ end
 -- LDH labels (RFC 1035; an IDN goes as its A-label, idna.to_ascii), ASCII
 -- only (no SMTPUTF8).
 local address_ok = text.address_ok
+-- The last address found valid: a campaign checks each recipient's address when it classifies the
+-- row, and mime.build checks it again in the To header.
+local last_valid = {}
 local function valid_address(addr)
+  if addr == last_valid then return true end
   if type(addr) ~= "string" then return false, "not a string" end
-  if fast_valid(addr) then return true end
+  if fast_valid(addr) then last_valid = addr; return true end
   local ok, why = address_ok(addr)
   if not ok then return false, why end
   if find(addr, "[\128-\255]") then return false, "non-ASCII address (SMTPUTF8 is not supported)" end
@@ -449,7 +453,7 @@ local function attachment_part(a, i, base)
     att_heads[given] = att_heads[given] or {}
     att_heads[given][filename], natt_heads = head, natt_heads + 1
   end
-  return { head = head, body = cached_base64(data) }
+  return { head = head, body = cached_base64(data), encoded = true }
 end
 
 local TEXT_HEAD = {}             -- [subtype][cte] -> head
@@ -461,9 +465,12 @@ for _, subtype in ipairs({ "plain", "html" }) do
   end
 end
 
+-- encoded: the body is quoted-printable or base64, where "=_" (how every boundary starts) cannot
+-- occur: "=" is always followed by two hex digits or a line break, or ends base64 with "=" or a
+-- line break.  multipart() does not search such a body.
 local function text_part(s, subtype, eightbit)
   local body, cte = encode_text(s, eightbit)
-  return { head = TEXT_HEAD[subtype][cte], body = body, eightbit = cte == "8bit" }
+  return { head = TEXT_HEAD[subtype][cte], body = body, eightbit = cte == "8bit", encoded = cte == "quoted-printable" }
 end
 
 -- multipart(subtype, parts) -> part, with a boundary found in none of the
@@ -479,7 +486,7 @@ local function multipart(subtype, parts)
     -- A part's text is its headers, CRLF CRLF, its body: the boundary has
     -- no CR or LF, so it is in the text only if it is in one of the two.
     for _, p in ipairs(parts) do
-      if find(p.head, boundary, 1, true) or find(p.body, boundary, 1, true) then
+      if find(p.head, boundary, 1, true) or (not p.encoded and find(p.body, boundary, 1, true)) then
         clash = true
         break
       end
