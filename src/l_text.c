@@ -7,10 +7,11 @@
  *   text.crlf(s [, max_line]) -> t | nil
  *       every line break of s (CRLF, lone CR, lone LF) as CRLF; s itself when it has none to
  *       change.  nil when a line is longer than max_line octets (line break not counted).
- *   text.kind(s) -> "7bit" | "8bit" | "nul"
+ *   text.kind(s [, first_8bit]) -> "7bit" | "8bit" | "nul"
  *       what a body's bytes allow: "nul" when s has a NUL byte, else "8bit" when it has a byte
  *       over 127, else "7bit" (RFC 2045 §2.7-2.8); a word at a time, where utf8.len decodes
- *       every character.
+ *       every character.  With first_8bit, "8bit" as soon as a byte over 127 is seen (there may
+ *       be a NUL after it): for a caller to whom both mean "not 7bit".
  *   text.csv_row(t, keys) -> "v1,v2,...,vn"
  *       t[keys[1]] .. t[keys[n]] as one RFC 4180 row (no line break): nil is empty, other
  *       values go through tostring; a value is quoted when it has a quote, a comma or a line
@@ -104,6 +105,7 @@ static int t_crlf(lua_State *L) {
 static int t_kind(lua_State *L) {
   size_t n;
   const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  int first_8bit = lua_toboolean(L, 2);   /* the caller only tells 7bit from the rest */
   int high = 0;
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {   /* 8 bytes at a time: a NUL byte or a high bit in any of them */
@@ -111,8 +113,9 @@ static int t_kind(lua_State *L) {
     memcpy(&w, s + i, 8);
     if (((w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull) != 0) break;   /* a zero byte */
     high |= (w & 0x8080808080808080ull) != 0;
+    if (high && first_8bit) break;
   }
-  for (; i < n; i++) {
+  for (; i < n && !(high && first_8bit); i++) {
     if (s[i] == 0) { lua_pushliteral(L, "nul"); return 1; }
     high |= s[i] >= 0x80;
   }

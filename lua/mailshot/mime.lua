@@ -330,7 +330,9 @@ end
 -- Content-Transfer-Encoding for a text body, and its encoded form.  Line breaks become CRLF
 -- (text.crlf, in C: one pass over the bytes); 7bit/8bit only while no line is over MAX_LINE.
 local function encode_text(s, eightbit)
-  local kind = text.kind(s)              -- "7bit", "8bit" (a byte over 127), "nul"
+  -- "7bit", "8bit" (a byte over 127), "nul"; without eightbit, 8bit and nul both mean QP, so the
+  -- scan stops at the first byte over 127 (a greeting's name, in the first line)
+  local kind = text.kind(s, not eightbit)
   if kind == "7bit" or (kind == "8bit" and eightbit) then
     local r = text.crlf(s, MAX_LINE)
     if r then return r, kind end

@@ -102,6 +102,9 @@ case("kind agrees with the Lua reference on 20,000 random strings", function()
     local s = random_string(30)
     local want = s:find("\0", 1, true) and "nul" or s:find("[\128-\255]") and "8bit" or "7bit"
     eq(text.kind(s), want, ("kind(%q)"):format(s))
+    -- first_8bit: 7bit exactly when it is; past a byte over 127, "8bit" whatever follows
+    local high, nul = s:find("[\128-\255]"), s:find("\0", 1, true)
+    eq(text.kind(s, true), (high and not (nul and nul < high)) and "8bit" or want, ("kind(%q, true)"):format(s))
   end
 end)
 
