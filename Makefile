@@ -66,8 +66,9 @@ build/%.o: src/%.c $(wildcard src/*.h) | build
 build/asan/%.o: src/%.c $(wildcard src/*.h) | build/asan
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -c -o $@ $<
 
+# embed_gen compiles the modules with the Lua library mailshot links (its bytecode is that library's)
 build/embed_gen: src/embed_gen.c | build
-	$(CC) -O2 -o $@ $<
+	$(CC) -O2 $(shell pkg-config --cflags lua5.4 2>/dev/null) -o $@ $< $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 
 build/lua_embed.c: build/embed_gen $(LUA_SRC)
 	build/embed_gen lua $(LUA_SRC) > $@.tmp && mv $@.tmp $@

@@ -56,6 +56,7 @@ typedef struct relay {
    * this run; every send gets this refusal at once, deferred for --resume. */
   int auth_refused;
   smtp_result auth_refusal;
+  char name[272];           /* "host:port" ("[v6]:port") for results, made once: set_relay_name */
 } relay;
 
 /* ---------------- pool bookkeeping ---------------- */
@@ -113,12 +114,13 @@ static void set_bool(lua_State *L, const char *k, int v) { lua_pushboolean(L, v)
 
 /* The relay a result came from, "host:port" ("[v6]:port"): a run tells its relays apart by it
  * (the progress line, the summary, the relay-down rule of mailshot.health). */
-static void set_relay_name(lua_State *L, const relay *r) {
-  lua_pushfstring(L, strchr(r->cfg.host, ':') ? "[%s]:%s" : "%s:%s", r->cfg.host, r->cfg.port);
-  lua_setfield(L, -2, "relay");
+static void set_relay_name(lua_State *L, relay *r) {
+  if (!r->name[0])
+    snprintf(r->name, sizeof r->name, strchr(r->cfg.host, ':') ? "[%s]:%s" : "%s:%s", r->cfg.host, r->cfg.port);
+  set_str(L, "relay", r->name);
 }
 
-static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *txn, const relay *r) {
+static void push_result(lua_State *L, const smtp_result *res, const smtp_txn *txn, relay *r) {
   lua_createtable(L, 0, 10);
   set_bool(L, "ok", res->ok);
   set_int(L, "code", res->code);
@@ -189,7 +191,7 @@ static void auth_refusal_result(const relay *r, smtp_result *out, int first) {
   *out = res;
 }
 
-static void push_auth_refusal(lua_State *L, const relay *r) {
+static void push_auth_refusal(lua_State *L, relay *r) {
   smtp_result res = { 0 };
   auth_refusal_result(r, &res, 0);
   push_result(L, &res, NULL, r);
@@ -207,7 +209,7 @@ static void push_words(lua_State *L, const char *s) {
   }
 }
 
-static void push_check(lua_State *L, smtp_conn *c, const relay *r) {
+static void push_check(lua_State *L, smtp_conn *c, relay *r) {
   const smtp_result *res = smtp_conn_result(c);
   smtp_info in;
   smtp_conn_info(c, &in);
@@ -568,7 +570,7 @@ static int any_nul(lua_State *L, int idx, int n) {
 }
 
 /* A bad envelope: this message's permanent failure, decided before any network. */
-static void push_invalid(lua_State *L, const relay *r, const char *stage, const char *msg) {
+static void push_invalid(lua_State *L, relay *r, const char *stage, const char *msg) {
   smtp_result res = { .error = SMTP_ERR_INVALID, .stage = stage };
   snprintf(res.message, sizeof res.message, "%s", msg);
   push_result(L, &res, NULL, r);

@@ -15,6 +15,7 @@
 #include "tls.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -162,8 +163,10 @@ static int envelope_ok(const char *from, const char *const *to, int nto, smtp_re
 smtp_txn *smtp_txn_new(const char *from, const char *const *to, int nto, const char *msg, size_t len,
                        smtp_result *why) {
   if (!envelope_ok(from, to, nto, why)) return NULL;
-  smtp_txn *t = calloc(1, sizeof *t);
+  smtp_txn *t = malloc(sizeof *t);
   if (!t) goto nomem;
+  memset(t, 0, offsetof(smtp_txn, res));   /* res is last (smtp.h) */
+  smtp_result_clear(&t->res);
   t->from = strdup(from);
   t->rcpt = calloc((size_t)nto, sizeof *t->rcpt);
   if (!t->from || !t->rcpt) goto nomem;
@@ -336,17 +339,31 @@ static void quit_done(smtp_conn *c) {
   finish(c);
 }
 
+void smtp_result_clear(smtp_result *r) {
+  r->ok = r->temporary = r->code = r->accepted = r->defer = 0;
+  r->error = SMTP_ERR_NONE;
+  r->stage = NULL;
+  r->enhanced[0] = r->message[0] = '\0';
+}
+
+/* s into dst[size], cut to size - 1 bytes (what snprintf "%s" does, without its format parsing) */
+static void copy_text(char *dst, size_t size, const char *s) {
+  size_t n = s ? strnlen(s, size - 1) : 0;
+  memcpy(dst, s ? s : "", n);
+  dst[n] = '\0';
+}
+
 static void set_result(smtp_result *r, smtp_error kind, const char *stage, int code, const char *enh,
                        const char *msg) {
   int accepted = r->accepted;
-  memset(r, 0, sizeof *r);
+  smtp_result_clear(r);
   r->error = kind;
   r->stage = stage;
   r->temporary = smtp_error_temporary(kind);
   r->code = code;
   r->accepted = accepted;
-  snprintf(r->enhanced, sizeof r->enhanced, "%s", enh ? enh : "");
-  snprintf(r->message, sizeof r->message, "%s", msg ? msg : "");
+  copy_text(r->enhanced, sizeof r->enhanced, enh);
+  copy_text(r->message, sizeof r->message, msg);
 }
 
 /* A failure on the server's reply: its class (RFC 5321 §4.2.1) is the kind; a 2xx or 3xx where
@@ -1014,7 +1031,7 @@ static int begin(smtp_conn *c, int op, smtp_done_fn *fn, void *ud) {
   c->op = op;
   c->fn = fn;
   c->ud = ud;
-  memset(&c->res, 0, sizeof c->res);
+  smtp_result_clear(&c->res);
   return 0;
 }
 
@@ -1083,7 +1100,7 @@ int smtp_conn_can_take(const smtp_conn *c) {
 
 int smtp_conn_send(smtp_conn *c, smtp_txn *t, smtp_txn_fn *fn, void *ud) {
   if (!smtp_conn_can_take(c)) return -1;
-  memset(&t->res, 0, sizeof t->res);
+  smtp_result_clear(&t->res);
   t->phase = T_QUEUED;
   t->mail_ok = t->rcpt_replied = t->body_abort = 0;
   for (int i = 0; i < t->nrcpt; i++) { free(t->rcpt[i].text); t->rcpt[i].text = NULL; t->rcpt[i].code = 0; }

@@ -90,6 +90,10 @@ typedef struct smtp_result {
                               refused login), left to --resume */
 } smtp_result;
 
+/* An empty result (what memset 0 gives), without writing its text buffer: 4 KB zeroed two or three
+ * times per message was a few percent of a message's CPU. */
+void smtp_result_clear(smtp_result *r);
+
 typedef struct smtp_conn smtp_conn;
 typedef struct smtp_txn smtp_txn;
 typedef void smtp_done_fn(smtp_conn *c, void *ud);
@@ -106,10 +110,11 @@ struct smtp_txn {
   int eightbit, utf8;      /* body has 8-bit bytes (set by the caller: 0 from smtp_txn_new) /
                               envelope has non-ASCII */
   /* filled in by the session: */
-  smtp_result res;         /* the outcome, valid in the callback */
   int phase, mail_ok, rcpt_replied, body_abort;
   smtp_txn_fn *fn;
   void *ud;
+  smtp_result res;         /* the outcome, valid in the callback.  Last: smtp_txn_new zeroes the fields
+                              before it and only clears this one (smtp_result_clear), not its 4 KB */
 };
 
 /* Build a transaction: addresses are checked against injection here, before any network.

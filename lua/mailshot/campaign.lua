@@ -211,6 +211,38 @@ end
 
 local MESSAGE_FIELDS = { "from", "reply_to", "cc", "subject", "text", "html" }
 
+-- How messages name a row ("list.csv line 12"), made only when one does: a render that succeeds
+-- (nearly all) never needs the string.  One per campaign, its line set before each render
+-- (renders never yield, so no two overlap).
+local LABEL = { __tostring = function(l) return l.recipients .. " line " .. l.line end }
+
+-- The function that renders one field of a row: tpl:renderer with the campaign's helpers for a
+-- template (its options resolved once, not on every row), the pcall and the field's name in the
+-- message for a function, and render() itself for a template whose function names no helper has
+-- (it raises on every row, as it always did).
+local function field_renderer(c, key, tpl, html)
+  if type(tpl) == "function" or not template.is_template(tpl) then
+    return function(row, label) return render(c, key, tpl, row, label, html) end
+  end
+  local ok, f = pcall(tpl.renderer, tpl, { html = html, helpers = c.helpers })
+  if ok then return f end
+  return function(row, label) return render(c, key, tpl, row, label, html) end
+end
+
+-- The campaign's renderers, made at its first render and again if its helpers change:
+-- { from = f | false, ..., to_name = f | false, helpers = c.helpers, label = LABEL object }
+local function renderers(c)
+  local r = c._renderers
+  if r and r.helpers == c.helpers then return r end
+  r = { helpers = c.helpers, label = setmetatable({ recipients = c.recipients, line = 0 }, LABEL) }
+  for _, k in ipairs(MESSAGE_FIELDS) do
+    r[k] = c.tpl[k] ~= nil and field_renderer(c, k, c.tpl[k], k == "html") or false
+  end
+  r.to_name = c.tpl.to_name ~= nil and field_renderer(c, "to_name", c.tpl.to_name, false) or false
+  c._renderers = r
+  return r
+end
+
 --- Check the templates' fields against the CSV header before anything is sent: a field no
 --- column has (without a default, outside a section on that field) would fail every row, so
 --- it stops the run here with one message.  Fields the runner adds (unsubscribe_url) count as
@@ -252,9 +284,13 @@ end
 --- Render one classified row into { data = RFC 5322 text, from = envelope sender, to =
 --- {address}, ... } or nil, reason: templates, mime.build, the DKIM signature.
 function Campaign:render(row, line)
-  local label = self.recipients .. " line " .. line
+  local r = renderers(self)
+  local label = r.label
+  label.line = line
+  -- every field mime.build reads, so the table is made at its size once
   local m = { to = row[self.email_field], attachments = self.attachments, eightbit = self.eightbit,
-              base_dir = self.base_dir }
+              base_dir = self.base_dir, from = nil, reply_to = nil, cc = nil, subject = nil, text = nil,
+              html = nil, headers = nil }
   local unsub_headers
   if self.unsub then
     local url
@@ -262,14 +298,18 @@ function Campaign:render(row, line)
     if not unsub_headers then return nil, "unsubscribe: " .. tostring(url) end
     row.unsubscribe_url = url                 -- for body templates: {{unsubscribe_url}}
   end
-  for _, k in ipairs(MESSAGE_FIELDS) do
-    local v, err = render(self, k, self.tpl[k], row, label, k == "html")
-    if err then return nil, err end
-    m[k] = v
+  for i = 1, #MESSAGE_FIELDS do
+    local k = MESSAGE_FIELDS[i]
+    local f = r[k]
+    if f then
+      local v, err = f(row, label)
+      if err then return nil, err end
+      m[k] = v
+    end
   end
-  if self.tpl.to_name then
+  if r.to_name then
     -- only the display name is templated: the address is always the classified row's
-    local name, err = render(self, "to_name", self.tpl.to_name, row, label, false)
+    local name, err = r.to_name(row, label)
     if err then return nil, err end
     if name and name:find("%S") then m.to = { name = name, address = m.to } end
   end

@@ -123,8 +123,10 @@ end
 -- neither starts nor ends with ".".  The domain is looked up among those
 -- already found valid (recipients share a few domains; cleared when full).
 -- Enough to accept; valid_address() says why it rejects.
+-- An address alone is matched by text.fast_address, which is "^" .. ADDR_SPEC .. "$" in C (one
+-- pass, where the pattern matcher tries each character against each class entry).
 local ADDR_SPEC = "[a-z0-9A-Z_+%-][a-z0-9.A-Z_+%-]*[a-z0-9A-Z_+%-]@([a-z0-9.A-Z%-]+)"
-local FAST_ADDR = "^" .. ADDR_SPEC .. "$"
+local fast_address = text.fast_address
 local good_domains, ngood, GOOD_MAX = {}, 0, 1024
 
 -- fast_parts(addr, domain) -> true when addr, matched by ADDR_SPEC with
@@ -139,7 +141,7 @@ local function fast_parts(addr, domain)
 end
 
 local function fast_valid(addr)
-  local domain = match(addr, FAST_ADDR)
+  local domain = fast_address(addr)
   return domain ~= nil and fast_parts(addr, domain)
 end
 
@@ -151,9 +153,13 @@ end
 -- LDH labels (RFC 1035; an IDN goes as its A-label, idna.to_ascii), ASCII
 -- only (no SMTPUTF8).
 local address_ok = text.address_ok
+-- The last address found valid: a campaign checks each recipient's address when it classifies the
+-- row, and mime.build checks it again in the To header.
+local last_valid = {}
 local function valid_address(addr)
+  if addr == last_valid then return true end
   if type(addr) ~= "string" then return false, "not a string" end
-  if fast_valid(addr) then return true end
+  if fast_valid(addr) then last_valid = addr; return true end
   local ok, why = address_ok(addr)
   if not ok then return false, why end
   if find(addr, "[\128-\255]") then return false, "non-ASCII address (SMTPUTF8 is not supported)" end
@@ -190,7 +196,7 @@ local function parse_address(s)
   if byte(s, -1) == 62 then                                      -- ">"
     name, addr, domain = match(s, FAST_MAILBOX)
   else
-    addr, domain = s, match(s, FAST_ADDR)
+    addr, domain = s, fast_address(s)
   end
   if domain and fast_parts(addr, domain) then return { name = name, address = addr } end
   local text = header_text(s)
@@ -299,31 +305,26 @@ end
 M.date = rfc_date
 
 -- math.random is seeded at state creation in Lua 5.4; the counter keeps
--- ids unique within a run even if a script reseeds it.  Random hex digits
--- come from random(0) (64 bits) a byte at a time through HEX2: a table
--- lookup is cheaper than string.format's "%02x".
-local HEX2 = {}
-for i = 0, 255 do HEX2[i] = format("%02x", i) end
+-- ids unique within a run even if a script reseeds it.  The hex digits are
+-- written by text.message_id and text.boundary (C: one call, where a table
+-- lookup per byte and string.format's "%x" made a few hundred VM steps).
+local message_id, boundary_of = text.message_id, text.boundary
 
 local counter, id_time, id_prefix = 0, nil, nil
--- "<time.RRRRRRRR.CRRRRRRRR@domain>": R random hex digits, C the counter in hex
+-- "<time.RRRRRRRR.CRRRRRRRR@domain>": R random hex digits (random(0)'s high
+-- half, then its low half), C the counter in hex
 local function new_message_id(domain)
   counter = counter + 1
   local t = time()
   if t ~= id_time then id_time, id_prefix = t, "<" .. t .. "." end
-  local r = random(0)
-  return id_prefix .. HEX2[r >> 56] .. HEX2[r >> 48 & 255] .. HEX2[r >> 40 & 255]
-         .. HEX2[r >> 32 & 255] .. "." .. format("%x", counter) .. HEX2[r >> 24 & 255]
-         .. HEX2[r >> 16 & 255] .. HEX2[r >> 8 & 255] .. HEX2[r & 255] .. "@" .. domain .. ">"
+  return message_id(id_prefix, random(0), counter, domain)
 end
 
--- "=_ms_" and 24 hex digits ("=_" never occurs in QP or base64)
+-- "=_ms_" and 24 hex digits: all of random(0), the low half of another
+-- ("=_" never occurs in QP or base64)
 local function new_boundary()
   local r, q = random(0), random(0)
-  return "=_ms_" .. HEX2[r >> 56] .. HEX2[r >> 48 & 255] .. HEX2[r >> 40 & 255]
-         .. HEX2[r >> 32 & 255] .. HEX2[r >> 24 & 255] .. HEX2[r >> 16 & 255]
-         .. HEX2[r >> 8 & 255] .. HEX2[r & 255] .. HEX2[q >> 24 & 255]
-         .. HEX2[q >> 16 & 255] .. HEX2[q >> 8 & 255] .. HEX2[q & 255]
+  return boundary_of(r, q)
 end
 
 ---------------------------------------------------------------- bodies & parts
@@ -331,7 +332,9 @@ end
 -- Content-Transfer-Encoding for a text body, and its encoded form.  Line breaks become CRLF
 -- (text.crlf, in C: one pass over the bytes); 7bit/8bit only while no line is over MAX_LINE.
 local function encode_text(s, eightbit)
-  local kind = text.kind(s)              -- "7bit", "8bit" (a byte over 127), "nul"
+  -- "7bit", "8bit" (a byte over 127), "nul"; without eightbit, 8bit and nul both mean QP, so the
+  -- scan stops at the first byte over 127 (a greeting's name, in the first line)
+  local kind = text.kind(s, not eightbit)
   if kind == "7bit" or (kind == "8bit" and eightbit) then
     local r = text.crlf(s, MAX_LINE)
     if r then return r, kind end
@@ -454,7 +457,7 @@ local function attachment_part(a, i, base)
     att_heads[given] = att_heads[given] or {}
     att_heads[given][filename], natt_heads = head, natt_heads + 1
   end
-  return { head = head, body = cached_base64(data) }
+  return { head = head, body = cached_base64(data), encoded = true }
 end
 
 local TEXT_HEAD = {}             -- [subtype][cte] -> head
@@ -466,9 +469,12 @@ for _, subtype in ipairs({ "plain", "html" }) do
   end
 end
 
+-- encoded: the body is quoted-printable or base64, where "=_" (how every boundary starts) cannot
+-- occur: "=" is always followed by two hex digits or a line break, or ends base64 with "=" or a
+-- line break.  multipart() does not search such a body.
 local function text_part(s, subtype, eightbit)
   local body, cte = encode_text(s, eightbit)
-  return { head = TEXT_HEAD[subtype][cte], body = body, eightbit = cte == "8bit" }
+  return { head = TEXT_HEAD[subtype][cte], body = body, eightbit = cte == "8bit", encoded = cte == "quoted-printable" }
 end
 
 -- multipart(subtype, parts) -> part, with a boundary found in none of the
@@ -484,7 +490,7 @@ local function multipart(subtype, parts)
     -- A part's text is its headers, CRLF CRLF, its body: the boundary has
     -- no CR or LF, so it is in the text only if it is in one of the two.
     for _, p in ipairs(parts) do
-      if find(p.head, boundary, 1, true) or find(p.body, boundary, 1, true) then
+      if find(p.head, boundary, 1, true) or (not p.encoded and find(p.body, boundary, 1, true)) then
         clash = true
         break
       end

@@ -547,6 +547,25 @@ function Template.render(tpl, row, opts)
   return tpl._fn(row, html, F, label)
 end
 
+-- tpl:renderer(opts) -> function(row, label) -> string | nil, message
+-- tpl:render(row, { html = opts.html, helpers = opts.helpers, row_label = label }) with the options
+-- checked and the functions resolved once, here (a campaign renders each template for every row):
+-- raises now what render would raise on every row (an unknown function).  label may be anything
+-- tostring() makes the row's name of (only a missing field's message uses it).  row must be a
+-- table (or indexable): it is not checked on each call.
+function Template.renderer(tpl, opts)
+  if getmetatable(tpl) ~= Template then error("renderer: not a template (use tpl:renderer)", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("renderer: options must be a table", 2) end
+  local html, F = tpl.html, tpl._fns
+  if opts ~= nil then
+    if opts.html ~= nil then html = opts.html end
+    F = functions_for(tpl, opts.helpers)
+  end
+  if F == tpl._fns and not tpl._complete then functions_for(tpl, {}) end  -- raises
+  local fn = tpl._fn
+  return function(row, label) return fn(row, html, F, label) end
+end
+
 -- tpl:required_fields() -> list of the row fields a render cannot do without, in order of
 -- first use: a field used without a `| "default"` and outside a section on that same field
 -- ({{#if f}}...{{/if}}, or the {{else}} of {{#unless f}}).  A section's own field is not

@@ -474,4 +474,25 @@ case("a template without sections renders the same as one with them (one `..` ag
   eq(template.new(table.concat(src), "many"):render(row), table.concat(want))
 end)
 
+case("tpl:renderer gives what tpl:render gives: html, helpers, defaults, a missing field's message with its label", function()
+  local t = template.new("Hi {{ shout(name) }} {{ town | \"?\" }} <{{x}}>", { name = "t", helpers = { shout = string.upper } })
+  local loud = { shout = function(s) return s .. "!" end }
+  local rows = { { name = "ann & bob", x = "<b>" }, { name = "Zoë", town = "Köln", x = 3 }, { name = "x" } }
+  for _, opts in ipairs { {}, { html = true }, { helpers = loud }, { html = true, helpers = loud } } do
+    local r = t:renderer(opts)
+    for i, row in ipairs(rows) do
+      local label = setmetatable({}, { __tostring = function() return "list.csv line " .. i end })
+      local got, gerr = r(row, label)
+      local want, werr = t:render(row, { html = opts.html, helpers = opts.helpers, row_label = "list.csv line " .. i })
+      eq(got, want, "text")
+      eq(gerr, werr, "message")
+    end
+  end
+  contains(select(2, t:renderer()({ name = "x" })), 'field "x" is missing (use')
+  local needs = template.new("{{ up(a) }}", { name = "n", helpers = { up = string.upper } })
+  eq(needs:renderer()({ a = "b" }), "B")
+  checkerr("renderer: not a template", template.new("x").renderer, {})
+  checkerr("options must be a table", needs.renderer, needs, "html")
+end)
+
 return check.finish("test_template.lua")
