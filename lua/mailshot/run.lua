@@ -244,6 +244,7 @@ function M.new(c, opts, columns)
   end
   self.sink = outcome.sink(report, jrn, c.bounces_path, cl)
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
+                                    ahead = opts.concurrency or c.concurrency,
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })
@@ -402,6 +403,7 @@ function Run:go()
   -- the report names everyone (a cluster worker's report: the rows it did; `mailshot cluster
   -- report` names everyone)
   if self.stopping and not self.failure and not self.cluster then self.rows:rest() end
+  if self.cluster then self.rows:release_ready() end  -- claimed ahead, never started: given back
   if opts.signals then util.stop_signals() end
   self.flushing = false
   self:save_rates()
