@@ -108,6 +108,7 @@ bench: deps
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
 	/usr/bin/python3 scripts/bench-bounces.py
+	/usr/bin/python3 scripts/bench-cluster.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot

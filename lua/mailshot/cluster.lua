@@ -77,13 +77,19 @@ local function seconds(v)
   return x and f and x * f > 0 and x * f or nil
 end
 
-local SPEC_KEYS = { url = true, password_file = true, ca_file = true, key = true, lease = true, worker = true }
+local SPEC_KEYS = { url = true, password_file = true, ca_file = true, key = true, lease = true, worker = true,
+                    read_ahead = true }
 
 --- Check a campaign's `cluster = {...}` (campaign.new): raises on a misuse.
 function M.check_campaign_option(t)
   for k, v in pairs(t) do
     if not SPEC_KEYS[k] then error(("mailshot.campaign: cluster: unknown option '%s'"):format(tostring(k)), 4) end
-    if k ~= "lease" and type(v) ~= "string" then error(("mailshot.campaign: cluster.%s must be a string"):format(k), 4) end
+    if k ~= "lease" and k ~= "read_ahead" and type(v) ~= "string" then
+      error(("mailshot.campaign: cluster.%s must be a string"):format(k), 4)
+    end
+  end
+  if t.read_ahead ~= nil and (math.type(t.read_ahead) ~= "integer" or t.read_ahead < 1) then
+    error("mailshot.campaign: cluster.read_ahead must be a whole number of rows, at least 1", 4)
   end
   if t.lease ~= nil and not seconds(t.lease) then
     error("mailshot.campaign: cluster.lease must be a duration (\"10s\", \"500ms\") or a number of seconds", 4)
@@ -134,6 +140,7 @@ function M.spec(c, o)
   u.key = t.key or c.name
   u.worker = worker
   u.lease = seconds(t.lease or M.DEFAULT_LEASE)
+  u.read_ahead = t.read_ahead
   return u
 end
 

@@ -172,7 +172,7 @@ end
 function M.new(c, reader, o)
   return setmetatable({
     c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
-    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {},
+    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {}, pending = 0,
     resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
     first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
   }, Rows)
@@ -266,11 +266,12 @@ function Rows:orphan(row, line, kind, holder, msg)
   end
 end
 
--- Rows are claimed in batches read ahead of the tasks: a batch of up to `ahead` rows (the run's
--- concurrency) in one script call, the next batch asked for while half of this one is left, so
--- that the tasks seldom wait for Redis and Redis is asked once per batch, not once per row.
--- The price: a worker killed with kill -9 leaves up to `ahead` claimed rows that it had not
--- started yet besides the ones it was sending; they are reported in-flight (possibly sent) like
+-- Rows are claimed in batches read ahead of the tasks: a batch of `ahead` rows (half the run's
+-- concurrency) in one script call, more batches asked for while fewer than 3 * ahead rows are
+-- claimed and not taken, so that the tasks seldom wait for Redis (a round trip costs a turn or
+-- two of the event loop) and Redis is asked once per batch, not once per row.  The price: a
+-- worker killed with kill -9 leaves up to 1.5 times its concurrency in claimed rows it had not
+-- started, besides the ones it was sending; they are reported in-flight (possibly sent) like
 -- those, never sent twice.
 local function push_ready(self, row, line)
   if row then
@@ -279,10 +280,13 @@ local function push_ready(self, row, line)
   end
 end
 
--- Read and claim the next batch.  One task at a time (self.filling); the others wait for it.
+-- Read and claim the next batch.  One task reads at a time (self.reading: the reader is
+-- shared), but the claims of several batches may be on their way at once (self.pending rows):
+-- a Redis round trip costs a turn or two of the event loop, which is long when many tasks
+-- render in it, and one batch at a time would make the whole run wait for each.
 function Rows:refill()
-  if self.filling or self.exhausted then return end
-  self.filling = true
+  if self.reading or self.exhausted then return end
+  self.reading = true
   local c, cl = self.c, self.cluster
   local batch, n = {}, 0
   while n < self.ahead and not (self.limit and self.seen >= self.limit) do
@@ -320,6 +324,8 @@ function Rows:refill()
       end
     end
   end
+  self.reading = false
+  self.pending = self.pending + n
   local claims = {}
   for _, b in ipairs(batch) do if not b.orphan then claims[#claims + 1] = b end end
   -- the outcomes since the last batch go in the same write (a task of their own: auto-pipelined
@@ -337,7 +343,7 @@ function Rows:refill()
     end
     -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
   end
-  self.filling = false
+  self.pending = self.pending - n
   local waiting = self.waiting_tasks
   self.waiting_tasks = {}
   for _, t in ipairs(waiting) do core.wake(t) end
@@ -351,16 +357,16 @@ function Rows:claimed_row()
   if item then
     self.ready[head] = nil
     self.ready_head = head + 1
-    local left = self.ready_tail - head
-    if left < self.ahead // 2 + 1 and not self.filling and not self.exhausted and not self.stopped() then
+    local left = self.ready_tail - head + self.pending
+    if left <= 3 * self.ahead and not self.reading and not self.exhausted and not self.stopped() then
       core.spawn(function()
         local ok, e = xpcall(self.refill, debug.traceback, self)
-        if not ok then self.refill_error = e; self.filling = false end
+        if not ok then self.refill_error = e; self.reading = false end
       end)
     end
     return item[1], item[2]
   end
-  if self.filling then                    -- another task reads and claims: wait for its batch
+  if self.pending > 0 or self.reading then   -- claims on their way: wait for them
     self.waiting_tasks[#self.waiting_tasks + 1] = core.current()
     core.suspend()
     return false
@@ -383,7 +389,7 @@ end
 -- At the end of a pass over the file: take the rows of workers whose lease ran out (their
 -- claims, which this worker's pass went by while they were live, and their deferred rows), and
 -- read the file again for those lines only.  While live workers still hold claims, look again
--- every lease/3 (a worker killed now is found once its lease runs out), for at most two leases
+-- every 0.1 s (a worker killed now is found once its lease runs out), for at most two leases
 -- and a second: every row is then final in Redis, or held by a live worker (or, if that one
 -- dies later, shown in-flight by `mailshot cluster report` and taken by the next worker).
 -- -> true when a new pass starts.  One task sweeps; the others wait for it.
@@ -400,7 +406,7 @@ function Rows:next_pass()
   while true do
     found, n, others = cl:sweep()
     if not found or n > 0 or others == 0 or core.now() >= deadline or self.stopped() then break end
-    core.sleep(cl.lease / 3)
+    core.sleep(math.min(cl.lease / 3, 0.1))          -- the others' last rows take milliseconds
   end
   self.next_sweep = core.now() + cl.lease / 3
   self.sweeping = false

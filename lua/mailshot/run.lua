@@ -244,7 +244,7 @@ function M.new(c, opts, columns)
   end
   self.sink = outcome.sink(report, jrn, c.bounces_path, cl)
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
-                                    ahead = opts.concurrency or c.concurrency,
+                                    ahead = cl and math.max(4, (cl.spec.read_ahead or 3 * (opts.concurrency or c.concurrency) // 2) // 3),
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })

@@ -225,7 +225,7 @@ class ClusterTests(MailshotTestCase):
 
     @skip_under_valgrind("a timed kill of redis-server mid-run")
     def test_redis_killed_mid_run_stops_finishes_in_flight_and_says_how_to_continue(self):
-        n = 3000
+        n = 1500
         script = self.campaign(n, extra='rate = "1000/s",')
         redis = self.start_redis(persist=True)
         smtp, log = self.start_sink()
