@@ -368,6 +368,8 @@ function commands.run(args)
   end
   if cluster_spec then
     run.cluster, run.script, run.signals = cluster_spec, pos[1], true
+    run.cluster_marker = (run.report:match("^(.*)/[^/]*$") or ".") .. "/" .. c.name .. ".cluster"
+    run.force = opts.force
     run.resend_in_flight = opts["resend-in-flight"]
     run.relay_limiters = mailshot.relay_limiters()
   elseif opts.send then

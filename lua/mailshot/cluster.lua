@@ -420,6 +420,33 @@ function Cluster:start(fingerprint, name)
   return true
 end
 
+-- Redis is the campaign's journal: a Redis that restarted without persistence has forgotten
+-- the campaign, and a worker started then would begin it again, sending everyone a second copy.
+-- So a worker leaves a marker beside its report (NAME.cluster: key and URL, no password), and a
+-- worker that finds its marker but no trace of the campaign in Redis refuses to start, unless
+-- --force (start the campaign over).  -> true | nil, err
+function Cluster:check_marker(path, force)
+  if not path or force then return true end
+  local f = io.open(path, "r")
+  if not f then return true end
+  local text = f:read("a") or ""
+  f:close()
+  local n, err = self.redis:call("EXISTS", self.k.meta)
+  if not n then return nil, ("%s: %s"):format(where(self.spec), tostring(err)) end
+  if n == 1 then return true end
+  return nil, ("%s has no trace of campaign %s, which was run in cluster mode from here before (%s: %s): "
+               .. "Redis lost its data (a restart without persistence?), or this is another database. Starting "
+               .. "would send everyone a second copy. Check the URL; --force starts the campaign over"):format(
+               where(self.spec), self.prefix:match("{(.*)}"), path, (text:gsub("%s+$", "")))
+end
+
+function Cluster:write_marker(path)
+  if not path then return end
+  local ok, err = util.replace_file(path, ("key %s url %s started %s\n"):format(self.prefix:match("{(.*)}"),
+                                                                             self.spec.url, os.date("!%Y-%m-%dT%H:%M:%SZ")))
+  if not ok then io.stderr:write("mailshot: ", tostring(err), "\n") end
+end
+
 function Cluster:heartbeat()
   local every = self.lease / 3
   while self.running do

@@ -224,7 +224,9 @@ function M.new(c, opts, columns)
     local cerr
     cl, cerr = require("mailshot.cluster").connect(opts.cluster, c)
     if cl then
-      local ok, serr = cl:start(c:fingerprint(opts.script), c.name)
+      local ok, serr = cl:check_marker(opts.cluster_marker, opts.force)
+      if ok then ok, serr = cl:start(c:fingerprint(opts.script), c.name) end
+      if ok then cl:write_marker(opts.cluster_marker) end
       if not ok then cl:close(); cl, cerr = nil, serr end
     end
     if not cl then reader:close(); return nil, cerr end

@@ -257,6 +257,25 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(len(got), sum(1 for r in rows if r["status"] == "sent") + sum(
             1 for r in rows if r["status"] == "in-flight" and got[r["email"]] == 1))
 
+    def test_a_redis_that_forgot_the_campaign_is_not_started_over(self):
+        script = self.campaign(3)
+        redis = self.start_redis()
+        smtp, log = self.start_sink()
+        p = self.worker(script, smtp, redis, "w1")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        redis.cli("FLUSHALL")                            # as a restart without persistence would
+        p = self.worker(script, smtp, redis, "w1")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 2, out + err)
+        self.assertIn("has no trace of campaign c", err)
+        self.assertIn("--force starts the campaign over", err)
+        self.assertEqual(sum(self.received(log).values()), 3)
+        p = self.worker(script, smtp, redis, "w1", "--force")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        self.assertEqual(sum(self.received(log).values()), 6)
+
     def test_status_and_report_of_a_finished_campaign(self):
         script = self.campaign(12, dup=True)
         redis = self.start_redis()
