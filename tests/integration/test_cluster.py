@@ -211,6 +211,7 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(sum(self.received(log).values()), before, "the refused worker sent something")
         self.assertFalse(os.path.exists(self.path("w2.csv")), "a refused worker wrote a report")
 
+    @skip_under_valgrind("one connection refused; Lua-side logic the two valgrind cases cover")
     def test_redis_unreachable_refuses_to_start(self):
         script = self.campaign(5)
         smtp, log = self.start_sink()
@@ -257,6 +258,7 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(len(got), sum(1 for r in rows if r["status"] == "sent") + sum(
             1 for r in rows if r["status"] == "in-flight" and got[r["email"]] == 1))
 
+    @skip_under_valgrind("Lua-side logic; the two valgrind cases cover the C paths")
     def test_a_redis_that_forgot_the_campaign_is_not_started_over(self):
         script = self.campaign(3)
         redis = self.start_redis()
@@ -303,6 +305,7 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(other.returncode, 1)
         self.assertIn("no such campaign in Redis", other.stdout)
 
+    @skip_under_valgrind("Lua-side logic; the two valgrind cases cover the C paths")
     def test_password_from_the_environment_never_the_url(self):
         script = self.campaign(3)
         redis = self.start_redis(password="s3cret-redis")
@@ -330,6 +333,7 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(st.returncode, 0, st.stdout + st.stderr)
         self.assertIn("3 sent", st.stdout)
 
+    @skip_under_valgrind("the one-machine path every other test file runs under valgrind")
     def test_without_cluster_nothing_changes_and_redis_is_not_used(self):
         script = self.campaign(5)
         redis = self.start_redis()
