@@ -85,10 +85,12 @@ class ClusterTests(MailshotTestCase):
         self._servers.append(r)
         return r
 
-    def start_sink(self):
-        """The fast receiver that logs every recipient it accepted (tests/servers/rcpt_sink.py)."""
+    def start_sink(self, softfail=None):
+        """The fast receiver that logs every recipient it accepted (tests/servers/rcpt_sink.py); while
+        the file softfail exists, addresses soft*@ get 451."""
         log = self.path("received.log")
-        proc = subprocess.Popen(["/usr/bin/python3", RCPT_SINK, "0", log], stdout=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(["/usr/bin/python3", RCPT_SINK, "0", log] + ([softfail] if softfail else []),
+                                stdout=subprocess.PIPE, text=True,
                                 start_new_session=True)
         self._procs.append(proc)
         self.addCleanup(proc.stdout.close)
@@ -189,6 +191,36 @@ class ClusterTests(MailshotTestCase):
         self.assertRegex(st.stdout, r"w2 .* dead")
         print(f"\n[cluster] {n} recipients, 3 workers + 1 after a kill -9: {statuses['sent']} sent, "
               f"{len(inflight)} in-flight (w2 held them), 0 received twice", file=sys.stderr)
+
+    @skip_under_valgrind("a kill -9 and a lease to wait for; Lua-side logic")
+    def test_a_dead_workers_retry_queue_is_taken_over_and_sent_once(self):
+        script = self.campaign(20, extra='retry = { first = "60s" },')
+        with open(os.path.join(os.path.dirname(script), "list.csv"), "a") as f:
+            f.write("soft1@example.com,S1\r\nsoft2@example.com,S2\r\n")
+        redis = self.start_redis()
+        fail = self.path("softfail")
+        open(fail, "w").close()
+        smtp, log = self.start_sink(softfail=fail)
+        p = self.worker(script, smtp, redis, "w1")
+        # the 20 sent, the two soft ones waiting in w1's retry queue (a minute away)
+        wait_for(lambda: self.done_count(redis) == 20 and redis.cli("HLEN", "mailshot:{c}:retry").strip() == "2",
+                 timeout=scaled(30, 120), what="20 done and 2 deferred")
+        self.assertIsNone(p.poll())
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        os.remove(fail)
+        time.sleep(1.2)                                  # w1's lease runs out
+        p = self.worker(script, smtp, redis, "w2")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        rows, _ = self.merged(script, redis)
+        self.assertEqual(len(rows), 22)
+        self.assertEqual({r["status"] for r in rows}, {"sent"}, rows)
+        got = self.received(log)
+        self.assertEqual(got["soft1@example.com"], 1)
+        self.assertEqual(got["soft2@example.com"], 1)
+        self.assertEqual(max(got.values()), 1)
+        self.assertEqual(sum(got.values()), 22)
 
     def test_fingerprint_mismatch_is_refused_naming_both(self):
         script = self.campaign(20)

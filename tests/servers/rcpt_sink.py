@@ -1,7 +1,10 @@
 """A fast SMTP receiver for tests that must count what arrived: every recipient of every message
 it accepted is appended to LOG, one address per line, written before its 250 reply is sent.
 
-    /usr/bin/python3 tests/servers/rcpt_sink.py PORT LOG
+    /usr/bin/python3 tests/servers/rcpt_sink.py PORT LOG [SOFTFAIL]
+
+With SOFTFAIL, a file path: while that file exists, a recipient whose local part starts with "soft" gets
+451 4.2.0 at RCPT (a temporary failure) and is not logged.
 
 Listens on 127.0.0.1:PORT (0: any free port), prints "ready PORT" on stdout once listening.  ESMTP
 with PIPELINING, 8BITMIME and ENHANCEDSTATUSCODES; no TLS, no AUTH.  aiosmtpd (tests/servers/smtpd.py)
@@ -55,10 +58,17 @@ async def session(reader, writer, log):
                 line, buf = buf[:nl + 1], buf[nl + 1:]
                 verb = line[:4].upper()
                 if verb == b"RCPT":
-                    rcpts.append(line.split(b":", 1)[1].strip().split(b" ")[0].strip(b"<>").decode("utf-8", "replace"))
+                    addr = line.split(b":", 1)[1].strip().split(b" ")[0].strip(b"<>").decode("utf-8", "replace")
+                    if SOFTFAIL and addr.startswith("soft") and os.path.exists(SOFTFAIL):
+                        out.append(b"451 4.2.0 try again later\r\n")
+                        continue
+                    rcpts.append(addr)
                 elif verb in (b"MAIL", b"RSET"):
                     rcpts = []
                 elif verb == b"DATA":
+                    if not rcpts:
+                        out.append(b"554 5.5.1 Error: no valid recipients\r\n")
+                        continue
                     in_data = True
                 out.append(REPLIES.get(verb, b"502 5.5.2 Error: command not recognized\r\n"))
                 if verb == b"QUIT":
@@ -88,7 +98,10 @@ async def main(port, path):
         await server.serve_forever()
 
 
+SOFTFAIL = None
+
 if __name__ == "__main__":
+    SOFTFAIL = sys.argv[3] if len(sys.argv) > 3 else None
     try:
         asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
     except KeyboardInterrupt:
