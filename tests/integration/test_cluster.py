@@ -22,54 +22,9 @@ local mailshot = require "mailshot"
 local relay = mailshot.relay { server = os.getenv "SMTP_SERVER" or "127.0.0.1:1", tls = "none", max_connections = 4 }
 return mailshot.campaign {
   recipients = "list.csv", from = "news@acme.example", subject = "Hi {{name}}", text = "Hello {{name}}",
-  send = relay, concurrency = 16, cluster = { lease = "%s" }, %s
+  send = relay, concurrency = 16, cluster = { lease = "%s", %s }, %s
 }
 """
-
-
-class Redis:
-    """A private redis-server on a free loopback port (no persistence unless asked)."""
-
-    def __init__(self, workdir, persist=False, password=None):
-        self.dir = workdir
-        os.makedirs(workdir, exist_ok=True)
-        self.port = free_port()
-        self.host = "127.0.0.1"
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.password = password
-        self.persist = persist
-        self.proc = None
-        self.start()
-
-    def start(self):
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", ""]
-        argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
-        if self.password:
-            # from a config read on stdin, so the password is not in argv
-            argv = argv[:1] + ["-"] + argv[1:]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        if self.password:
-            self.proc.stdin.write(f"requirepass {self.password}\n".encode())
-        self.proc.stdin.close()
-        wait_for(lambda: self.cli("PING").strip() in ("PONG", "NOAUTH Authentication required."),
-                 timeout=10, what="redis-server to answer")
-
-    def cli(self, *args):
-        env = dict(os.environ)
-        if self.password:
-            env["REDISCLI_AUTH"] = self.password
-        r = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, env=env)
-        return r.stdout
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self):
-        self.kill()
 
 
 class ClusterTests(MailshotTestCase):
@@ -79,11 +34,6 @@ class ClusterTests(MailshotTestCase):
         super().setUp()
         if not shutil.which("redis-server"):
             self.skipTest("redis-server is not installed")
-
-    def start_redis(self, **kw):
-        r = Redis(self.path(f"redis-{len(self._servers)}"), **kw)
-        self._servers.append(r)
-        return r
 
     def start_sink(self, softfail=None):
         """The fast receiver that logs every recipient it accepted (tests/servers/rcpt_sink.py); while
@@ -105,7 +55,7 @@ class ClusterTests(MailshotTestCase):
         except FileNotFoundError:
             return collections.Counter()
 
-    def campaign(self, n, extra="", dup=False):
+    def campaign(self, n, extra="", dup=False, cluster=""):
         d = self.path("camp")
         os.makedirs(d, exist_ok=True)
         rows = [[f"u{i}@example.com", f"N{i}"] for i in range(n)]
@@ -113,7 +63,7 @@ class ClusterTests(MailshotTestCase):
             rows.append(["u0@example.com", "again"])
         write_csv(os.path.join(d, "list.csv"), ["email", "name"], rows)
         with open(os.path.join(d, "c.lua"), "w") as f:
-            f.write(CAMPAIGN % (self.lease, extra))
+            f.write(CAMPAIGN % (self.lease, cluster, extra))
         return os.path.join(d, "c.lua")
 
     def worker(self, script, smtp, redis, name, *extra, env=None):
@@ -260,7 +210,7 @@ class ClusterTests(MailshotTestCase):
     def test_redis_killed_mid_run_stops_finishes_in_flight_and_says_how_to_continue(self):
         n = 1500
         script = self.campaign(n, extra='rate = "1000/s",')
-        redis = self.start_redis(persist=True)
+        redis = self.start_redis(extra_conf="appendonly yes\nappendfsync always\n")
         smtp, log = self.start_sink()
         p = self.worker(script, smtp, redis, "w1")
         wait_for(lambda: self.done_count(redis) >= 300 or p.poll() is not None, timeout=60, interval=0.02,
@@ -278,7 +228,7 @@ class ClusterTests(MailshotTestCase):
         self.assertLess(len(got), n)
         # Redis back (its append-only file kept what it had): the same command finishes the
         # campaign; the rows whose outcome could not reach Redis are reported in-flight, none sent twice
-        redis.start()
+        redis.restart()                                  # the append-only file brings the data back
         time.sleep(1.2)                                  # w1's lease runs out
         p = self.worker(script, smtp, redis, "w1")
         out, err = p.communicate(timeout=120)
@@ -298,7 +248,8 @@ class ClusterTests(MailshotTestCase):
         p = self.worker(script, smtp, redis, "w1")
         out, err = p.communicate(timeout=scaled(60, 300))
         self.assertEqual(p.returncode, 0, out + err)
-        redis.cli("FLUSHALL")                            # as a restart without persistence would
+        redis.kill()
+        redis.restart()                                  # without persistence: empty
         p = self.worker(script, smtp, redis, "w1")
         out, err = p.communicate(timeout=scaled(60, 300))
         self.assertEqual(p.returncode, 2, out + err)
@@ -341,7 +292,6 @@ class ClusterTests(MailshotTestCase):
     def test_password_from_the_environment_never_the_url(self):
         script = self.campaign(3)
         redis = self.start_redis(password="s3cret-redis")
-        self.add_secret("s3cret-redis")
         smtp, log = self.start_sink()
         r = self.run_mailshot("run", script, "--send", "--cluster", redis.url, "--report", self.path("r.csv"),
                               env={"SMTP_SERVER": smtp, "MAILSHOT_REDIS_PASSWORD": None})
@@ -364,6 +314,25 @@ class ClusterTests(MailshotTestCase):
                                self.path("pw"), env={"MAILSHOT_REDIS_PASSWORD": None})
         self.assertEqual(st.returncode, 0, st.stdout + st.stderr)
         self.assertIn("3 sent", st.stdout)
+
+    @skip_under_valgrind("the TLS client is test_redis's; Lua-side logic here")
+    def test_tls_and_an_acl_user(self):
+        redis = self.start_redis(tls=True, user="mailer", password="acl-pw-1")
+        self.assertTrue(redis.url.startswith("rediss://mailer@127.0.0.1:"))
+        script = self.campaign(4, cluster=f'ca_file = "{redis.ca_file}",')
+        smtp, log = self.start_sink()
+        p = self.worker(script, smtp, redis, "w1", env={"MAILSHOT_REDIS_PASSWORD": "acl-pw-1"})
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        self.assertEqual(sum(self.received(log).values()), 4)
+        self.assertEqual(redis.cli("HGET", "mailshot:{c}:counts", "sent").strip(), "4")
+        # without the CA the certificate does not verify: refused, nothing sent
+        script = self.campaign(4)
+        p = self.worker(script, smtp, redis, "w2", env={"MAILSHOT_REDIS_PASSWORD": "acl-pw-1"})
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 2, out + err)
+        self.assertIn("cannot connect", err)
+        self.assertEqual(sum(self.received(log).values()), 4)
 
     @skip_under_valgrind("the one-machine path every other test file runs under valgrind")
     def test_without_cluster_nothing_changes_and_redis_is_not_used(self):
