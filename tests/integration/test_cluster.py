@@ -99,6 +99,7 @@ class ClusterTests(MailshotTestCase):
         self.assertIsNone(procs["w2"].poll(), "w2 ended before it could be killed: raise CLUSTER_N")
         procs["w2"].send_signal(signal.SIGKILL)
         procs["w2"].communicate()
+        time.sleep(0.3)                 # what w2 wrote before it died still reaches Redis (the kernel sends it)
         killed_at = self.done_count(redis)
         held = redis.cli("HGETALL", "mailshot:{c}:claim").split()
         held_by_w2 = {held[i] for i in range(0, len(held), 2) if held[i + 1] == "w2"}
