@@ -289,10 +289,7 @@ function Rows:refill()
   self.reading = true
   local c, cl = self.c, self.cluster
   local batch, n = {}, 0
-  -- with several workers most lines are claimed by the others: ask for as many more as it takes
-  -- to get about `ahead` rows (the share this worker got lately), so that its read-ahead holds
-  local want = math.min(8 * self.ahead, math.ceil(self.ahead / math.max(self.share or 1, 0.125)))
-  while n < want and not (self.limit and self.seen >= self.limit) do
+  while n < self.ahead and not (self.limit and self.seen >= self.limit) do
     local row, line, msg = self.reader:read()
     if row == nil then
       if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
@@ -335,13 +332,8 @@ function Rows:refill()
   -- with the claims), so that a worker killed now leaves few finished rows still claimed
   if cl.settleq[1] then core.spawn(cl.flush, cl) end
   if claims[1] then cl:claim_many(claims) end
-  local asked, got = 0, 0
   for _, b in ipairs(batch) do
     local r = b.result
-    if b.mode == "n" then
-      asked = asked + 1
-      if r == "mine" or r == "I" or r == "R" then got = got + 1 end
-    end
     if b.orphan then push_ready(self, self:orphan(b.row, b.line, b.orphan.kind, b.orphan.holder, b.msg))
     elseif b.rep then                               -- a row that needs no message
       if r == "mine" then self.sink.report:add(b.rep)     -- settled in Redis by the claim
@@ -352,7 +344,6 @@ function Rows:refill()
     -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
   end
   self.pending = self.pending - n
-  if asked > 0 then self.share = 0.5 * (self.share or 1) + 0.5 * got / asked end
   local waiting = self.waiting_tasks
   self.waiting_tasks = {}
   for _, t in ipairs(waiting) do core.wake(t) end
