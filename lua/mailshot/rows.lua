@@ -167,10 +167,12 @@ function M.dedupe()
 end
 
 --- rows.new(c, reader, o): o = { sink, previous (journal records), limit, resend_in_flight,
---- retry (the schedule, or false), stopped = function() -> true once no new row may start }.
+--- retry (the schedule, or false), stopped = function() -> true once no new row may start,
+--- cluster (mailshot.cluster: every row is claimed in Redis first; nil on one machine) }.
 function M.new(c, reader, o)
   return setmetatable({
-    c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit,
+    c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
+    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {}, pending = 0,
     resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
     first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
   }, Rows)
@@ -218,20 +220,209 @@ function Rows:next()
   while not self.stopped() do
     if queue[1] and queue[1].due <= core.now() then
       local item = table.remove(queue, 1)
-      return item.row, item.line, item
+      -- in a cluster, claimed again first (the retry is in flight again); a worker that took it
+      -- over while this one's lease had run out reports it instead
+      if not self.cluster or self.cluster:claim(item.line, "r") == "mine" then
+        return item.row, item.line, item
+      end
     end
     local row, line, msg
-    if not self.exhausted and not (self.limit and self.seen >= self.limit) then row, line, msg = self.reader:read() end
+    if self.cluster then
+      row, line = self:claimed_row()         -- false: none yet, look again; nil: the file is read
+      if row then return row, line end
+      if row == nil and (self.stopped() or self:next_pass()) then row = false end
+    elseif not self.exhausted and not (self.limit and self.seen >= self.limit) then
+      row, line, msg = self.reader:read()
+    end
     if row == nil then
       if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
       self.exhausted = true
       if not queue[1] then return nil end
       core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
-    else
+    elseif line and not self.cluster then
       local r, l = take(self, row, line, msg)
       if r then return r, l end
     end
   end
+end
+
+-- Cluster mode (mailshot.cluster) -------------------------------------------------------------
+
+local ORPHAN = "possibly sent by worker %s, which stopped (its lease ran out) while this row was in flight; "
+               .. "not sent again (--resend-in-flight sends it)"
+M.ORPHAN = ORPHAN
+
+-- A row of a worker that stopped, now held by this one: a deferred one ("R": it was not sent)
+-- is sent; an in-flight one ("I": possibly sent) is reported in-flight, or sent again with
+-- resend_in_flight.  -> row, line to deliver, or nil
+function Rows:orphan(row, line, kind, holder, msg)
+  if not row then
+    self.sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.c.recipients, line, msg) }
+  elseif kind == "R" or self.resend_in_flight then
+    return row, line
+  else
+    self.sink:add { line = line, email = row[self.c.email_field], status = "in-flight", stage = "cluster",
+                    response = ORPHAN:format(holder) }
+  end
+end
+
+-- Rows are claimed in batches read ahead of the tasks: a batch of `ahead` rows (half the run's
+-- concurrency) in one script call, more batches asked for while fewer than 3 * ahead rows are
+-- claimed and not taken, so that the tasks seldom wait for Redis (a round trip costs a turn or
+-- two of the event loop) and Redis is asked once per batch, not once per row.  The price: a
+-- worker killed with kill -9 leaves up to 1.5 times its concurrency in claimed rows it had not
+-- started, besides the ones it was sending; they are reported in-flight (possibly sent) like
+-- those, never sent twice.
+local function push_ready(self, row, line)
+  if row then
+    self.ready_tail = self.ready_tail + 1
+    self.ready[self.ready_tail] = { row, line }
+  end
+end
+
+-- Read and claim the next batch.  One task reads at a time (self.reading: the reader is
+-- shared), but the claims of several batches may be on their way at once (self.pending rows):
+-- a Redis round trip costs a turn or two of the event loop, which is long when many tasks
+-- render in it, and one batch at a time would make the whole run wait for each.
+function Rows:refill()
+  if self.reading or self.exhausted then return end
+  self.reading = true
+  local c, cl = self.c, self.cluster
+  local batch, n = {}, 0
+  while n < self.ahead and not (self.limit and self.seen >= self.limit) do
+    local row, line, msg = self.reader:read()
+    if row == nil then
+      if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
+      self.exhausted = true
+      break
+    end
+    self.seen = self.seen + 1
+    if self.only then                     -- a second pass: only the lines taken over
+      local o = self.only[line]
+      if o then
+        self.only[line] = nil
+        batch[#batch + 1] = { orphan = o, row = row, line = line, msg = msg }
+        n = n + 1
+      end
+    else
+      local address = row and row[c.email_field]
+      if row and not self.first(address) then
+        local rep = { line = line, email = address, status = "skipped", response = DUPLICATE }
+        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
+      elseif row then
+        batch[#batch + 1] = { line = line, mode = "n", row = row }
+        n = n + 1
+      else
+        -- a bad line, and each line it swallowed: settled by their claims, one step each
+        local rep = { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
+        for k = line + 1, self.reader:line() do
+          self.seen = self.seen + 1
+          local r = { line = k, status = "skipped", response = M.swallowed(c.recipients, k, line) }
+          batch[#batch + 1] = { line = k, mode = "s", rec = cl:record(r), rep = r }
+        end
+      end
+    end
+  end
+  self.reading = false
+  self.pending = self.pending + n
+  local claims = {}
+  for _, b in ipairs(batch) do if not b.orphan then claims[#claims + 1] = b end end
+  -- the outcomes since the last batch go in the same write (a task of their own: auto-pipelined
+  -- with the claims), so that a worker killed now leaves few finished rows still claimed
+  if cl.settleq[1] then core.spawn(cl.flush, cl) end
+  if claims[1] then cl:claim_many(claims) end
+  for _, b in ipairs(batch) do
+    local r = b.result
+    if b.orphan then push_ready(self, self:orphan(b.row, b.line, b.orphan.kind, b.orphan.holder, b.msg))
+    elseif b.rep then                               -- a row that needs no message
+      if r == "mine" then self.sink.report:add(b.rep)     -- settled in Redis by the claim
+      elseif r == "I" or r == "R" then self.sink:add(b.rep) end
+    elseif r == "mine" then push_ready(self, b.row, b.line)
+    elseif r == "I" or r == "R" then push_ready(self, self:orphan(b.row, b.line, r, b.holder))
+    end
+    -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
+  end
+  self.pending = self.pending - n
+  local waiting = self.waiting_tasks
+  self.waiting_tasks = {}
+  for _, t in ipairs(waiting) do core.wake(t) end
+end
+
+-- The next claimed row: row, line | false (none yet: ask again) | nil (the file is read).
+function Rows:claimed_row()
+  if self.refill_error then error(self.refill_error, 0) end
+  local head = self.ready_head
+  local item = self.ready[head]
+  if item then
+    self.ready[head] = nil
+    self.ready_head = head + 1
+    local left = self.ready_tail - head + self.pending
+    if left <= 3 * self.ahead and not self.reading and not self.exhausted and not self.stopped() then
+      core.spawn(function()
+        local ok, e = xpcall(self.refill, debug.traceback, self)
+        if not ok then self.refill_error = e; self.reading = false end
+      end)
+    end
+    return item[1], item[2]
+  end
+  if self.pending > 0 or self.reading then   -- claims on their way: wait for them
+    self.waiting_tasks[#self.waiting_tasks + 1] = core.current()
+    core.suspend()
+    return false
+  end
+  if self.exhausted then return nil end
+  self:refill()
+  return false
+end
+
+--- The rows claimed ahead that no task took (the run stopped): given back (their claims
+--- released) and reported not-started.
+function Rows:release_ready()
+  for i = self.ready_head, self.ready_tail do
+    local item = self.ready[i]
+    if item then self:not_started(item[1], item[2]) end
+  end
+  self.ready, self.ready_head, self.ready_tail = {}, 1, 0
+end
+
+-- At the end of a pass over the file: take the rows of workers whose lease ran out (their
+-- claims, which this worker's pass went by while they were live, and their deferred rows), and
+-- read the file again for those lines only.  While live workers still hold claims, look again
+-- every 0.1 s (a worker killed now is found once its lease runs out), for at most two leases
+-- and a second: every row is then final in Redis, or held by a live worker (or, if that one
+-- dies later, shown in-flight by `mailshot cluster report` and taken by the next worker).
+-- -> true when a new pass starts.  One task sweeps; the others wait for it.
+function Rows:next_pass()
+  if self.sweeping then                   -- another task sweeps: read again after it
+    while self.sweeping do core.sleep(0.05) end
+    return true
+  end
+  if self.next_sweep and core.now() < self.next_sweep then return false end
+  self.sweeping = true
+  local cl = self.cluster
+  local deadline = core.now() + 2 * cl.lease + 1
+  local found, n, others
+  while true do
+    found, n, others = cl:sweep()
+    if not found or n > 0 or others == 0 or core.now() >= deadline or self.stopped() then break end
+    core.sleep(math.min(cl.lease / 3, 0.1))          -- the others' last rows take milliseconds
+  end
+  self.next_sweep = core.now() + cl.lease / 3
+  self.sweeping = false
+  if not found or n == 0 then
+    self.exhausted = true
+    return false
+  end
+  local reader, err = M.open_reader(self.c)
+  if not reader then
+    io.stderr:write("mailshot: ", tostring(err), "\n")
+    self.exhausted = true
+    return false
+  end
+  self.reader:close()
+  self.reader, self.only, self.exhausted = reader, found, false
+  return true
 end
 
 local NOT_STARTED = "the run was stopped before this row; --resume sends it"
@@ -241,6 +432,7 @@ M.NOT_STARTED = NOT_STARTED
 --- as `not-started`, and nothing in the journal, so --resume sends it.
 function Rows:not_started(row, line)
   self.sink.report:add { line = line, email = row[self.c.email_field], status = "not-started", response = NOT_STARTED }
+  if self.cluster then self.cluster:settle("U", { line = line }) end   -- the claim is given back
 end
 
 --- After a stop (SIGINT/SIGTERM): the rest of the file goes to the report, so that it names
