@@ -20,6 +20,8 @@ local outcome = require("mailshot.outcome")
 local rows = require("mailshot.rows")
 local sender = require("mailshot.sender")
 local health = require("mailshot.health")
+local cluster_rate = require("mailshot.cluster_rate")
+local cluster_suppress = require("mailshot.cluster_suppress")
 
 local M = {}
 
@@ -41,7 +43,15 @@ function Run:rate_sleep(sec)
   end
 end
 
-local function limiter(self, spec, name)
+-- With a cluster (--cluster) a limiter is shared by every worker through Redis under `key`
+-- (mailshot.cluster_rate: same methods); without, it is this process's own.
+local function limiter(self, spec, name, key)
+  if self.cluster then
+    local l = cluster_rate.new(self.cluster, key or name, type(spec) == "function" and rate.custom(spec) or spec,
+                               { name = name, sleep = function(sec) return self:rate_sleep(sec) end })
+    self.shared[#self.shared + 1] = l
+    return l
+  end
   return rate.new(type(spec) == "function" and rate.custom(spec) or spec,
                   { name = name, sleep = function(sec) return self:rate_sleep(sec) end })
 end
@@ -55,7 +65,7 @@ function Run:limiters_for(domain)
   local list = self.by_domain[domain]
   if list == nil then
     local spec = dr[domain] or dr["*"]
-    local l = spec and limiter(self, spec, domain) or false
+    local l = spec and limiter(self, spec, domain, "domain " .. domain) or false
     local saved = l and self.saved_rates and self.saved_rates["domain " .. domain]
     if saved then pcall(l.restore, l, saved) end
     self.domain_limiters[domain] = l
@@ -226,12 +236,19 @@ function M.new(c, opts, columns)
                               by_domain = {}, stopping = nil,
                               health = health.new(not opts.dry and c.stop_when_down) }, Run)
   self.sink = outcome.sink(report, jrn, c.bounces_path)
+  if self.cluster then        -- a hard bounce here stops the other workers sending to the address
+    self.sink.publish = function(email, reason) return cluster_suppress.publish(self.cluster, email, reason) end
+  end
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit,
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })
   self.limiters = {}                                  -- by name: their state is kept across --resume
-  for name, l in pairs(opts.relay_limiters or {}) do self.limiters[name] = l end
+  self.shared = {}                                   -- cluster_rate limiters, closed at the end
+  for name, l in pairs(opts.relay_limiters or {}) do
+    if self.cluster then l = sender.share(l, limiter(self, l.rules, name)) end   -- the fleet's relay limit
+    self.limiters[name] = l
+  end
   if c.rate ~= nil then
     self.limiter = limiter(self, c.rate, "campaign")
     self.limiters.campaign = self.limiter
@@ -367,8 +384,11 @@ function Run:go()
     core.spawn(self.flusher, self)
   end
   if opts.signals then core.spawn(self.watch_signals, self) end
+  local shared = self.cluster and assert(cluster_suppress.start(self.cluster, self.c, self))
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
+  if shared then shared.stop() end
+  for _, l in ipairs(self.shared) do l:close() end  -- completions reported, reserved slots given back
   self.rows:drain(function(rep) self.health:final(rep) end)   -- stopped before their next try
   if self.stopping and not self.failure then self.rows:rest() end   -- the report names everyone
   if opts.signals then util.stop_signals() end
