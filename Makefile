@@ -21,14 +21,14 @@
 CC      ?= cc
 PREFIX  ?= /usr/local
 VERSION := 0.1.0
-PKGS    := lua5.4 libcares openssl libcurl
+PKGS    := lua5.4 libcares openssl libcurl hiredis
 # CFLAGS is the user's (optimisation, debugging: `make CFLAGS=-O0` keeps everything else); the flags
 # the code needs are in MS_CFLAGS, always added.  VERSION is the one place the version is written: the C
 # side hands it to Lua as mailshot.core.version (mailshot.version, `mailshot --version`).
 CFLAGS    ?= -O2 -g
 MS_CFLAGS := -std=c11 -pthread -Wall -Wextra -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
              -DMAILSHOT_VERSION='"$(VERSION)"' $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto -lcurl) -lcsv -lm -pthread
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -llua5.4 -lcares -lssl -lcrypto -lcurl -lhiredis) -lcsv -lm -pthread
 
 SRC      := $(wildcard src/*.c)
 LIB_SRC  := $(filter-out src/main.c src/embed_gen.c, $(SRC))
@@ -42,8 +42,11 @@ SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer
 TSAN     := -fsanitize=thread -fno-omit-frame-pointer
 
 # Debian packages the build and the tests need (installed by `make deps` when missing).
-DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev libmimalloc-dev libcurl4-openssl-dev
+DEB_BUILD := gcc make pkg-config liblua5.4-dev libssl-dev libc-ares-dev libcsv-dev libmimalloc-dev libcurl4-openssl-dev \
+             libhiredis-dev
 DEB_TEST  := python3 python3-aiosmtpd python3-dkim python3-nacl openssl postfix dnsmasq-base valgrind
+# a private Redis for mailshot.redis and the cluster tests (tests/integration/harness.py start_redis)
+DEB_TEST  += redis-server
 # a private IMAP/POP3 server for the bounce-mailbox tests (tests/integration/harness.py start_dovecot)
 DEB_TEST  += dovecot-imapd dovecot-pop3d
 # clang's libFuzzer, ASan and UBSan runtimes are in libclang-rt-14-dev, only a Recommends of clang-14

@@ -30,6 +30,7 @@ int luaopen_mailshot_util(lua_State *L);
 int luaopen_mailshot_dkim(lua_State *L);
 int luaopen_mailshot_text(lua_State *L);
 int luaopen_mailshot_mailfetch(lua_State *L);
+int luaopen_mailshot_redis(lua_State *L);
 
 static void preload(lua_State *L, const char *name, lua_CFunction f) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
@@ -47,6 +48,7 @@ static void setup_modules(lua_State *L, const char *lua_path) {
   preload(L, "mailshot.dkim", luaopen_mailshot_dkim);
   preload(L, "mailshot.text", luaopen_mailshot_text);
   preload(L, "mailshot.mailfetch", luaopen_mailshot_mailfetch);
+  preload(L, "mailshot.redis", luaopen_mailshot_redis);
   if (lua_path) {
     lua_getglobal(L, "package");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", lua_path, lua_path);
