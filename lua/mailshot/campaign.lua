@@ -42,6 +42,8 @@ local FIELDS = {
 }
 -- mailshot bounces: on_bounce(b) -> a class ("hard", "soft", ...) or nil for bounce.classify's (bounces.lua)
 FIELDS.on_bounce = "function"
+-- several machines sharing the campaign through Redis (mailshot.cluster): { url, password_file, ca_file, key, lease, worker }
+FIELDS.cluster = "table"
 
 -- A template-able value: a string (compiled once), a template, or a function of the row.
 local function compile(value, name, helpers)
@@ -154,6 +156,7 @@ function M.new(def, base_dir, name)
   end
   -- a bad rate spec is an error now; each run makes its own limiters (mailshot.run)
   if def.rate ~= nil then rate.new(type(def.rate) == "function" and rate.custom(def.rate) or def.rate) end
+  if def.cluster then require("mailshot.cluster").check_campaign_option(def.cluster) end
   c.retry = M.retry_config(def.retry)
   c.stop_when_down = M.stop_config(def.stop_when_down)
   -- Suppression lists (and the hard-bounce file, when it exists) are read now: a missing list

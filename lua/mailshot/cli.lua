@@ -19,6 +19,9 @@ Commands:
   preflight SCRIPT check SPF, DKIM, DMARC and the recipient list before sending
   check HOST:PORT  test an SMTP relay: connect, greet, TLS, authenticate, and report what it found
   mx DOMAIN        show a domain's mail servers in the order direct delivery tries them
+  cluster status|report SCRIPT --cluster URL
+                   a campaign shared by several workers through Redis: its progress across
+                   the workers, or the merged report
   bounces SOURCE   read bounces and complaints from a Maildir, mbox, .eml, stdin or IMAP/POP3
                    mailbox and suppress the addresses that bounced (hard, complaint, soft N times)
   dkim keygen      make a DKIM key pair and print the DNS TXT record to publish
@@ -41,6 +44,7 @@ local COMMAND_HELP = {
   run = [=[
 Usage: mailshot run SCRIPT [--send [--resume [--resend-in-flight]] [--force]] [--outbox DIR] [--report FILE] [--concurrency N]
                            [--limit N] [--give-up-after D] [--log FILE] [--quiet] [--progress SECONDS]
+                           [--cluster URL [--worker NAME] [--redis-password-file F]]
 
 Run the campaign that SCRIPT returns (mailshot.campaign{...}).  Files the script names are
 found relative to the script's folder.
@@ -74,6 +78,15 @@ The recipients CSV must be UTF-8 unless the campaign declares encoding = "latin-
   --quiet           no live progress line: a plain progress line every 10 s instead (also
                     what happens when stderr is not a terminal)
   --progress SECS   seconds between plain progress lines (default 10; 0: none)
+  --cluster URL     with --send: share the campaign with other workers (other mailshot
+                    processes, on any machines, running the same script and CSV) through
+                    Redis: redis://[USER@]HOST:PORT/DB, or rediss:// for TLS (certificate
+                    verified).  Each row is claimed in Redis before it is sent, so no one gets
+                    it twice; a dead worker's in-flight rows are reported in-flight by another.
+                    Run the same command again to continue (no --resume; no local journal)
+  --worker NAME     this worker's name in the cluster (default: HOST:PID)
+  --redis-password-file F  the Redis password, from the first line of F (else the environment
+                    variable MAILSHOT_REDIS_PASSWORD; never in the URL)
 
 With --send on a terminal, a live line shows done/total, sent, failed, deferred (temporary
 failures, with the last one's reason, or "REASON; N in a row" while a relay fails send after
@@ -215,6 +228,23 @@ blocks and auto-replies never; what cannot be read is quarantined.  Nothing is e
 Exit status: 0 every source read, 1 a source (or a marking, a write) failed: the others were
 still processed, 2 a usage error, a campaign script or its recipients file that does not load.
 ]=],
+  cluster = [=[
+Usage: mailshot cluster status SCRIPT --cluster URL [--redis-password-file F]
+       mailshot cluster report SCRIPT --cluster URL [--redis-password-file F] [--report FILE]
+
+A campaign run by several workers (`mailshot run SCRIPT --send --cluster URL`) keeps its state
+in Redis.  `status` prints its progress across the workers: final rows by status, deferred and
+claimed (in flight) rows, and each worker with its counts and whether it is alive, dead or
+finished.  `report` writes the merged report: one row per CSV data line, in line order, with
+the run's report columns; a row no worker has reached is `not-started`, a row held by a worker
+that stopped is `in-flight`.  Nothing is changed in Redis.
+
+  --cluster URL     redis://[USER@]HOST:PORT/DB or rediss://... (default: the campaign's
+                    cluster.url)
+  --redis-password-file F  the Redis password (else MAILSHOT_REDIS_PASSWORD)
+  --report FILE     report: where to write it (default: NAME-cluster-report.csv beside the
+                    script)
+]=],
   exec = [=[
 Usage: mailshot exec FILE [ARGS...]
 
@@ -292,7 +322,8 @@ function commands.run(args)
   local opts, pos = parse(args, { send = "flag", outbox = "value", report = "value", concurrency = "value",
                                   limit = "value", quiet = "flag", log = "value", progress = "value",
                                   resume = "flag", force = "flag", ["give-up-after"] = "value",
-                                  ["resend-in-flight"] = "flag" }, "run")
+                                  ["resend-in-flight"] = "flag", cluster = "value", worker = "value",
+                                  ["redis-password-file"] = "value" }, "run")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.run); return 0 end
   if #pos ~= 1 then complain("run: expected one campaign script (see mailshot run --help)"); return 2 end
@@ -302,7 +333,10 @@ function commands.run(args)
   if not err and opts.limit then run.limit, err = positive_int(opts.limit, "limit") end
   local every = tonumber(opts.progress or 10)
   if not every or every < 0 then err = "--progress must be a number of seconds" end
-  if opts["resend-in-flight"] and not (opts.resume and opts.send) then err = "--resend-in-flight goes with --send --resume" end
+  if opts["resend-in-flight"] and not ((opts.resume or opts.cluster) and opts.send) then
+    err = "--resend-in-flight goes with --send --resume (or --send --cluster)"
+  end
+  if (opts.worker or opts["redis-password-file"]) and not opts.cluster then err = "--worker and --redis-password-file go with --cluster" end
   if err then complain("run: ", err); return 2 end
   if opts.log then
     local ok, lerr = require("mailshot.smtp").log(opts.log)
@@ -320,7 +354,23 @@ function commands.run(args)
     if not ok then complain("run: --give-up-after: ", tostring(r):gsub("^.-retry%.give_up_after: ", "")); return 2 end
     c.retry = r.give_up_after > 0 and r or false
   end
+  -- several workers sharing the campaign through Redis (--cluster, or the campaign's cluster.url)
+  local cluster_spec
   if opts.send then
+    cluster_spec, err = require("mailshot.cluster").spec(c, { url = opts.cluster, worker = opts.worker,
+                                                              password_file = opts["redis-password-file"] })
+    if err then complain("run: ", err); return 2 end
+    if cluster_spec and opts.resume then
+      complain("run: --resume does not go with --cluster: a cluster's state is in Redis; run the same command "
+               .. "again (without --resume) to continue")
+      return 2
+    end
+  end
+  if cluster_spec then
+    run.cluster, run.script, run.signals = cluster_spec, pos[1], true
+    run.resend_in_flight = opts["resend-in-flight"]
+    run.relay_limiters = mailshot.relay_limiters()
+  elseif opts.send then
     local dir = run.report:match("^(.*)/[^/]*$") or "."
     run.journal = dir .. "/" .. c.name .. ".journal"
     run.script = pos[1]
@@ -347,6 +397,11 @@ function commands.run(args)
   if not counts then complain(err); return 2 end
   -- the command that continues this run (--report only when it was given: the default is found)
   local again = opts.report and (" --report " .. opts.report) or ""
+  if cluster_spec then
+    -- the same command continues: the state is in Redis (no --resume)
+    again = (" --cluster %s --worker %s%s%s"):format(cluster_spec.url, cluster_spec.worker, again,
+      opts["redis-password-file"] and (" --redis-password-file " .. opts["redis-password-file"]) or "")
+  end
   do
     local done = counts.sent + counts.failed + counts.written
     local extra = ""
@@ -361,18 +416,30 @@ function commands.run(args)
       run.dry and ("%d written to %s, "):format(counts.written, run.outbox) or ("%d sent, "):format(counts.sent),
       counts.failed, counts.skipped, extra, counts.seconds, done / math.max(counts.seconds, 1e-3), run.report,
       run.dry and " (dry run: nothing was sent; add --send)"
-      or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send --resume%s)"):format(pos[1], again) or ""))
+      or counts.deferred > 0 and (" (deferred ones: mailshot run %s --send%s%s)"):format(pos[1],
+        cluster_spec and "" or " --resume", again) or ""))
     -- which path left rows failed or deferred, and why (a campaign may use several relays)
     for _, line in ipairs(counts.paths or {}) do say("mailshot:   ", line) end
   end
+  local cl = counts.cluster
+  if cl and cl.lost then
+    say(("mailshot: %s: Redis was lost (%s); worker %s stopped taking rows and finished the ones in flight. "
+         .. "%d outcome%s could not reach Redis (they are in this worker's report %s); in Redis those rows stay "
+         .. "claimed by %s and are reported in-flight (possibly sent) by the next worker once its lease runs out. "
+         .. "The rows not reached are untouched in Redis. When Redis is back, continue with:"):format(
+      c.name, cl.lost, cl.worker, cl.unsettled, cl.unsettled == 1 and "" or "s", run.report, cl.worker))
+    say(("  mailshot run %s --send%s"):format(pos[1], again))
+    return 75
+  end
   if counts.down then
-    say(("mailshot: %s; stopped. Resume with: mailshot run %s --send --resume%s"):format(counts.down.text, pos[1], again))
+    say(("mailshot: %s; stopped. Resume with: mailshot run %s --send %s%s"):format(counts.down.text, pos[1],
+      cl and "" or "--resume", again))
     return 75
   end
   if counts.stopped then
-    say(("mailshot: %s stopped by SIG%s; the journal %s has every outcome. To continue:"):format(
-      c.name, counts.stopped, run.journal))
-    say(("  mailshot run %s --send --resume%s"):format(pos[1], again))
+    say(("mailshot: %s stopped by SIG%s; %s has every outcome. To continue:"):format(
+      c.name, counts.stopped, cl and "Redis" or ("the journal " .. run.journal)))
+    say(("  mailshot run %s --send%s%s"):format(pos[1], cl and "" or " --resume", again))
     return counts.stopped == "INT" and 130 or 143
   end
   return (counts.failed == 0 and counts.deferred == 0) and 0 or 1
@@ -743,6 +810,54 @@ function commands.bounces(args)
   if not res then complain("bounces: ", err); return 2 end
   say("mailshot bounces: ", res.text)
   return res.failed and 1 or 0
+end
+
+function commands.cluster(args)
+  local what = args[1]
+  if what == "--help" or what == "-h" or what == nil then
+    io.stdout:write(COMMAND_HELP.cluster)
+    return what and 0 or 2
+  end
+  if what ~= "status" and what ~= "report" then
+    complain("cluster: expected 'status' or 'report' (see mailshot cluster --help)")
+    return 2
+  end
+  local spec_opts = { cluster = "value", ["redis-password-file"] = "value" }
+  if what == "report" then spec_opts.report = "value" end
+  local opts, pos = parse(table.move(args, 2, #args, 1, {}), spec_opts, "cluster " .. what)
+  if not opts then complain(pos); return 2 end
+  if opts.help then io.stdout:write(COMMAND_HELP.cluster); return 0 end
+  if #pos ~= 1 then complain(("cluster %s: expected one campaign script"):format(what)); return 2 end
+  local c, err = load_campaign(pos[1])
+  if not c then complain(err); return 2 end
+  local cluster = require("mailshot.cluster")
+  local spec
+  spec, err = cluster.spec(c, { url = opts.cluster, worker = "status", password_file = opts["redis-password-file"] })
+  if not spec then
+    complain(("cluster %s: %s"):format(what, err or "give --cluster URL (or the campaign's cluster.url)"))
+    return 2
+  end
+  local cl
+  cl, err = cluster.connect(spec, c)
+  if not cl then complain("cluster ", what, ": ", err); return 1 end
+  if what == "status" then
+    local st
+    st, err = cl:state()
+    cl:close()
+    if not st then complain("cluster status: ", err); return 1 end
+    local lines = mailshot.csv.count_lines(c.recipients_path)
+    say(cluster.status_text(st, c.name, lines and math.max(lines - 1, 0)))
+    return st.meta.fingerprint and 0 or 1
+  end
+  local path = opts.report or ((pos[1]:match("^(.*)/[^/]*$") or ".") .. "/" .. c.name .. "-cluster-report.csv")
+  local counts
+  counts, err = cl:write_report(c, path, require("mailshot.result").REPORT_COLUMNS)
+  cl:close()
+  if not counts then complain("cluster report: ", err); return 1 end
+  say(("mailshot: %s: %d rows: %d sent, %d failed, %d skipped, %d deferred, %d in-flight, %d not started; report: %s"):format(
+    c.name, counts.total, counts.sent, counts.failed, counts.skipped, counts.deferred, counts["in-flight"],
+    counts["not-started"], path))
+  return 0
 end
 
 function commands.exec(args)

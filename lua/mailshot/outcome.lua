@@ -135,20 +135,23 @@ end
 local Sink = {}
 Sink.__index = Sink
 
---- sink(report, journal, bounces_path): journal and bounces_path may be nil.
-function M.sink(report, jrn, bounces_path)
-  return setmetatable({ report = report, journal = jrn, bounces_path = bounces_path }, Sink)
+--- sink(report, journal, bounces_path, cluster): journal, bounces_path and cluster (a
+--- mailshot.cluster: outcomes go to Redis too) may be nil.
+function M.sink(report, jrn, bounces_path, cluster)
+  return setmetatable({ report = report, journal = jrn, bounces_path = bounces_path, cluster = cluster }, Sink)
 end
 
 --- The row's outcome, final (or deferred: --resume retries it).
 function Sink:add(rep)
   self.report:add(rep)
   if self.journal then self.journal:outcome(rep, rep.status == "deferred") end
+  if self.cluster then self.cluster:settle(rep.status == "deferred" and "D" or "F", rep) end
 end
 
 --- Waiting in the retry queue: not sent, so a crash now must not count it in flight.
 function Sink:waiting(rep)
   if self.journal then self.journal:outcome(rep, true) end
+  if self.cluster then self.cluster:settle("D", rep) end
 end
 
 --- The message is about to be handed to the sender.

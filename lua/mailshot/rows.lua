@@ -167,10 +167,11 @@ function M.dedupe()
 end
 
 --- rows.new(c, reader, o): o = { sink, previous (journal records), limit, resend_in_flight,
---- retry (the schedule, or false), stopped = function() -> true once no new row may start }.
+--- retry (the schedule, or false), stopped = function() -> true once no new row may start,
+--- cluster (mailshot.cluster: every row is claimed in Redis first; nil on one machine) }.
 function M.new(c, reader, o)
   return setmetatable({
-    c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit,
+    c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
     resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
     first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
   }, Rows)
@@ -187,6 +188,7 @@ end
 local function take(self, row, line, msg)
   local c, sink = self.c, self.sink
   self.seen = self.seen + 1
+  if self.cluster then return self:take_claimed(row, line, msg) end
   local old = self.previous and self.previous:record(line)
   local address = row and row[c.email_field]
   if row and old and old.kind == "F" then
@@ -218,20 +220,121 @@ function Rows:next()
   while not self.stopped() do
     if queue[1] and queue[1].due <= core.now() then
       local item = table.remove(queue, 1)
-      return item.row, item.line, item
+      -- in a cluster, claimed again first (the retry is in flight again); a worker that took it
+      -- over while this one's lease had run out reports it instead
+      if not self.cluster or self.cluster:claim(item.line, "r") == "mine" then
+        return item.row, item.line, item
+      end
     end
     local row, line, msg
     if not self.exhausted and not (self.limit and self.seen >= self.limit) then row, line, msg = self.reader:read() end
-    if row == nil then
+    if row == nil and self.cluster and not self.stopped() and self:next_pass() then
+      row = false                                      -- a pass over the lines of stopped workers
+    elseif row == nil then
       if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
       self.exhausted = true
       if not queue[1] then return nil end
       core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
-    else
+    elseif line then
       local r, l = take(self, row, line, msg)
       if r then return r, l end
     end
   end
+end
+
+-- Cluster mode (mailshot.cluster) -------------------------------------------------------------
+
+local ORPHAN = "possibly sent by worker %s, which stopped (its lease ran out) while this row was in flight; "
+               .. "not sent again (--resend-in-flight sends it)"
+M.ORPHAN = ORPHAN
+
+-- A row that needs no message (a duplicate, a bad line): settled in Redis by its claim, in one
+-- step, and in this worker's report when this worker settled it.
+function Rows:settle_claimed(rep)
+  local cl = self.cluster
+  local r = cl:claim(rep.line, "s", cl:record(rep))
+  if r == "mine" then self.sink.report:add(rep)    -- Redis has it already
+  elseif r == "I" or r == "R" then self.sink:add(rep) end
+end
+
+-- A row of a worker that stopped, now held by this one: a deferred one ("R": it was not sent)
+-- is sent; an in-flight one ("I": possibly sent) is reported in-flight, or sent again with
+-- resend_in_flight.  -> row, line to deliver, or nil
+function Rows:orphan(row, line, kind, holder, msg)
+  if not row then
+    self.sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.c.recipients, line, msg) }
+  elseif kind == "R" or self.resend_in_flight then
+    return row, line
+  else
+    self.sink:add { line = line, email = row[self.c.email_field], status = "in-flight", stage = "cluster",
+                    response = ORPHAN:format(holder) }
+  end
+end
+
+-- take() in cluster mode: every row is claimed before anything is done with it.
+function Rows:take_claimed(row, line, msg)
+  local c, cl = self.c, self.cluster
+  if self.only then                       -- a second pass: only the lines taken over
+    local o = self.only[line]
+    if not o then return nil end
+    self.only[line] = nil
+    return self:orphan(row, line, o.kind, o.holder, msg)
+  end
+  local address = row and row[c.email_field]
+  if row and not self.first(address) then
+    self:settle_claimed { line = line, email = address, status = "skipped", response = DUPLICATE }
+  elseif row then
+    local r, holder = cl:claim(line, "n")
+    if r == "mine" then return row, line end
+    if r == "I" or r == "R" then return self:orphan(row, line, r, holder) end
+    -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
+  else
+    local last = self.reader:line()
+    self:settle_claimed { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+    for n = line + 1, last do
+      self.seen = self.seen + 1
+      self:settle_claimed { line = n, status = "skipped", response = M.swallowed(c.recipients, n, line) }
+    end
+  end
+end
+
+-- At the end of a pass over the file: take the rows of workers whose lease ran out (their
+-- claims, which this worker's pass went by while they were live, and their deferred rows), and
+-- read the file again for those lines only.  While live workers still hold claims, look again
+-- every lease/3 (a worker killed now is found once its lease runs out), for at most two leases
+-- and a second: every row is then final in Redis, or held by a live worker (or, if that one
+-- dies later, shown in-flight by `mailshot cluster report` and taken by the next worker).
+-- -> true when a new pass starts.  One task sweeps; the others wait for it.
+function Rows:next_pass()
+  if self.sweeping then                   -- another task sweeps: read again after it
+    while self.sweeping do core.sleep(0.05) end
+    return true
+  end
+  if self.next_sweep and core.now() < self.next_sweep then return false end
+  self.sweeping = true
+  local cl = self.cluster
+  local deadline = core.now() + 2 * cl.lease + 1
+  local found, n, others
+  while true do
+    found, n, others = cl:sweep()
+    if not found or n > 0 or others == 0 or core.now() >= deadline or self.stopped() then break end
+    core.sleep(cl.lease / 3)
+  end
+  self.next_sweep = core.now() + cl.lease / 3
+  self.sweeping = false
+  if not found or n == 0 then
+    self.exhausted = true
+    return false
+  end
+  local reader, err = M.open_reader(self.c)
+  if not reader then
+    io.stderr:write("mailshot: ", tostring(err), "\n")
+    self.exhausted = true
+    return false
+  end
+  self.reader:close()
+  self.reader, self.only, self.exhausted = reader, found, false
+  return true
 end
 
 local NOT_STARTED = "the run was stopped before this row; --resume sends it"
@@ -241,6 +344,7 @@ M.NOT_STARTED = NOT_STARTED
 --- as `not-started`, and nothing in the journal, so --resume sends it.
 function Rows:not_started(row, line)
   self.sink.report:add { line = line, email = row[self.c.email_field], status = "not-started", response = NOT_STARTED }
+  if self.cluster then self.cluster:settle("U", { line = line }) end   -- the claim is given back
 end
 
 --- After a stop (SIGINT/SIGTERM): the rest of the file goes to the report, so that it names

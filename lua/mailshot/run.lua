@@ -227,19 +227,36 @@ function M.new(c, opts, columns)
     local ok, merr = os.execute(("mkdir -p '%s'"):format(opts.outbox:gsub("'", "'\\''")))
     if not ok then reader:close(); return nil, "cannot create outbox " .. opts.outbox .. ": " .. tostring(merr) end
   end
-  local jrn, previous = open_journal(c, opts)
+  -- several machines (opts.cluster, mailshot.cluster): Redis is the journal; joined before
+  -- anything is written, so that a refusal (unreachable, another fingerprint) leaves nothing
+  local cl
+  if opts.cluster and not opts.dry then
+    local cerr
+    cl, cerr = require("mailshot.cluster").connect(opts.cluster, c)
+    if cl then
+      local ok, serr = cl:start(c:fingerprint(opts.script), c.name)
+      if not ok then cl:close(); cl, cerr = nil, serr end
+    end
+    if not cl then reader:close(); return nil, cerr end
+  end
+  local jrn, previous = false, nil
+  if not cl then jrn, previous = open_journal(c, opts) end
   if jrn == nil then reader:close(); return nil, previous end
   jrn = jrn or nil
   local report, rerr = outcome.open_report(opts.report, columns)
-  if not report then reader:close(); if jrn then jrn:close() end; return nil, rerr end
+  if not report then reader:close(); if jrn then jrn:close() end; if cl then cl:close() end; return nil, rerr end
   local self = setmetatable({ c = c, opts = opts, journal = jrn, report = report, domain_limiters = {},
                               by_domain = {}, stopping = nil,
                               health = health.new(not opts.dry and c.stop_when_down) }, Run)
-  self.sink = outcome.sink(report, jrn, c.bounces_path)
-  if self.cluster then        -- a hard bounce here stops the other workers sending to the address
-    self.sink.publish = function(email, reason) return cluster_suppress.publish(self.cluster, email, reason) end
+  self.cluster = cl                                   -- before the limiters: shared ones need it
+  if cl then
+    cl.on_lost = function(e) self:stop_for_redis(e) end
   end
-  self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit,
+  self.sink = outcome.sink(report, jrn, c.bounces_path, cl)
+  if cl then        -- a hard bounce here stops the other workers sending to the address
+    self.sink.publish = function(email, reason) return cluster_suppress.publish(cl, email, reason) end
+  end
+  self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })
@@ -265,6 +282,11 @@ function M.new(c, opts, columns)
     end
   end
   self.resumed = resume_notice(c, previous, opts)
+  if cl then      -- the suppressions shared by the workers: loaded now, followed during the run
+    local watch, serr = cluster_suppress.start(cl, c, self)
+    if not watch then self.rows:close(); report.f:close(); cl:close(); return nil, serr end
+    self.shared_list = watch
+  end
   return self
 end
 
@@ -282,7 +304,8 @@ function Run:flusher()
   while self.flushing do
     core.sleep(0.1)
     if self.flushing then
-      self.journal:flush()
+      if self.cluster then self.cluster:flush() end
+      if self.journal then self.journal:flush() end
       ticks = ticks + 1
       if ticks % 50 == 0 then self:save_rates() end     -- quotas survive even a kill -9 (to 5 s)
     end
@@ -339,6 +362,17 @@ function Run:stop_for_relay(down)
     live and "\r\27[K" or "", down.text))
 end
 
+-- Redis is lost (a transport error or timeout, mailshot.cluster): no new rows; the ones in
+-- flight finish (their outcomes stay in this worker's report: Redis cannot take them).
+function Run:stop_for_redis(err)
+  if self.redis_lost then return end
+  self.redis_lost = err
+  if not self.stopping then self.stopping = "redis" end
+  local live = self.opts.progress and self.opts.progress.live
+  io.stderr:write(("%smailshot: Redis lost (%s): stopping: no new rows; waiting for the ones in flight\n"):format(
+    live and "\r\27[K" or "", err))
+end
+
 -- One of `concurrency` tasks: rows until there are none (or a stop).
 function Run:work()
   local source, sink = self.rows, self.sink
@@ -379,21 +413,27 @@ function Run:go()
     running = running - 1
     if running == 0 then core.wake(main) end
   end
-  if self.journal then
+  if self.journal or self.cluster then
     self.flushing = true
     core.spawn(self.flusher, self)
   end
   if opts.signals then core.spawn(self.watch_signals, self) end
-  local shared = self.cluster and assert(cluster_suppress.start(self.cluster, self.c, self))
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
-  if shared then shared.stop() end
+  if self.shared_list then self.shared_list.stop() end
   for _, l in ipairs(self.shared) do l:close() end  -- completions reported, reserved slots given back
   self.rows:drain(function(rep) self.health:final(rep) end)   -- stopped before their next try
-  if self.stopping and not self.failure then self.rows:rest() end   -- the report names everyone
+  -- the report names everyone (a cluster worker's report: the rows it did; `mailshot cluster
+  -- report` names everyone)
+  if self.stopping and not self.failure and not self.cluster then self.rows:rest() end
   if opts.signals then util.stop_signals() end
   self.flushing = false
   self:save_rates()
+  local cl = self.cluster
+  if cl then
+    cl:finish()                                        -- outcomes flushed; the lease given up
+    cl:close()
+  end
   if progress then progress.stop() end
   self.rows:close()
   local rok, rerr = self.report:close()
@@ -405,6 +445,12 @@ function Run:go()
   if self.failure then error(self.failure, 0) end
   local counts = self.report.counts
   counts.total = self.rows.seen
+  if cl then
+    -- this worker's rows (the others' are theirs), and what Redis could not take
+    counts.total = 0
+    for k, n in pairs(self.report.counts) do if k ~= "total" then counts.total = counts.total + n end end
+    counts.cluster = { worker = cl.worker, lost = cl.lost, unsettled = cl.unsettled }
+  end
   counts.seconds = core.now() - started
   counts.stopped = self.stopping
   counts.resumed = self.resumed

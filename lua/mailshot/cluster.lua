@@ -1,0 +1,716 @@
+-- mailshot.cluster: several mailshot processes (workers) share one campaign through Redis.
+--
+-- Every worker reads the same CSV file in order (the campaign's fingerprint, stored in Redis by
+-- the first worker, must match) and claims each row's CSV line in a Redis script before doing
+-- anything with it: the claim is the row's in-flight mark, as the journal's I record is on one
+-- machine.  A worker keeps a lease (its score in the `alive` sorted set, refreshed every lease/3);
+-- a row claimed by a worker whose lease ran out is that worker's in-flight row, and the first
+-- live worker that comes across it reports it `in-flight` (possibly sent), or sends it again
+-- with resend_in_flight.  Outcomes go to Redis in batches (with every claim batch and every
+-- 0.1 s), each worker's report keeps the rows it did, and `mailshot cluster report` writes the
+-- merged report.
+--
+-- Keys, all under "mailshot:{KEY}:" (KEY: the campaign's cluster.key, else its name; the braces
+-- are a Redis Cluster hash tag: every key of a campaign lives in one slot, so one script may
+-- touch them all):
+--   meta     HASH  fingerprint, name, created (unix seconds), lease_ms
+--   alive    ZSET  worker -> the end of its lease (Redis TIME, ms).  One sorted set rather than a
+--                  key per worker so that a script sees every lease through one KEYS entry
+--   workers  HASH  worker -> "state\tstarted\tpid@host" (state: running, finished, lost)
+--   claim    HASH  line -> worker: in flight (claimed, not settled)
+--   retry    HASH  line -> a record: deferred (a temporary failure), waiting for its holder's
+--                  retry queue; a dead or finished holder's rows are taken over by the next
+--                  worker that comes across them (they were not sent: sending them is safe)
+--   done     HASH  line -> a record: the final outcome (sent, failed, skipped, in-flight)
+--   counts   HASH  status -> n, and "worker\tstatus" -> n (final outcomes only)
+-- A record is a journal-style line without its newline: worker, line, email, then the report's
+-- fields (result.RECORD, status first), tab-separated, with \t \n \r \\ escaped.
+
+local core = require("mailshot.core")
+local util = require("mailshot.util")
+local tsv_record = require("mailshot.text").tsv_record
+local RECORD = require("mailshot.result").RECORD
+
+local M = {}
+
+M.DEFAULT_LEASE = 10            -- seconds: a dead worker's rows wait this long at most
+local MAX_BATCH = 1000          -- lines in one claim or settle script call
+
+-- URL, password, options -----------------------------------------------------------------------
+
+--- parse_url("redis://[user@]host[:port][/db]" or "rediss://...") -> { tls, user, host, port, db }
+--- | nil, err.  A password in the URL is refused: it would show in ps and in shell history.
+function M.parse_url(url)
+  if type(url) ~= "string" then return nil, "the cluster URL must be a string" end
+  local scheme, rest = url:match("^(rediss?)://(.+)$")
+  if not scheme then
+    return nil, ("%s: not a Redis URL (redis://HOST:PORT/DB or rediss://HOST:PORT/DB for TLS)"):format(url)
+  end
+  local auth, hostport = rest:match("^([^@/]*)@(.*)$")
+  if not auth then hostport = rest end
+  if auth and auth:find(":", 1, true) then
+    return nil, ("%s: a password in the URL is refused (it would show in ps and in shell history): "
+                 .. "put it in MAILSHOT_REDIS_PASSWORD or cluster.password_file (--redis-password-file)"):format(
+                 url:gsub("(//[^:@/]*:)[^@/]*@", "%1***@"), nil)
+  end
+  local hp, path = hostport:match("^([^/]*)(.*)$")
+  local host, port = hp:match("^%[([^%]]+)%]:?(%d*)$")          -- [::1]:6379
+  if not host then host, port = hp:match("^([^:]+):?(%d*)$") end
+  if not host or host == "" then return nil, ("%s: no host in the Redis URL"):format(url) end
+  port = port ~= "" and math.tointeger(tonumber(port)) or 6379
+  if not port or port < 1 or port > 65535 then return nil, ("%s: bad port"):format(url) end
+  local db = 0
+  if path ~= "" and path ~= "/" then
+    db = path:match("^/(%d+)$")
+    db = db and math.tointeger(tonumber(db))
+    if not db then return nil, ("%s: the path must be a database number (/0, /1, ...)"):format(url) end
+  end
+  return { tls = scheme == "rediss", user = auth ~= "" and auth or nil, host = host, port = port, db = db, url = url }
+end
+
+-- "10s", "500ms", "2m" or a number of seconds -> seconds | nil
+local function seconds(v)
+  if type(v) == "number" then return v > 0 and v or nil end
+  local n, unit = tostring(v):match("^%s*([%d%.]+)%s*(%a*)%s*$")
+  local f = ({ [""] = 1, s = 1, ms = 0.001, m = 60, min = 60 })[unit or "x"]
+  local x = tonumber(n)
+  return x and f and x * f > 0 and x * f or nil
+end
+
+local SPEC_KEYS = { url = true, password_file = true, ca_file = true, key = true, lease = true, worker = true }
+
+--- Check a campaign's `cluster = {...}` (campaign.new): raises on a misuse.
+function M.check_campaign_option(t)
+  for k, v in pairs(t) do
+    if not SPEC_KEYS[k] then error(("mailshot.campaign: cluster: unknown option '%s'"):format(tostring(k)), 4) end
+    if k ~= "lease" and type(v) ~= "string" then error(("mailshot.campaign: cluster.%s must be a string"):format(k), 4) end
+  end
+  if t.lease ~= nil and not seconds(t.lease) then
+    error("mailshot.campaign: cluster.lease must be a duration (\"10s\", \"500ms\") or a number of seconds", 4)
+  end
+  if t.url then
+    local ok, err = M.parse_url(t.url)
+    if not ok then error("mailshot.campaign: cluster.url: " .. err, 4) end
+  end
+  if t.worker and not t.worker:match("^[%w%.%-_:@]+$") then
+    error("mailshot.campaign: cluster.worker: letters, digits and . - _ : @ only", 4)
+  end
+end
+
+local function read_first_line(path)
+  local f = io.open(path, "r")
+  if not f then return nil end
+  local l = f:read("l")
+  f:close()
+  return l
+end
+
+--- The default worker name: host:pid (Linux /proc), unique on one machine.
+function M.default_worker()
+  local host = read_first_line("/proc/sys/kernel/hostname") or "host"
+  local stat = read_first_line("/proc/self/stat") or ""
+  local pid = stat:match("^(%d+)") or tostring(math.random(1, 1 << 30))
+  return (host:gsub("[^%w%.%-_]", "_")) .. ":" .. pid
+end
+
+--- The cluster spec of a run: the campaign's `cluster` table, overridden by the command line's
+--- o = { url, worker, password_file }.  nil when neither names a URL (no cluster).
+--- -> spec | nil | nil, err
+function M.spec(c, o)
+  o = o or {}
+  local t = c.cluster or {}
+  local url = o.url or t.url
+  if not url then return nil end
+  local u, err = M.parse_url(url)
+  if not u then return nil, "--cluster " .. err end
+  local paths = require("mailshot.path")
+  local function resolve(p) return p and paths.resolve(p, c.base_dir) end
+  local worker = o.worker or t.worker or M.default_worker()
+  if not worker:match("^[%w%.%-_:@]+$") then
+    return nil, ("--worker %s: letters, digits and . - _ : @ only"):format(worker)
+  end
+  u.password_file = o.password_file or resolve(t.password_file)
+  u.ca_file = resolve(t.ca_file)
+  u.key = t.key or c.name
+  u.worker = worker
+  u.lease = seconds(t.lease or M.DEFAULT_LEASE)
+  return u
+end
+
+--- The password for a spec: MAILSHOT_REDIS_PASSWORD, else the first line of password_file,
+--- else none.  -> password | false | nil, err
+function M.password(spec)
+  if spec.password_file then
+    local f, err = io.open(spec.password_file, "r")
+    if not f then return nil, "Redis password file: " .. err end
+    local l = f:read("l") or ""
+    f:close()
+    return l
+  end
+  return os.getenv("MAILSHOT_REDIS_PASSWORD") or false
+end
+
+-- Scripts ------------------------------------------------------------------------------------
+
+local Script = {}
+Script.__index = Script
+
+--- cluster.script(source) -> s; s:run(conn, keys, args) -> reply | nil, err, kind.  The script is
+--- loaded once per connection (SCRIPT LOAD gives its SHA-1), then run with EVALSHA; a server
+--- that lost it (a restart, SCRIPT FLUSH) answers NOSCRIPT: it is loaded again.
+function M.script(source)
+  return setmetatable({ source = source, sha = setmetatable({}, { __mode = "k" }) }, Script)
+end
+
+function Script:run(conn, keys, args)
+  local argv = { "EVALSHA", false, #keys }
+  for i = 1, #keys do argv[#argv + 1] = keys[i] end
+  for i = 1, #(args or {}) do argv[#argv + 1] = args[i] end
+  for _ = 1, 2 do
+    local sha = self.sha[conn]
+    if not sha then
+      local s, err, kind = conn:call("SCRIPT", "LOAD", self.source)
+      if not s then return nil, err, kind end
+      sha = s
+      self.sha[conn] = s
+    end
+    argv[2] = sha
+    local reply, err, kind = conn:call(table.unpack(argv))
+    if reply ~= nil or kind ~= "reply" or not tostring(err):match("^NOSCRIPT") then return reply, err, kind end
+    self.sha[conn] = nil
+  end
+  return nil, "NOSCRIPT twice", "reply"
+end
+
+-- now in ms by the server's clock, and a worker's lease: one clock for every worker
+local PRELUDE = [[
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = {}
+local function is_live(alive, w)
+  local v = live[w]
+  if v == nil then
+    local s = redis.call('ZSCORE', alive, w)
+    v = s ~= false and s ~= nil and tonumber(s) > now
+    live[w] = v
+  end
+  return v
+end
+local function status_of(rec) return rec:match('^[^\t]*\t[^\t]*\t[^\t]*\t([^\t]*)') end
+local function worker_of(rec) return rec:match('^([^\t]*)') end
+]]
+
+-- KEYS meta alive workers; ARGV fingerprint name worker lease_ms info
+-- -> {"ok"} | {"fingerprint", stored} | {"alive", ms left}
+local START = M.script(PRELUDE .. [[
+local meta, alive, workers = KEYS[1], KEYS[2], KEYS[3]
+local fp, name, me, lease, info = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local stored = redis.call('HGET', meta, 'fingerprint')
+if stored and stored ~= fp then return { 'fingerprint', stored } end
+local s = redis.call('ZSCORE', alive, me)
+if s and tonumber(s) > now then return { 'alive', tostring(tonumber(s) - now) } end
+if not stored then
+  redis.call('HSET', meta, 'fingerprint', fp, 'name', name, 'created', t[1], 'lease_ms', lease)
+end
+redis.call('ZADD', alive, now + lease, me)
+redis.call('HSET', workers, me, 'running\t' .. t[1] .. '\t' .. info)
+return { 'ok' }
+]])
+
+-- KEYS alive; ARGV worker lease_ms -> the lease's old end minus now (ms; negative: it had run out)
+local HEARTBEAT = M.script(PRELUDE .. [[
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if not s then return -1 end
+return tonumber(s) - now
+]])
+
+-- Claims: KEYS claim done retry alive counts; ARGV worker, then (line, mode, record) triples.
+-- mode "n": a row to deliver -> 1 (claimed: in flight now), 0 (done, or held by a live worker),
+--   "I\tholder" (claimed by a worker whose lease ran out: possibly sent; now held by this one),
+--   "R\tholder" (deferred by such a worker: not sent; now claimed by this one, to send);
+-- mode "s": a row that needs no message (record given: skipped) -> 1 when settled by this call;
+-- mode "r": this worker's own retry, due now -> 1 (claimed again), 0 (taken over meanwhile).
+local CLAIM = M.script(PRELUDE .. [[
+local claim, done, retry, alive, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local me = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 3 do
+  local line, mode, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local r = 0
+  if mode == 'r' then
+    local h = redis.call('HGET', retry, line)
+    if h and worker_of(h) == me and redis.call('HEXISTS', done, line) == 0 then
+      redis.call('HDEL', retry, line)
+      redis.call('HSET', claim, line, me)
+      r = 1
+    end
+  elseif redis.call('HEXISTS', done, line) == 0 then
+    local h = redis.call('HGET', claim, line)
+    local rh = not h and redis.call('HGET', retry, line)
+    if h then
+      if h ~= me and is_live(alive, h) then r = 0
+      else redis.call('HSET', claim, line, me); r = 'I\t' .. h end
+    elseif rh then
+      local holder = worker_of(rh)
+      if holder ~= me and is_live(alive, holder) then r = 0
+      else redis.call('HDEL', retry, line); redis.call('HSET', claim, line, me); r = 'R\t' .. holder end
+    elseif mode == 's' then
+      redis.call('HSET', done, line, rec)
+      local st = status_of(rec)
+      redis.call('HINCRBY', counts, st, 1)
+      redis.call('HINCRBY', counts, me .. '\t' .. st, 1)
+      r = 1
+    else
+      redis.call('HSET', claim, line, me)
+      r = 1
+    end
+  end
+  out[#out + 1] = r
+end
+return out
+]])
+
+-- Outcomes: KEYS claim done retry counts; ARGV worker, then (op, line, record) triples.
+-- op "F": final (done; the claim is released); "D": deferred (to retry; released); "U": not
+-- started after all (released).  A final outcome replaces an earlier one of the line (a worker
+-- that took over this one's claim while its lease had run out reported it in-flight): the
+-- counts move with it.  -> the number of records written
+local SETTLE = M.script(PRELUDE .. [[
+local claim, done, retry, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local me = ARGV[1]
+local n = 0
+for i = 2, #ARGV, 3 do
+  local op, line, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HGET', claim, line) == me then redis.call('HDEL', claim, line) end
+  if op == 'F' then
+    local old = redis.call('HGET', done, line)
+    if old then
+      local ost, ow = status_of(old), worker_of(old)
+      redis.call('HINCRBY', counts, ost, -1)
+      redis.call('HINCRBY', counts, ow .. '\t' .. ost, -1)
+    end
+    redis.call('HDEL', retry, line)
+    redis.call('HSET', done, line, rec)
+    local st = status_of(rec)
+    redis.call('HINCRBY', counts, st, 1)
+    redis.call('HINCRBY', counts, me .. '\t' .. st, 1)
+    n = n + 1
+  elseif op == 'D' then
+    if redis.call('HEXISTS', done, line) == 0 then redis.call('HSET', retry, line, rec); n = n + 1 end
+  end
+end
+return n
+]])
+
+-- At the end of a worker's pass over the file: KEYS claim retry alive; ARGV worker.  Takes the
+-- rows of workers whose lease ran out (claims and deferred rows) -> { others, "I"|"R", line,
+-- holder, ... }, others: lines still claimed by live workers.
+local SWEEP = M.script(PRELUDE .. [[
+local claim, retry, alive = KEYS[1], KEYS[2], KEYS[3]
+local me = ARGV[1]
+local out = { 0 }
+local c = redis.call('HGETALL', claim)
+for i = 1, #c, 2 do
+  local line, h = c[i], c[i + 1]
+  if h ~= me then
+    if is_live(alive, h) then out[1] = out[1] + 1
+    else
+      redis.call('HSET', claim, line, me)
+      out[#out + 1] = 'I'; out[#out + 1] = line; out[#out + 1] = h
+    end
+  end
+end
+local r = redis.call('HGETALL', retry)
+for i = 1, #r, 2 do
+  local line, h = r[i], worker_of(r[i + 1])
+  if h ~= me and not is_live(alive, h) then
+    redis.call('HDEL', retry, line)
+    redis.call('HSET', claim, line, me)
+    out[#out + 1] = 'R'; out[#out + 1] = line; out[#out + 1] = h
+  end
+end
+return out
+]])
+
+-- Connecting ---------------------------------------------------------------------------------
+
+local Cluster = {}
+Cluster.__index = Cluster
+
+function Cluster:key(suffix) return self.prefix .. suffix end
+
+local function where(spec) return ("Redis %s"):format(spec.url) end
+
+--- connect(spec, campaign) -> cl | nil, err: connected, authenticated (AUTH with the password
+--- from MAILSHOT_REDIS_PASSWORD or password_file, as spec.user when the URL names one), the
+--- database selected.  From a task.
+function M.connect(spec, c)
+  local redis = require("mailshot.redis")
+  local password, perr = M.password(spec)
+  if password == nil then return nil, perr end
+  local conn, err = redis.connect { host = spec.host, port = spec.port, tls = spec.tls, verify = true,
+                                    ca_file = spec.ca_file, server_name = spec.tls and spec.host or nil,
+                                    timeout = spec.timeout or 5 }
+  if not conn then return nil, ("%s: cannot connect: %s"):format(where(spec), tostring(err)) end
+  if password then
+    local ok, aerr
+    if spec.user then ok, aerr = conn:call("AUTH", spec.user, password) else ok, aerr = conn:call("AUTH", password) end
+    if not ok then conn:close(); return nil, ("%s: AUTH failed: %s"):format(where(spec), tostring(aerr)) end
+  end
+  if spec.db ~= 0 then
+    local ok, serr = conn:call("SELECT", spec.db)
+    if not ok then conn:close(); return nil, ("%s: SELECT %d: %s"):format(where(spec), spec.db, tostring(serr)) end
+  end
+  -- a server that wants a password says so at the first command
+  local pong, perr2 = conn:call("PING")
+  if not pong then
+    conn:close()
+    local hint = tostring(perr2):match("^NOAUTH") and " (set MAILSHOT_REDIS_PASSWORD or --redis-password-file)" or ""
+    return nil, ("%s: %s%s"):format(where(spec), tostring(perr2), hint)
+  end
+  local key = spec.key or (c and c.name) or "campaign"
+  local self = setmetatable({ redis = conn, spec = spec, worker = spec.worker, lease = spec.lease or M.DEFAULT_LEASE,
+                              prefix = "mailshot:{" .. key .. "}:", claimq = {}, settleq = {}, unsettled = 0,
+                              settled = 0 }, Cluster)
+  self.k = { meta = self:key("meta"), alive = self:key("alive"), workers = self:key("workers"),
+             claim = self:key("claim"), retry = self:key("retry"), done = self:key("done"),
+             counts = self:key("counts") }
+  self.claim_flush = function() self.claim_queued = false; core.spawn(self.send_claims, self) end
+  return self
+end
+
+-- Redis is gone (a transport error): remember why, once, and tell the run.
+function Cluster:fail(err, kind)
+  if kind == "io" and not self.lost then
+    self.lost = tostring(err)
+    if self.on_lost then self.on_lost(self.lost) end
+  end
+  return nil, err
+end
+
+--- Join the campaign: the fingerprint is checked (stored by the first worker), the worker
+--- registered and its heartbeat started.  -> true | nil, err
+function Cluster:start(fingerprint, name)
+  local k = self.k
+  local host = read_first_line("/proc/sys/kernel/hostname") or "?"
+  local pid = (read_first_line("/proc/self/stat") or ""):match("^(%d+)") or "?"
+  local r, err = START:run(self.redis, { k.meta, k.alive, k.workers },
+                           { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), pid .. "@" .. host })
+  if not r then return nil, ("%s: %s"):format(where(self.spec), tostring(err)) end
+  if r[1] == "fingerprint" then
+    return nil, ("%s: campaign %s: this worker's recipients file, script or templates differ from the ones the "
+                 .. "cluster started with (fingerprint here %s, in Redis %s): every worker must run the same "
+                 .. "files, since rows are matched by CSV line"):format(where(self.spec), self.prefix:match("{(.*)}"),
+                 fingerprint, r[2])
+  elseif r[1] == "alive" then
+    return nil, ("%s: a worker named %s is alive (its lease has %.1f s left): another process uses that name, "
+                 .. "or it stopped less than a lease ago; give another --worker, or wait"):format(
+                 where(self.spec), self.worker, (tonumber(r[2]) or 0) / 1000)
+  end
+  self.running = true
+  core.spawn(function() self:heartbeat() end)
+  return true
+end
+
+function Cluster:heartbeat()
+  local every = self.lease / 3
+  while self.running do
+    core.sleep(every)
+    if not self.running or self.lost then break end
+    local left, err, kind = HEARTBEAT:run(self.redis, { self.k.alive }, { self.worker, math.floor(self.lease * 1000) })
+    if not left then self:fail(err, kind)
+    elseif left < 0 and not self.warned_lease then
+      self.warned_lease = true
+      io.stderr:write(("mailshot: cluster: worker %s's lease ran out %.1f s before this heartbeat (the process "
+                       .. "was stalled): other workers may have reported its rows in flight\n"):format(
+                       self.worker, -left / 1000))
+    end
+  end
+end
+
+-- Claims -------------------------------------------------------------------------------------
+
+-- One script call for every claim asked for in this turn of the loop (the tasks are parked in
+-- core.suspend meanwhile); the outcomes waiting are sent in the same write.
+function Cluster:send_claims()
+  local q = self.claimq
+  self.claimq = {}
+  if self.settleq[1] then self:flush() end
+  for first = 1, #q, MAX_BATCH do
+    local last = math.min(#q, first + MAX_BATCH - 1)
+    local args = { self.worker }
+    for i = first, last do
+      local w = q[i]
+      args[#args + 1] = w.line; args[#args + 1] = w.mode; args[#args + 1] = w.rec
+    end
+    local r, err, kind = self.lost and nil, self.lost, "io"
+    if not self.lost then
+      r, err, kind = CLAIM:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.alive, self.k.counts }, args)
+    end
+    if not r then self:fail(err, kind) end
+    for i = first, last do
+      local w = q[i]
+      local v = r and r[i - first + 1]
+      if type(v) == "string" then w.result, w.holder = v:match("^(.)\t(.*)$")
+      elseif v == 1 then w.result = "mine"
+      elseif r then w.result = "no"
+      else w.result, w.holder = "error", err end
+      core.wake(w.task)
+    end
+  end
+end
+
+--- claim(line, mode, rec) -> "mine" | "no" | "I", holder | "R", holder | "error", err (mode and
+--- the results as the CLAIM script says; rec: a settled row's record, for mode "s").  Parks the
+--- task until this turn's batch is answered.
+function Cluster:claim(line, mode, rec)
+  if self.lost then return "error", self.lost end
+  local w = { task = core.current(), line = line, mode = mode or "n", rec = rec or "" }
+  self.claimq[#self.claimq + 1] = w
+  if not self.claim_queued then
+    self.claim_queued = true
+    core.defer(self.claim_flush)
+  end
+  core.suspend()
+  return w.result, w.holder
+end
+
+--- A report row's record (the value kept in Redis).
+function Cluster:record(rep)
+  return (tsv_record(self.worker, rep.line, rep.email, rep, RECORD):sub(1, -2))
+end
+
+--- An outcome of this worker: op "F" (final), "D" (deferred: waiting for a retry, or left
+--- for the next worker), "U" (claimed, not started).  Sent with the next flush.
+function Cluster:settle(op, rep)
+  local q = self.settleq
+  q[#q + 1] = op; q[#q + 1] = rep.line; q[#q + 1] = op == "U" and "" or self:record(rep)
+  self.unsettled = self.unsettled + 1
+  if #q >= 3 * MAX_BATCH then self:flush() end
+end
+
+--- Send the buffered outcomes (one script call per MAX_BATCH).  From a task.  -> true | nil, err
+function Cluster:flush()
+  if self.lost then return nil, self.lost end
+  while self.settleq[1] do
+    local q = self.settleq
+    local n = math.min(#q, 3 * MAX_BATCH)
+    local args = table.move(q, 1, n, 2, { self.worker })
+    if n == #q then self.settleq = {} else self.settleq = table.move(q, n + 1, #q, 1, {}) end
+    local r, err, kind = SETTLE:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.counts }, args)
+    if not r then
+      -- put them back in front: they are counted as unsettled in the end-of-run message
+      self.settleq = table.move(self.settleq, 1, #self.settleq, n + 1, table.move(args, 2, n + 1, 1, {}))
+      return self:fail(err, kind)
+    end
+    self.unsettled = self.unsettled - n // 3
+    self.settled = self.settled + n // 3
+  end
+  return true
+end
+
+--- At the end of this worker's pass over the file: the rows of workers whose lease ran out,
+--- now held by this worker -> { [line] = { kind = "I"|"R", holder } }, count, others (lines
+--- claimed by live workers) | nil, err
+function Cluster:sweep()
+  if self.lost then return nil, self.lost end
+  self:flush()
+  local r, err, kind = SWEEP:run(self.redis, { self.k.claim, self.k.retry, self.k.alive }, { self.worker })
+  if not r then return self:fail(err, kind) end
+  local found, n = {}, 0
+  for i = 2, #r, 3 do
+    found[math.tointeger(tonumber(r[i + 1]))] = { kind = r[i], holder = r[i + 2] }
+    n = n + 1
+  end
+  return found, n, r[1]
+end
+
+--- The run is over: outcomes flushed, the worker marked finished and its lease given up (its
+--- deferred rows go to whichever worker runs next).  -> true | nil, err
+function Cluster:finish()
+  self.running = false
+  if self.lost then return nil, self.lost end
+  local ok, err = self:flush()
+  if not ok then return nil, err end
+  local r, perr, kind = self.redis:pipeline {
+    { "HSET", self.k.workers, self.worker, ("finished\t%d\t"):format(os.time()) },
+    { "ZREM", self.k.alive, self.worker },
+  }
+  if not r then return self:fail(perr, kind) end
+  return true
+end
+
+function Cluster:close()
+  self.running = false
+  if self.redis and not self.redis:closed() then self.redis:close() end
+end
+
+-- Status and the merged report -----------------------------------------------------------------
+
+local UNESC = { t = "\t", n = "\n", r = "\r", ["\\"] = "\\" }
+local function split(rec)
+  local out = {}
+  for f in (rec .. "\t"):gmatch("([^\t]*)\t") do out[#out + 1] = (f:gsub("\\(.)", UNESC)) end
+  return out
+end
+
+--- A record as a report row (worker in .worker).
+function M.parse_record(rec)
+  local t = split(rec)
+  local rep = { worker = t[1], line = math.tointeger(tonumber(t[2])), email = t[3] }
+  for i, k in ipairs(RECORD) do
+    local v = t[3 + i]
+    if v ~= nil and v ~= "" then rep[k] = v end
+  end
+  return rep
+end
+
+-- Every HASH entry, by HSCAN (a big hash is read in steps, not in one reply).
+local function hscan(conn, key, each)
+  local cursor = "0"
+  repeat
+    local r, err = conn:call("HSCAN", key, cursor, "COUNT", 1000)
+    if not r then return nil, err end
+    cursor = r[1]
+    local kv = r[2]
+    for i = 1, #kv, 2 do each(kv[i], kv[i + 1]) end
+  until cursor == "0"
+  return true
+end
+
+--- The campaign's state in Redis -> { meta, workers = { {name, state, alive, lease_left, started,
+--- info, counts} }, counts, claimed, deferred, now } | nil, err
+function Cluster:state()
+  local k, conn = self.k, self.redis
+  local r, err = conn:pipeline {
+    { "HGETALL", k.meta }, { "HGETALL", k.workers }, { "ZRANGE", k.alive, 0, -1, "WITHSCORES" },
+    { "HGETALL", k.counts }, { "HGETALL", k.claim }, { "HLEN", k.retry }, { "TIME" }, { "HLEN", k.done },
+  }
+  if not r then return nil, err end
+  for _, x in ipairs(r) do if type(x) == "table" and x.err then return nil, x.err end end
+  local function pairs_of(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
+  local now = tonumber(r[7][1]) * 1000 + tonumber(r[7][2]) // 1000
+  local st = { meta = pairs_of(r[1]), counts = {}, workers = {}, claimed = 0, deferred = r[6], done = r[8], now = now }
+  local leases = pairs_of(r[3])
+  local by = {}
+  for name, v in pairs(pairs_of(r[2])) do
+    local state, started, info = v:match("^([^\t]*)\t([^\t]*)\t?(.*)$")
+    local left = leases[name] and tonumber(leases[name]) - now
+    local w = { name = name, state = state, started = tonumber(started), info = info, counts = {}, claimed = 0,
+                alive = left ~= nil and left > 0, lease_left = left }
+    by[name] = w
+    st.workers[#st.workers + 1] = w
+  end
+  for key, n in pairs(pairs_of(r[4])) do
+    local w, status = key:match("^(.*)\t(.*)$")
+    n = math.tointeger(tonumber(n))
+    if w then
+      if by[w] then by[w].counts[status] = n end
+    else
+      st.counts[key] = n
+    end
+  end
+  for _, holder in pairs(pairs_of(r[5])) do
+    st.claimed = st.claimed + 1
+    if by[holder] then by[holder].claimed = by[holder].claimed + 1 end
+  end
+  table.sort(st.workers, function(a, b) return (a.started or 0) < (b.started or 0) or
+                                               (a.started == b.started and a.name < b.name) end)
+  return st
+end
+
+local STATUSES = { "sent", "failed", "skipped", "in-flight" }
+
+--- The text `mailshot cluster status` prints.
+function M.status_text(st, name, total)
+  local out = {}
+  local c = st.counts
+  local final = 0
+  for _, s in ipairs(STATUSES) do final = final + (c[s] or 0) end
+  if not st.meta.fingerprint then
+    return ("%s: no such campaign in Redis (no worker has started it)"):format(name)
+  end
+  out[#out + 1] = ("%s: %d%s rows final: %d sent, %d failed, %d skipped, %d in-flight (possibly sent); "
+                   .. "%d deferred; %d claimed now"):format(name, final, total and ("/" .. total) or "",
+                   c.sent or 0, c.failed or 0, c.skipped or 0, c["in-flight"] or 0, st.deferred, st.claimed)
+  local alive, dead = 0, 0
+  for _, w in ipairs(st.workers) do
+    if w.alive then alive = alive + 1 elseif w.state ~= "finished" then dead = dead + 1 end
+  end
+  out[#out + 1] = ("workers: %d alive, %d dead, %d finished"):format(alive, dead, #st.workers - alive - dead)
+  for _, w in ipairs(st.workers) do
+    local what = w.alive and ("alive (lease %.1f s)"):format(w.lease_left / 1000)
+                 or w.state == "finished" and "finished"
+                 or (w.claimed > 0 and "dead: its claimed rows are reported in-flight by the next worker" or "dead")
+    local n = w.counts
+    out[#out + 1] = ("  %-28s %-10s sent %d  failed %d  skipped %d  in-flight %d  claimed %d  %s"):format(
+      w.name, w.info ~= "" and w.info or "", n.sent or 0, n.failed or 0, n.skipped or 0, n["in-flight"] or 0,
+      w.claimed, what)
+  end
+  return table.concat(out, "\n")
+end
+
+--- Write the merged report: every row of the campaign's CSV file, in line order, with its
+--- outcome in Redis (final, deferred, claimed: in-flight) or `not-started`.  -> counts | nil, err
+function Cluster:write_report(c, path, columns)
+  local outcome = require("mailshot.outcome")
+  local rows = require("mailshot.rows")
+  local k, conn = self.k, self.redis
+  local byline = {}
+  local ok, err = hscan(conn, k.done, function(line, rec) byline[tonumber(line)] = M.parse_record(rec) end)
+  if not ok then return nil, err end
+  ok, err = hscan(conn, k.retry, function(line, rec)
+    local n = tonumber(line)
+    if not byline[n] then
+      local rep = M.parse_record(rec)
+      rep.status = "deferred"
+      byline[n] = rep
+    end
+  end)
+  if not ok then return nil, err end
+  local st
+  st, err = self:state()
+  if not st then return nil, err end
+  local alive = {}
+  for _, w in ipairs(st.workers) do alive[w.name] = w.alive end
+  local claimed = {}
+  ok, err = hscan(conn, k.claim, function(line, holder) claimed[tonumber(line)] = holder end)
+  if not ok then return nil, err end
+  local reader
+  reader, err = rows.open_reader(c)
+  if not reader then return nil, err end
+  local report
+  report, err = outcome.open_report(path, columns)
+  if not report then reader:close(); return nil, err end
+  local function emit(line, email)
+    local rep = byline[line]
+    if not rep and claimed[line] then
+      local h = claimed[line]
+      rep = { line = line, email = email, status = "in-flight", stage = "cluster",
+              response = alive[h] and ("being sent by worker %s"):format(h)
+                         or ("possibly sent by worker %s, which stopped while it was in flight"):format(h) }
+    end
+    rep = rep or { line = line, email = email, status = "not-started", response = "no worker has reached this row yet" }
+    rep.line = line
+    report:add(rep)
+  end
+  local last = 1
+  while true do
+    local row, line = reader:read()
+    if row == nil and not line then break end
+    if line then
+      emit(line, row and row[c.email_field])
+      last = reader:line()
+      for n = line + 1, last do if byline[n] then emit(n) end end      -- lines a broken record swallowed
+    end
+  end
+  reader:close()
+  ok, err = report:close()
+  if not ok then return nil, err end
+  report.counts.total = 0
+  for _, n in pairs(report.counts) do report.counts.total = report.counts.total + n end
+  return report.counts
+end
+
+return M
