@@ -16,16 +16,7 @@ local host, port = ...
 port = tonumber(port)
 assert(host and port, "usage: cluster_share_redis.lua HOST PORT")
 
-local okc, cluster = pcall(require, "mailshot.cluster")
-if not okc then   -- stand-in until mailshot.cluster lands: EVAL every time
-  cluster = { script = function(src) return { run = function(_, conn, keys, args)
-    local cmd = { "EVAL", src, #keys }
-    for _, k in ipairs(keys) do cmd[#cmd + 1] = k end
-    for _, a in ipairs(args) do cmd[#cmd + 1] = a end
-    return conn:call(table.unpack(cmd))
-  end } end }
-  package.loaded["mailshot.cluster"] = cluster
-end
+local cluster = require "mailshot.cluster"
 local cluster_rate = require "mailshot.cluster_rate"
 local cluster_suppress = require "mailshot.cluster_suppress"
 local suppress = require "mailshot.suppress"
