@@ -19,14 +19,18 @@
 -- was granted before it and was then either still pending or done at a time >= a > g - W, so
 -- the script counted it.  So at most N messages reach the receiver in any window of length W,
 -- measured on Redis's clock (the receiver's, give or take the clocks' difference: "exact within
--- one slot").  Everything late only makes it stricter: a completion reported in a later batch
--- counts from then, a slot held unused counts as pending.
+-- one slot").  Everything late only makes it stricter: a slot held unused counts as pending.
+-- An answer is reported with its age (seconds since the worker had it, by the worker's monotonic
+-- clock: a duration, no clock need agree), and counts from Redis's now minus that age: never
+-- before the worker had the answer, since the call itself takes time.  So an answer may wait for
+-- the next call without costing anything: until reported the slot counts as pending, which is as
+-- much as "done" counts while the report comes within the window.
 --
--- Local batching: the task at the head of a process's queue asks for as many slots as tasks
--- wait in the queue, at most the number the tightest window allows in BATCH_SECONDS (at least
--- 1), in one script call; the slots not taken at once are handed to the next tasks in the queue
--- without asking Redis again.  Completions are kept and sent with the next call (or within
--- FLUSH_DELAY by a small task).  A slot reserved but never used (its task stopped) is given back
+-- Local batching: the task at the head of a process's queue asks for a batch of slots, the number
+-- the tightest window allows in BATCH_SECONDS (at least 1, at most a quarter of the window's N),
+-- in one script call; the slots it does not take are handed to the next tasks in the queue
+-- without asking Redis again.  Answers are kept and sent with the next call, or by a small task
+-- within a quarter of the shortest window (FLUSH_MIN to FLUSH_MAX).  A slot reserved but never used (its task stopped) is given back
 -- ("release"): it was counted as pending all along, so it never let the fleet exceed a limit.
 --
 -- A worker that dies holds its pending slots: each has a lease (LEASE seconds, renewed by the
@@ -48,10 +52,11 @@ local M = {}
 
 -- A batch covers about this much of the tightest window's rate.
 local BATCH_SECONDS = 0.05
--- A pending slot's lease in Redis; the keeper task renews held slots every LEASE / 3.
+-- A pending slot's lease in Redis (seconds); the keeper task renews held slots every LEASE / 3.
 local LEASE = 30
--- Completions not sent along with a reservation go out after this long.
-local FLUSH_DELAY = 0.02
+-- Answers not sent along with a reservation go out within a quarter of the shortest window,
+-- but at least FLUSH_MIN and at most FLUSH_MAX seconds after the first of them.
+local FLUSH_MIN, FLUSH_MAX = 0.005, 0.25
 -- When pending slots alone fill a window, nothing tells us when they complete: ask again after
 -- this long (or the window's length, when shorter).
 local POLL = 0.05
@@ -60,8 +65,8 @@ local IDLE = 0.25
 
 -- The script.  KEYS: done (zset id -> completion time), pending (zset id -> lease deadline),
 -- meta (hash: seq, total, last, gen).  ARGV: want, lease, rules ("w N W p P M d D" tokens),
--- completed ids, released ids, renewed ids (space-separated), seed ("gen age age ..." or ""),
--- worker.  -> { first id, count, wait (seconds, a string), gen }
+-- answered ("id age id age ..."), released ids, renewed ids (space-separated), seed ("gen age age
+-- ..." or ""), worker.  -> { first id, count, wait (seconds, a string), gen }
 M.SCRIPT = [[
 local done, pend, meta = KEYS[1], KEYS[2], KEYS[3]
 local want, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -83,10 +88,19 @@ do
 end
 local gen = redis.call("HGET", meta, "gen")
 if not gen then gen = t[1] .. "." .. t[2]; redis.call("HSET", meta, "gen", gen) end
--- answered messages: done from now (or, when the lease ran out first, from the later time)
-for id in string.gmatch(ARGV[4], "%S+") do
-  if redis.call("ZREM", pend, id) == 1 then redis.call("ZADD", done, f(now), id)
-  else redis.call("ZADD", done, "XX", "GT", f(now), id) end
+-- answered messages ("id age ..."): done at now - age (when the lease ran out first: at the
+-- later of the two)
+do
+  local id
+  for s in string.gmatch(ARGV[4], "%S+") do
+    if not id then id = s
+    else
+      local at = f(now - tonumber(s))
+      if redis.call("ZREM", pend, id) == 1 then redis.call("ZADD", done, at, id)
+      else redis.call("ZADD", done, "XX", "GT", at, id) end
+      id = nil
+    end
+  end
 end
 for id in string.gmatch(ARGV[5], "%S+") do
   if redis.call("ZREM", pend, id) == 1 then redis.call("HINCRBY", meta, "total", -1) end
@@ -223,7 +237,14 @@ function M.new(cl, name, spec, opts)
     queue = {}, qhead = 1, qtail = 0,
     sends = {}, cap = 0, count = 0, offset = os.time() - core.now(),
   }, Limiter)
-  for _, r in ipairs(rules) do if r.kind == "window" and r.limit > self.cap then self.cap = r.limit end end
+  local shortest = math.huge
+  for _, r in ipairs(rules) do
+    if r.kind == "window" then
+      if r.limit > self.cap then self.cap = r.limit end
+      shortest = math.min(shortest, r.window)
+    end
+  end
+  self.flush_delay = math.max(FLUSH_MIN, math.min(FLUSH_MAX, shortest / 4))
   if #customs > 0 then
     self.customs = rate.new(customs, { name = self.name, sleep = sleep })
   end
@@ -255,7 +276,16 @@ function Limiter:call(want)
   local seed = self.seed or ""
   local renew = self.renew_ids or ""
   self.seed, self.renew_ids = nil, nil
-  local completed, released = ids(self.completed), ids(self.released)
+  local completed, released = "", ids(self.released)
+  local list = self.completed
+  if #list > 0 then
+    local now, parts = self.now(), {}
+    for i, c in ipairs(list) do
+      parts[#parts + 1] = ("%d %.6f"):format(c[1], math.max(0, now - c[2]))
+      list[i] = nil
+    end
+    completed = table.concat(parts, " ")
+  end
   local r, err = self.script:run(self.cl.redis, self.keys,
                                  { want, self.lease, self.encoded, completed, released, renew, seed,
                                    self.cl.worker or "worker" })
@@ -267,33 +297,50 @@ function Limiter:call(want)
   return math.tointeger(r[1]), math.tointeger(r[2]), tonumber(r[3])
 end
 
--- The keeper: while this process holds slots, renew their leases; hand back slots reserved and
--- not taken; send completions nobody else sends.
+-- Answers (and slots given back) go to Redis within flush_delay: with the next reservation, or
+-- by this small task.  A failed call loses nothing that matters: those slots stay pending
+-- until their lease ends, which only makes the limit stricter.
+local function schedule_flush(self)
+  if self.flush_pending or self.closed then return end
+  self.flush_pending = true
+  core.spawn(function()
+    core.sleep(self.flush_delay)
+    self.flush_pending = false
+    if not self.closed and (#self.completed > 0 or #self.released > 0) then self:call(0) end
+  end)
+end
+
+-- Slots reserved and not taken within IDLE (their tasks stopped, or fewer came than the batch)
+-- are given back.
+local function schedule_release(self)
+  if self.release_pending or self.closed then return end
+  self.release_pending = true
+  core.spawn(function()
+    while not self.closed and #self.stash > 0 do
+      local left = self.stash_at + IDLE - self.now()
+      if left <= 0 and self.qhead > self.qtail then
+        for i = #self.stash, 1, -1 do self.released[#self.released + 1] = self.stash[i]; self.stash[i] = nil end
+        self:call(0)                                 -- at once: other workers may be waiting for them
+        break
+      end
+      core.sleep(math.max(left, 0.01))
+    end
+    self.release_pending = false
+  end)
+end
+
+-- The keeper: while this process holds slots (taken or reserved), their leases are renewed
+-- every lease / 3, so only a dead worker's slots ever expire.
 local function keeper(self)
   while not self.closed do
-    core.sleep(FLUSH_DELAY)
-    local now = self.now()
-    -- reserved slots nobody took (their tasks stopped or went elsewhere)
-    if self.qhead > self.qtail and #self.stash > 0 and now - (self.stash_at or now) >= IDLE then
-      for i = #self.stash, 1, -1 do self.released[#self.released + 1] = self.stash[i]; self.stash[i] = nil end
-    end
+    core.sleep(self.lease / 3)
+    if self.closed then break end
     local renew = {}
-    if now - (self.renewed_at or now) >= self.lease / 3 then
-      for id in pairs(self.inflight) do renew[#renew + 1] = id end
-      for _, id in ipairs(self.stash) do renew[#renew + 1] = id end
-      self.renewed_at = now
-    end
-    if #self.completed > 0 or #self.released > 0 or #renew > 0 then
-      if #renew > 0 then self.renew_ids = table.concat(renew, " ") end
-      if not self.calling then
-        self.calling = true
-        self:call(0)
-        self.calling = false
-      end
-    end
-    if next(self.inflight) == nil and #self.stash == 0 and #self.completed == 0 and #self.released == 0 then
-      break
-    end
+    for id in pairs(self.inflight) do renew[#renew + 1] = id end
+    for _, id in ipairs(self.stash) do renew[#renew + 1] = id end
+    if #renew == 0 then break end
+    self.renew_ids = table.concat(renew, " ")
+    self:call(0)
   end
   self.keeping = false
 end
@@ -301,25 +348,23 @@ end
 local function keep(self)
   if not self.keeping and not self.closed then
     self.keeping = true
-    self.renewed_at = self.now()
     core.spawn(keeper, self)
   end
 end
 
--- The head of the queue: a slot from the stash, or from Redis.  -> id | nil, err
+-- The head of the queue: a slot from the stash, or from Redis: a whole batch, the slots the
+-- head does not take going to the tasks behind it.  -> id | nil, err
 local function serve(self)
   while true do
     local id = table.remove(self.stash)
     if id then return id end
-    local want = math.min(self.batch, self.qtail - self.qhead + 1)
-    self.calling = true
-    local first, n, wait = self:call(want)
-    self.calling = false
+    local first, n, wait = self:call(self.batch)
     if not first then return nil, n end
     if n > 0 then
       for i = first + n - 1, first + 1, -1 do self.stash[#self.stash + 1] = i end
       self.stash_at = self.now()
       keep(self)
+      if #self.stash > 0 then schedule_release(self) end
       return first
     end
     self.sleep(math.max(wait, 0.001))
@@ -347,7 +392,6 @@ local function take_shared(self)
     core.suspend()
   end
   local ok, id, err = pcall(serve, self)
-  self.calling = false
   leave(self)
   if not ok then error(id, 0) end
   return id, err
@@ -387,11 +431,11 @@ function Limiter:complete(token)
   if not c then error("rate: complete: unknown or completed token", 2) end
   self.inflight[token] = nil
   if c ~= true then self.customs:complete(c) end
-  self.completed[#self.completed + 1] = token
+  self.completed[#self.completed + 1] = { token, self.now() }
   -- this worker's own sends, for state()
   self.count = self.count + 1
   if self.cap > 0 then self.sends[(self.count - 1) % self.cap + 1] = self.now() end
-  keep(self)
+  schedule_flush(self)
 end
 
 --- limiter:acquire([domain]) -> seconds waited, time | nil, reason.  The slot counts as answered
