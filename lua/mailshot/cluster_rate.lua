@@ -381,6 +381,10 @@ end
 -- A shared slot, in FIFO order among this process's tasks.  -> id | nil, err
 local function take_shared(self)
   if self.closed then error("cluster_rate: the limiter is closed", 0) end
+  if self.encoded == "" then                         -- only custom rules: nothing to share
+    self.local_seq = (self.local_seq or 0) - 1
+    return self.local_seq
+  end
   if self.qhead > self.qtail then
     self.qtail = self.qtail + 1
     self.queue[self.qtail] = true
@@ -431,11 +435,11 @@ function Limiter:complete(token)
   if not c then error("rate: complete: unknown or completed token", 2) end
   self.inflight[token] = nil
   if c ~= true then self.customs:complete(c) end
-  self.completed[#self.completed + 1] = { token, self.now() }
+  if token > 0 then self.completed[#self.completed + 1] = { token, self.now() } end
   -- this worker's own sends, for state()
   self.count = self.count + 1
   if self.cap > 0 then self.sends[(self.count - 1) % self.cap + 1] = self.now() end
-  schedule_flush(self)
+  if token > 0 then schedule_flush(self) end
 end
 
 --- limiter:acquire([domain]) -> seconds waited, time | nil, reason.  The slot counts as answered

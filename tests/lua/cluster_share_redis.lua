@@ -203,6 +203,10 @@ case("custom rules stay per worker and refuse or delay as with mailshot.rate", f
   assert(ok == nil and why == "quota used", tostring(why))
   assert(l:close())
   assert(admin.redis:call("ZCARD", "mailshot:{custom}:rate:campaign:pending") == 0, "a refused slot is not held")
+  -- only custom rules: nothing to share, Redis is not asked
+  calls = 0
+  local only = cluster_rate.new(worker("custom"), "domain x.test", function(info) if info.sent_total >= 1 then return false, "one" end end)
+  assert(only:acquire("x.test") and only:acquire("x.test") == nil and calls == 0, "calls " .. calls)
 end)
 
 case("Redis gone: begin says why (the row is left for later), never sends unlimited", function()
