@@ -119,7 +119,7 @@ function M.start(cl, c, run)
       local p, perr = M.poll(cl, list, watch.pos)
       if p then
         watch.pos = p
-      else
+      elseif watch.running then                      -- (not the end of the run closing Redis)
         if not warned then io.stderr:write("mailshot: ", tostring(perr), "\n"); warned = true end
         if cl.redis.closed and cl.redis:closed() then break end
       end

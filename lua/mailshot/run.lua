@@ -263,7 +263,9 @@ function M.new(c, opts, columns)
   self.limiters = {}                                  -- by name: their state is kept across --resume
   self.shared = {}                                   -- cluster_rate limiters, closed at the end
   for name, l in pairs(opts.relay_limiters or {}) do
-    if self.cluster then l = sender.share(l, limiter(self, l.rules, name)) end   -- the fleet's relay limit
+    if self.cluster then                           -- the fleet's relay limit, in Redis as "relay HOST:PORT"
+      l = sender.share(l, limiter(self, l.rules, name, (name:gsub("^relay relay %((.*)%)$", "relay %1"))))
+    end
     self.limiters[name] = l
   end
   if c.rate ~= nil then

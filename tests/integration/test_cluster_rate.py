@@ -133,6 +133,9 @@ class ClusterRateTests(ClusterCase):
         self.assertEqual(len(slow), slow_n)
         self.assertLessEqual(slow_most, 31, "slow.example: 30/s across the three workers")
         self.assertGreaterEqual(max(slow) - min(slow), (slow_n - 30) / 30 * 0.95, "one 30/s for all, not three")
+        # the limiters' state in Redis, named as README says
+        for name in (f"relay {srv.host}:{srv.port}", "domain slow.example"):
+            self.assertEqual(redis.cli("EXISTS", f"mailshot:{{shared}}:rate:{name}:meta").strip(), "1", name)
         # the hard bounce went to the shared list (and to its worker's bounces_to file)
         self.assertEqual(redis.cli("SMEMBERS", "mailshot:{shared}:suppress").split(), ["gone@example.com"])
         with open(os.path.join(d, "bounced.txt")) as f:
