@@ -12,7 +12,8 @@
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
 #                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
-#                   (scripts/bench-bounces.py)
+#                   (scripts/bench-bounces.py), mailshot.redis calls/s from 64 tasks on one connection
+#                   (scripts/bench-redis.py)
 #   make install    PREFIX=/usr/local (default) DESTDIR=...
 #
 # The Lua library in lua/ is compiled into the binary (build/lua_embed.c), so ./mailshot is one
@@ -108,6 +109,7 @@ bench: deps
 	./mailshot exec scripts/bench-lua.lua
 	./mailshot exec scripts/bench-report.lua
 	/usr/bin/python3 scripts/bench-bounces.py
+	/usr/bin/python3 scripts/bench-redis.py
 
 demo: deps
 	@$(MAKE) --no-print-directory mailshot

@@ -14,8 +14,9 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q >/dev/null || $SUDO apt-get update
 # postfix asks questions and would start a mail daemon: preseed "No configuration" first
 echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections 2>/dev/null || true
-# dovecot's packages would start the system's IMAP/POP3 server (PAM logins on every interface); the
-# tests run their own: no service starts during this install (policy-rc.d, unless one is there already)
+# dovecot's packages would start the system's IMAP/POP3 server (PAM logins on every interface), and
+# redis-server's a system Redis; the tests run their own: no service starts during this install
+# (policy-rc.d, unless one is there already)
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"

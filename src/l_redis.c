@@ -4,7 +4,7 @@
  *                              ca_file = nil, server_name = nil, timeout = 5, dns = nil }
  *   reply | nil, err, kind = conn:call("SET", "k", "v")
  *   replies | nil, err, "io" = conn:pipeline{ {"SET", "a", 1}, {"GET", "a"} }
- *   conn:settimeout(seconds); conn:close(); conn:closed() -> bool; redis.null
+ *   conn:settimeout(seconds); conn:close(); conn:closed() -> bool; conn:stats(); redis.null
  *
  * The cosocket model, as in l_smtp.c: a call queues its command on the connection, begins a
  * task_wait and yields; the connection's reply (or its death) wakes exactly that task.  Calls from
@@ -264,6 +264,23 @@ static int l_closed(lua_State *L) {
   return 1;
 }
 
+/* conn:stats() -> { pending =, requests =, commands =, writes = } (all 0 once closed) */
+static int l_stats(lua_State *L) {
+  lconn *u = check_conn(L);
+  redis_stats st = { 0 };
+  if (u->c) redis_conn_stats(u->c, &st);
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, u->c ? (lua_Integer)redis_conn_pending(u->c) : 0);
+  lua_setfield(L, -2, "pending");
+  lua_pushinteger(L, (lua_Integer)st.requests);
+  lua_setfield(L, -2, "requests");
+  lua_pushinteger(L, (lua_Integer)st.commands);
+  lua_setfield(L, -2, "commands");
+  lua_pushinteger(L, (lua_Integer)st.writes);
+  lua_setfield(L, -2, "writes");
+  return 1;
+}
+
 static int l_gc(lua_State *L) {
   lconn *u = check_conn(L);
   task_wait_cancel(&u->opener);
@@ -400,7 +417,7 @@ static int l_connect(lua_State *L) {
 int luaopen_mailshot_redis(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "call", l_call }, { "pipeline", l_pipeline }, { "settimeout", l_settimeout },
-    { "close", l_close }, { "closed", l_closed }, { NULL, NULL }
+    { "close", l_close }, { "closed", l_closed }, { "stats", l_stats }, { NULL, NULL }
   };
   static const luaL_Reg meta[] = {
     { "__gc", l_gc }, { "__close", l_close }, { "__tostring", l_tostring }, { NULL, NULL }

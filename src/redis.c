@@ -33,6 +33,7 @@ struct redis_conn {
   size_t out_off;
   redis_req *head, *tail;       /* requests awaiting replies, oldest first */
   size_t npending;
+  redis_stats stats;
   loop_timer timer;
   loop_deferred flusher;
   dns_lookup *lookup;
@@ -154,7 +155,7 @@ static void on_timer(loop *l, void *data) {
   redis_conn *c = data;
   enter(c);
   if (c->state != RS_READY) {
-    die(c, "timeout: not connected within %d s%s", (c->cfg.connect_timeout_ms + 999) / 1000,
+    die(c, "timeout: not connected within %g s%s", c->cfg.connect_timeout_ms / 1000.0,
         c->state == RS_HANDSHAKE ? " (TLS handshake)" : "");
   } else {
     /* a request past its deadline kills the connection: its reply, when it comes, could no longer
@@ -198,6 +199,7 @@ static void flush(redis_conn *c) {
     if (n == NET_AGAIN) break;
     if (n <= 0) { die(c, "write: %s", n == NET_EOF ? "connection closed by the server" : c->s.err); return; }
     c->out_off += (size_t)n;
+    c->stats.writes++;
   }
   if (c->state == RS_READY && c->out_off == c->out.len) {
     c->out_off = 0;
@@ -237,6 +239,8 @@ int redis_conn_send(redis_conn *c, redis_req *q, const char *cmd, size_t len) {
   if (c->tail) c->tail->next = q; else c->head = q;
   c->tail = q;
   c->npending++;
+  c->stats.requests++;
+  c->stats.commands += (unsigned long)q->n;
   if (q->deadline && (!loop_timer_armed(&c->timer) || q->deadline < c->timer.when)) arm_at(c, q->deadline);
   loop_defer(c->loop, &c->flusher);
   return 0;
@@ -262,14 +266,15 @@ static void on_reply(redis_conn *c, redisReply *r) {
 static void read_input(redis_conn *c) {
   char buf[READ_CHUNK];
   c->read_wants_write = 0;
-  while (c->state == RS_READY) {
+  /* a callback may free the connection: then the rest is cancelled, not delivered */
+  while (c->state == RS_READY && !c->free_pending) {
     int want = 0;
     ssize_t n = net_read(&c->s, buf, sizeof buf, &want);
     if (n == NET_AGAIN) { c->read_wants_write = want == LOOP_WRITE; return; }
     if (n == NET_EOF) { die(c, "connection closed by the server"); return; }
     if (n < 0) { die(c, "read: %s", c->s.err); return; }
     if (redisReaderFeed(c->reader, buf, (size_t)n) != REDIS_OK) { die(c, "out of memory"); return; }
-    while (c->state == RS_READY) {
+    while (c->state == RS_READY && !c->free_pending) {
       void *reply = NULL;
       if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
         die(c, "protocol error: %s", c->reader->errstr);
@@ -441,3 +446,4 @@ int redis_conn_ready(const redis_conn *c) { return c->state == RS_READY; }
 const char *redis_conn_error(const redis_conn *c) { return c->err[0] ? c->err : "not connected"; }
 const char *redis_conn_name(const redis_conn *c) { return c->name; }
 size_t redis_conn_pending(const redis_conn *c) { return c->npending; }
+void redis_conn_stats(const redis_conn *c, redis_stats *st) { *st = c->stats; }

@@ -84,6 +84,11 @@ const char *redis_conn_error(const redis_conn *c);  /* "redis HOST:PORT: why" on
 const char *redis_conn_name(const redis_conn *c);   /* "HOST:PORT" ("[v6]:PORT") */
 size_t redis_conn_pending(const redis_conn *c);     /* requests awaiting replies */
 
+/* What went through the connection: requests sent, commands in them, write calls that carried
+ * them (far fewer than requests when many tasks share the connection: the auto-pipelining). */
+typedef struct { unsigned long requests, commands, writes; } redis_stats;
+void redis_conn_stats(const redis_conn *c, redis_stats *st);
+
 /* Append one command (argc arguments, binary-safe) in Redis's wire format (RESP) to out.
  * 0 ok, -1 out of memory (out unchanged). */
 int  redis_format(bytebuf *out, int argc, const char **argv, const size_t *argvlen);

@@ -35,6 +35,11 @@ IMAP/POP3 (bounce mailboxes): start_dovecot(workdir) runs a private dovecot with
 POP3S on free loopback ports (srv.add_user, srv.deliver into a Maildir, srv.imap for the test's own
 checks; self.start_dovecot() for one that dies with the test).
 
+Redis: self.start_redis(tls=False, password=None, user=None) runs a private redis-server on a free port of
+127.0.0.1 (its own folder, no persistence; TLS-only with a make_ca_and_cert leaf; requirepass, or an ACL user
+with the default user off): srv.url, srv.ca_file, srv.cli(*args) (redis-cli, the password through
+REDISCLI_AUTH), srv.kill() (SIGKILL), srv.restart() (same port, data kept).
+
 Valgrind (`make valgrind`): with MAILSHOT_VALGRIND=1 every mailshot the tests start (run_mailshot, and
 Popen(self.mailshot_cmd(...)) for the ones a test drives itself) runs under valgrind (memcheck, full leak
 check) on MAILSHOT, which must then be the plain build (./mailshot, not build/asan/mailshot).  Each run
@@ -1699,6 +1704,145 @@ def start_dovecot(workdir, ssl=True, ready_timeout=READY_TIMEOUT, attempts=5, ex
                          f"{_read_text(conf_path)}--- output and log ---\n{last}")
 
 
+# --------------------------------------------------------------------------- Redis
+
+REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
+REDIS_CLI = os.environ.get("REDIS_CLI", "/usr/bin/redis-cli")
+
+
+class RedisServer:
+    """A running private redis-server (start_redis).  .host, .port, .url ("redis://[user@]127.0.0.1:PORT/0",
+    "rediss://..." with TLS), .ca_file (TLS: the test CA that signed its certificate), .user, .password,
+    .stop(), .kill() (SIGKILL), .restart() (same port, data kept), .cli(*args) -> stdout."""
+
+    def __init__(self, workdir, port, tls, password, user, conf_path):
+        self.workdir = workdir
+        self.host = "127.0.0.1"
+        self.port = port
+        self.tls = tls
+        self.password = password
+        self.user = user
+        self.conf_path = conf_path
+        self.ca_file = os.path.join(workdir, "tls", "ca-cert.pem") if tls else None
+        self.log_path = os.path.join(workdir, "redis.log")
+        self.proc = None
+        self.pid = None
+
+    def __repr__(self):
+        return f"<RedisServer {self.url} pid={self.pid}>"
+
+    @property
+    def url(self):
+        who = f"{self.user}@" if self.user else ""
+        return f"{'rediss' if self.tls else 'redis'}://{who}{self.host}:{self.port}/0"
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
+
+    def log_text(self):
+        return _read_text(self.log_path)
+
+    def _start(self, ready_timeout=READY_TIMEOUT):
+        with open(os.path.join(self.workdir, "redis.stderr"), "ab") as errf:
+            self.proc = subprocess.Popen([REDIS_SERVER, self.conf_path], stdout=errf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + ready_timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            r = self._cli_run("PING", timeout=2)
+            if r.returncode == 0 and r.stdout.strip() == "PONG":   # not LOADING: the data is back too
+                return
+            time.sleep(0.02)
+        out = self.log_text() + _read_text(os.path.join(self.workdir, "redis.stderr"))
+        self.stop()
+        raise AssertionError(f"redis-server did not come up on {self.address}\n--- output ---\n{out}")
+
+    def _cli_run(self, *args, timeout=10):
+        argv = [REDIS_CLI, "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
+        if self.tls:
+            argv += ["--tls", "--cacert", self.ca_file]
+        if self.user:
+            argv += ["--user", self.user]
+        env = dict(os.environ)
+        env.pop("REDISCLI_AUTH", None)
+        if self.password:
+            env["REDISCLI_AUTH"] = self.password      # never on redis-cli's argv
+        return subprocess.run(argv + [str(a) for a in args], capture_output=True, text=True, env=env,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def cli(self, *args, timeout=10):
+        """Run redis-cli against this server (password through REDISCLI_AUTH); returns its stdout."""
+        r = self._cli_run(*args, timeout=timeout)
+        if r.returncode != 0:
+            raise AssertionError(f"redis-cli {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        return r.stdout
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        _kill_group(self.proc)
+
+    def kill(self):
+        """SIGKILL: the server dies at once, as on a crash (its clients see their connections reset)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def restart(self):
+        """Stop (saving the data to its folder's dump.rdb) and start again on the same port."""
+        if self.running():
+            self.cli("SHUTDOWN", "SAVE")
+            self.proc.wait(timeout=10)
+        self._start()
+
+
+def start_redis(workdir, tls=False, password=None, user=None, ready_timeout=READY_TIMEOUT, attempts=5,
+                extra_conf=""):
+    """Start a private redis-server on 127.0.0.1 and return a RedisServer once it answers PING.
+
+    A free port, its own folder (workdir: redis.conf, redis.log, dump.rdb on restart), protected mode
+    on, no persistence (save "", appendonly no) unless extra_conf says otherwise.  tls=True: TLS only
+    (tls-port; no plain port), with a leaf of make_ca_and_cert (IP:127.0.0.1 and DNS:localhost):
+    srv.ca_file verifies it.  password: requirepass, or with user= an ACL user (every command, every
+    key) while the default user is off.  The password is written in the 0600 redis.conf only, never on
+    a command line.  The caller must stop() it (MailshotTestCase.start_redis does that for you)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if user and not password:
+        raise ValueError("start_redis: user= needs password=")
+    conf_path = os.path.join(workdir, "redis.conf")
+    last = ""
+    for _ in range(attempts):
+        port = free_port()
+        lines = ["bind 127.0.0.1", "protected-mode yes", f"dir {workdir}", f"logfile {workdir}/redis.log",
+                 'save ""', "appendonly no", "daemonize no", "databases 16"]
+        if tls:
+            ca, cert, key = make_ca_and_cert(os.path.join(workdir, "tls"))
+            lines += ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                      f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
+        else:
+            lines.append(f"port {port}")
+        if user:
+            lines += ["user default off", f"user {user} on >{password} ~* &* +@all"]
+        elif password:
+            lines.append(f"requirepass {password}")
+        fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n" + extra_conf + "\n")
+        srv = RedisServer(workdir, port, tls, password, user, conf_path)
+        try:
+            srv._start(ready_timeout)
+            return srv
+        except AssertionError as e:
+            last = str(e)
+            if "in use" not in last.lower():
+                break
+    raise AssertionError(last)
+
+
 # --------------------------------------------------------------------------- TestCase
 
 class MailshotTestCase(unittest.TestCase):
@@ -1792,6 +1936,16 @@ class MailshotTestCase(unittest.TestCase):
         For one server shared by a test class, call harness.start_dovecot in setUpClass instead."""
         n = sum(1 for s in self._servers if isinstance(s, DovecotServer))
         srv = start_dovecot(os.path.join(self.tmp, f"dovecot-{n}"), **kw)
+        self._servers.append(srv)
+        return srv
+
+    def start_redis(self, **kw):
+        """Start a private redis-server (harness.start_redis) in self.tmp/redis-N; it dies with the test.
+        A password given here is also declared a secret (never in mailshot's argv)."""
+        n = sum(1 for s in self._servers if isinstance(s, RedisServer))
+        if kw.get("password"):
+            self.add_secret(kw["password"])
+        srv = start_redis(os.path.join(self.tmp, f"redis-{n}"), **kw)
         self._servers.append(srv)
         return srv
 
