@@ -371,12 +371,11 @@ function M.connect(spec, c)
   end
   local key = spec.key or (c and c.name) or "campaign"
   local self = setmetatable({ redis = conn, spec = spec, worker = spec.worker, lease = spec.lease or M.DEFAULT_LEASE,
-                              prefix = "mailshot:{" .. key .. "}:", claimq = {}, settleq = {}, unsettled = 0,
+                              prefix = "mailshot:{" .. key .. "}:", settleq = {}, unsettled = 0,
                               settled = 0 }, Cluster)
   self.k = { meta = self:key("meta"), alive = self:key("alive"), workers = self:key("workers"),
              claim = self:key("claim"), retry = self:key("retry"), done = self:key("done"),
              counts = self:key("counts") }
-  self.claim_flush = function() self.claim_queued = false; core.spawn(self.send_claims, self) end
   return self
 end
 
@@ -395,8 +394,9 @@ function Cluster:start(fingerprint, name)
   local k = self.k
   local host = read_first_line("/proc/sys/kernel/hostname") or "?"
   local pid = (read_first_line("/proc/self/stat") or ""):match("^(%d+)") or "?"
+  self.info = pid .. "@" .. host
   local r, err = START:run(self.redis, { k.meta, k.alive, k.workers },
-                           { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), pid .. "@" .. host })
+                           { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), self.info })
   if not r then return nil, ("%s: %s"):format(where(self.spec), tostring(err)) end
   if r[1] == "fingerprint" then
     return nil, ("%s: campaign %s: this worker's recipients file, script or templates differ from the ones the "
@@ -408,7 +408,7 @@ function Cluster:start(fingerprint, name)
                  .. "or it stopped less than a lease ago; give another --worker, or wait"):format(
                  where(self.spec), self.worker, (tonumber(r[2]) or 0) / 1000)
   end
-  self.running = true
+  self.running, self.started = true, os.time()
   core.spawn(function() self:heartbeat() end)
   return true
 end
@@ -431,20 +431,19 @@ end
 
 -- Claims -------------------------------------------------------------------------------------
 
--- One script call for every claim asked for in this turn of the loop (the tasks are parked in
--- core.suspend meanwhile); the outcomes waiting are sent in the same write.
-function Cluster:send_claims()
-  local q = self.claimq
-  self.claimq = {}
-  if self.settleq[1] then self:flush() end
+--- claim_many(list): one script call (per MAX_BATCH) for a list of { line, mode, rec }; each
+--- gets .result: "mine" | "no" | "I" | "R" (then .holder) | "error" (Redis lost: .holder = why).
+--- The rows source claims the rows it reads ahead this way, so that Redis is asked once per
+--- batch of rows, not once per row.
+function Cluster:claim_many(q)
   for first = 1, #q, MAX_BATCH do
     local last = math.min(#q, first + MAX_BATCH - 1)
     local args = { self.worker }
     for i = first, last do
       local w = q[i]
-      args[#args + 1] = w.line; args[#args + 1] = w.mode; args[#args + 1] = w.rec
+      args[#args + 1] = w.line; args[#args + 1] = w.mode or "n"; args[#args + 1] = w.rec or ""
     end
-    local r, err, kind = self.lost and nil, self.lost, "io"
+    local r, err, kind = nil, self.lost, "io"
     if not self.lost then
       r, err, kind = CLAIM:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.alive, self.k.counts }, args)
     end
@@ -456,23 +455,14 @@ function Cluster:send_claims()
       elseif v == 1 then w.result = "mine"
       elseif r then w.result = "no"
       else w.result, w.holder = "error", err end
-      core.wake(w.task)
     end
   end
+  return q
 end
 
---- claim(line, mode, rec) -> "mine" | "no" | "I", holder | "R", holder | "error", err (mode and
---- the results as the CLAIM script says; rec: a settled row's record, for mode "s").  Parks the
---- task until this turn's batch is answered.
+--- claim(line, mode, rec) -> "mine" | "no" | "I", holder | "R", holder | "error", err: one line.
 function Cluster:claim(line, mode, rec)
-  if self.lost then return "error", self.lost end
-  local w = { task = core.current(), line = line, mode = mode or "n", rec = rec or "" }
-  self.claimq[#self.claimq + 1] = w
-  if not self.claim_queued then
-    self.claim_queued = true
-    core.defer(self.claim_flush)
-  end
-  core.suspend()
+  local w = self:claim_many { { line = line, mode = mode, rec = rec } }[1]
   return w.result, w.holder
 end
 
@@ -534,7 +524,7 @@ function Cluster:finish()
   local ok, err = self:flush()
   if not ok then return nil, err end
   local r, perr, kind = self.redis:pipeline {
-    { "HSET", self.k.workers, self.worker, ("finished\t%d\t"):format(os.time()) },
+    { "HSET", self.k.workers, self.worker, ("finished\t%d\t%s"):format(self.started or os.time(), self.info or "") },
     { "ZREM", self.k.alive, self.worker },
   }
   if not r then return self:fail(perr, kind) end
@@ -708,8 +698,9 @@ function Cluster:write_report(c, path, columns)
   reader:close()
   ok, err = report:close()
   if not ok then return nil, err end
-  report.counts.total = 0
-  for _, n in pairs(report.counts) do report.counts.total = report.counts.total + n end
+  local total = 0
+  for _, n in pairs(report.counts) do total = total + n end
+  report.counts.total = total
   return report.counts
 end
 

@@ -172,6 +172,7 @@ end
 function M.new(c, reader, o)
   return setmetatable({
     c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
+    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {},
     resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
     first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
   }, Rows)
@@ -188,7 +189,6 @@ end
 local function take(self, row, line, msg)
   local c, sink = self.c, self.sink
   self.seen = self.seen + 1
-  if self.cluster then return self:take_claimed(row, line, msg) end
   local old = self.previous and self.previous:record(line)
   local address = row and row[c.email_field]
   if row and old and old.kind == "F" then
@@ -227,15 +227,19 @@ function Rows:next()
       end
     end
     local row, line, msg
-    if not self.exhausted and not (self.limit and self.seen >= self.limit) then row, line, msg = self.reader:read() end
-    if row == nil and self.cluster and not self.stopped() and self:next_pass() then
-      row = false                                      -- a pass over the lines of stopped workers
-    elseif row == nil then
+    if self.cluster then
+      row, line = self:claimed_row()         -- false: none yet, look again; nil: the file is read
+      if row then return row, line end
+      if row == nil and (self.stopped() or self:next_pass()) then row = false end
+    elseif not self.exhausted and not (self.limit and self.seen >= self.limit) then
+      row, line, msg = self.reader:read()
+    end
+    if row == nil then
       if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
       self.exhausted = true
       if not queue[1] then return nil end
       core.sleep(math.min(math.max(queue[1].due - core.now(), 0), 1))   -- the next retry, or a look at stopping
-    elseif line then
+    elseif line and not self.cluster then
       local r, l = take(self, row, line, msg)
       if r then return r, l end
     end
@@ -247,15 +251,6 @@ end
 local ORPHAN = "possibly sent by worker %s, which stopped (its lease ran out) while this row was in flight; "
                .. "not sent again (--resend-in-flight sends it)"
 M.ORPHAN = ORPHAN
-
--- A row that needs no message (a duplicate, a bad line): settled in Redis by its claim, in one
--- step, and in this worker's report when this worker settled it.
-function Rows:settle_claimed(rep)
-  local cl = self.cluster
-  local r = cl:claim(rep.line, "s", cl:record(rep))
-  if r == "mine" then self.sink.report:add(rep)    -- Redis has it already
-  elseif r == "I" or r == "R" then self.sink:add(rep) end
-end
 
 -- A row of a worker that stopped, now held by this one: a deferred one ("R": it was not sent)
 -- is sent; an in-flight one ("I": possibly sent) is reported in-flight, or sent again with
@@ -271,31 +266,115 @@ function Rows:orphan(row, line, kind, holder, msg)
   end
 end
 
--- take() in cluster mode: every row is claimed before anything is done with it.
-function Rows:take_claimed(row, line, msg)
-  local c, cl = self.c, self.cluster
-  if self.only then                       -- a second pass: only the lines taken over
-    local o = self.only[line]
-    if not o then return nil end
-    self.only[line] = nil
-    return self:orphan(row, line, o.kind, o.holder, msg)
+-- Rows are claimed in batches read ahead of the tasks: a batch of up to `ahead` rows (the run's
+-- concurrency) in one script call, the next batch asked for while half of this one is left, so
+-- that the tasks seldom wait for Redis and Redis is asked once per batch, not once per row.
+-- The price: a worker killed with kill -9 leaves up to `ahead` claimed rows that it had not
+-- started yet besides the ones it was sending; they are reported in-flight (possibly sent) like
+-- those, never sent twice.
+local function push_ready(self, row, line)
+  if row then
+    self.ready_tail = self.ready_tail + 1
+    self.ready[self.ready_tail] = { row, line }
   end
-  local address = row and row[c.email_field]
-  if row and not self.first(address) then
-    self:settle_claimed { line = line, email = address, status = "skipped", response = DUPLICATE }
-  elseif row then
-    local r, holder = cl:claim(line, "n")
-    if r == "mine" then return row, line end
-    if r == "I" or r == "R" then return self:orphan(row, line, r, holder) end
-    -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
-  else
-    local last = self.reader:line()
-    self:settle_claimed { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
-    for n = line + 1, last do
-      self.seen = self.seen + 1
-      self:settle_claimed { line = n, status = "skipped", response = M.swallowed(c.recipients, n, line) }
+end
+
+-- Read and claim the next batch.  One task at a time (self.filling); the others wait for it.
+function Rows:refill()
+  if self.filling or self.exhausted then return end
+  self.filling = true
+  local c, cl = self.c, self.cluster
+  local batch, n = {}, 0
+  while n < self.ahead and not (self.limit and self.seen >= self.limit) do
+    local row, line, msg = self.reader:read()
+    if row == nil then
+      if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
+      self.exhausted = true
+      break
+    end
+    self.seen = self.seen + 1
+    if self.only then                     -- a second pass: only the lines taken over
+      local o = self.only[line]
+      if o then
+        self.only[line] = nil
+        batch[#batch + 1] = { orphan = o, row = row, line = line, msg = msg }
+        n = n + 1
+      end
+    else
+      local address = row and row[c.email_field]
+      if row and not self.first(address) then
+        local rep = { line = line, email = address, status = "skipped", response = DUPLICATE }
+        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
+      elseif row then
+        batch[#batch + 1] = { line = line, mode = "n", row = row }
+        n = n + 1
+      else
+        -- a bad line, and each line it swallowed: settled by their claims, one step each
+        local rep = { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
+        for k = line + 1, self.reader:line() do
+          self.seen = self.seen + 1
+          local r = { line = k, status = "skipped", response = M.swallowed(c.recipients, k, line) }
+          batch[#batch + 1] = { line = k, mode = "s", rec = cl:record(r), rep = r }
+        end
+      end
     end
   end
+  local claims = {}
+  for _, b in ipairs(batch) do if not b.orphan then claims[#claims + 1] = b end end
+  if claims[1] then cl:claim_many(claims) end
+  for _, b in ipairs(batch) do
+    local r = b.result
+    if b.orphan then push_ready(self, self:orphan(b.row, b.line, b.orphan.kind, b.orphan.holder, b.msg))
+    elseif b.rep then                               -- a row that needs no message
+      if r == "mine" then self.sink.report:add(b.rep)     -- settled in Redis by the claim
+      elseif r == "I" or r == "R" then self.sink:add(b.rep) end
+    elseif r == "mine" then push_ready(self, b.row, b.line)
+    elseif r == "I" or r == "R" then push_ready(self, self:orphan(b.row, b.line, r, b.holder))
+    end
+    -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
+  end
+  self.filling = false
+  local waiting = self.waiting_tasks
+  self.waiting_tasks = {}
+  for _, t in ipairs(waiting) do core.wake(t) end
+end
+
+-- The next claimed row: row, line | false (none yet: ask again) | nil (the file is read).
+function Rows:claimed_row()
+  if self.refill_error then error(self.refill_error, 0) end
+  local head = self.ready_head
+  local item = self.ready[head]
+  if item then
+    self.ready[head] = nil
+    self.ready_head = head + 1
+    local left = self.ready_tail - head
+    if left < self.ahead // 2 + 1 and not self.filling and not self.exhausted and not self.stopped() then
+      core.spawn(function()
+        local ok, e = xpcall(self.refill, debug.traceback, self)
+        if not ok then self.refill_error = e; self.filling = false end
+      end)
+    end
+    return item[1], item[2]
+  end
+  if self.filling then                    -- another task reads and claims: wait for its batch
+    self.waiting_tasks[#self.waiting_tasks + 1] = core.current()
+    core.suspend()
+    return false
+  end
+  if self.exhausted then return nil end
+  self:refill()
+  return false
+end
+
+--- The rows claimed ahead that no task took (the run stopped): given back (their claims
+--- released) and reported not-started.
+function Rows:release_ready()
+  for i = self.ready_head, self.ready_tail do
+    local item = self.ready[i]
+    if item then self:not_started(item[1], item[2]) end
+  end
+  self.ready, self.ready_head, self.ready_tail = {}, 1, 0
 end
 
 -- At the end of a pass over the file: take the rows of workers whose lease ran out (their

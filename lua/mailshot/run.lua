@@ -257,6 +257,7 @@ function M.new(c, opts, columns)
     self.sink.publish = function(email, reason) return cluster_suppress.publish(cl, email, reason) end
   end
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
+                                    ahead = opts.concurrency or c.concurrency,
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })
@@ -428,6 +429,7 @@ function Run:go()
   -- the report names everyone (a cluster worker's report: the rows it did; `mailshot cluster
   -- report` names everyone)
   if self.stopping and not self.failure and not self.cluster then self.rows:rest() end
+  if self.cluster then self.rows:release_ready() end  -- claimed ahead, never started: given back
   if opts.signals then util.stop_signals() end
   self.flushing = false
   self:save_rates()
