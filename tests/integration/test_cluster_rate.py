@@ -4,12 +4,11 @@ domain_rate shared by them, and a hard bounce published to the shared suppressio
 test_cluster_suppress.py has the shared suppression list and the Lua-level cases."""
 import collections
 import os
-import shutil
 import subprocess
 import unittest
 
 from tests.integration import harness
-from tests.integration.harness import MailshotTestCase, read_report, scaled, wait_for, write_csv
+from tests.integration.harness import MailshotTestCase, read_report, scaled, write_csv
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -34,46 +33,11 @@ def max_in_window(times, window):
     return best
 
 
-class Redis:
-    """A private redis-server on a free loopback port (harness.start_redis when it exists)."""
-
-    def __init__(self, workdir):
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise unittest.SkipTest("redis-server is not installed")
-        self.dir = os.path.join(workdir, "redis")
-        os.makedirs(self.dir, exist_ok=True)
-        self.host, self.port = "127.0.0.1", harness.free_port()
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", self.host, "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: self.cli("PING").strip() == "PONG", timeout=10, what="redis-server to answer")
-        self.url = f"redis://{self.host}:{self.port}/0"
-
-    def cli(self, *args):
-        p = subprocess.run(["redis-cli", "-h", self.host, "-p", str(self.port), *map(str, args)],
-                           capture_output=True, text=True)
-        return p.stdout
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 class ClusterCase(MailshotTestCase):
     """What the cluster tests share: a Redis, a campaign, workers (no tests of its own)."""
 
     def redis(self):
-        if hasattr(MailshotTestCase, "start_redis"):
-            return self.start_redis()
-        r = Redis(self.tmp)
-        self.addCleanup(r.stop)
-        return r
+        return self.start_redis()
 
     def campaign(self, rows, extra=""):
         d = self.path("camp")
