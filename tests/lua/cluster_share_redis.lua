@@ -110,6 +110,31 @@ case("three workers share 20/0.25s: at most 20 in any 0.25 s, and the fleet's to
     #times, most, calls))
 end)
 
+case("six workers, two windows at once: 8/0.1s and 30/0.5s both hold", function()
+  flush()
+  local limiters, times, tasks = {}, {}, {}
+  for w = 1, 6 do limiters[w] = cluster_rate.new(worker("six"), "campaign", { "8/0.1s", "30/0.5s" }) end
+  assert(limiters[1].batch == 2, "batch " .. limiters[1].batch)    -- a quarter of 8
+  local stop_at = core.now() + 0.8
+  for w = 1, 6 do
+    for k = 1, 3 do
+      tasks[#tasks + 1] = mailshot.spawn(function()
+        while core.now() < stop_at do
+          local tok = assert(limiters[w]:begin())
+          times[#times + 1] = core.now()
+          core.sleep(((w * 5 + k) % 7) / 1000)
+          limiters[w]:complete(tok)
+        end
+      end)
+    end
+  end
+  join_all(tasks)
+  for w = 1, 6 do assert(limiters[w]:close()) end
+  local short, long = max_in_window(times, 0.1 - 0.0011), max_in_window(times, 0.5 - 0.0011)
+  assert(short <= 8 and long <= 30, ("most: %d in 0.1 s, %d in 0.5 s"):format(short, long))
+  assert(#times >= 30 and #times <= 60 + 18, "sent " .. #times)
+end)
+
 case("slots reserved and not used count until given back; then the other worker gets them", function()
   flush()
   local a = cluster_rate.new(worker("unused"), "campaign", "10/h")
