@@ -4,7 +4,7 @@ and the Lua-level cases of mailshot.cluster_rate and mailshot.cluster_suppress
 (tests/lua/cluster_share_redis.lua)."""
 import os
 
-from tests.integration.harness import REPO_ROOT, read_report, skip_under_valgrind, wait_for
+from tests.integration.harness import REPO_ROOT, free_port, read_report, skip_under_valgrind, wait_for
 from tests.integration.test_bounces import dsn
 from tests.integration.test_cluster_rate import ClusterCase
 
@@ -37,6 +37,12 @@ class ClusterSuppressTests(ClusterCase):
         reps = {r["email"]: r for k in range(2) for r in read_report(self.path(f"w{k}.csv"))}
         self.assertEqual(reps["u79@example.com"]["status"], "skipped")
         self.assertEqual(reps["u79@example.com"]["response"], "suppressed: shared suppression list")
+        # a Redis that cannot be reached: nothing is read, exit status 1
+        p = self.run_mailshot("bounces", box, "--campaign", script, "--cluster", f"redis://127.0.0.1:{free_port()}/0",
+                              "--report", self.path("b2.csv"), env={"SMTP_SERVER": srv.address})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("cannot connect", p.stderr)
+        self.assertFalse(os.path.exists(self.path("b2.csv")))
         # --cluster needs the campaign that names the list
         p = self.run_mailshot("bounces", box, "--suppress", self.path("x.txt"), "--cluster", redis.url)
         self.assertEqual(p.returncode, 2)
