@@ -50,8 +50,8 @@ local rate = require("mailshot.rate")
 
 local M = {}
 
--- A batch covers about this much of the tightest window's rate.
-local BATCH_SECONDS = 0.05
+-- A batch covers about this much of the tightest window's rate, BATCH_MAX slots at most.
+local BATCH_SECONDS, BATCH_MAX = 0.05, 1000
 -- A pending slot's lease in Redis (seconds); the keeper task renews held slots every LEASE / 3.
 local LEASE = 30
 -- Answers not sent along with a reservation go out within a quarter of the shortest window,
@@ -160,8 +160,10 @@ if k > 0 then
   local seq = redis.call("HINCRBY", meta, "seq", k)
   first = seq - k + 1
   local args = {}
-  for id = first, seq do args[#args + 1] = f(now + lease); args[#args + 1] = id end
-  redis.call("ZADD", pend, unpack(args))
+  for id = first, seq do
+    args[#args + 1] = f(now + lease); args[#args + 1] = id
+    if #args >= 1000 or id == seq then redis.call("ZADD", pend, unpack(args)); args = {} end
+  end
   redis.call("HINCRBY", meta, "total", k)
   redis.call("HSET", meta, "last", f(now))
   wait = 0
@@ -190,6 +192,7 @@ local function encode(rules)
     end
   end
   if batch == math.huge then batch = 1 end
+  batch = math.min(batch, BATCH_MAX)
   return table.concat(parts, " "), batch, customs
 end
 

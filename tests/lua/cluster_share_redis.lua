@@ -78,6 +78,11 @@ case("a script call reserves a batch of slots for the tasks queued behind; unuse
   assert(admin.redis:call("ZCARD", cl:key("rate:relay a:pending")) == 1, "only the slot in use is held")
   l:complete(t)
   assert(l:close())
+  -- a high rate: batches of at most 1000, and the script takes any number in one call
+  local big = cluster_rate.new(cl, "big", "100000/s")
+  assert(big.batch == 1000, "batch " .. big.batch)
+  local first, n = big:call(5000)
+  assert(first == 1 and n == 5000, tostring(n))
 end)
 
 case("three workers share 20/0.25s: at most 20 in any 0.25 s, and the fleet's total is one limit's", function()
