@@ -859,7 +859,8 @@ function commands.cluster(args)
     return what and 0 or 2
   end
   if what ~= "status" and what ~= "report" then
-    complain("cluster: expected 'status' or 'report' (see mailshot cluster --help)")
+    local ok, perr = parse(args, { cluster = "value", ["redis-password-file"] = "value", report = "value" }, "cluster")
+    complain(ok and "cluster: expected 'status' or 'report' (see mailshot cluster --help)" or perr)
     return 2
   end
   local spec_opts = { cluster = "value", ["redis-password-file"] = "value" }

@@ -322,6 +322,9 @@ function Rows:refill()
   end
   local claims = {}
   for _, b in ipairs(batch) do if not b.orphan then claims[#claims + 1] = b end end
+  -- the outcomes since the last batch go in the same write (a task of their own: auto-pipelined
+  -- with the claims), so that a worker killed now leaves few finished rows still claimed
+  if cl.settleq[1] then core.spawn(cl.flush, cl) end
   if claims[1] then cl:claim_many(claims) end
   for _, b in ipairs(batch) do
     local r = b.result
