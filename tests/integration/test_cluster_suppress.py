@@ -16,9 +16,11 @@ class ClusterSuppressTests(ClusterCase):
         rows = [[f"u{i}@example.com", f"N{i}"] for i in range(n)]
         redis = self.redis()
         srv = self.start_smtpd()
-        d, script = self.campaign(rows, 'rate = "25/s",')          # 3 s for the two workers together
+        # 4 s for the two workers together; a row is classified before it waits for the rate (16
+        # tasks), so the last row is classified ~3 s in: the bounce must be in Redis before that
+        d, script = self.campaign(rows, 'rate = "20/s",')
         procs = [self.worker(script, redis, f"w{k}", srv) for k in range(2)]
-        wait_for(lambda: len(srv.messages()) >= 10, timeout=30, what="the workers to start sending")
+        wait_for(lambda: len(srv.messages()) >= 5, timeout=30, what="the workers to start sending")
         # u79 (the last row) bounced on another host: `mailshot bounces --cluster` publishes it
         box = self.path("bounce.eml")
         with open(box, "w") as f:
@@ -29,7 +31,7 @@ class ClusterSuppressTests(ClusterCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("suppress", p.stdout)
         sent_before = len(srv.messages())
-        self.assertLess(sent_before, 70, "the bounce came in while the workers were sending")
+        self.assertLess(sent_before, 45, "the bounce came in early enough (else the machine is too slow for this test)")
         self.finish(procs)
         got = {m["rcpt_tos"][0] for m in srv.messages()}
         self.assertNotIn("u79@example.com", got)
