@@ -293,7 +293,8 @@ function Limiter:call(want)
                                  { want, self.lease, self.encoded, completed, released, renew, seed,
                                    self.cl.worker or "worker" })
   if not r then
-    -- nothing was recorded: keep what must still be said (an io error kills the conn anyway)
+    -- the answers and slots given back in this call are lost with it: those slots stay pending
+    -- until their leases end (stricter, never looser)
     return nil, ("shared rate limit %s: %s"):format(self.name, tostring(err))
   end
   self.gen = r[4]
