@@ -323,6 +323,15 @@ end
 
 local function would(dry, s) return dry and ("would " .. s) or s end
 
+-- A campaign run by a cluster (opts.publish: --cluster, or the campaign's cluster.url): the
+-- address goes to its shared suppression list too (mailshot.cluster_suppress), so the workers
+-- sending it now skip it.  A failure is reported; the file has the address anyway.
+function Run:publish(m, reason)
+  if not (self.opts.publish and m.c) then return end
+  local ok, err = self.opts.publish(m.c, m.email, reason)
+  if not ok then self.warn(tostring(err)); self.failed = true end
+end
+
 -- Acts on one matched address -> action text, message disposition ("done" | "quarantine")
 function Run:act(b, r, class, m, key, bounce_time)
   local dry = self.opts.dry_run
@@ -342,6 +351,8 @@ function Run:act(b, r, class, m, key, bounce_time)
   end
   if t.list:check(m.email) then
     t.state:forget(lower(m.email))
+    -- suppressed here before, perhaps without --cluster: the running workers learn it now
+    if (class == "hard" or class == "complaint") and not dry then self:publish(m, reason_text(class, r, b, m)) end
     return "already suppressed", "done", "already suppressed"
   end
   local function suppress_now(extra)
@@ -349,6 +360,7 @@ function Run:act(b, r, class, m, key, bounce_time)
     if not dry then
       local ok, aerr = suppress.append(t.path, m.email, reason)
       if not ok then self.warn(aerr); self.failed = true; return "error: " .. aerr, "keep", "error" end
+      self:publish(m, reason)
     end
     t.list:add(m.email, t.path)
     t.state:forget(lower(m.email))

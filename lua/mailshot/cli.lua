@@ -189,6 +189,7 @@ Usage: mailshot bounces SOURCE... [--campaign SCRIPT]... [--suppress FILE] [--re
                                   [--move-to FOLDER] [--quarantine FOLDER] [--soft-limit N] [--soft-days D]
                                   [--max-bytes N] [--user USER] [--password-file F] [--ca-file F]
                                   [--insecure] [--allow-plaintext]
+                                  [--cluster URL [--redis-password-file F]]
 
 Read bounce messages (RFC 3464 DSNs, RFC 5965 ARF complaints, auto-replies, bounces in other
 formats) and suppress the addresses that bounced.  SOURCE: a Maildir (cur/ and new/), an mbox
@@ -224,6 +225,11 @@ blocks and auto-replies never; what cannot be read is quarantined.  Nothing is e
   --insecure          do not verify the IMAP/POP3 server's certificate (an explicit opt-out)
   --allow-plaintext   imap:// and pop3:// to a server that offers no STARTTLS: the password
                       crosses the network in clear (refused without this flag)
+  --cluster URL       the campaigns are being sent by a cluster (mailshot run --cluster):
+                      the addresses suppressed also go to each campaign's shared suppression
+                      list in that Redis, so the running workers skip them at once (default:
+                      a campaign's own cluster.url)
+  --redis-password-file F  the Redis password (else MAILSHOT_REDIS_PASSWORD)
 
 Exit status: 0 every source read, 1 a source (or a marking, a write) failed: the others were
 still processed, 2 a usage error, a campaign script or its recipients file that does not load.
@@ -773,7 +779,8 @@ function commands.bounces(args)
                                   ["move-to"] = "value", quarantine = "value", ["soft-limit"] = "value",
                                   ["soft-days"] = "value", ["max-bytes"] = "value", user = "value",
                                   ["password-file"] = "value", ["ca-file"] = "value", password = "value",
-                                  insecure = "flag", ["allow-plaintext"] = "flag" }, "bounces")
+                                  insecure = "flag", ["allow-plaintext"] = "flag", cluster = "value",
+                                  ["redis-password-file"] = "value" }, "bounces")
   if not opts then complain(pos); return 2 end
   if opts.help then io.stdout:write(COMMAND_HELP.bounces); return 0 end
   if opts.password then
@@ -807,8 +814,41 @@ function commands.bounces(args)
     complain("bounces: give --campaign SCRIPT (its bounces_to file) or --suppress FILE (see mailshot bounces --help)")
     return 2
   end
+  if (opts.cluster or opts["redis-password-file"]) and #o.campaigns == 0 then
+    complain("bounces: --cluster goes with --campaign SCRIPT (the campaign names its shared suppression list)")
+    return 2
+  end
+  -- campaigns run by a cluster (--cluster, or their cluster.url): suppressions go to Redis too
+  local conns = {}
+  if not o.dry_run then
+    local cluster = require("mailshot.cluster")
+    for _, c in ipairs(o.campaigns) do
+      local spec
+      spec, err = cluster.spec(c, { url = opts.cluster, worker = "bounces", password_file = opts["redis-password-file"] })
+      if err then complain("bounces: ", err); return 2 end
+      if spec then
+        local cl
+        cl, err = cluster.connect(spec, c)
+        if not cl then
+          for _, other in pairs(conns) do other:close() end
+          complain("bounces: ", err)
+          return 1
+        end
+        conns[c] = cl
+      end
+    end
+  end
+  if next(conns) then
+    local cs = require("mailshot.cluster_suppress")
+    o.publish = function(c, email, reason)
+      local cl = conns[c]
+      if not cl then return true end
+      return cs.publish(cl, email, reason)
+    end
+  end
   local res
   res, err = require("mailshot.bounces").run(o)
+  for _, cl in pairs(conns) do cl:close() end
   if not res then complain("bounces: ", err); return 2 end
   say("mailshot bounces: ", res.text)
   return res.failed and 1 or 0

@@ -160,10 +160,19 @@ function Sink:in_flight(line, email)
 end
 
 --- A hard bounce (5.1.x: no such user or domain): the next campaign skips this address.
+--- With a cluster (sink.publish: mailshot.cluster_suppress) every worker learns of it too.
 function Sink:bounce(email, res, rep)
-  if not self.bounces_path or res.ok or rep.temporary or not tostring(res.enhanced or ""):match("^5%.1%.") then return end
-  local ok, err = suppress.append(self.bounces_path, email, ("%s %s %s"):format(res.code or "", res.enhanced, res.message or ""))
-  if not ok then io.stderr:write("mailshot: bounces_to: ", tostring(err), "\n") end
+  if not (self.bounces_path or self.publish) or res.ok or rep.temporary
+     or not tostring(res.enhanced or ""):match("^5%.1%.") then return end
+  local reason = ("%s %s %s"):format(res.code or "", res.enhanced, res.message or "")
+  if self.bounces_path then
+    local ok, err = suppress.append(self.bounces_path, email, reason)
+    if not ok then io.stderr:write("mailshot: bounces_to: ", tostring(err), "\n") end
+  end
+  if self.publish then
+    local ok, err = self.publish(email, reason)
+    if not ok then io.stderr:write("mailshot: ", tostring(err), "\n") end
+  end
 end
 
 return M

@@ -20,6 +20,8 @@ local outcome = require("mailshot.outcome")
 local rows = require("mailshot.rows")
 local sender = require("mailshot.sender")
 local health = require("mailshot.health")
+local cluster_rate = require("mailshot.cluster_rate")
+local cluster_suppress = require("mailshot.cluster_suppress")
 
 local M = {}
 
@@ -41,7 +43,15 @@ function Run:rate_sleep(sec)
   end
 end
 
-local function limiter(self, spec, name)
+-- With a cluster (--cluster) a limiter is shared by every worker through Redis under `key`
+-- (mailshot.cluster_rate: same methods); without, it is this process's own.
+local function limiter(self, spec, name, key)
+  if self.cluster then
+    local l = cluster_rate.new(self.cluster, key or name, type(spec) == "function" and rate.custom(spec) or spec,
+                               { name = name, sleep = function(sec) return self:rate_sleep(sec) end })
+    self.shared[#self.shared + 1] = l
+    return l
+  end
   return rate.new(type(spec) == "function" and rate.custom(spec) or spec,
                   { name = name, sleep = function(sec) return self:rate_sleep(sec) end })
 end
@@ -55,7 +65,7 @@ function Run:limiters_for(domain)
   local list = self.by_domain[domain]
   if list == nil then
     local spec = dr[domain] or dr["*"]
-    local l = spec and limiter(self, spec, domain) or false
+    local l = spec and limiter(self, spec, domain, "domain " .. domain) or false
     local saved = l and self.saved_rates and self.saved_rates["domain " .. domain]
     if saved then pcall(l.restore, l, saved) end
     self.domain_limiters[domain] = l
@@ -245,13 +255,22 @@ function M.new(c, opts, columns)
     cl.on_lost = function(e) self:stop_for_redis(e) end
   end
   self.sink = outcome.sink(report, jrn, c.bounces_path, cl)
+  if cl then        -- a hard bounce here stops the other workers sending to the address
+    self.sink.publish = function(email, reason) return cluster_suppress.publish(cl, email, reason) end
+  end
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
                                     ahead = cl and math.max(4, (cl.spec.read_ahead or 3 * (opts.concurrency or c.concurrency) // 2) // 3),
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })
   self.limiters = {}                                  -- by name: their state is kept across --resume
-  for name, l in pairs(opts.relay_limiters or {}) do self.limiters[name] = l end
+  self.shared = {}                                   -- cluster_rate limiters, closed at the end
+  for name, l in pairs(opts.relay_limiters or {}) do
+    if self.cluster then                           -- the fleet's relay limit, in Redis as "relay HOST:PORT"
+      l = sender.share(l, limiter(self, l.rules, name, (name:gsub("^relay relay %((.*)%)$", "relay %1"))))
+    end
+    self.limiters[name] = l
+  end
   if c.rate ~= nil then
     self.limiter = limiter(self, c.rate, "campaign")
     self.limiters.campaign = self.limiter
@@ -268,6 +287,11 @@ function M.new(c, opts, columns)
     end
   end
   self.resumed = resume_notice(c, previous, opts)
+  if cl then      -- the suppressions shared by the workers: loaded now, followed during the run
+    local watch, serr = cluster_suppress.start(cl, c, self)
+    if not watch then self.rows:close(); report.f:close(); cl:close(); return nil, serr end
+    self.shared_list = watch
+  end
   return self
 end
 
@@ -401,6 +425,8 @@ function Run:go()
   if opts.signals then core.spawn(self.watch_signals, self) end
   for _ = 1, workers do core.spawn(worker) end
   core.suspend()
+  if self.shared_list then self.shared_list.stop() end
+  for _, l in ipairs(self.shared) do l:close() end  -- completions reported, reserved slots given back
   self.rows:drain(function(rep) self.health:final(rep) end)   -- stopped before their next try
   -- the report names everyone (a cluster worker's report: the rows it did; `mailshot cluster
   -- report` names everyone)

@@ -64,11 +64,26 @@ function Limited:check(...) return self.relay:check(...) end
 function Limited:close(...) return self.relay:close(...) end
 function Limited:stats(...) return self.relay:stats(...) end
 
+local by_limiter = setmetatable({}, { __mode = "k" })   -- limiter -> its limited relay
+
 --- A relay whose sends wait for limiter first (relay: the C object, unchanged).
 function M.limited_relay(relay, limiter)
   -- a refusal names the relay as its results do (result.relay: "host:port")
   local extra = { via = "relay", relay = tostring(relay):match("^relay %((.*)%)$") }
-  return setmetatable({ relay = relay, limiter = limiter, limiters = { limiter }, extra = extra }, Limited)
+  local limited = setmetatable({ relay = relay, limiter = limiter, limiters = { limiter }, extra = extra }, Limited)
+  by_limiter[limiter] = limited
+  return limited
+end
+
+--- share(limiter, other) -> other: the limited relay of `limiter` now waits for `other` instead
+--- (a cluster run's shared limiter for the relay's `rate`: mailshot.cluster_rate).
+function M.share(limiter, other)
+  local limited = by_limiter[limiter]
+  if limited then
+    limited.limiter, limited.limiters = other, { other }
+    by_limiter[other] = limited
+  end
+  return other
 end
 
 --- unwrap(send) -> what to call, its own limiter (nil for any other sender).  The runner takes
