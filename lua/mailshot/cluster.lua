@@ -232,14 +232,16 @@ if not s then return -1 end
 return tonumber(s) - now
 ]])
 
--- Claims: KEYS claim done retry alive counts; ARGV worker, then (line, mode, record) triples.
--- mode "n": a row to deliver -> 1 (claimed: in flight now), 0 (done, or held by a live worker),
---   "I\tholder" (claimed by a worker whose lease ran out: possibly sent; now held by this one),
---   "R\tholder" (deferred by such a worker: not sent; now claimed by this one, to send);
+-- Claims: KEYS claim done retry alive counts flight; ARGV worker, then (line, mode, record) triples.
+-- A claim reserves a row for this worker; the row is in flight only once the worker marks it
+-- so (START_ROWS, right before its message goes out).
+-- mode "n": a row to deliver -> 1 (claimed), 0 (done, or held by a live worker),
+--   "I\tholder" (in flight at a worker whose lease ran out: possibly sent; now held by this one),
+--   "R\tholder" (deferred, or only reserved, by such a worker: not sent; now claimed by this one, to send);
 -- mode "s": a row that needs no message (record given: skipped) -> 1 when settled by this call;
 -- mode "r": this worker's own retry, due now -> 1 (claimed again), 0 (taken over meanwhile).
 local CLAIM = M.script(PRELUDE .. [[
-local claim, done, retry, alive, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local claim, done, retry, alive, counts, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local me = ARGV[1]
 local out = {}
 for i = 2, #ARGV, 3 do
@@ -257,7 +259,10 @@ for i = 2, #ARGV, 3 do
     local rh = not h and redis.call('HGET', retry, line)
     if h then
       if h ~= me and is_live(alive, h) then r = 0
-      else redis.call('HSET', claim, line, me); r = 'I\t' .. h end
+      else
+        redis.call('HSET', claim, line, me)
+        r = (redis.call('HEXISTS', flight, line) == 1 and 'I\t' or 'R\t') .. h
+      end
     elseif rh then
       local holder = worker_of(rh)
       if holder ~= me and is_live(alive, holder) then r = 0
@@ -278,18 +283,19 @@ end
 return out
 ]])
 
--- Outcomes: KEYS claim done retry counts; ARGV worker, then (op, line, record) triples.
+-- Outcomes: KEYS claim done retry counts flight; ARGV worker, then (op, line, record) triples.
 -- op "F": final (done; the claim is released); "D": deferred (to retry; released); "U": not
 -- started after all (released).  A final outcome replaces an earlier one of the line (a worker
 -- that took over this one's claim while its lease had run out reported it in-flight): the
 -- counts move with it.  -> the number of records written
 local SETTLE = M.script(PRELUDE .. [[
-local claim, done, retry, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local claim, done, retry, counts, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local me = ARGV[1]
 local n = 0
 for i = 2, #ARGV, 3 do
   local op, line, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('HGET', claim, line) == me then redis.call('HDEL', claim, line) end
+  if redis.call('HGET', flight, line) == me then redis.call('HDEL', flight, line) end
   if op == 'F' then
     local old = redis.call('HGET', done, line)
     if old then
@@ -310,11 +316,11 @@ end
 return n
 ]])
 
--- At the end of a worker's pass over the file: KEYS claim retry alive; ARGV worker.  Takes the
+-- At the end of a worker's pass over the file: KEYS claim retry alive flight; ARGV worker.  Takes the
 -- rows of workers whose lease ran out (claims and deferred rows) -> { others, "I"|"R", line,
 -- holder, ... }, others: lines still claimed by live workers.
 local SWEEP = M.script(PRELUDE .. [[
-local claim, retry, alive = KEYS[1], KEYS[2], KEYS[3]
+local claim, retry, alive, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local me = ARGV[1]
 local out = { 0 }
 local c = redis.call('HGETALL', claim)
@@ -324,7 +330,8 @@ for i = 1, #c, 2 do
     if is_live(alive, h) then out[1] = out[1] + 1
     else
       redis.call('HSET', claim, line, me)
-      out[#out + 1] = 'I'; out[#out + 1] = line; out[#out + 1] = h
+      out[#out + 1] = redis.call('HEXISTS', flight, line) == 1 and 'I' or 'R'
+      out[#out + 1] = line; out[#out + 1] = h
     end
   end
 end
@@ -335,6 +342,23 @@ for i = 1, #r, 2 do
     redis.call('HDEL', retry, line)
     redis.call('HSET', claim, line, me)
     out[#out + 1] = 'R'; out[#out + 1] = line; out[#out + 1] = h
+  end
+end
+return out
+]])
+
+-- In flight: KEYS claim flight; ARGV worker, lines.  Each line still claimed by this worker is
+-- marked in flight (-> 1); a line another worker took over meanwhile (this one's lease ran out
+-- while it was stalled) is not (-> 0), and must not be sent.
+local START_ROWS = M.script([[
+local claim, flight, me = KEYS[1], KEYS[2], ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  if redis.call('HGET', claim, ARGV[i]) == me then
+    redis.call('HSET', flight, ARGV[i], me)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
   end
 end
 return out
@@ -382,7 +406,7 @@ function M.connect(spec, c)
                               settled = 0 }, Cluster)
   self.k = { meta = self:key("meta"), alive = self:key("alive"), workers = self:key("workers"),
              claim = self:key("claim"), retry = self:key("retry"), done = self:key("done"),
-             counts = self:key("counts") }
+             counts = self:key("counts"), flight = self:key("flight") }
   return self
 end
 
@@ -479,7 +503,7 @@ function Cluster:claim_many(q)
     end
     local r, err, kind = nil, self.lost, "io"
     if not self.lost then
-      r, err, kind = CLAIM:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.alive, self.k.counts }, args)
+      r, err, kind = CLAIM:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.alive, self.k.counts, self.k.flight }, args)
     end
     if not r then self:fail(err, kind) end
     for i = first, last do
@@ -498,6 +522,34 @@ end
 function Cluster:claim(line, mode, rec)
   local w = self:claim_many { { line = line, mode = mode, rec = rec } }[1]
   return w.result, w.holder
+end
+
+--- Mark a claimed row in flight, right before its message goes out; from a task, which waits
+--- for Redis's answer (the other tasks go on meanwhile).  The rows that tasks start in one turn
+--- of the loop go in one script call.  -> true | false (another worker took the row over: do
+--- not send it) | nil, err (Redis is lost)
+function Cluster:start_row(line)
+  if self.lost then return nil, self.lost end
+  local q = self.startq
+  if not q then
+    q = { lines = {}, tasks = {} }
+    self.startq = q
+    core.spawn(function()
+      coroutine.yield()                   -- the other tasks of this turn join the batch
+      self.startq = nil
+      local args = { self.worker }
+      table.move(q.lines, 1, #q.lines, 2, args)
+      local r, err, kind = START_ROWS:run(self.redis, { self.k.claim, self.k.flight }, args)
+      if not r then self:fail(err, kind) end
+      q.result, q.err = r, err
+      for _, t in ipairs(q.tasks) do core.wake(t) end
+    end)
+  end
+  local i = #q.lines + 1
+  q.lines[i], q.tasks[i] = line, core.current()
+  core.suspend()
+  if not q.result then return nil, q.err end
+  return q.result[i] == 1
 end
 
 --- A report row's record (the value kept in Redis).
@@ -522,7 +574,7 @@ function Cluster:flush()
     local n = math.min(#q, 3 * MAX_BATCH)
     local args = table.move(q, 1, n, 2, { self.worker })
     if n == #q then self.settleq = {} else self.settleq = table.move(q, n + 1, #q, 1, {}) end
-    local r, err, kind = SETTLE:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.counts }, args)
+    local r, err, kind = SETTLE:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.counts, self.k.flight }, args)
     if not r then
       -- put them back in front: they are counted as unsettled in the end-of-run message
       self.settleq = table.move(self.settleq, 1, #self.settleq, n + 1, table.move(args, 2, n + 1, 1, {}))
@@ -540,7 +592,7 @@ end
 function Cluster:sweep()
   if self.lost then return nil, self.lost end
   self:flush()
-  local r, err, kind = SWEEP:run(self.redis, { self.k.claim, self.k.retry, self.k.alive }, { self.worker })
+  local r, err, kind = SWEEP:run(self.redis, { self.k.claim, self.k.retry, self.k.alive, self.k.flight }, { self.worker })
   if not r then return self:fail(err, kind) end
   local found, n = {}, 0
   for i = 2, #r, 3 do
@@ -698,8 +750,10 @@ function Cluster:write_report(c, path, columns)
   if not st then return nil, err end
   local alive = {}
   for _, w in ipairs(st.workers) do alive[w.name] = w.alive end
-  local claimed = {}
+  local claimed, flying = {}, {}
   ok, err = hscan(conn, k.claim, function(line, holder) claimed[tonumber(line)] = holder end)
+  if not ok then return nil, err end
+  ok, err = hscan(conn, k.flight, function(line) flying[tonumber(line)] = true end)
   if not ok then return nil, err end
   local reader
   reader, err = rows.open_reader(c)
@@ -711,9 +765,16 @@ function Cluster:write_report(c, path, columns)
     local rep = byline[line]
     if not rep and claimed[line] then
       local h = claimed[line]
-      rep = { line = line, email = email, status = "in-flight", stage = "cluster",
-              response = alive[h] and ("being sent by worker %s"):format(h)
-                         or ("possibly sent by worker %s, which stopped while it was in flight"):format(h) }
+      if alive[h] then
+        rep = { line = line, email = email, status = "in-flight", stage = "cluster",
+                response = ("being sent by worker %s"):format(h) }
+      elseif flying[line] then
+        rep = { line = line, email = email, status = "in-flight", stage = "cluster",
+                response = ("possibly sent by worker %s, which stopped while it was in flight"):format(h) }
+      else
+        rep = { line = line, email = email, status = "not-started", stage = "cluster",
+                response = ("reserved by worker %s, which stopped before sending it; the next worker sends it"):format(h) }
+      end
     end
     rep = rep or { line = line, email = email, status = "not-started", response = "no worker has reached this row yet" }
     rep.line = line

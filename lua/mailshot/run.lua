@@ -121,6 +121,17 @@ end
 -- Under the rate slots: the journal says "in flight", then the campaign's send.
 function Run:send_one(msg, row, line, email)
   self.sink:in_flight(line, email)
+  if self.cluster then
+    -- the row's in-flight mark is in Redis before its message goes out: a worker killed from
+    -- here on leaves it reported in-flight, never sent twice (before, it is only reserved, and
+    -- another worker sends it)
+    local ok, err = self.cluster:start_row(line)
+    if not ok then
+      return sender.failure("cluster", err and ("not sent: " .. tostring(err))
+                            or "not sent: another worker took this row over (this worker's lease ran out)",
+                            true, "cluster", { retry = false })
+    end
+  end
   return sender.call(self.send, msg, row)
 end
 
