@@ -4,11 +4,12 @@
 #   make demo       install missing Debian packages, build, dry-run the example campaign
 #   make check      install missing Debian packages, build, run every test (make test), then every test again
 #                   under valgrind (make valgrind); what .ci/run runs
-#   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan
+#   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan,
+#                   and the fuzz targets 10 s each; one pool of commands, JOBS at once (tests/run_jobs.py)
 #   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1); and make tsan
 #   make tsan       the DKIM signing threads under ThreadSanitizer (build/tsan/mailshot, tests/lua/test_dkim_pool.lua)
-#   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
+#   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make test runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
 #                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
@@ -132,14 +133,28 @@ demo: deps
 	@$(MAKE) --no-print-directory mailshot
 	./mailshot run scripts/examples/newsletter/campaign.lua --outbox build/demo-outbox --report build/demo-report.csv
 
+# make check builds every binary both passes run first, BUILD_JOBS compilers at once (a build is
+# CPU-bound; the test pools overlap waiting tests instead), then runs the two passes.
+BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 check: deps
+	@$(MAKE) --no-print-directory -j$(BUILD_JOBS) mailshot build/asan/mailshot $(ASAN_UNIT) $(VG_UNIT) $(FUZZ_BIN)
 	@$(MAKE) --no-print-directory test
 	@$(MAKE) --no-print-directory valgrind
 
-test: mailshot build/asan/mailshot unit luatest integration fuzz-smoke
+# make test: one tests/run_jobs.py pool, JOBS commands at once, the slowest first (see integration
+# below): every integration module, Lua test and C unit test, and each fuzz target's FUZZ_SECONDS smoke
+# run.  One pool rather than four steps in a row: the Lua tests, the unit tests and the fuzz runs are
+# CPU-bound but short, and fill the time the integration tests spend waiting on servers and timers.
+ASAN_UNIT := $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
+test: mailshot build/asan/mailshot $(ASAN_UNIT) fuzz-build | build
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/test --first $(SLOWEST) \
+	  $(INTEG:%='MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
+	  $(VG_LUA:%='build/asan/mailshot exec %') \
+	  $(ASAN_UNIT) \
+	  $(FUZZ_TARGETS:%='$(MAKE) --no-print-directory fuzz-smoke-%')
 	@echo "all tests passed"
 
-unit: $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
+unit: $(ASAN_UNIT)
 	@for t in $^; do $$t || exit 1; done
 
 luatest: build/asan/mailshot
@@ -213,17 +228,22 @@ build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null 
 build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: FUZZ_LIBS = $(FUZZ_LUA)
 
-fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
-	@for t in $(FUZZ_TARGETS); do \
-	  dir=$$(mktemp -d) && cp tests/fuzz/corpus/$$t/* $$dir/ || exit 1; \
+FUZZ_BIN     := $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
+.PHONY: fuzz-build $(FUZZ_TARGETS:%=fuzz-smoke-%)
+fuzz-build: $(FUZZ_BIN)
+
+fuzz-smoke: $(FUZZ_TARGETS:%=fuzz-smoke-%)
+
+# one target's smoke run (make test runs each as one command of its pool)
+$(FUZZ_TARGETS:%=fuzz-smoke-%): fuzz-smoke-%: build/fuzz/fuzz_%
+	@t=$*; dir=$$(mktemp -d) && cp tests/fuzz/corpus/$$t/* $$dir/ || exit 1; \
 	  opts=; [ -f tests/fuzz/$$t.dict ] && opts=-dict=tests/fuzz/$$t.dict; \
 	  grep -q fuzz_lua.h tests/fuzz/fuzz_$$t.c && opts="$$opts -detect_leaks=0"; \
 	  build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=25 $$opts \
 	    -artifact_prefix=build/fuzz/$$t- $(FUZZ_FLAGS) $$dir >build/fuzz/$$t.log 2>&1; \
 	  rc=$$?; rm -rf $$dir; \
 	  if [ $$rc -ne 0 ]; then tail -n 40 build/fuzz/$$t.log; echo "fuzz $$t: FAILED, see build/fuzz/$$t.log"; exit 1; fi; \
-	  echo "fuzz $$t: $$(grep -a DONE build/fuzz/$$t.log | tail -n 1 | tr -s ' \t' ' ')"; \
-	done
+	  echo "fuzz $$t: $$(grep -a DONE build/fuzz/$$t.log | tail -n 1 | tr -s ' \t' ' ')"
 
 fuzz:
 	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=300
