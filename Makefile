@@ -174,7 +174,9 @@ integration: mailshot build/asan/mailshot | build
 # valgrind do not mix.  Any error, or a definitely or indirectly lost block, fails.  The unit tests are
 # built a second time without ASan (build/test_NAME).  The integration tests wrap each mailshot they
 # start (tests/integration/harness.py, MAILSHOT_VALGRIND=1, the same flags as below) and fail on any
-# non-empty valgrind log; loads are smaller there (harness.scaled).  tests/valgrind.supp, when present,
+# non-empty valgrind log; loads are smaller there (harness.scaled), and a test whose C lines and branches
+# the others cover is marked valgrind_redundant and runs in make test only (MAILSHOT_VALGRIND_ALL=1 runs
+# it here too; make valgrind-coverage checks that no C line or branch is lost that way).  tests/valgrind.supp, when present,
 # holds suppressions for third-party code only.  Not part of `make test` (the quick loop); `make check`
 # runs both.  valgrind is CPU-bound, but the integration tests also wait: every unit binary, Lua test
 # and integration module is one command of tests/run_jobs.py, JOBS at once (logs in build/jobs/valgrind).
@@ -192,8 +194,11 @@ valgrind: deps
 	@echo "valgrind: all tests passed"
 
 # `make tsan` is one more command of the same pool (its build and its run overlap the valgrind work).
+# VG_SLOWEST: the commands that take longest under valgrind, started first (they differ from the ASan
+# pass's: the valgrind_redundant tests do not run there, and the Lua tests are CPU-bound).
+VG_SLOWEST := tsan,test_faults,test_campaign,test_relay,test_check,test_direct,test_dkim,test_csv.lua,test_mime.lua
 valgrind-all: mailshot $(VG_UNIT) | build
-	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(SLOWEST),tsan \
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(VG_SLOWEST) \
 	  '$(MAKE) --no-print-directory tsan' \
 	  $(INTEG:%='MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
 	  $(VG_LUA:%='MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec %') \
