@@ -196,7 +196,7 @@ valgrind: deps
 # `make tsan` is one more command of the same pool (its build and its run overlap the valgrind work).
 # VG_SLOWEST: the commands that take longest under valgrind, started first (they differ from the ASan
 # pass's: the valgrind_redundant tests do not run there, and the Lua tests are CPU-bound).
-VG_SLOWEST := tsan,test_faults,test_campaign,test_relay,test_check,test_direct,test_dkim,test_csv.lua,test_mime.lua
+VG_SLOWEST := tsan,test_campaign,test_faults,test_relay,test_check,test_direct,test_dkim,test_csv.lua,test_suppress.lua,test_mime.lua,test_mimeenc.lua
 valgrind-all: mailshot $(VG_UNIT) | build
 	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(VG_SLOWEST) \
 	  '$(MAKE) --no-print-directory tsan' \

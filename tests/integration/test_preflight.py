@@ -117,6 +117,8 @@ class PreflightTests(MailshotTestCase):
         self.assertNotIn("MAIL", cmds)
         self.assertNotIn("RCPT", cmds)
 
+    @valgrind_redundant("test_a_correct_setup_is_ready_and_the_list_problems_are_reported, "
+                        "test_connect_probes_each_mx_host_without_mail_or_rcpt")
     def test_connect_follows_direct_deliverys_private_address_policy(self):
         # without --allow-private the probe does not connect to 127.0.0.2, and says why
         servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)
@@ -151,6 +153,8 @@ class PreflightTests(MailshotTestCase):
         self.assertRegex(out, r"warning.*return_path: bounces\.elsewhere\.test is not aligned with the From domain acme\.test")
         self.assertIn("DMARC: policy reject at _dmarc.acme.test", out)
 
+    @valgrind_redundant("test_a_correct_setup_is_ready_and_the_list_problems_are_reported, "
+                        "test_direct.test_null_mx_and_nxdomain_fail_permanently_without_connecting")
     def test_each_planted_fault_is_found_and_blocks(self):
         p = self.preflight("bad.test")
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
