@@ -4,11 +4,12 @@
 #   make demo       install missing Debian packages, build, dry-run the example campaign
 #   make check      install missing Debian packages, build, run every test (make test), then every test again
 #                   under valgrind (make valgrind); what .ci/run runs
-#   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan
+#   make test       every test, quickly: C unit tests and the binary the other tests drive under ASan/UBSan,
+#                   and the fuzz targets 10 s each; one pool of commands, JOBS at once (tests/run_jobs.py)
 #   make valgrind   install missing Debian packages, build, run every test again under valgrind (memcheck) on the
 #                   plain build: C unit tests, Lua tests, integration tests (MAILSHOT_VALGRIND=1); and make tsan
 #   make tsan       the DKIM signing threads under ThreadSanitizer (build/tsan/mailshot, tests/lua/test_dkim_pool.lua)
-#   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make check runs them 10 s each)
+#   make fuzz       the libFuzzer targets in tests/fuzz/, 300 s each (make test runs them 10 s each)
 #   make bench      throughput, memory, TLS and rate-limit figures (scripts/bench.py), Lua-side CPU rates
 #                   (scripts/bench-lua.lua: IDNA, CSV, CSV encodings, templates, MIME), the report's rewrite in CSV
 #                   order (scripts/bench-report.lua), mailshot bounces' rate and memory on 50 MB messages
@@ -54,7 +55,7 @@ DEB_TEST  += dovecot-imapd dovecot-pop3d
 DEB_TEST  += clang libclang-rt-14-dev
 
 .PHONY: all deps demo check test unit luatest tsan integration valgrind valgrind-all \
-        bench install clean
+        valgrind-coverage bench install clean
 all: mailshot
 
 build build/asan build/tsan:
@@ -93,6 +94,28 @@ build/tsan/mailshot: src/main.c build/lua_embed.c $(TSAN_OBJ)
 tsan: build/tsan/mailshot
 	TSAN_OPTIONS="halt_on_error=1 exitcode=66 $(TSAN_OPTIONS)" DKIM_POOL_N=2000 build/tsan/mailshot exec tests/lua/test_dkim_pool.lua
 
+# The plain build again with gcov counters, for scripts/valgrind-coverage.py (which C lines and branches
+# the tests left under valgrind cover).  mailshot leaves with _exit() after a SIGINT/SIGTERM stop, which
+# skips gcov's exit handler: tests/gcov_exit.c wraps _exit to write the counters first.
+COV      := --coverage -O1 -g
+COV_OBJ  := $(LIB_SRC:src/%.c=build/cov/%.o)
+
+build/cov:
+	@mkdir -p $@
+
+build/cov/%.o: src/%.c $(wildcard src/*.h) | build/cov
+	$(CC) $(MS_CFLAGS) $(COV) -c -o $@ $<
+
+build/cov/mailshot: src/main.c build/lua_embed.c tests/gcov_exit.c $(COV_OBJ)
+	$(CC) $(MS_CFLAGS) $(COV) -DMAILSHOT_MIMALLOC -Isrc -Wl,--wrap=_exit -o $@ src/main.c build/lua_embed.c \
+	  tests/gcov_exit.c $(COV_OBJ) $(LDLIBS) -lmimalloc
+
+build/cov/test_%: tests/unit/test_%.c tests/unit/check.h $(COV_OBJ)
+	$(CC) $(MS_CFLAGS) $(COV) -Isrc -o $@ $< $(COV_OBJ) $(LDLIBS)
+
+valgrind-coverage: build/cov/mailshot $(UNIT_SRC:tests/unit/test_%.c=build/cov/test_%)
+	/usr/bin/python3 scripts/valgrind-coverage.py -j $(JOBS) $(COVERAGE_FLAGS)
+
 build/asan/test_%: tests/unit/test_%.c tests/unit/check.h $(ASAN_OBJ)
 	$(CC) $(MS_CFLAGS) $(CFLAGS) -O1 $(SAN) -Isrc -o $@ $< $(ASAN_OBJ) $(LDLIBS)
 
@@ -117,14 +140,28 @@ demo: deps
 	@$(MAKE) --no-print-directory mailshot
 	./mailshot run scripts/examples/newsletter/campaign.lua --outbox build/demo-outbox --report build/demo-report.csv
 
+# make check builds every binary both passes run first, BUILD_JOBS compilers at once (a build is
+# CPU-bound; the test pools overlap waiting tests instead), then runs the two passes.
+BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 check: deps
+	@$(MAKE) --no-print-directory -j$(BUILD_JOBS) mailshot build/asan/mailshot $(ASAN_UNIT) $(VG_UNIT) $(FUZZ_BIN)
 	@$(MAKE) --no-print-directory test
 	@$(MAKE) --no-print-directory valgrind
 
-test: mailshot build/asan/mailshot unit luatest integration fuzz-smoke
+# make test: one tests/run_jobs.py pool, JOBS commands at once, the slowest first (see integration
+# below): every integration module, Lua test and C unit test, and each fuzz target's FUZZ_SECONDS smoke
+# run.  One pool rather than four steps in a row: the Lua tests, the unit tests and the fuzz runs are
+# CPU-bound but short, and fill the time the integration tests spend waiting on servers and timers.
+ASAN_UNIT := $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
+test: mailshot build/asan/mailshot $(ASAN_UNIT) fuzz-build | build
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/test --first $(SLOWEST) \
+	  $(INTEG:%='MAILSHOT=build/asan/mailshot MAILSHOT_PLAIN=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
+	  $(VG_LUA:%='build/asan/mailshot exec %') \
+	  $(ASAN_UNIT) \
+	  $(FUZZ_TARGETS:%='$(MAKE) --no-print-directory fuzz-smoke-%')
 	@echo "all tests passed"
 
-unit: $(UNIT_SRC:tests/unit/test_%.c=build/asan/test_%)
+unit: $(ASAN_UNIT)
 	@for t in $^; do $$t || exit 1; done
 
 luatest: build/asan/mailshot
@@ -144,7 +181,9 @@ integration: mailshot build/asan/mailshot | build
 # valgrind do not mix.  Any error, or a definitely or indirectly lost block, fails.  The unit tests are
 # built a second time without ASan (build/test_NAME).  The integration tests wrap each mailshot they
 # start (tests/integration/harness.py, MAILSHOT_VALGRIND=1, the same flags as below) and fail on any
-# non-empty valgrind log; loads are smaller there (harness.scaled).  tests/valgrind.supp, when present,
+# non-empty valgrind log; loads are smaller there (harness.scaled), and a test whose C lines and branches
+# the others cover is marked valgrind_redundant and runs in make test only (MAILSHOT_VALGRIND_ALL=1 runs
+# it here too; make valgrind-coverage checks that no C line or branch is lost that way).  tests/valgrind.supp, when present,
 # holds suppressions for third-party code only.  Not part of `make test` (the quick loop); `make check`
 # runs both.  valgrind is CPU-bound, but the integration tests also wait: every unit binary, Lua test
 # and integration module is one command of tests/run_jobs.py, JOBS at once (logs in build/jobs/valgrind).
@@ -162,8 +201,11 @@ valgrind: deps
 	@echo "valgrind: all tests passed"
 
 # `make tsan` is one more command of the same pool (its build and its run overlap the valgrind work).
+# VG_SLOWEST: the commands that take longest under valgrind, started first (they differ from the ASan
+# pass's: the valgrind_redundant tests do not run there, and the Lua tests are CPU-bound).
+VG_SLOWEST := tsan,test_campaign,test_faults,test_relay,test_check,test_direct,test_dkim,test_csv.lua,test_suppress.lua,test_mime.lua,test_mimeenc.lua
 valgrind-all: mailshot $(VG_UNIT) | build
-	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(SLOWEST),tsan \
+	@/usr/bin/python3 tests/run_jobs.py -j $(JOBS) --logs build/jobs/valgrind --first $(VG_SLOWEST) \
 	  '$(MAKE) --no-print-directory tsan' \
 	  $(INTEG:%='MAILSHOT_VALGRIND=1 MAILSHOT=./mailshot /usr/bin/python3 -m unittest -v tests.integration.%') \
 	  $(VG_LUA:%='MAILSHOT_VALGRIND=1 $(VALGRIND) ./mailshot exec %') \
@@ -198,17 +240,22 @@ build/fuzz/fuzz_dns: FUZZ_LIBS = $(shell pkg-config --libs libcares 2>/dev/null 
 build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: build/lua_embed.c src/l_text.c src/mimeenc.c src/smtp_proto.c src/bytebuf.c
 build/fuzz/fuzz_template build/fuzz/fuzz_mime build/fuzz/fuzz_bounce: FUZZ_LIBS = $(FUZZ_LUA)
 
-fuzz-smoke: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
-	@for t in $(FUZZ_TARGETS); do \
-	  dir=$$(mktemp -d) && cp tests/fuzz/corpus/$$t/* $$dir/ || exit 1; \
+FUZZ_BIN     := $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
+.PHONY: fuzz-build $(FUZZ_TARGETS:%=fuzz-smoke-%)
+fuzz-build: $(FUZZ_BIN)
+
+fuzz-smoke: $(FUZZ_TARGETS:%=fuzz-smoke-%)
+
+# one target's smoke run (make test runs each as one command of its pool)
+$(FUZZ_TARGETS:%=fuzz-smoke-%): fuzz-smoke-%: build/fuzz/fuzz_%
+	@t=$*; dir=$$(mktemp -d) && cp tests/fuzz/corpus/$$t/* $$dir/ || exit 1; \
 	  opts=; [ -f tests/fuzz/$$t.dict ] && opts=-dict=tests/fuzz/$$t.dict; \
 	  grep -q fuzz_lua.h tests/fuzz/fuzz_$$t.c && opts="$$opts -detect_leaks=0"; \
 	  build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=25 $$opts \
 	    -artifact_prefix=build/fuzz/$$t- $(FUZZ_FLAGS) $$dir >build/fuzz/$$t.log 2>&1; \
 	  rc=$$?; rm -rf $$dir; \
 	  if [ $$rc -ne 0 ]; then tail -n 40 build/fuzz/$$t.log; echo "fuzz $$t: FAILED, see build/fuzz/$$t.log"; exit 1; fi; \
-	  echo "fuzz $$t: $$(grep -a DONE build/fuzz/$$t.log | tail -n 1 | tr -s ' \t' ' ')"; \
-	done
+	  echo "fuzz $$t: $$(grep -a DONE build/fuzz/$$t.log | tail -n 1 | tr -s ' \t' ' ')"
 
 fuzz:
 	@$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=300

@@ -32,7 +32,8 @@ def log_name(command):
 
 
 def summary_of(path):
-    """The 'Ran N tests' / 'OK' lines of a unittest log, or ''."""
+    """The 'Ran N tests' / 'OK' lines of a unittest log, else the log's last line (a Lua test's or a unit
+    test's count, a fuzz run's DONE line), or ''."""
     try:
         with open(path, errors="replace") as f:
             text = f.read()
@@ -40,7 +41,10 @@ def summary_of(path):
         return ""
     ran = re.findall(r"^Ran \d+ tests? in [\d.]+s$", text, re.M)
     status = re.findall(r"^(OK.*|FAILED.*)$", text, re.M)
-    return "; ".join(ran[-1:] + status[-1:])
+    if ran or status:
+        return "; ".join(ran[-1:] + status[-1:])
+    last = text.strip().splitlines()[-1:] or [""]
+    return last[0][:100]
 
 
 def main():

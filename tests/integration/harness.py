@@ -49,6 +49,11 @@ the test ends (after its processes are stopped).  Exit codes are not used for th
 mailshot's own, and some kill it with SIGKILL.  Under valgrind everything is 20-50x slower: a test picks
 its load sizes and waits with scaled(native, under_valgrind), and one that cannot run there is skipped
 with skip_under_valgrind(reason).  tests/valgrind.supp holds the suppressions (third-party code only).
+valgrind looks for memory errors in the C code, and what it can find depends on which C paths run, not
+on which Lua-level behaviour a test checks: a test whose C paths (lines and branches) other tests that do
+run under valgrind cover as well is marked valgrind_redundant(reason) and skipped there too, unless
+MAILSHOT_VALGRIND_ALL=1 (then every test runs, for a full sweep).  scripts/valgrind-coverage.py shows
+that the tests left under valgrind cover every C line and branch the whole suite does.
 """
 
 import atexit
@@ -168,6 +173,21 @@ def scaled(native, under_valgrind):
 def skip_under_valgrind(reason):
     """Decorator: skip this test (or class) under MAILSHOT_VALGRIND=1, saying why."""
     return unittest.skipIf(VALGRIND, f"not run under valgrind: {reason}")
+
+
+# MAILSHOT_VALGRIND_ALL=1: run the valgrind_redundant tests under valgrind too
+VALGRIND_ALL = os.environ.get("MAILSHOT_VALGRIND_ALL", "") not in ("", "0")
+
+
+def valgrind_redundant(reason):
+    """Decorator: skip this test under MAILSHOT_VALGRIND=1 (unless MAILSHOT_VALGRIND_ALL=1) because the
+    tests that do run there cover its C paths; reason names them (scripts/valgrind-coverage.py checks it).
+    For tests that cost seconds under valgrind; the ASan pass (make test) still runs every test."""
+    def mark(test):
+        test.__valgrind_redundant__ = reason      # for scripts/valgrind-coverage.py
+        return unittest.skipIf(VALGRIND and not VALGRIND_ALL,
+                               f"not run under valgrind: its C paths are covered there by {reason}")(test)
+    return mark
 
 
 _valgrind_checked = {}

@@ -9,7 +9,8 @@ import os
 import stat
 import time
 
-from tests.integration.harness import MailshotTestCase, read_report, skip_under_valgrind, write_csv
+from tests.integration.harness import (MailshotTestCase, read_report, skip_under_valgrind, write_csv,
+                                       valgrind_redundant)
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -147,6 +148,7 @@ class BouncesTests(MailshotTestCase):
         self.assertNotIn("Traceback", p.stderr)
         return p
 
+    @valgrind_redundant("test_postfix_bounces.test_done_when_maildir, tests/lua/test_mime.lua")
     def test_maildir_suppresses_counts_ignores_quarantines_and_is_idempotent(self):
         d, script = self.campaign()
         names = self.standard_box()

@@ -8,7 +8,7 @@ import unittest
 
 import dkim
 
-from tests.integration.harness import MailshotTestCase, scaled, write_csv
+from tests.integration.harness import MailshotTestCase, scaled, write_csv, valgrind_redundant
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -39,6 +39,8 @@ class CampaignDkimTests(MailshotTestCase):
         self.assertEqual(again.returncode, 1)            # never overwrites a key
         return key, txt.encode()
 
+    @valgrind_redundant("test_csv_encoding.test_latin1_declared_sends_correct_utf8_names, "
+                        "tests/lua/test_dkim_pool.lua")
     def test_messages_sent_by_a_dkim_campaign_verify_for_both_algorithms(self):
         d = self.path("c")
         os.makedirs(d)
@@ -68,6 +70,8 @@ class CampaignDkimTests(MailshotTestCase):
             tampered = msgs[0]["raw"].replace(b"news.", b"NEWS.")
             self.assertFalse(dkim.verify(tampered, dnsfunc=dnsfunc))
 
+    @valgrind_redundant("test_csv_encoding.test_latin1_declared_sends_correct_utf8_names, "
+                        "test_preflight.test_a_list_that_is_not_utf8_without_an_encoding_blocks")
     def test_two_signing_threads_every_message_verifies(self):
         # 24 messages in flight (the relay's default concurrency) share 2 signing threads; each
         # message carries its own name and must verify on its own bytes

@@ -3,7 +3,7 @@ import email
 import email.policy
 import os
 
-from tests.integration.harness import MailshotTestCase, free_port, write_csv
+from tests.integration.harness import MailshotTestCase, free_port, write_csv, valgrind_redundant
 
 HOSTILE_ROWS = [
     ["a@example.com", "José", "Núñez"],                     # non-ASCII: RFC 2047 encoded words
@@ -41,6 +41,8 @@ class CampaignFieldTests(MailshotTestCase):
         self.assertEqual(by_rcpt["d@example.com"]["To"].addresses[0].display_name, 'O"Brien, Jr. \\x')
         self.assertEqual(str(by_rcpt["e@example.com"]["To"]), "e@example.com")
 
+    @valgrind_redundant("test_csv_encoding.test_latin1_declared_sends_correct_utf8_names, "
+                        "test_campaign.test_bad_rows_are_reported_with_line_numbers_and_the_run_goes_on")
     def test_to_name_is_the_display_name_and_never_the_address(self):
         script = self.campaign(["email", "first_name", "last_name"], HOSTILE_ROWS,
                                'subject = "hi", text = "hello", to_name = [[{{first_name|""}} {{last_name|""}}]]')
@@ -62,6 +64,7 @@ class CampaignFieldTests(MailshotTestCase):
             by_rcpt[msg["To"].addresses[0].addr_spec] = msg
         self.check_to(by_rcpt)
 
+    @valgrind_redundant("test_verp.test_relay_mail_from_is_each_rows_signed_return_path")
     def test_a_field_no_column_has_stops_the_run_before_anything_is_sent(self):
         script = self.campaign(["email", "first_name"], [["a@example.com", "Ann"], ["b@example.com", "Bo"]],
                                'subject = "Hello {{frist_name}}", text = "hi"')

@@ -3,7 +3,8 @@ import os
 import re
 import unittest
 
-from tests.integration.harness import MailshotTestCase, free_port, make_cert, make_ca_and_cert
+from tests.integration.harness import (MailshotTestCase, free_port, make_cert, make_ca_and_cert,
+                                       valgrind_redundant)
 
 PW = "s3cret-pw"
 
@@ -59,6 +60,8 @@ class CheckTests(MailshotTestCase):
         self.assertRegex(p.stdout, r"(?m)^tls\s+not tried$")
         self.assertRegex(p.stdout, r"(?m)^greeting\s+not tried$")
 
+    @valgrind_redundant("test_wrong_password_still_describes_the_tls_that_was_up, "
+                        "test_self_signed_certificate_is_refused_by_default")
     def test_certificate_failure_does_not_claim_auth_failed(self):
         srv = self.start_smtpd(tls=True, auth={"alice": PW})
         p = self.check(srv.address, "--user", "alice")
@@ -122,6 +125,8 @@ class CheckTests(MailshotTestCase):
         self.assertEqual(p.returncode, 0, p.stdout)
         self.assertIn("NOT verified", p.stdout)
 
+    @valgrind_redundant("test_wrong_password_still_describes_the_tls_that_was_up, "
+                        "test_direct.test_starttls_is_used_when_offered_and_not_required_otherwise")
     def test_certificate_for_another_name_is_refused(self):
         ca, leaf, key = make_ca_and_cert(self.tmp, san="DNS:wrong.test")
         srv = self.start_smtpd(cert=(leaf, key))
@@ -166,6 +171,7 @@ class CheckTests(MailshotTestCase):
         self.assertEqual(p.returncode, 2)
         self.assertIn("passwords are not taken from the command line", p.stderr)
 
+    @valgrind_redundant("test_version_is_the_makefiles_in_cli_lua_and_c")
     def test_help_and_version(self):
         p = self.run_mailshot("check", "--help")
         self.assertEqual(p.returncode, 0)

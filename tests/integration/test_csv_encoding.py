@@ -1,7 +1,7 @@
 """Recipient lists that are not UTF-8: refused or warned about without an encoding, converted with one."""
 import os
 
-from tests.integration.harness import MailshotTestCase, free_port, read_report
+from tests.integration.harness import MailshotTestCase, free_port, read_report, valgrind_redundant
 
 HEADER = "email,first_name,last_name\r\n"
 
@@ -32,6 +32,8 @@ class CsvEncodingTests(MailshotTestCase):
             self.assertEqual(len(m["rcpt_tos"]), 1)
         return {m["rcpt_tos"][0]: m["msg"] for m in msgs}
 
+    @valgrind_redundant("test_row_rules.test_preview_preflight_dry_run_and_send_agree_on_every_row, "
+                        "test_preflight.test_a_list_that_is_not_utf8_without_an_encoding_blocks")
     def test_a_latin1_list_without_encoding_is_refused_by_send_and_skipped_by_a_dry_run(self):
         script = self.campaign(self.latin1_list())
         srv = self.start_smtpd()
@@ -62,6 +64,8 @@ class CsvEncodingTests(MailshotTestCase):
             self.assertIn("line %s: %s is not valid utf-8" % (line, field), rep[line]["response"])
         self.assertEqual(len(os.listdir(self.path("out"))), 1)
 
+    @valgrind_redundant("test_latin1_declared_sends_correct_utf8_names, "
+                        "test_preflight.test_a_list_that_is_not_utf8_without_an_encoding_blocks")
     def test_preview_warns_and_shows_the_converted_row(self):
         script = self.campaign(self.latin1_list())
         p = self.run_mailshot("preview", script, env={"SMTP_SERVER": f"127.0.0.1:{free_port()}"})
@@ -95,6 +99,8 @@ class CsvEncodingTests(MailshotTestCase):
         self.assertEqual([rep[k]["status"] for k in sorted(rep)], ["sent"] * 4)
         self.assertEqual(rep["5"]["email"], "anna@bücher.test")     # the report has the row's UTF-8
 
+    @valgrind_redundant("test_latin1_declared_sends_correct_utf8_names, "
+                        "test_preflight.test_a_list_that_is_not_utf8_without_an_encoding_blocks")
     def test_windows_1252_curly_quotes_and_euro_and_an_undefined_byte(self):
         data = (HEADER + "ann@example.com,“Ann”,O’Brien – 5 €\r\n").encode("cp1252") \
             + b"bob@example.com,Bob,Bad\x81Byte\r\n" \

@@ -3,7 +3,7 @@ unsubscribe headers (RFC 8058) with the link in the body, through a real server.
 import os
 import unittest
 
-from tests.integration.harness import MailshotTestCase, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, read_report, write_csv, valgrind_redundant
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -20,6 +20,9 @@ return mailshot.campaign {
 
 
 class DeliverabilityTests(MailshotTestCase):
+    @valgrind_redundant(
+        "test_campaign.test_report_cells_that_a_spreadsheet_would_run_as_formulas_get_a_quote_prefix, "
+        "test_verp.test_relay_mail_from_is_each_rows_signed_return_path")
     def test_suppressed_roles_bounces_and_unsubscribe(self):
         d = self.path("c")
         os.makedirs(d)

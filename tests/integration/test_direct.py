@@ -5,7 +5,7 @@ import json
 import os
 import unittest
 
-from tests.integration.harness import MailshotTestCase, free_port, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, free_port, read_report, write_csv, valgrind_redundant
 
 SEND = r'''
 local mailshot = require "mailshot"
@@ -136,6 +136,8 @@ class DirectTests(MailshotTestCase):
         self.assertTrue(res["good@picky.test"]["ok"])
         self.assertEqual(relay.message_count(), 0)
 
+    @valgrind_redundant("test_row_rules.test_preview_preflight_dry_run_and_send_agree_on_every_row, "
+                        "test_ipv6_addresses_come_first_and_a_dns_server_list_is_tried_in_turn")
     def test_dns_timeout_is_temporary_and_falls_back_to_the_relay(self):
         silent = self.start_silent_dns()
         relay = self.start_smtpd()
@@ -169,6 +171,8 @@ class DirectTests(MailshotTestCase):
         self.assertTrue(r["ok"], r)
         self.assertEqual((r["via"], r["tries"]), ("direct", ["relay", "direct"]))
 
+    @valgrind_redundant("test_relay_then_direct_when_the_relay_is_down, "
+                        "test_relay_down.test_the_summary_has_a_line_per_relay_with_its_own_reason")
     def test_direct_then_relay_when_every_mx_is_dead(self):
         relay = self.start_smtpd()
         res = self.send(["v@alldead.test"], RELAY=relay.address, ORDER="direct,relay")
@@ -245,6 +249,8 @@ return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", 
             self.assertIn("allow_private = true", r["response"])
         self.assertEqual(sum(s.connections() for s in self.servers), 0)
 
+    @valgrind_redundant("test_row_rules.test_preview_preflight_dry_run_and_send_agree_on_every_row, "
+                        "test_a_421_greeting_moves_on_to_the_next_mx")
     def test_private_refusal_falls_back_to_the_relay(self):
         # a relay has its own policy and may well deliver to an internal domain
         relay = self.start_smtpd()
@@ -274,6 +280,8 @@ return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", 
         self.assertEqual(res["z@[127.0.0.1]"]["dns"], "literal")
         self.assertEqual([q for q in self.dns.queries() if "localhost" in q[1]], [])
 
+    @valgrind_redundant("test_a_campaign_reports_private_only_domains_as_failed_at_dns, "
+                        "test_dns_answers.test_the_most_preferred_of_many_mx_records_is_kept")
     def test_an_mx_naming_an_ip_address_is_not_used(self):
         # lit.test's MX records are "127.0.0.2" and "[127.0.0.3]": not host names (RFC 5321
         # 5.1), even though a record for the name "127.0.0.2" exists; refused even when private
@@ -289,6 +297,8 @@ return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", 
         self.assertEqual(p.returncode, 1, p.stdout)
         self.assertIn("MX host 127.0.0.2 is an IP address", p.stdout)
 
+    @valgrind_redundant("test_row_rules.test_preview_preflight_dry_run_and_send_agree_on_every_row, "
+                        "test_dns_answers.test_mx_timeout_is_the_whole_commands_budget")
     def test_mx_command_says_what_it_found(self):
         def mx(domain, dns=None):
             return self.run_mailshot("mx", domain, "--dns", dns or self.dns.address, "--timeout", "0.5")
@@ -317,6 +327,8 @@ return mailshot.campaign { recipients = "list.csv", from = "news@acme.example", 
         self.assertEqual(p.returncode, 1)
         self.assertIn("no answer from the DNS server (timeout)", p.stdout)
 
+    @valgrind_redundant("test_examples.test_fallback_example_routes_each_recipient_by_its_rules, "
+                        "test_resume.test_sigint_finishes_messages_in_flight_and_says_how_to_resume")
     def test_campaign_of_1000_over_20_domains(self):
         # 20 domains: 16 good (half of them with a dead first MX), one null MX, one NXDOMAIN,
         # one whose every MX is dead (falls back to the relay), one with a picky MX (550 for bad@)

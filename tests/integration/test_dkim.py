@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import unittest
 
-from tests.integration.harness import MailshotTestCase, scaled
+from tests.integration.harness import MailshotTestCase, scaled, valgrind_redundant
 
 try:
     import dkim  # python3-dkim
@@ -284,6 +284,7 @@ class TestDkim(MailshotTestCase):
 
     # ---------------------------------------------------------------- tests
 
+    @valgrind_redundant("test_lua_api_misuse_raises_world_failures_return_nil_err, tests/unit/test_dkim.c")
     def test_every_message_shape_verifies_for_both_algorithms_and_all_canonicalizations(self):
         messages = _messages()
         # under valgrind (one slow mailshot per key and pair), relaxed/relaxed and simple/simple: they
@@ -320,6 +321,7 @@ class TestDkim(MailshotTestCase):
         self.assertTrue(self.verify(signed["m"], self.rsa))
         self.assertFalse(self.verify(swapped, self.rsa), "the order of the two Cc fields is signed")
 
+    @valgrind_redundant("test_lua_api_misuse_raises_world_failures_return_nil_err, tests/unit/test_dkim.c")
     def test_changes_after_signing_break_the_signature(self):
         base = _messages()["rfc2047"]
         for key in (self.rsa, self.ed):

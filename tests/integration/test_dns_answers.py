@@ -11,7 +11,8 @@ import threading
 import time
 import unittest
 
-from tests.integration.harness import MailshotTestCase, QTYPES, dns_encode_name, free_port, scaled, write_csv
+from tests.integration.harness import (MailshotTestCase, QTYPES, dns_encode_name, free_port, scaled,
+                                       write_csv, valgrind_redundant)
 
 
 class CraftedDns:
@@ -108,6 +109,7 @@ class DnsAnswerTests(MailshotTestCase):
         self.assertRegex(lines[1], r"^\s+1\s+best\.many\.test\s+127\.0\.0\.2$")
         self.assertRegex(lines[-1], r"^\s+162\s+mx62\.many\.test\s")
 
+    @valgrind_redundant("test_preflight.test_each_planted_fault_is_found_and_blocks, tests/lua/test_dkim_pool.lua")
     def test_preflight_matches_a_2048_bit_rsa_key_published_in_several_strings(self):
         p = self.run_mailshot("dkim", "keygen", "--selector", "s1", "--domain", "acme.test", "--out", "rsa.key")
         self.assertEqual(p.returncode, 0, p.stderr)

@@ -7,7 +7,7 @@ import socket
 import threading
 import unittest
 
-from tests.integration.harness import MailshotTestCase, free_port, make_cert
+from tests.integration.harness import MailshotTestCase, free_port, make_cert, valgrind_redundant
 
 SEND = r'''
 local mailshot = require "mailshot"
@@ -98,16 +98,22 @@ class ErrorKindTests(MailshotTestCase):
     def kind(self, r):
         return (r["ok"], r["error"], r["stage"], r["temporary"])
 
+    @valgrind_redundant(
+        "test_task_waits.test_a_stray_wake_of_a_task_in_relay_send_is_refused_and_the_send_completes")
     def test_a_delivered_message_has_no_error(self):
         srv = self.start_smtpd()
         r = self.send(SMTP_SERVER=srv.address)
         self.assertEqual(self.kind(r), (True, None, None, False), r)
 
+    @valgrind_redundant("test_relay.test_several_recipients_one_refused, "
+                        "test_a_message_over_the_servers_size_is_local_with_the_code_it_would_get")
     def test_a_message_to_several_recipients_has_only_listed_fields(self):
         srv = self.start_smtpd(reject_rcpt=[("gone@", 550, "5.1.1 No such user")])
         r = self.send(SMTP_SERVER=srv.address, TO="ok@example.com,gone@example.com")
         self.assertEqual(self.kind(r) + (r["accepted"],), (True, None, None, False, 1), r)
 
+    @valgrind_redundant("test_resume.test_temporary_failures_are_retried_in_the_run_with_backoff, "
+                        "test_a_reply_that_is_not_smtp_is_protocol")
     def test_server_refusals_are_permfail_or_tempfail_by_their_reply_class(self):
         srv = self.start_smtpd(reject_rcpt=[("gone@", 550, "5.1.1 No such user"), ("busy@", 451, "4.3.0 Try later")])
         r = self.send(SMTP_SERVER=srv.address, TO="gone@example.com")
@@ -120,15 +126,20 @@ class ErrorKindTests(MailshotTestCase):
         r = self.send(SMTP_SERVER=srv.address)
         self.assertEqual(self.kind(r), (False, "permfail", "greeting", False), r)
 
+    @valgrind_redundant("test_faults.test_a_message_cut_off_mid_body_once_is_sent_again_and_arrives_exactly_once, "
+                        "test_relay.test_server_dropping_the_connection_mid_session_is_temporary")
     def test_a_connection_dropped_by_the_server_is_closed(self):
         srv = self.start_smtpd(disconnect_on=["MAIL"])
         r = self.send(SMTP_SERVER=srv.address)
         self.assertEqual(self.kind(r), (False, "closed", "mail", True), r)
 
+    @valgrind_redundant("tests/lua/test_runtime.lua")
     def test_a_refused_port_is_connect(self):
         r = self.send(SMTP_SERVER=f"127.0.0.1:{free_port()}")
         self.assertEqual(self.kind(r), (False, "connect", "connect", True), r)
 
+    @valgrind_redundant("test_faults.test_a_server_dripping_a_reply_byte_by_byte_times_out_within_the_wait, "
+                        "test_a_reply_that_is_not_smtp_is_protocol")
     def test_a_silent_server_is_timeout(self):
         address, stop = serve_once(None)
         self.addCleanup(stop)
@@ -141,11 +152,15 @@ class ErrorKindTests(MailshotTestCase):
         r = self.send(SMTP_SERVER=address)
         self.assertEqual(self.kind(r), (False, "protocol", "greeting", True), r)
 
+    @valgrind_redundant("test_direct.test_starttls_is_used_when_offered_and_not_required_otherwise, "
+                        "test_check.test_implicit_tls")
     def test_a_certificate_that_does_not_verify_is_cert_and_final(self):
         srv = self.start_smtpd(implicit_tls=True)      # a self-signed certificate, no ca_file
         r = self.send(SMTP_SERVER=srv.address, SMTP_TLS="tls")
         self.assertEqual(self.kind(r), (False, "cert", "tls", False), r)
 
+    @valgrind_redundant("test_relay.test_server_dropping_the_connection_mid_session_is_temporary, "
+                        "test_check.test_implicit_tls_against_a_starttls_port_suggests_starttls")
     def test_a_handshake_that_fails_otherwise_is_tls_and_temporary(self):
         srv = self.start_smtpd()                       # plaintext: no TLS handshake possible
         cert, _ = make_cert(self.tmp)
@@ -163,15 +178,20 @@ class ErrorKindTests(MailshotTestCase):
         self.assertEqual(self.kind(r) + (r["code"],), (False, "local", "mail", False, 552), r)
         self.assertEqual(srv.messages(), [])
 
+    @valgrind_redundant("tests/lua/test_runtime.lua, tests/lua/test_mime.lua")
     def test_an_injected_address_is_invalid_before_any_network(self):
         r = self.send(SMTP_SERVER=f"127.0.0.1:{free_port()}", TO="a@b.example>\r\nRCPT TO:<evil@x.test")
         self.assertEqual(self.kind(r), (False, "invalid", "rcpt", False), r)
 
+    @valgrind_redundant("test_direct.test_relay_then_direct_when_the_relay_is_down, "
+                        "test_relay_dns.test_check_resolves_the_relay_with_its_dns_option")
     def test_a_relay_name_that_does_not_resolve_is_dns(self):
         dns = self.start_dns({"a": [("relay.test", "127.0.0.1")]})
         r = self.send(SMTP_SERVER="nosuch.test:25", DNS=dns.address)
         self.assertEqual(self.kind(r), (False, "dns", "connect", True), r)
 
+    @valgrind_redundant("test_campaign.test_wrong_password_defers_every_message_at_auth, "
+                        "test_relay.test_auth_login_when_plain_is_not_offered")
     def test_a_refused_login_is_auth_and_deferred(self):
         srv = self.start_smtpd(tls=True, auth={"u": "right-pw"})
         cert, _ = make_cert(self.tmp)
@@ -179,6 +199,8 @@ class ErrorKindTests(MailshotTestCase):
                       SMTP_PASSWORD="wrong-pw")
         self.assertEqual(self.kind(r) + (r["defer"],), (False, "auth", "auth", True, True), r)
 
+    @valgrind_redundant("test_direct.test_a_5xx_on_rcpt_is_final_and_does_not_fall_back, "
+                        "test_row_rules.test_preview_preflight_dry_run_and_send_agree_on_every_row")
     def test_direct_delivery_sets_kinds_too(self):
         srv = self.start_smtpd(reject_rcpt=[("gone@", 550, "5.1.1 No such user")])
         port = srv.address.rsplit(":", 1)[1]

@@ -8,7 +8,8 @@ import threading
 import time
 import unittest
 
-from tests.integration.harness import MailshotTestCase, make_cert, read_report, scaled, write_csv
+from tests.integration.harness import (MailshotTestCase, make_cert, read_report, scaled, write_csv,
+                                       valgrind_redundant)
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -68,6 +69,8 @@ class FaultTests(MailshotTestCase):
         return collections.Counter(ln.split(":", 1)[1].strip(" <>") for ln in srv.log_lines()
                                    if ln.upper().startswith("RCPT TO:"))
 
+    @valgrind_redundant("test_a_message_cut_off_mid_body_once_is_sent_again_and_arrives_exactly_once, "
+                        "test_resume.test_a_second_run_of_the_same_campaign_is_refused")
     def test_a_connection_dropped_in_the_middle_of_the_message_defers_that_recipient_only(self):
         # every attempt to send f1's message loses the connection after 1000 of its ~4.5 KB
         srv = self.start_smtpd(disconnect_on=["DATA-BODY"], disconnect_after_bytes=BODY_DROP_AFTER,
@@ -114,6 +117,8 @@ class FaultTests(MailshotTestCase):
         self.assertEqual(sorted(m["rcpt_tos"][0] for m in srv.messages()), sorted(rep))
         self.assertNotIn("503", "\n".join(srv.log_lines()))
 
+    @valgrind_redundant("test_a_refused_login_still_falls_back_to_the_other_path_when_the_rule_says_so, "
+                        "test_check.test_implicit_tls_against_a_starttls_port_suggests_starttls")
     def test_a_broken_tls_handshake_is_a_temporary_failure_of_that_attempt(self):
         srv = self.start_smtpd()                    # plaintext, while the client expects TLS from the first byte
         p, rep = self.run_campaign(srv.address, tls="tls", give_up="0")
@@ -121,6 +126,8 @@ class FaultTests(MailshotTestCase):
         for r in rep.values():
             self.assertEqual((r["status"], r["stage"]), ("deferred", "tls"), r)
 
+    @valgrind_redundant("test_a_dropped_connection_at_each_stage_defers_every_message_and_the_run_ends, "
+                        "tests/unit/test_smtp_proto.c")
     def test_garbage_and_over_long_lines_are_protocol_errors(self):
         for payload in (b"HELLO THERE\r\n", b"220-" + b"x" * 70000 + b"\r\n", b"\x00\xff\xfe garbage\n"):
             with self.subTest(payload=payload[:12]):
@@ -221,6 +228,8 @@ class HostileServerTests(MailshotTestCase):
 
     # ---- item 5: a refused login stops the relay's logins
 
+    @valgrind_redundant("test_the_log_attributes_every_line_and_escapes_injected_bytes, "
+                        "test_a_refused_login_still_falls_back_to_the_other_path_when_the_rule_says_so")
     def test_a_wrong_password_costs_at_most_one_login_per_connection_and_the_rows_wait_for_resume(self):
         n = scaled(60, 50)
         srv = self.start_smtpd(tls=True, auth={"news": GOOD_PW})

@@ -4,7 +4,7 @@ import os
 import re
 import unittest
 
-from tests.integration.harness import MailshotTestCase, REPO_ROOT, scaled
+from tests.integration.harness import MailshotTestCase, REPO_ROOT, scaled, valgrind_redundant
 
 OPT = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -44,6 +44,7 @@ class HelpTests(MailshotTestCase):
             self.assertRegex(section, rf"`[^`]*(?<![\w-]){re.escape(opt)}(?![\w-])[^`]*`",
                              f"global option {opt} of --help is not in README's Commands section")
 
+    @valgrind_redundant("tests/lua/test_bounce.lua")
     def test_each_commands_help_lists_the_readme_headings_options(self):
         _, readme = readme_commands()
         for cmd, documented in sorted(readme.items()):
@@ -60,6 +61,7 @@ class HelpTests(MailshotTestCase):
                 if listed:   # a command with options describes each of them, and no other
                     self.assertEqual(listed, usage, f"`mailshot {cmd} --help`: described vs Usage")
 
+    @valgrind_redundant("tests/lua/test_bounce.lua")
     def test_every_option_in_help_is_one_the_command_accepts(self):
         _, readme = readme_commands()
         for cmd, documented in sorted(readme.items()):

@@ -8,7 +8,8 @@ import tempfile
 import unittest
 
 from tests.integration.harness import (MailshotTestCase, process_group_alive, skip_under_valgrind, start_dovecot,
-                                       wait_for)
+                                       wait_for,
+                                       valgrind_redundant)
 
 DRIVER = r"""
 local mc = require "mailshot.mailbox_curl"
@@ -117,6 +118,7 @@ class MailboxTests(MailshotTestCase):
         finally:
             c.logout()
 
+    @valgrind_redundant("test_pop3s_lists_and_fetches_and_deletes_nothing")
     def test_imaps_lists_unseen_and_fetches_without_marking_seen(self):
         a, b, seen = message("one"), message("two"), message("already read")
         self.srv.deliver(self.user, a)

@@ -4,7 +4,7 @@ import os
 import re
 import unittest
 
-from tests.integration.harness import MailshotTestCase, skip_under_valgrind, write_csv
+from tests.integration.harness import MailshotTestCase, skip_under_valgrind, write_csv, valgrind_redundant
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -72,6 +72,8 @@ class PreflightTests(MailshotTestCase):
         self.assertRegex(p.stdout, r"blocking.*list\.csv is not valid UTF-8: line 8, column 'name', byte 0xEB")
         self.assertNotIn("ready to send", p.stdout)
 
+    @valgrind_redundant("test_a_correct_setup_is_ready_and_the_list_problems_are_reported, "
+                        "test_direct.test_dns_failures_keep_their_name_in_the_result")
     def test_a_lookup_without_an_answer_is_not_reported_as_no_record(self):
         # SERVFAIL: dnsmasq passes on its upstream's for names under broken.test; REFUSED: dnsmasq's
         # own answer for names outside its zones.  Neither says the record is missing.
@@ -115,6 +117,8 @@ class PreflightTests(MailshotTestCase):
         self.assertNotIn("MAIL", cmds)
         self.assertNotIn("RCPT", cmds)
 
+    @valgrind_redundant("test_a_correct_setup_is_ready_and_the_list_problems_are_reported, "
+                        "test_connect_probes_each_mx_host_without_mail_or_rcpt")
     def test_connect_follows_direct_deliverys_private_address_policy(self):
         # without --allow-private the probe does not connect to 127.0.0.2, and says why
         servers, port = self.start_smtpd_many(["127.0.0.2"], tls=True)
@@ -149,6 +153,8 @@ class PreflightTests(MailshotTestCase):
         self.assertRegex(out, r"warning.*return_path: bounces\.elsewhere\.test is not aligned with the From domain acme\.test")
         self.assertIn("DMARC: policy reject at _dmarc.acme.test", out)
 
+    @valgrind_redundant("test_a_correct_setup_is_ready_and_the_list_problems_are_reported, "
+                        "test_direct.test_null_mx_and_nxdomain_fail_permanently_without_connecting")
     def test_each_planted_fault_is_found_and_blocks(self):
         p = self.preflight("bad.test")
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)

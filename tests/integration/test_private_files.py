@@ -10,7 +10,7 @@ import stat
 import subprocess
 
 from tests.integration.harness import (MailshotTestCase, REPO_ROOT, make_cert, read_report, scaled, wait_for,
-                                       write_csv)
+                                       write_csv, valgrind_redundant)
 
 PW = "private-files-pw"
 EXAMPLE = os.path.join(REPO_ROOT, "scripts", "examples", "newsletter")
@@ -84,6 +84,8 @@ class PrivateFilesTests(MailshotTestCase):
         self.assertIn("000002-user0@example.com.eml: Is a directory", rows[0]["response"])
         self.assertEqual(sorted(os.listdir(out)), ["000002-user0@example.com.eml", "000003-user1@example.com.eml"])
 
+    @valgrind_redundant("test_campaign.test_log_has_the_dialogue_without_the_password_and_progress_lines_on_a_pipe, "
+                        "test_postfix_bounces.test_done_when_maildir")
     def test_report_journal_log_and_outbox_are_created_0600_under_umask_022(self):
         script = self.example_copy(5)
         with umask(0o022):
@@ -106,6 +108,8 @@ class PrivateFilesTests(MailshotTestCase):
         files = [self.path("sent.csv"), self.path("dialogue.log"), *journals]
         self.assertEqual({f: mode(f) for f in files}, {f: 0o600 for f in files})
 
+    @valgrind_redundant("test_campaign.test_live_progress_line_on_a_terminal, "
+                        "test_campaign.test_wrong_password_defers_every_message_at_auth")
     def test_a_running_mailshot_can_write_no_core_dump(self):
         script = self.example_copy(2)
         srv = self.start_smtpd(tls=True, auth={"news": PW}, delay=[f"GREETING:{scaled(2, 5)}"])

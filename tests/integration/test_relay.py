@@ -4,7 +4,7 @@ import json
 import os
 import unittest
 
-from tests.integration.harness import MailshotTestCase, make_cert
+from tests.integration.harness import MailshotTestCase, make_cert, valgrind_redundant
 
 PW = "relay-pw"
 
@@ -55,6 +55,8 @@ class RelayTests(MailshotTestCase):
         self.assertEqual(m["auth_user"], "u")
         self.assertIn("AUTH LOGIN", "\n".join(srv.log_lines()))
 
+    @valgrind_redundant("test_8bit_message_declares_8bitmime_and_fails_clearly_without_it, "
+                        "test_several_recipients_one_refused")
     def test_message_over_the_servers_size_limit_fails_before_data(self):
         srv = self.start_smtpd(size=1000, tls=True)
         r = self.send(srv, DATA="Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 30)
@@ -78,6 +80,8 @@ class RelayTests(MailshotTestCase):
         self.assertIn("8BITMIME", r["message"])
         self.assertEqual(srv2.message_count(), 0)
 
+    @valgrind_redundant("test_several_recipients_one_refused, "
+                        "test_8bit_message_declares_8bitmime_and_fails_clearly_without_it")
     def test_the_messages_eightbit_field_decides_body_8bitmime_without_a_scan(self):
         # mime.build's info.eightbit, carried by the campaign's message: trusted, not scanned again
         srv = self.start_smtpd(tls=True)
@@ -105,6 +109,8 @@ end
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(p.stdout.split(), ["true", "true", "false", "false"])
 
+    @valgrind_redundant("test_server_dropping_the_connection_mid_session_is_temporary, "
+                        "test_each_wait_can_have_its_own_timeout")
     def test_a_stalled_server_costs_a_timeout_not_a_hang(self):
         srv = self.start_smtpd(tls=True, delay=["RCPT:5"])
         r = self.send(srv, TIMEOUT="1")

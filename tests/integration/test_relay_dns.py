@@ -4,7 +4,7 @@ never gets an answer holds up nobody else and ends with a clear DNS error."""
 import json
 import unittest
 
-from tests.integration.harness import MailshotTestCase
+from tests.integration.harness import MailshotTestCase, valgrind_redundant
 
 SEND = r'''
 local mailshot = require "mailshot"
@@ -64,6 +64,8 @@ class RelayDnsTests(MailshotTestCase):
         self.assertTrue(events[0]["ok"], events)
         self.assertNotIn("localhost", [name for _, name in self.dns.queries()])
 
+    @valgrind_redundant("test_examples.test_fallback_example_routes_each_recipient_by_its_rules, "
+                        "test_check_resolves_the_relay_with_its_dns_option")
     def test_a_lookup_that_hangs_holds_up_no_other_session_and_fails_clearly(self):
         silent = self.start_silent_dns()
         # the slow relay's name goes to a DNS server that never answers; the other relay is an

@@ -10,7 +10,7 @@ import re
 import socket
 import unittest
 
-from tests.integration.harness import MailshotTestCase, free_port, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, free_port, read_report, write_csv, valgrind_redundant
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -61,6 +61,8 @@ class RelayDownTests(MailshotTestCase):
         self.assertIn("stopping: no new messages; waiting for the ones in flight", p.stderr)
         return int(told.group(1)), float(told.group(2))
 
+    @valgrind_redundant("test_faults.test_421_mid_session_is_retried_on_a_new_connection, "
+                        "tests/lua/test_runtime.lua")
     def test_a_relay_refusing_connections_stops_the_run_and_resume_sends_everyone_once(self):
         port = free_port()                                   # nothing listens there
         n = 20
@@ -78,6 +80,8 @@ class RelayDownTests(MailshotTestCase):
         self.assertIn(f"relay 127.0.0.1:{port}: {n} deferred; last: cannot connect", p.stdout)
         self.resume_sends_the_rest_exactly_once(script, port, n)
 
+    @valgrind_redundant("test_faults.test_421_mid_session_is_retried_on_a_new_connection, "
+                        "test_check.test_starttls_against_an_implicit_tls_port_suggests_tls")
     def test_a_relay_that_never_greets_stops_the_run_before_the_list_is_done(self):
         # a relay that accepts connections and says nothing: each try waits for its timeout,
         # and the rows after the stop are never started
@@ -102,6 +106,8 @@ class RelayDownTests(MailshotTestCase):
         self.assertTrue(os.path.exists(self.path("c.journal")))
         self.resume_sends_the_rest_exactly_once(script, port, n)
 
+    @valgrind_redundant("test_examples.test_fallback_example_routes_each_recipient_by_its_rules, "
+                        "test_resume.test_sigint_finishes_messages_in_flight_and_says_how_to_resume")
     def test_rows_that_fall_back_to_direct_delivery_do_not_stop_the_run(self):
         srv = self.start_smtpd()
         port = srv.address.rsplit(":", 1)[1]
@@ -118,6 +124,8 @@ class RelayDownTests(MailshotTestCase):
                          sorted((f"u{i}@a.test", "sent", "direct") for i in range(n)))
         self.assertEqual(srv.message_count(), n)
 
+    @valgrind_redundant("test_faults.test_a_refused_login_still_falls_back_to_the_other_path_when_the_rule_says_so, "
+                        "tests/lua/test_runtime.lua")
     def test_the_progress_line_and_the_summary_name_the_failing_relay(self):
         # implicit TLS to a plaintext server: "TLS handshake failed ...", words that name no relay
         srv = self.start_smtpd()

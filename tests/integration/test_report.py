@@ -8,7 +8,8 @@ import os
 import signal
 import subprocess
 
-from tests.integration.harness import MailshotTestCase, read_report, scaled, wait_for, write_csv
+from tests.integration.harness import (MailshotTestCase, read_report, scaled, wait_for, write_csv,
+                                       valgrind_redundant)
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -74,6 +75,8 @@ class ReportTests(MailshotTestCase):
 
     # ---- a) CSV order
 
+    @valgrind_redundant("test_verp.test_relay_mail_from_is_each_rows_signed_return_path, "
+                        "test_campaign.test_example_sends_1000_personalized_messages_over_starttls_and_auth")
     def test_the_report_ends_in_csv_order_although_rows_complete_out_of_order(self):
         # the last row is skipped at once while the others wait for the server's answer
         rows = [[f"u{i}@example.com", f"N{i}"] for i in range(5)] + [["not-an-address", "X"], ["u0@example.com", "D"]]
@@ -107,6 +110,7 @@ class ReportTests(MailshotTestCase):
 
     # ---- e) preview --row N is the report's line
 
+    @valgrind_redundant("test_every_line_a_broken_quote_swallowed_has_a_row")
     def test_preview_row_is_the_csv_line_of_the_report(self):
         script = self.campaign(text=BROKEN)
         p = self.run_mailshot("run", script, "--outbox", "out", "--report", "r.csv")
@@ -162,6 +166,8 @@ class ReportTests(MailshotTestCase):
 
     # ---- d) a fallback keeps the first path's answer
 
+    @valgrind_redundant("test_resume.test_temporary_failures_are_retried_in_the_run_with_backoff, "
+                        "test_campaign.test_wrong_password_defers_every_message_at_auth")
     def test_a_message_that_fell_back_keeps_the_first_answer_and_an_old_journal_still_resumes(self):
         rows = [["ok1@example.com", "A"], ["fb1@example.com", "B"], ["ok2@example.com", "C"], ["fb2@example.com", "D"]]
         script = self.campaign(rows, script=FALLBACK_CAMPAIGN)

@@ -9,7 +9,8 @@ import subprocess
 import time
 import unittest
 
-from tests.integration.harness import MailshotTestCase, read_report, scaled, wait_for, write_csv
+from tests.integration.harness import (MailshotTestCase, read_report, scaled, wait_for, write_csv,
+                                       valgrind_redundant)
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -54,6 +55,7 @@ class ResumeTests(MailshotTestCase):
     def received(self, srv):
         return collections.Counter(m["rcpt_tos"][0] for m in srv.messages())
 
+    @valgrind_redundant("test_sigint_finishes_messages_in_flight_and_says_how_to_resume, tests/lua/test_journal.lua")
     def test_kill_9_at_random_points_then_resume_sends_everyone_exactly_once(self):
         n = int(os.environ.get("CRASH_N", scaled(20000, 1500)))     # valgrind: 1500 (aiosmtpd alone needs 1.5 s+)
         script = self.campaign(n)
@@ -145,6 +147,8 @@ class ResumeTests(MailshotTestCase):
         got = self.received(srv)
         self.assertEqual((len(got), max(got.values())), (n, 1))
 
+    @valgrind_redundant("test_sigint_finishes_messages_in_flight_and_says_how_to_resume, "
+                        "test_a_second_run_of_the_same_campaign_is_refused")
     def test_a_daily_quota_holds_across_resume_and_a_stop_does_not_wait_for_it(self):
         d = self.path("q")
         os.makedirs(d)
@@ -185,6 +189,8 @@ class ResumeTests(MailshotTestCase):
         self.assertIn("--resume", p.stderr)
         self.assertEqual(srv.message_count(), n)
 
+    @valgrind_redundant("test_temporary_failures_are_retried_in_the_run_with_backoff, "
+                        "test_a_second_run_of_the_same_campaign_is_refused")
     def test_changed_recipients_are_refused_without_force_and_torn_lines_are_ignored(self):
         script = self.campaign(50)
         srv = self.start_smtpd(reject_rcpt=[("u7@", 451, "4.2.1 try later")])
@@ -214,6 +220,8 @@ class ResumeTests(MailshotTestCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual([m["rcpt_tos"] for m in srv.messages()], [["u7@example.com"], ["new@example.com"]])
 
+    @valgrind_redundant("test_temporary_failures_are_retried_in_the_run_with_backoff, "
+                        "test_sigint_finishes_messages_in_flight_and_says_how_to_resume")
     def test_resume_from_another_folder_finds_the_journal_beside_the_script(self):
         # (also the summary's reason for a deferral: its first run is the one that test needed)
         script = self.campaign(6)
@@ -244,6 +252,7 @@ class ResumeTests(MailshotTestCase):
         self.assertEqual(sorted((r["email"], r["status"]) for r in rep),
                          [(f"u{i}@example.com", "sent") for i in range(6)])
 
+    @valgrind_redundant("test_a_second_run_of_the_same_campaign_is_refused")
     def test_resume_without_a_journal_refuses_and_sends_nothing(self):
         script = self.campaign(5)
         srv = self.start_smtpd()
@@ -276,6 +285,7 @@ class ResumeTests(MailshotTestCase):
         keys = ("total", "sent", "failed", "skipped", "deferred", "in-flight")
         return {k: int(v or 0) for k, v in zip(keys, m.groups())}
 
+    @valgrind_redundant("test_a_second_run_of_the_same_campaign_is_refused")
     def test_kill_9_with_messages_in_flight_then_resend_in_flight_sends_them_once(self):
         n = 20
         script = self.campaign(n)

@@ -5,7 +5,7 @@ duplicate and invalid rows are skipped alike."""
 import os
 import re
 
-from tests.integration.harness import MailshotTestCase, read_report, write_csv
+from tests.integration.harness import MailshotTestCase, read_report, write_csv, valgrind_redundant
 
 CAMPAIGN = """
 local mailshot = require "mailshot"
@@ -56,6 +56,8 @@ class RowRulesTests(MailshotTestCase):
     def recipients(self, rows_sent):
         return sorted(IDN_ASCII if e == "user@bücher.test" else e for e, _, w in ROWS if w == "send")
 
+    @valgrind_redundant("test_examples.test_fallback_example_routes_each_recipient_by_its_rules, "
+                        "test_verp.test_relay_mail_from_is_each_rows_signed_return_path")
     def test_preview_preflight_dry_run_and_send_agree_on_every_row(self):
         # preview: the rows run sends render; every other row is refused, saying why
         previewed = []
