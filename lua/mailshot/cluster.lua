@@ -295,7 +295,9 @@ local n = 0
 for i = 2, #ARGV, 3 do
   local op, line, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('HGET', claim, line) == me then redis.call('HDEL', claim, line) end
-  if redis.call('HGET', flight, line) == me then redis.call('HDEL', flight, line) end
+  -- a final outcome ends the row's flight, whoever marked it (a dead worker's in-flight row that
+  -- this one reports); a deferred or given-back row only ends this worker's own mark
+  if op == 'F' or redis.call('HGET', flight, line) == me then redis.call('HDEL', flight, line) end
   if op == 'F' then
     local old = redis.call('HGET', done, line)
     if old then

@@ -12,7 +12,7 @@ import sys
 import time
 
 from tests.integration.harness import (MailshotTestCase, free_port, read_report, scaled, skip_under_valgrind,
-                                       wait_for, write_csv)
+                                       valgrind_redundant, wait_for, write_csv)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RCPT_SINK = os.path.join(HERE, "..", "servers", "rcpt_sink.py")
@@ -179,6 +179,53 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(got["soft2@example.com"], 1)
         self.assertEqual(max(got.values()), 1)
         self.assertEqual(sum(got.values()), 22)
+
+    def dead_worker_holding(self, redis, in_flight, reserved):
+        """Redis as a worker w0 leaves it when killed: lines it had marked in flight, lines it had
+        only reserved (read ahead), and a lease that ran out long ago."""
+        for line in in_flight + reserved:
+            redis.cli("HSET", "mailshot:{c}:claim", str(line), "w0")
+        for line in in_flight:
+            redis.cli("HSET", "mailshot:{c}:flight", str(line), "w0")
+        redis.cli("ZADD", "mailshot:{c}:alive", "0", "w0")
+        redis.cli("HSET", "mailshot:{c}:workers", "w0", "running\t0\t")
+
+    def test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent(self):
+        script = self.campaign(10)
+        redis = self.start_redis()
+        smtp, log = self.start_sink()
+        self.dead_worker_holding(redis, in_flight=[3, 7], reserved=[4, 8])   # u1, u5; u2, u6
+        p = self.worker(script, smtp, redis, "w1")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        rows, _ = self.merged(script, redis)
+        by_email = {r["email"]: r for r in rows}
+        self.assertEqual(len(rows), 10)
+        for e in ("u1@example.com", "u5@example.com"):
+            self.assertEqual(by_email[e]["status"], "in-flight", by_email[e])
+            self.assertIn("worker w0", by_email[e]["response"])
+        got = self.received(log)
+        self.assertEqual(got["u1@example.com"] + got["u5@example.com"], 0, "an in-flight row was sent again")
+        for e in ("u2@example.com", "u6@example.com"):        # only reserved: never started, so sent
+            self.assertEqual(by_email[e]["status"], "sent", by_email[e])
+            self.assertEqual(got[e], 1)
+        self.assertEqual(sum(got.values()), 8)
+        self.assertEqual(redis.cli("HLEN", "mailshot:{c}:flight").strip(), "0", "in-flight marks left behind")
+
+    @valgrind_redundant("its C paths are test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent's")
+    def test_resend_in_flight_sends_a_dead_workers_in_flight_rows_again(self):
+        script = self.campaign(10)
+        redis = self.start_redis()
+        smtp, log = self.start_sink()
+        self.dead_worker_holding(redis, in_flight=[3, 7], reserved=[4])
+        p = self.worker(script, smtp, redis, "w1", "--resend-in-flight")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        rows, _ = self.merged(script, redis)
+        self.assertEqual([r["status"] for r in rows], ["sent"] * 10, rows)
+        got = self.received(log)
+        self.assertEqual(sorted(got), sorted(f"u{i}@example.com" for i in range(10)))
+        self.assertEqual(max(got.values()), 1)
 
     def test_fingerprint_mismatch_is_refused_naming_both(self):
         script = self.campaign(20)
