@@ -170,9 +170,12 @@ function M.script(source)
 end
 
 function Script:run(conn, keys, args)
+  -- the command as one list (table.move copies in C), sent as a pipeline of one: thousands of
+  -- arguments are not spread on the stack by table.unpack
   local argv = { "EVALSHA", false, #keys }
-  for i = 1, #keys do argv[#argv + 1] = keys[i] end
-  for i = 1, #(args or {}) do argv[#argv + 1] = args[i] end
+  table.move(keys, 1, #keys, 4, argv)
+  if args then table.move(args, 1, #args, 4 + #keys, argv) end
+  local cmd = { argv }
   for _ = 1, 2 do
     local sha = self.sha[conn]
     if not sha then
@@ -182,8 +185,14 @@ function Script:run(conn, keys, args)
       self.sha[conn] = s
     end
     argv[2] = sha
-    local reply, err, kind = conn:call(table.unpack(argv))
-    if reply ~= nil or kind ~= "reply" or not tostring(err):match("^NOSCRIPT") then return reply, err, kind end
+    local replies, err, kind = conn:pipeline(cmd)
+    if not replies then return nil, err, kind end
+    local reply = replies[1]
+    if type(reply) == "table" and reply.err ~= nil then
+      if not tostring(reply.err):match("^NOSCRIPT") then return nil, reply.err, "reply" end
+    else
+      return reply
+    end
     self.sha[conn] = nil
   end
   return nil, "NOSCRIPT twice", "reply"

@@ -280,6 +280,7 @@ end
 -- is then compared lower-cased as written.
 function List:check(address)
   if type(address) ~= "string" then error("list:check: expected a string, got " .. type(address), 2) end
+  if self.count == 0 then return nil end  -- an empty list (a cluster's shared one, before any addition)
   address = match(address, "^%s*(.-)%s*$")
   local at = find(address, "@[^@]*$")
   if not at then return nil end
