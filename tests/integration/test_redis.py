@@ -92,6 +92,8 @@ all = table.concat(all)
 show(c:call("SET", all, all))
 show(c:call("GET", all) == all, c:call("EXISTS", all))
 show(c:closed(), tostring(c) == "redis connection 127.0.0.1:" .. PORT)
+assert(c:call("SET", "imin", math.mininteger))
+assert(c:pipeline{ { "SET", "imax", math.maxinteger }, { "SET", "zero", 0 }, { "SET", "ten", 10 } })
 -- arrays nest 8 deep at most: hiredis 0.14's parser refuses more, and the connection ends
 local function depth(t) local d = 0 while type(t) == "table" do d = d + 1 t = t[1] end return d end
 print(depth(c:call("EVAL", "return " .. ("{"):rep(8) .. "1" .. ("}"):rep(8), 0)))
@@ -126,6 +128,10 @@ show(c:closed())
         self.assertEqual(srv.cli("STRLEN", "bin").strip(), "6")
         self.assertEqual(srv.cli("GET", "f").strip(), "0.10000000000000001")
         self.assertEqual(srv.cli("GET", "n").strip(), "-5")
+        self.assertEqual(srv.cli("GET", "imin").strip(), "-9223372036854775808")
+        self.assertEqual(srv.cli("GET", "imax").strip(), "9223372036854775807")
+        self.assertEqual(srv.cli("GET", "zero").strip(), "0")
+        self.assertEqual(srv.cli("GET", "ten").strip(), "10")
 
     @skip_under_valgrind("the reply types and the close/exit cases stand for this file there")
     def test_pipeline_answers_every_command_in_order_with_errors_in_place(self):
