@@ -283,6 +283,10 @@ static void read_input(redis_conn *c) {
       if (!reply) break;
       on_reply(c, reply);
     }
+    /* a plain socket that gave less than asked for is empty now: the loop (level-triggered) calls
+     * again when more comes, and a read that only says EAGAIN is one system call saved per turn.
+     * TLS gives one record at a time, so a short read says nothing there. */
+    if (!c->s.ssl && (size_t)n < sizeof buf) return;
   }
 }
 
