@@ -182,9 +182,15 @@ case("delay 100ms holds across workers, and a pause after every 3", function()
   end
   join_all(tasks)
   table.sort(times)
+  -- measured here, by each worker's loop clock when its task resumes: Redis gives each worker its
+  -- delay from Redis's own clock, and the answers reach the two workers after latencies that may
+  -- differ by some milliseconds on a loaded machine (CI saw a 97.2 ms gap).  The spacing at the
+  -- receiver, which is what the rule promises, is test_cluster_rate's; here, 20 ms of slack, and
+  -- the six sends must still span five delays less that slack.
   for i = 2, #times do
-    assert(times[i] - times[i - 1] >= 0.099 - 0.0011, ("gap %d: %.4f"):format(i, times[i] - times[i - 1]))
+    assert(times[i] - times[i - 1] >= 0.099 - 0.020, ("gap %d: %.4f"):format(i, times[i] - times[i - 1]))
   end
+  assert(times[#times] - times[1] >= 5 * 0.099 - 0.020, ("span %.4f"):format(times[#times] - times[1]))
   flush()
   times = {}
   local l = cluster_rate.new(worker("pause"), "campaign", "pause 300ms every 3")
