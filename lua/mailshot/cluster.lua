@@ -34,7 +34,8 @@ local RECORD = require("mailshot.result").RECORD
 local M = {}
 
 M.DEFAULT_LEASE = 10            -- seconds: a dead worker's rows wait this long at most
-local MAX_BATCH = 1000          -- lines in one claim or settle script call
+M.DEFAULT_BLOCK = 36           -- lines per block (run.lua: 1.5 x the concurrency, cluster.read_ahead)
+local MAX_BATCH = 1000          -- lines in one settle script call
 
 -- URL, password, options -----------------------------------------------------------------------
 
@@ -216,8 +217,9 @@ local function status_of(rec) return rec:match('^[^\t]*\t[^\t]*\t[^\t]*\t([^\t]*
 local function worker_of(rec) return rec:match('^([^\t]*)') end
 ]]
 
--- KEYS meta alive workers; ARGV fingerprint name worker lease_ms info
--- -> {"ok"} | {"fingerprint", stored} | {"alive", ms left}
+-- KEYS meta alive workers; ARGV fingerprint name worker lease_ms info block
+-- -> {"ok", block} | {"fingerprint", stored} | {"alive", ms left}.  The first worker's block size
+-- (lines per block) is the campaign's: every worker must cut the file the same way.
 local START = M.script(PRELUDE .. [[
 local meta, alive, workers = KEYS[1], KEYS[2], KEYS[3]
 local fp, name, me, lease, info = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
@@ -226,11 +228,11 @@ if stored and stored ~= fp then return { 'fingerprint', stored } end
 local s = redis.call('ZSCORE', alive, me)
 if s and tonumber(s) > now then return { 'alive', tostring(tonumber(s) - now) } end
 if not stored then
-  redis.call('HSET', meta, 'fingerprint', fp, 'name', name, 'created', t[1], 'lease_ms', lease)
+  redis.call('HSET', meta, 'fingerprint', fp, 'name', name, 'created', t[1], 'lease_ms', lease, 'block', ARGV[6])
 end
 redis.call('ZADD', alive, now + lease, me)
 redis.call('HSET', workers, me, 'running\t' .. t[1] .. '\t' .. info)
-return { 'ok' }
+return { 'ok', redis.call('HGET', meta, 'block') or ARGV[6] }
 ]])
 
 -- KEYS alive; ARGV worker lease_ms -> the lease's old end minus now (ms; negative: it had run out)
@@ -241,98 +243,125 @@ if not s then return -1 end
 return tonumber(s) - now
 ]])
 
--- Claims: KEYS claim done retry alive counts flight; ARGV worker, then (line, mode, record) triples.
--- A claim reserves a row for this worker; the row is in flight only once the worker marks it
--- so (START_ROWS, right before its message goes out).
--- mode "n": a row to deliver -> 1 (claimed), 0 (done, or held by a live worker),
---   "I\tholder" (in flight at a worker whose lease ran out: possibly sent; now held by this one),
---   "R\tholder" (deferred, or only reserved, by such a worker: not sent; now claimed by this one, to send);
--- mode "s": a row that needs no message (record given: skipped) -> 1 when settled by this call;
--- mode "r": this worker's own retry, due now -> 1 (claimed again), 0 (taken over meanwhile).
-local CLAIM = M.script(PRELUDE .. [[
-local claim, done, retry, alive, counts, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local me = ARGV[1]
+-- The next block of lines for this worker: KEYS cursor blocks; ARGV worker -> block number.
+-- Blocks are handed out in file order; a worker reads the whole file but takes only the rows
+-- that start in its blocks, so that the workers split the file without asking Redis about
+-- each row (one call per block of lines, not one per row and worker).
+local NEXT_BLOCK = M.script([[
+local b = redis.call('INCR', KEYS[1]) - 1
+redis.call('HSET', KEYS[2], b, ARGV[1])
+return b
+]])
+
+-- A due retry, claimed again: KEYS claim done retry; ARGV worker, lines.  -> per line 1 (this
+-- worker's deferred row: claimed again, in `claim`), 0 (taken over meanwhile, or final).
+local CLAIM_RETRY = M.script([[
+local claim, done, retry, me = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local out = {}
-for i = 2, #ARGV, 3 do
-  local line, mode, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local r = 0
-  if mode == 'r' then
-    local h = redis.call('HGET', retry, line)
-    if h and worker_of(h) == me and redis.call('HEXISTS', done, line) == 0 then
-      redis.call('HDEL', retry, line)
-      redis.call('HSET', claim, line, me)
-      r = 1
-    end
-  elseif redis.call('HEXISTS', done, line) == 0 then
-    local h = redis.call('HGET', claim, line)
-    local rh = not h and redis.call('HGET', retry, line)
-    if h then
-      if h ~= me and is_live(alive, h) then r = 0
-      else
-        redis.call('HSET', claim, line, me)
-        r = (redis.call('HEXISTS', flight, line) == 1 and 'I\t' or 'R\t') .. h
-      end
-    elseif rh then
-      local holder = worker_of(rh)
-      if holder ~= me and is_live(alive, holder) then r = 0
-      else redis.call('HDEL', retry, line); redis.call('HSET', claim, line, me); r = 'R\t' .. holder end
-    elseif mode == 's' then
-      redis.call('HSET', done, line, rec)
-      local st = status_of(rec)
-      redis.call('HINCRBY', counts, st, 1)
-      redis.call('HINCRBY', counts, me .. '\t' .. st, 1)
-      r = 1
-    else
-      redis.call('HSET', claim, line, me)
-      r = 1
-    end
+for i = 2, #ARGV do
+  local line, r = ARGV[i], 0
+  local h = redis.call('HGET', retry, line)
+  if h and h:match('^([^\t]*)') == me and redis.call('HEXISTS', done, line) == 0 then
+    redis.call('HDEL', retry, line)
+    redis.call('HSET', claim, line, me)
+    r = 1
   end
   out[#out + 1] = r
 end
 return out
 ]])
 
--- Outcomes: KEYS claim done retry counts flight; ARGV worker, then (op, line, record) triples.
--- op "F": final (done; the claim is released); "D": deferred (to retry; released); "U": not
--- started after all (released).  A final outcome replaces an earlier one of the line (a worker
--- that took over this one's claim while its lease had run out reported it in-flight): the
--- counts move with it.  -> the number of records written
+-- Who holds a line: its own claim (a retry, or a row taken over alone), else its block's holder.
+-- (`claim` is empty in most runs: asked once per call, not once per line.)
+local HOLDER = [[
+local held = {}
+local claims = nil
+local function holder(claim, blocks, line, size)
+  if claims == nil then claims = redis.call('HLEN', claim) > 0 end
+  local h = claims and redis.call('HGET', claim, line)
+  if h then return h end
+  local b = tostring(math.floor(tonumber(line) / size))
+  local v = held[b]
+  if v == nil then v = redis.call('HGET', blocks, b) or false; held[b] = v end
+  return v
+end
+]]
+
+-- In flight: KEYS claim flight blocks; ARGV worker, block size, lines.  Each line still held by
+-- this worker is marked in flight (-> 1); a line another worker took over meanwhile (this one's
+-- lease ran out while it was stalled) is not (-> 0), and must not be sent.
+local START_ROWS = M.script(HOLDER .. [[
+local claim, flight, blocks, me, size = KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
+  if holder(claim, blocks, ARGV[i], size) == me then
+    redis.call('HSET', flight, ARGV[i], me)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+]])
+
+-- Outcomes: KEYS claim done retry counts flight blocks; ARGV worker, then (op, line, record)
+-- triples.  op "F": final (done; the row's claim, if any, released); "D": deferred (to retry);
+-- "B": the block numbered `line` is finished (every row of it this worker took is final or
+-- deferred): released.  A final outcome replaces an earlier one of the line (a worker that took
+-- over this one's block while its lease had run out reported it in-flight): the counts move
+-- with it.  -> the number of records written
 local SETTLE = M.script(PRELUDE .. [[
-local claim, done, retry, counts, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local claim, done, retry, counts, flight, blocks = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local me = ARGV[1]
 local n = 0
+local add = {}
+local function count(k, d) add[k] = (add[k] or 0) + d end
+-- `claim` and `retry` are empty in most runs: asked once per call, not once per line
+local claims, retries = redis.call('HLEN', claim) > 0, redis.call('HLEN', retry) > 0
 for i = 2, #ARGV, 3 do
   local op, line, rec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HGET', claim, line) == me then redis.call('HDEL', claim, line) end
-  -- a final outcome ends the row's flight, whoever marked it (a dead worker's in-flight row that
-  -- this one reports); a deferred or given-back row only ends this worker's own mark
-  if op == 'F' or redis.call('HGET', flight, line) == me then redis.call('HDEL', flight, line) end
-  if op == 'F' then
-    local old = redis.call('HGET', done, line)
-    if old then
-      local ost, ow = status_of(old), worker_of(old)
-      redis.call('HINCRBY', counts, ost, -1)
-      redis.call('HINCRBY', counts, ow .. '\t' .. ost, -1)
+  if op == 'B' then
+    if redis.call('HGET', blocks, line) == me then redis.call('HDEL', blocks, line) end
+  else
+    if claims and redis.call('HGET', claim, line) == me then redis.call('HDEL', claim, line) end
+    -- a final outcome ends the row's flight, whoever marked it (a dead worker's in-flight row that
+    -- this one reports); a deferred row only ends this worker's own mark
+    if op == 'F' or redis.call('HGET', flight, line) == me then redis.call('HDEL', flight, line) end
+    if op == 'F' then
+      if retries then redis.call('HDEL', retry, line) end
+      -- the usual case, a line's first outcome, in one call
+      if redis.call('HSETNX', done, line, rec) == 0 then
+        local old = redis.call('HGET', done, line)
+        local ost = status_of(old)
+        count(ost, -1)
+        count(worker_of(old) .. '\t' .. ost, -1)
+        redis.call('HSET', done, line, rec)
+      end
+      local st = status_of(rec)
+      count(st, 1)
+      count(me .. '\t' .. st, 1)
+      n = n + 1
+    elseif op == 'D' then
+      if redis.call('HEXISTS', done, line) == 0 then
+        redis.call('HSET', retry, line, rec); retries = true; n = n + 1
+      end
     end
-    redis.call('HDEL', retry, line)
-    redis.call('HSET', done, line, rec)
-    local st = status_of(rec)
-    redis.call('HINCRBY', counts, st, 1)
-    redis.call('HINCRBY', counts, me .. '\t' .. st, 1)
-    n = n + 1
-  elseif op == 'D' then
-    if redis.call('HEXISTS', done, line) == 0 then redis.call('HSET', retry, line, rec); n = n + 1 end
   end
+end
+for k, d in pairs(add) do
+  if d ~= 0 then redis.call('HINCRBY', counts, k, d) end
 end
 return n
 ]])
 
--- At the end of a worker's pass over the file: KEYS claim retry alive flight; ARGV worker.  Takes the
--- rows of workers whose lease ran out (claims and deferred rows) -> { others, "I"|"R", line,
--- holder, ... }, others: lines still claimed by live workers.
+-- At the end of a worker's pass over the file: KEYS claim retry alive flight blocks done; ARGV
+-- worker, block size.  Takes what workers whose lease ran out held: their blocks -> "B", block,
+-- holder, codes (one character per line of the block: "." final, "I" in flight, "R" not
+-- started), their claimed rows and deferred rows -> "I"|"R", line, holder.  -> { others, ... },
+-- others: blocks and lines still held by live workers.
 local SWEEP = M.script(PRELUDE .. [[
-local claim, retry, alive, flight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local me = ARGV[1]
+local claim, retry, alive, flight, blocks, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local me, size = ARGV[1], tonumber(ARGV[2])
 local out = { 0 }
 local c = redis.call('HGETALL', claim)
 for i = 1, #c, 2 do
@@ -346,6 +375,23 @@ for i = 1, #c, 2 do
     end
   end
 end
+local bl = redis.call('HGETALL', blocks)
+for i = 1, #bl, 2 do
+  local b, h = bl[i], bl[i + 1]
+  if h ~= me then
+    if is_live(alive, h) then out[1] = out[1] + 1
+    else
+      redis.call('HSET', blocks, b, me)
+      local codes = {}
+      for line = tonumber(b) * size, tonumber(b) * size + size - 1 do
+        if redis.call('HEXISTS', done, line) == 1 then codes[#codes + 1] = '.'
+        elseif redis.call('HEXISTS', flight, line) == 1 then codes[#codes + 1] = 'I'
+        else codes[#codes + 1] = 'R' end
+      end
+      out[#out + 1] = 'B'; out[#out + 1] = b; out[#out + 1] = h .. '\t' .. table.concat(codes)
+    end
+  end
+end
 local r = redis.call('HGETALL', retry)
 for i = 1, #r, 2 do
   local line, h = r[i], worker_of(r[i + 1])
@@ -353,23 +399,6 @@ for i = 1, #r, 2 do
     redis.call('HDEL', retry, line)
     redis.call('HSET', claim, line, me)
     out[#out + 1] = 'R'; out[#out + 1] = line; out[#out + 1] = h
-  end
-end
-return out
-]])
-
--- In flight: KEYS claim flight; ARGV worker, lines.  Each line still claimed by this worker is
--- marked in flight (-> 1); a line another worker took over meanwhile (this one's lease ran out
--- while it was stalled) is not (-> 0), and must not be sent.
-local START_ROWS = M.script([[
-local claim, flight, me = KEYS[1], KEYS[2], ARGV[1]
-local out = {}
-for i = 2, #ARGV do
-  if redis.call('HGET', claim, ARGV[i]) == me then
-    redis.call('HSET', flight, ARGV[i], me)
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
   end
 end
 return out
@@ -417,7 +446,9 @@ function M.connect(spec, c)
                               settled = 0 }, Cluster)
   self.k = { meta = self:key("meta"), alive = self:key("alive"), workers = self:key("workers"),
              claim = self:key("claim"), retry = self:key("retry"), done = self:key("done"),
-             counts = self:key("counts"), flight = self:key("flight") }
+             counts = self:key("counts"), flight = self:key("flight"), cursor = self:key("cursor"),
+             blocks = self:key("blocks") }
+  self.held = {}            -- block -> rows of it taken and not yet final or deferred (this worker's)
   return self
 end
 
@@ -432,13 +463,14 @@ end
 
 --- Join the campaign: the fingerprint is checked (stored by the first worker), the worker
 --- registered and its heartbeat started.  -> true | nil, err
-function Cluster:start(fingerprint, name)
+function Cluster:start(fingerprint, name, block)
   local k = self.k
   local host = read_first_line("/proc/sys/kernel/hostname") or "?"
   local pid = (read_first_line("/proc/self/stat") or ""):match("^(%d+)") or "?"
   self.info = pid .. "@" .. host
   local r, err = START:run(self.redis, { k.meta, k.alive, k.workers },
-                           { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), self.info })
+                           { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), self.info,
+                            block or M.DEFAULT_BLOCK })
   if not r then return nil, ("%s: %s"):format(where(self.spec), tostring(err)) end
   if r[1] == "fingerprint" then
     return nil, ("%s: campaign %s: this worker's recipients file, script or templates differ from the ones the "
@@ -450,6 +482,7 @@ function Cluster:start(fingerprint, name)
                  .. "or it stopped less than a lease ago; give another --worker, or wait"):format(
                  where(self.spec), self.worker, (tonumber(r[2]) or 0) / 1000)
   end
+  self.block = math.tointeger(tonumber(r[2])) or block or M.DEFAULT_BLOCK
   self.running, self.started = true, os.time()
   core.spawn(function() self:heartbeat() end)
   return true
@@ -498,44 +531,67 @@ function Cluster:heartbeat()
   end
 end
 
--- Claims -------------------------------------------------------------------------------------
+-- Blocks and claims ------------------------------------------------------------------------
 
---- claim_many(list): one script call (per MAX_BATCH) for a list of { line, mode, rec }; each
---- gets .result: "mine" | "no" | "I" | "R" (then .holder) | "error" (Redis lost: .holder = why).
---- The rows source claims the rows it reads ahead this way, so that Redis is asked once per
---- batch of rows, not once per row.
-function Cluster:claim_many(q)
-  for first = 1, #q, MAX_BATCH do
-    local last = math.min(#q, first + MAX_BATCH - 1)
-    local args = { self.worker }
-    for i = first, last do
-      local w = q[i]
-      args[#args + 1] = w.line; args[#args + 1] = w.mode or "n"; args[#args + 1] = w.rec or ""
-    end
-    local r, err, kind = nil, self.lost, "io"
-    if not self.lost then
-      r, err, kind = CLAIM:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.alive, self.k.counts, self.k.flight }, args)
-    end
-    if not r then self:fail(err, kind) end
-    for i = first, last do
-      local w = q[i]
-      local v = r and r[i - first + 1]
-      if type(v) == "string" then w.result, w.holder = v:match("^(.)\t(.*)$")
-      elseif v == 1 then w.result = "mine"
-      elseif r then w.result = "no"
-      else w.result, w.holder = "error", err end
-    end
-  end
-  return q
+--- The next block of lines handed to this worker (from a task: waits for Redis) -> number |
+--- nil, err.  Its rows are this worker's until it settles them; a block with no row of this
+--- worker's left open is released (Cluster:block_done).
+function Cluster:next_block()
+  if self.lost then return nil, self.lost end
+  local b, err, kind = NEXT_BLOCK:run(self.redis, { self.k.cursor, self.k.blocks }, { self.worker })
+  if not b then return self:fail(err, kind) end
+  return b
 end
 
---- claim(line, mode, rec) -> "mine" | "no" | "I", holder | "R", holder | "error", err: one line.
-function Cluster:claim(line, mode, rec)
-  local w = self:claim_many { { line = line, mode = mode, rec = rec } }[1]
-  return w.result, w.holder
+--- The block a line belongs to.
+function Cluster:block_of(line) return line // self.block end
+
+--- This worker took a row of one of its blocks (to send, or to settle at once).
+function Cluster:took(line)
+  local b = line // self.block
+  self.held[b] = (self.held[b] or 0) + 1
+  self.open = self.open or {}
+  self.open[line] = b
 end
 
---- Mark a claimed row in flight, right before its message goes out; from a task, which waits
+--- A block that this worker's reading has gone past (or that it held and found nothing in):
+--- released once every row taken from it is settled.  keep: rows of it were given back (not
+--- started): the block stays held, and a worker that finds it after this one stops takes them.
+function Cluster:block_done(b, keep)
+  self.closed = self.closed or {}
+  if keep then self.kept = self.kept or {}; self.kept[b] = true end
+  self.closed[b] = true
+  self:release_if_done(b)
+end
+
+function Cluster:release_if_done(b)
+  if (self.held[b] or 0) > 0 or not self.closed[b] or (self.kept and self.kept[b]) then return end
+  self.held[b], self.closed[b] = nil, nil
+  local q = self.settleq
+  q[#q + 1] = "B"; q[#q + 1] = b; q[#q + 1] = ""
+end
+
+-- A row's first final or deferred outcome (or its giving back) ends its part in its block.
+function Cluster:untake(line, keep)
+  local open = self.open
+  local b = open and open[line]
+  if not b then return end
+  open[line] = nil
+  self.held[b] = self.held[b] - 1
+  if keep then self.kept = self.kept or {}; self.kept[b] = true end
+  if self.closed and self.closed[b] then self:release_if_done(b) end
+end
+
+--- claim_retry(line) -> true | false (taken over meanwhile, or final): this worker's deferred
+--- row claimed again for its next try (one script call; retries are few).
+function Cluster:claim_retry(line)
+  if self.lost then return false end
+  local r, err, kind = CLAIM_RETRY:run(self.redis, { self.k.claim, self.k.done, self.k.retry }, { self.worker, line })
+  if not r then self:fail(err, kind); return false end
+  return r[1] == 1
+end
+
+--- Mark a row of this worker's in flight, right before its message goes out; from a task, which waits
 --- for Redis's answer (the other tasks go on meanwhile).  The rows that tasks start in one turn
 --- of the loop go in one script call.  -> true | false (another worker took the row over: do
 --- not send it) | nil, err (Redis is lost)
@@ -548,9 +604,9 @@ function Cluster:start_row(line)
     core.spawn(function()
       coroutine.yield()                   -- the other tasks of this turn join the batch
       self.startq = nil
-      local args = { self.worker }
-      table.move(q.lines, 1, #q.lines, 2, args)
-      local r, err, kind = START_ROWS:run(self.redis, { self.k.claim, self.k.flight }, args)
+      local args = { self.worker, self.block }
+      table.move(q.lines, 1, #q.lines, 3, args)
+      local r, err, kind = START_ROWS:run(self.redis, { self.k.claim, self.k.flight, self.k.blocks }, args)
       if not r then self:fail(err, kind) end
       q.result, q.err = r, err
       for _, t in ipairs(q.tasks) do core.wake(t) end
@@ -569,10 +625,14 @@ function Cluster:record(rep)
 end
 
 --- An outcome of this worker: op "F" (final), "D" (deferred: waiting for a retry, or left
---- for the next worker), "U" (claimed, not started).  Sent with the next flush.
+--- for the next worker), "U" (taken, not started: its block stays held, and the worker that
+--- takes the block after this one stops sends it), "X" (taken over by another worker: nothing
+--- in Redis).  Sent with the next flush.
 function Cluster:settle(op, rep)
+  self:untake(rep.line, op == "U")
+  if op == "U" or op == "X" then return end
   local q = self.settleq
-  q[#q + 1] = op; q[#q + 1] = rep.line; q[#q + 1] = op == "U" and "" or self:record(rep)
+  q[#q + 1] = op; q[#q + 1] = rep.line; q[#q + 1] = self:record(rep)
   self.unsettled = self.unsettled + 1
   if #q >= 3 * MAX_BATCH then self:flush() end
 end
@@ -585,32 +645,56 @@ function Cluster:flush()
     local n = math.min(#q, 3 * MAX_BATCH)
     local args = table.move(q, 1, n, 2, { self.worker })
     if n == #q then self.settleq = {} else self.settleq = table.move(q, n + 1, #q, 1, {}) end
-    local r, err, kind = SETTLE:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.counts, self.k.flight }, args)
+    local r, err, kind = SETTLE:run(self.redis, { self.k.claim, self.k.done, self.k.retry, self.k.counts, self.k.flight,
+                                                  self.k.blocks }, args)
     if not r then
       -- put them back in front: they are counted as unsettled in the end-of-run message
       self.settleq = table.move(self.settleq, 1, #self.settleq, n + 1, table.move(args, 2, n + 1, 1, {}))
       return self:fail(err, kind)
     end
-    self.unsettled = self.unsettled - n // 3
-    self.settled = self.settled + n // 3
+    local rows = 0
+    for i = 2, n + 1, 3 do if args[i] ~= "B" then rows = rows + 1 end end
+    self.unsettled = self.unsettled - rows
+    self.settled = self.settled + rows
   end
   return true
 end
 
---- At the end of this worker's pass over the file: the rows of workers whose lease ran out,
---- now held by this worker -> { [line] = { kind = "I"|"R", holder } }, count, others (lines
---- claimed by live workers) | nil, err
+--- At the end of this worker's pass over the file: what workers whose lease ran out held, now
+--- this worker's -> { lines = { [line] = { kind = "I"|"R", holder } }, blocks = { [block] =
+--- { holder, codes } } (codes: a character per line of the block, from its first: "." final,
+--- "I" in flight, "R" not started) }, count, others (blocks and lines held by live workers) |
+--- nil, err
 function Cluster:sweep()
   if self.lost then return nil, self.lost end
   self:flush()
-  local r, err, kind = SWEEP:run(self.redis, { self.k.claim, self.k.retry, self.k.alive, self.k.flight }, { self.worker })
+  local r, err, kind = SWEEP:run(self.redis, { self.k.claim, self.k.retry, self.k.alive, self.k.flight, self.k.blocks,
+                                               self.k.done }, { self.worker, self.block })
   if not r then return self:fail(err, kind) end
-  local found, n = {}, 0
+  local found, n = { lines = {}, blocks = {} }, 0
   for i = 2, #r, 3 do
-    found[math.tointeger(tonumber(r[i + 1]))] = { kind = r[i], holder = r[i + 2] }
+    local id = math.tointeger(tonumber(r[i + 1]))
+    if r[i] == "B" then
+      local holder, codes = r[i + 2]:match("^(.*)\t(.*)$")
+      found.blocks[id] = { holder = holder, codes = codes }
+    else
+      found.lines[id] = { kind = r[i], holder = r[i + 2] }
+    end
     n = n + 1
   end
   return found, n, r[1]
+end
+
+--- What a swept block or line says about `line`: "." (final: nothing to do), "I"|"R", holder, or
+--- nil (not taken over).
+function Cluster:orphan_of(found, line)
+  local o = found.lines[line]
+  if o then return o.kind, o.holder end
+  local b = found.blocks[line // self.block]
+  if b then
+    local code = b.codes:sub(line % self.block + 1, line % self.block + 1)
+    return code, b.holder
+  end
 end
 
 --- The run is over: outcomes flushed, the worker marked finished and its lease given up (its
@@ -672,7 +756,8 @@ function Cluster:state()
   local k, conn = self.k, self.redis
   local r, err = conn:pipeline {
     { "HGETALL", k.meta }, { "HGETALL", k.workers }, { "ZRANGE", k.alive, 0, -1, "WITHSCORES" },
-    { "HGETALL", k.counts }, { "HGETALL", k.claim }, { "HLEN", k.retry }, { "TIME" }, { "HLEN", k.done },
+    { "HGETALL", k.counts }, { "HGETALL", k.flight }, { "HLEN", k.retry }, { "TIME" }, { "HLEN", k.done },
+    { "HGETALL", k.blocks },
   }
   if not r then return nil, err end
   for _, x in ipairs(r) do if type(x) == "table" and x.err then return nil, x.err end end
@@ -685,7 +770,7 @@ function Cluster:state()
     local state, started, info = v:match("^([^\t]*)\t([^\t]*)\t?(.*)$")
     local left = leases[name] and tonumber(leases[name]) - now
     local w = { name = name, state = state, started = tonumber(started), info = info, counts = {}, claimed = 0,
-                alive = left ~= nil and left > 0, lease_left = left }
+                blocks = 0, alive = left ~= nil and left > 0, lease_left = left }
     by[name] = w
     st.workers[#st.workers + 1] = w
   end
@@ -698,9 +783,12 @@ function Cluster:state()
       st.counts[key] = n
     end
   end
-  for _, holder in pairs(pairs_of(r[5])) do
+  for _, holder in pairs(pairs_of(r[5])) do              -- claimed: rows in flight now
     st.claimed = st.claimed + 1
     if by[holder] then by[holder].claimed = by[holder].claimed + 1 end
+  end
+  for _, holder in pairs(pairs_of(r[9])) do
+    if by[holder] then by[holder].blocks = by[holder].blocks + 1 end
   end
   table.sort(st.workers, function(a, b) return (a.started or 0) < (b.started or 0) or
                                                (a.started == b.started and a.name < b.name) end)
@@ -719,7 +807,7 @@ function M.status_text(st, name, total)
     return ("%s: no such campaign in Redis (no worker has started it)"):format(name)
   end
   out[#out + 1] = ("%s: %d%s rows final: %d sent, %d failed, %d skipped, %d in-flight (possibly sent); "
-                   .. "%d deferred; %d claimed now"):format(name, final, total and ("/" .. total) or "",
+                   .. "%d deferred; %d in flight now"):format(name, final, total and ("/" .. total) or "",
                    c.sent or 0, c.failed or 0, c.skipped or 0, c["in-flight"] or 0, st.deferred, st.claimed)
   local alive, dead = 0, 0
   for _, w in ipairs(st.workers) do
@@ -729,11 +817,12 @@ function M.status_text(st, name, total)
   for _, w in ipairs(st.workers) do
     local what = w.alive and ("alive (lease %.1f s)"):format(w.lease_left / 1000)
                  or w.state == "finished" and "finished"
-                 or (w.claimed > 0 and "dead: its claimed rows are reported in-flight by the next worker" or "dead")
+                 or ((w.claimed > 0 or w.blocks > 0)
+                     and "dead: the next worker takes its rows (the in-flight ones are reported in-flight)" or "dead")
     local n = w.counts
-    out[#out + 1] = ("  %-28s %-10s sent %d  failed %d  skipped %d  in-flight %d  claimed %d  %s"):format(
+    out[#out + 1] = ("  %-28s %-10s sent %d  failed %d  skipped %d  in-flight %d  in flight now %d  blocks %d  %s"):format(
       w.name, w.info ~= "" and w.info or "", n.sent or 0, n.failed or 0, n.skipped or 0, n["in-flight"] or 0,
-      w.claimed, what)
+      w.claimed, w.blocks, what)
   end
   return table.concat(out, "\n")
 end
@@ -761,9 +850,12 @@ function Cluster:write_report(c, path, columns)
   if not st then return nil, err end
   local alive = {}
   for _, w in ipairs(st.workers) do alive[w.name] = w.alive end
-  local claimed, flying = {}, {}
+  local claimed, flying, blocks = {}, {}, {}
   ok, err = hscan(conn, k.claim, function(line, holder) claimed[tonumber(line)] = holder end)
   if not ok then return nil, err end
+  ok, err = hscan(conn, k.blocks, function(b, holder) blocks[tonumber(b)] = holder end)
+  if not ok then return nil, err end
+  local size = math.tointeger(tonumber(st.meta.block)) or M.DEFAULT_BLOCK
   ok, err = hscan(conn, k.flight, function(line) flying[tonumber(line)] = true end)
   if not ok then return nil, err end
   local reader
@@ -774,11 +866,14 @@ function Cluster:write_report(c, path, columns)
   if not report then reader:close(); return nil, err end
   local function emit(line, email)
     local rep = byline[line]
-    if not rep and claimed[line] then
-      local h = claimed[line]
-      if alive[h] then
+    local h = not rep and (claimed[line] or blocks[line // size])
+    if h then
+      if alive[h] and flying[line] then
         rep = { line = line, email = email, status = "in-flight", stage = "cluster",
                 response = ("being sent by worker %s"):format(h) }
+      elseif alive[h] then
+        rep = { line = line, email = email, status = "not-started", stage = "cluster",
+                response = ("reserved by worker %s, which has not sent it yet"):format(h) }
       elseif flying[line] then
         rep = { line = line, email = email, status = "in-flight", stage = "cluster",
                 response = ("possibly sent by worker %s, which stopped while it was in flight"):format(h) }

@@ -172,7 +172,7 @@ end
 function M.new(c, reader, o)
   return setmetatable({
     c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
-    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {}, pending = 0,
+    ahead = o.ahead or 8, ready = {}, ready_head = 1, ready_tail = 0, waiting_tasks = {},
     resend_in_flight = o.resend_in_flight, retry = o.retry, stopped = o.stopped,
     first = M.dedupe(), queue = {}, seen = 0, exhausted = false,
   }, Rows)
@@ -222,7 +222,7 @@ function Rows:next()
       local item = table.remove(queue, 1)
       -- in a cluster, claimed again first (the retry is in flight again); a worker that took it
       -- over while this one's lease had run out reports it instead
-      if not self.cluster or self.cluster:claim(item.line, "r") == "mine" then
+      if not self.cluster or self.cluster:claim_retry(item.line) then
         return item.row, item.line, item
       end
     end
@@ -252,27 +252,6 @@ local ORPHAN = "possibly sent by worker %s, which stopped (its lease ran out) wh
                .. "not sent again (--resend-in-flight sends it)"
 M.ORPHAN = ORPHAN
 
--- A row of a worker that stopped, now held by this one: a deferred one ("R": it was not sent)
--- is sent; an in-flight one ("I": possibly sent) is reported in-flight, or sent again with
--- resend_in_flight.  -> row, line to deliver, or nil
-function Rows:orphan(row, line, kind, holder, msg)
-  if not row then
-    self.sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(self.c.recipients, line, msg) }
-  elseif kind == "R" or self.resend_in_flight then
-    return row, line
-  else
-    self.sink:add { line = line, email = row[self.c.email_field], status = "in-flight", stage = "cluster",
-                    response = ORPHAN:format(holder) }
-  end
-end
-
--- Rows are claimed in batches read ahead of the tasks: a batch of `ahead` rows (half the run's
--- concurrency) in one script call, more batches asked for while fewer than 3 * ahead rows are
--- claimed and not taken, so that the tasks seldom wait for Redis (a round trip costs a turn or
--- two of the event loop) and Redis is asked once per batch, not once per row.  The price: a
--- worker killed with kill -9 leaves up to 1.5 times its concurrency in claimed rows it had not
--- started, besides the ones it was sending; they are reported in-flight (possibly sent) like
--- those, never sent twice.
 local function push_ready(self, row, line)
   if row then
     self.ready_tail = self.ready_tail + 1
@@ -280,76 +259,146 @@ local function push_ready(self, row, line)
   end
 end
 
--- Read and claim the next batch.  One task reads at a time (self.reading: the reader is
--- shared), but the claims of several batches may be on their way at once (self.pending rows):
--- a Redis round trip costs a turn or two of the event loop, which is long when many tasks
--- render in it, and one batch at a time would make the whole run wait for each.
+-- Blocks: the workers split the file into blocks of cluster.block lines, handed out in file
+-- order by a counter in Redis (Cluster:next_block).  Every worker reads the whole file (a
+-- duplicate is the second row of an address anywhere in it, so every row's address is seen)
+-- and takes the rows that start in its own blocks: Redis is asked once per block of lines, not
+-- once per row and worker.  The next block is asked for ahead (a task of its own), so that
+-- reading seldom waits for Redis.  A worker killed with kill -9 leaves its blocks held: once its
+-- lease runs out, the next worker to finish its pass takes them (Cluster:sweep), reports the rows
+-- it had marked in flight `in-flight` and sends the others.
+
+-- Ask Redis for the next block, in the background.
+function Rows:fetch_block()
+  local f = {}
+  self.fetching = f
+  core.spawn(function()
+    f.b = self.cluster:next_block()
+    f.done = true
+    if f.drop and f.b then self.cluster:block_done(f.b) end     -- the file ended meanwhile
+    if f.waiter then core.wake(f.waiter) end
+  end)
+end
+
+-- The next block of this worker's (waits for Redis when it is not here yet), the one after it
+-- asked for at once.  -> number | nil (Redis is lost)
+function Rows:take_block()
+  if not self.fetching then self:fetch_block() end
+  local f = self.fetching
+  if not f.done then
+    f.waiter = core.current()
+    core.suspend()
+  end
+  self.fetching = nil
+  if f.b then self:fetch_block() end
+  return f.b
+end
+
+-- The end of a pass: this worker's blocks in it are read (each is released once its rows are
+-- settled), and a block asked for ahead is not needed.
+function Rows:end_of_pass()
+  local cl = self.cluster
+  self.exhausted = true
+  if self.only then
+    for b in pairs(self.only.blocks) do cl:block_done(b) end
+  elseif self.block then
+    cl:block_done(self.block)
+  end
+  self.block = nil
+  local f = self.fetching
+  if f then
+    self.fetching = nil
+    if f.done then if f.b then cl:block_done(f.b) end else f.drop = true end
+  end
+end
+
+-- Is the row that starts on `line` this worker's?  First pass: it is when its block is; the
+-- blocks this worker's reading goes past are done, and a block with no row in it (a record
+-- over many lines) too.  -> true | false | nil (Redis is lost)
+function Rows:in_my_block(line)
+  local cl = self.cluster
+  local b = line // cl.block
+  while not self.block or b > self.block do
+    if self.block then cl:block_done(self.block) end
+    self.block = self:take_block()
+    if not self.block then return nil end
+  end
+  return b == self.block
+end
+
+-- One row of a second pass (a stopped worker's block or line, now this worker's): a row of it
+-- that is not final is sent ("R": it was not) or reported in-flight ("I": possibly sent; sent
+-- again with resend_in_flight).  -> row, line to deliver, or nil
+function Rows:orphan(row, line, kind, holder, msg, first)
+  local c, cl = self.c, self.cluster
+  cl:took(line)
+  if not row then
+    self:bad_line(line, msg)
+  elseif not first then
+    self.sink:add { line = line, email = row[c.email_field], status = "skipped", response = DUPLICATE }
+  elseif kind == "R" or self.resend_in_flight then
+    return row, line
+  else
+    self.sink:add { line = line, email = row[c.email_field], status = "in-flight", stage = "cluster",
+                    response = ORPHAN:format(holder) }
+  end
+end
+
+-- A line that is not a record (and each line it swallowed): skipped, each in the report.
+function Rows:bad_line(line, msg)
+  local c, cl = self.c, self.cluster
+  self.sink:add { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
+  for k = line + 1, self.reader:line() do
+    self.seen = self.seen + 1
+    if cl then cl:took(k) end
+    self.sink:add { line = k, status = "skipped", response = M.swallowed(c.recipients, k, line) }
+  end
+end
+
+-- Read rows until `ahead` of this worker's are ready for the tasks.  One task reads at a time
+-- (self.reading: the reader is shared); the others wait for it.
 function Rows:refill()
   if self.reading or self.exhausted then return end
   self.reading = true
   local c, cl = self.c, self.cluster
-  local batch, n = {}, 0
+  local n = 0
   while n < self.ahead and not (self.limit and self.seen >= self.limit) do
     local row, line, msg = self.reader:read()
     if row == nil then
       if msg then io.stderr:write("mailshot: ", c.recipients_path, ": ", msg, "\n") end
-      self.exhausted = true
       break
     end
     self.seen = self.seen + 1
-    if self.only then                     -- a second pass: only the lines taken over
-      local o = self.only[line]
-      if o then
-        self.only[line] = nil
-        batch[#batch + 1] = { orphan = o, row = row, line = line, msg = msg }
-        n = n + 1
+    local first = not row or self.first(row[c.email_field])
+    if self.only then                     -- a second pass: only the blocks and lines taken over
+      local kind, holder = cl:orphan_of(self.only, line)
+      if kind and kind ~= "." then
+        local r, l = self:orphan(row, line, kind, holder, msg, first)
+        if r then push_ready(self, r, l); n = n + 1 end
       end
     else
-      local address = row and row[c.email_field]
-      if row and not self.first(address) then
-        local rep = { line = line, email = address, status = "skipped", response = DUPLICATE }
-        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
-      elseif row then
-        batch[#batch + 1] = { line = line, mode = "n", row = row }
-        n = n + 1
-      else
-        -- a bad line, and each line it swallowed: settled by their claims, one step each
-        local rep = { line = line, status = "skipped", response = ("%s line %d: %s"):format(c.recipients, line, msg) }
-        batch[#batch + 1] = { line = line, mode = "s", rec = cl:record(rep), rep = rep }
-        for k = line + 1, self.reader:line() do
-          self.seen = self.seen + 1
-          local r = { line = k, status = "skipped", response = M.swallowed(c.recipients, k, line) }
-          batch[#batch + 1] = { line = k, mode = "s", rec = cl:record(r), rep = r }
+      local mine = self:in_my_block(line)
+      if mine == nil then break end       -- Redis is lost: the run stops
+      if mine then
+        cl:took(line)
+        if not row then self:bad_line(line, msg)
+        elseif not first then
+          self.sink:add { line = line, email = row[c.email_field], status = "skipped", response = DUPLICATE }
+        else
+          push_ready(self, row, line)
+          n = n + 1
         end
       end
     end
   end
+  if n < self.ahead and not self.exhausted then self:end_of_pass() end
   self.reading = false
-  self.pending = self.pending + n
-  local claims = {}
-  for _, b in ipairs(batch) do if not b.orphan then claims[#claims + 1] = b end end
-  -- the outcomes since the last batch go in the same write (a task of their own: auto-pipelined
-  -- with the claims), so that a worker killed now leaves few finished rows still claimed
-  if cl.settleq[1] then core.spawn(cl.flush, cl) end
-  if claims[1] then cl:claim_many(claims) end
-  for _, b in ipairs(batch) do
-    local r = b.result
-    if b.orphan then push_ready(self, self:orphan(b.row, b.line, b.orphan.kind, b.orphan.holder, b.msg))
-    elseif b.rep then                               -- a row that needs no message
-      if r == "mine" then self.sink.report:add(b.rep)     -- settled in Redis by the claim
-      elseif r == "I" or r == "R" then self.sink:add(b.rep) end
-    elseif r == "mine" then push_ready(self, b.row, b.line)
-    elseif r == "I" or r == "R" then push_ready(self, self:orphan(b.row, b.line, r, b.holder))
-    end
-    -- "no": final already, or claimed by a live worker; "error": Redis is lost (the run stops)
-  end
-  self.pending = self.pending - n
   local waiting = self.waiting_tasks
   self.waiting_tasks = {}
   for _, t in ipairs(waiting) do core.wake(t) end
 end
 
--- The next claimed row: row, line | false (none yet: ask again) | nil (the file is read).
+-- The next row of this worker's: row, line | false (none yet: ask again) | nil (the file is read).
 function Rows:claimed_row()
   if self.refill_error then error(self.refill_error, 0) end
   local head = self.ready_head
@@ -357,7 +406,7 @@ function Rows:claimed_row()
   if item then
     self.ready[head] = nil
     self.ready_head = head + 1
-    local left = self.ready_tail - head + self.pending
+    local left = self.ready_tail - head
     if left <= 3 * self.ahead and not self.reading and not self.exhausted and not self.stopped() then
       core.spawn(function()
         local ok, e = xpcall(self.refill, debug.traceback, self)
@@ -366,7 +415,7 @@ function Rows:claimed_row()
     end
     return item[1], item[2]
   end
-  if self.pending > 0 or self.reading then   -- claims on their way: wait for them
+  if self.reading then                      -- another task reads (or waits for a block): wait for it
     self.waiting_tasks[#self.waiting_tasks + 1] = core.current()
     core.suspend()
     return false
@@ -376,8 +425,8 @@ function Rows:claimed_row()
   return false
 end
 
---- The rows claimed ahead that no task took (the run stopped): given back (their claims
---- released) and reported not-started.
+--- The rows read ahead that no task took (the run stopped): reported not-started; their blocks
+--- stay held, and the worker that takes them after this one stops sends them.
 function Rows:release_ready()
   for i = self.ready_head, self.ready_tail do
     local item = self.ready[i]
@@ -386,9 +435,9 @@ function Rows:release_ready()
   self.ready, self.ready_head, self.ready_tail = {}, 1, 0
 end
 
--- At the end of a pass over the file: take the rows of workers whose lease ran out (their
--- claims, which this worker's pass went by while they were live, and their deferred rows), and
--- read the file again for those lines only.  While live workers still hold claims, look again
+-- At the end of a pass over the file: take what workers whose lease ran out held (their blocks,
+-- and their deferred rows), and read the file again for those only.  While live workers still
+-- hold blocks, look again
 -- every 0.1 s (a worker killed now is found once its lease runs out), for at most two leases
 -- and a second: every row is then final in Redis, or held by a live worker (or, if that one
 -- dies later, shown in-flight by `mailshot cluster report` and taken by the next worker).
@@ -422,6 +471,7 @@ function Rows:next_pass()
   end
   self.reader:close()
   self.reader, self.only, self.exhausted = reader, found, false
+  self.first = M.dedupe()                 -- a duplicate is told again, from the first row on
   return true
 end
 

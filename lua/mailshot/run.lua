@@ -246,7 +246,10 @@ function M.new(c, opts, columns)
     cl, cerr = require("mailshot.cluster").connect(opts.cluster, c)
     if cl then
       local ok, serr = cl:check_marker(opts.cluster_marker, opts.force)
-      if ok then ok, serr = cl:start(c:fingerprint(opts.script), c.name) end
+      -- the file is cut in blocks of read_ahead lines (1.5 x the concurrency by default): the
+      -- first worker's size is the campaign's
+      local block = opts.cluster.read_ahead or math.max(8, 3 * (opts.concurrency or c.concurrency) // 2)
+      if ok then ok, serr = cl:start(c:fingerprint(opts.script), c.name, block) end
       if ok then cl:write_marker(opts.cluster_marker) end
       if not ok then cl:close(); cl, cerr = nil, serr end
     end
@@ -270,7 +273,7 @@ function M.new(c, opts, columns)
     self.sink.publish = function(email, reason) return cluster_suppress.publish(cl, email, reason) end
   end
   self.rows = rows.new(c, reader, { sink = self.sink, previous = previous, limit = opts.limit, cluster = cl,
-                                    ahead = cl and math.max(4, (cl.spec.read_ahead or 3 * (opts.concurrency or c.concurrency) // 2) // 3),
+                                    ahead = cl and math.max(4, (opts.concurrency or c.concurrency) // 2),
                                     resend_in_flight = c.resend_in_flight or opts.resend_in_flight,
                                     retry = not opts.dry and c.retry,
                                     stopped = function() return self.stopping ~= nil end })

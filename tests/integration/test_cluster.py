@@ -101,8 +101,12 @@ class ClusterTests(MailshotTestCase):
         procs["w2"].communicate()
         time.sleep(0.3)                 # what w2 wrote before it died still reaches Redis (the kernel sends it)
         killed_at = self.done_count(redis)
-        held = redis.cli("HGETALL", "mailshot:{c}:claim").split()
-        held_by_w2 = {held[i] for i in range(0, len(held), 2) if held[i + 1] == "w2"}
+        # the lines of the blocks w2 held (its finished blocks are released)
+        size = int(redis.cli("HGET", "mailshot:{c}:meta", "block").strip())
+        held = redis.cli("HGETALL", "mailshot:{c}:blocks").split()
+        held_by_w2 = {str(line) for i in range(0, len(held), 2) if held[i + 1] == "w2"
+                      for line in range(int(held[i]) * size, int(held[i]) * size + size) if 2 <= line < n + 2}
+        self.assertTrue(held_by_w2, "w2 held no block when it was killed")
         flying = redis.cli("HGETALL", "mailshot:{c}:flight").split()
         flying_w2 = {flying[i] for i in range(0, len(flying), 2) if flying[i + 1] == "w2"}
         self.assertLessEqual(flying_w2, held_by_w2, "a row in flight that w2 did not hold")
@@ -180,21 +184,24 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(max(got.values()), 1)
         self.assertEqual(sum(got.values()), 22)
 
-    def dead_worker_holding(self, redis, in_flight, reserved):
-        """Redis as a worker w0 leaves it when killed: lines it had marked in flight, lines it had
-        only reserved (read ahead), and a lease that ran out long ago."""
-        for line in in_flight + reserved:
-            redis.cli("HSET", "mailshot:{c}:claim", str(line), "w0")
+    def dead_worker_holding(self, redis, in_flight, blocks):
+        """Redis as a worker w0 leaves it when killed: the blocks of lines it held (the campaign's
+        blocks are 4 lines: cluster.read_ahead), the lines it had marked in flight, and a lease that
+        ran out long ago; the next worker gets the block after them."""
+        for b in blocks:
+            redis.cli("HSET", "mailshot:{c}:blocks", str(b), "w0")
+        redis.cli("SET", "mailshot:{c}:cursor", str(max(blocks) + 1))
         for line in in_flight:
             redis.cli("HSET", "mailshot:{c}:flight", str(line), "w0")
         redis.cli("ZADD", "mailshot:{c}:alive", "0", "w0")
         redis.cli("HSET", "mailshot:{c}:workers", "w0", "running\t0\t")
 
     def test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent(self):
-        script = self.campaign(10)
+        script = self.campaign(10, cluster="read_ahead = 4")
         redis = self.start_redis()
         smtp, log = self.start_sink()
-        self.dead_worker_holding(redis, in_flight=[3, 7], reserved=[4, 8])   # u1, u5; u2, u6
+        # blocks 0 and 1: lines 2-7 (u0-u5), u1 and u5 in flight; block 2 (u6-u9) goes to w1
+        self.dead_worker_holding(redis, in_flight=[3, 7], blocks=[0, 1])
         p = self.worker(script, smtp, redis, "w1")
         out, err = p.communicate(timeout=scaled(60, 300))
         self.assertEqual(p.returncode, 0, out + err)
@@ -206,18 +213,19 @@ class ClusterTests(MailshotTestCase):
             self.assertIn("worker w0", by_email[e]["response"])
         got = self.received(log)
         self.assertEqual(got["u1@example.com"] + got["u5@example.com"], 0, "an in-flight row was sent again")
-        for e in ("u2@example.com", "u6@example.com"):        # only reserved: never started, so sent
+        for e in ("u0@example.com", "u2@example.com", "u6@example.com"):   # w0's not started, so sent; w1's own
             self.assertEqual(by_email[e]["status"], "sent", by_email[e])
             self.assertEqual(got[e], 1)
         self.assertEqual(sum(got.values()), 8)
         self.assertEqual(redis.cli("HLEN", "mailshot:{c}:flight").strip(), "0", "in-flight marks left behind")
+        self.assertEqual(redis.cli("HLEN", "mailshot:{c}:blocks").strip(), "0", "blocks left held")
 
     @valgrind_redundant("its C paths are test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent's")
     def test_resend_in_flight_sends_a_dead_workers_in_flight_rows_again(self):
-        script = self.campaign(10)
+        script = self.campaign(10, cluster="read_ahead = 4")
         redis = self.start_redis()
         smtp, log = self.start_sink()
-        self.dead_worker_holding(redis, in_flight=[3, 7], reserved=[4])
+        self.dead_worker_holding(redis, in_flight=[3, 7], blocks=[0, 1])
         p = self.worker(script, smtp, redis, "w1", "--resend-in-flight")
         out, err = p.communicate(timeout=scaled(60, 300))
         self.assertEqual(p.returncode, 0, out + err)
