@@ -30,6 +30,15 @@ local M = {}
 local STOPPED = setmetatable({}, { __tostring = function() return "stopped while waiting for a rate limit" end })
 M.STOPPED = STOPPED
 
+-- What send_one returns for a row whose in-flight mark Redis refused: this worker's lease ran
+-- out while it was stalled (SIGSTOP, a long pause, a frozen VM) and another worker took the row
+-- over.  Not a send's result: the row is not this worker's any more, so no outcome of it goes to
+-- Redis (the other worker's is the row's; a `failed` settled here would replace it) and none to
+-- on_result, the relay's health or the bounces; this worker's own report says not-started.
+local TAKEN_OVER = setmetatable({}, { __tostring = function() return "taken over by another worker" end })
+M.TAKEN_OVER_TEXT = "not sent here: another worker took this row over while this worker was stalled past its "
+                    .. "lease; its outcome is that worker's (mailshot cluster report)"
+
 local Run = {}
 Run.__index = Run
 
@@ -95,6 +104,10 @@ function Run:deliver(msg, email, row, line, rep)
   end
   local domain = (email:match("@([^@]+)$") or ""):lower()
   local res, refused = sender.limited(self:limiters_for(domain), domain, nil, self.send_one, self, msg, row, line, email)
+  if res == TAKEN_OVER then
+    rep.status, rep.stage, rep.response, rep.taken_over = "not-started", "cluster", M.TAKEN_OVER_TEXT, true
+    return rep
+  end
   if refused and refused == self.send_limiter then
     res.via = "relay"                    -- the relay's own limit: its result, as relay:send gives it
   elseif refused then
@@ -126,10 +139,9 @@ function Run:send_one(msg, row, line, email)
     -- here on leaves it reported in-flight, never sent twice (before, it is only reserved, and
     -- another worker sends it)
     local ok, err = self.cluster:start_row(line)
+    if ok == false then return TAKEN_OVER end
     if not ok then
-      return sender.failure("cluster", err and ("not sent: " .. tostring(err))
-                            or "not sent: another worker took this row over (this worker's lease ran out)",
-                            true, "cluster", { retry = false })
+      return sender.failure("cluster", "not sent: " .. tostring(err), true, "cluster", { retry = false })
     end
   end
   return sender.call(self.send, msg, row)
@@ -404,7 +416,9 @@ function Run:work()
       else source:not_started(row, line) end
       break
     end
-    if rep.status == "failed" and rep.temporary then
+    if rep.taken_over then                           -- another worker's row now: this report only
+      sink.report:add(rep)
+    elseif rep.status == "failed" and rep.temporary then
       self.last_temporary = M.short_reason(rep)        -- why "deferred" grows: on the progress line
       if not (rep.retry ~= false and source:defer(item or { row = row, line = line }, rep)) then
         rep.status = "deferred"                        -- not delivered: --resume tries again
