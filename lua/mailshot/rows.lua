@@ -225,6 +225,13 @@ function Rows:next()
       if not self.cluster or self.cluster:claim_retry(item.line) then
         return item.row, item.line, item
       end
+      local rep = item.rep                 -- in this worker's report only
+      if self.cluster.lost then
+        rep.status = "deferred"            -- Redis is lost: the run stops, the row is still to do
+      else
+        rep.status, rep.stage, rep.response = "not-started", "cluster", M.TAKEN_OVER
+      end
+      self.sink.report:add(rep)
     end
     local row, line, msg
     if self.cluster then
@@ -247,6 +254,9 @@ function Rows:next()
 end
 
 -- Cluster mode (mailshot.cluster) -------------------------------------------------------------
+
+M.TAKEN_OVER = "not sent here: another worker took this row over while this worker was stalled past its "
+               .. "lease; its outcome is that worker's (mailshot cluster report)"
 
 local ORPHAN = "possibly sent by worker %s, which stopped (its lease ran out) while this row was in flight; "
                .. "not sent again (--resend-in-flight sends it)"

@@ -36,8 +36,7 @@ M.STOPPED = STOPPED
 -- Redis (the other worker's is the row's; a `failed` settled here would replace it) and none to
 -- on_result, the relay's health or the bounces; this worker's own report says not-started.
 local TAKEN_OVER = setmetatable({}, { __tostring = function() return "taken over by another worker" end })
-M.TAKEN_OVER_TEXT = "not sent here: another worker took this row over while this worker was stalled past its "
-                    .. "lease; its outcome is that worker's (mailshot cluster report)"
+M.TAKEN_OVER_TEXT = rows.TAKEN_OVER
 
 local Run = {}
 Run.__index = Run
@@ -140,9 +139,9 @@ function Run:send_one(msg, row, line, email)
     -- another worker sends it)
     local ok, err = self.cluster:start_row(line)
     if ok == false then return TAKEN_OVER end
-    if not ok then
-      return sender.failure("cluster", "not sent: " .. tostring(err), true, "cluster", { retry = false })
-    end
+    -- Redis is lost (the run stops): not started, in this worker's report (the command that
+    -- continues is printed at the end)
+    if not ok then error(STOPPED, 0) end
   end
   return sender.call(self.send, msg, row)
 end
@@ -418,6 +417,7 @@ function Run:work()
     end
     if rep.taken_over then                           -- another worker's row now: this report only
       sink.report:add(rep)
+      self.cluster:settle("X", rep)                    -- (its part in this worker's block ends)
     elseif rep.status == "failed" and rep.temporary then
       self.last_temporary = M.short_reason(rep)        -- why "deferred" grows: on the progress line
       if not (rep.retry ~= false and source:defer(item or { row = row, line = line }, rep)) then

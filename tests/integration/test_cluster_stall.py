@@ -134,7 +134,7 @@ class ClusterStallTests(MailshotTestCase):
         self.assertEqual({r["status"] for r in rows}, {"sent"}, [r for r in rows if r["status"] != "sent"])
         st = self.status(script, redis)
         self.assertIn(f"c: {n}/{n} rows final: {n} sent, 0 failed, 0 skipped, 0 in-flight (possibly sent); "
-                      "0 deferred; 0 claimed now", st)
+                      "0 deferred; 0 in flight now", st)
         self.assertIn("workers: 0 alive, 0 dead, 2 finished", st)
-        self.assertRegex(st, rf"(?m)^  wA .* sent {len(a_sent)}  failed 0  skipped 0  in-flight 0  claimed 0 ")
-        self.assertRegex(st, rf"(?m)^  wB .* sent {len(b_sent)}  failed 0  skipped 0  in-flight 0  claimed 0 ")
+        self.assertRegex(st, rf"(?m)^  wA .* sent {len(a_sent)}  failed 0  skipped 0  in-flight 0  in flight now 0  blocks 0 ")
+        self.assertRegex(st, rf"(?m)^  wB .* sent {len(b_sent)}  failed 0  skipped 0  in-flight 0  in flight now 0  blocks 0 ")
