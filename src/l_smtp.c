@@ -4,14 +4,22 @@
  *                       ca_file=, verify=true, helo=, timeout=60, max_connections=8,
  *                       allow_plaintext_auth=false, source=, trace=false,
  *                       dns="IP[:PORT],...", dns_timeout=3 }   (for a server given by name)
- *   result = relay:send{ from = "a@x", to = "b@y" | {...}, data = "RFC 5322 text" }
+ *   result = relay:send{ from = "a@x", to = "b@y" | {...}, data = "RFC 5322 text", gate = g }
  *   info   = relay:check()
  *   relay:close()
+ *   g = smtp.gate(); g:open(); g:refuse(why); g:wait() -> true | false, why; g:state()
  *
  * A relay owns a pool of sessions shared by every task: send() takes an idle session, opens a
  * new one while under max_connections, or waits its turn.  The operations (send_op) are plain C
  * structs owned by the relay, so a Lua-side collection order at exit can never leave a session
- * pointing at freed memory. */
+ * pointing at freed memory.
+ *
+ * A gate holds a send back until someone else says it may go: a cluster worker's message may
+ * only go out once Redis has its in-flight mark (mailshot.cluster), and the mark's round trip
+ * overlaps the send's wait for a session instead of coming before it.  A send whose gate is
+ * closed waits in the relay's line without taking a session; g:open() lets it take one in its
+ * turn, g:refuse(why) ends it unsent.  Nothing of the message goes to a server before the gate
+ * opens. */
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdlib.h>
@@ -31,6 +39,18 @@
  * (AUTH data masked), for `mailshot run --log FILE`.  Kept open until exit. */
 static FILE *dialogue_log;
 
+#define GATE_MT "mailshot.gate"
+
+enum { GATE_CLOSED, GATE_OPEN, GATE_REFUSED };
+
+/* Shared by its Lua object and the send that waits on it (refs): freed by the last one. */
+typedef struct gate {
+  int refs, state;
+  struct send_op *op;       /* the send held back by it, while it waits in its relay's line */
+  task_wait waiter;         /* a task in g:wait() */
+  char why[512];            /* refused: why */
+} gate;
+
 typedef struct send_op {
   struct send_op *next, *prev;   /* every op of the relay (doubly linked: O(1) unlink) */
   struct send_op *qnext;    /* waiting queue */
@@ -38,6 +58,7 @@ typedef struct send_op {
   task_wait wait;           /* the task parked in send() or check(): only this op wakes it */
   smtp_txn *txn;
   smtp_conn *conn;
+  gate *gate;               /* held back while it is closed (NULL: none) */
 } send_op;
 
 typedef struct relay {
@@ -75,8 +96,18 @@ static void op_unlink(relay *r, send_op *op) {
   op->next = op->prev = NULL;
 }
 
+static void gate_unref(gate *g) {
+  if (g && --g->refs == 0) { task_wait_cancel(&g->waiter); free(g); }
+}
+
+static int op_held(const send_op *op) { return op->gate && op->gate->state == GATE_CLOSED; }
+
 static void op_free(send_op *op) {
   task_wait_cancel(&op->wait);   /* a no-op once the task was woken */
+  if (op->gate) {
+    if (op->gate->op == op) op->gate->op = NULL;
+    gate_unref(op->gate);
+  }
   smtp_txn_free(op->txn);
   free(op);
 }
@@ -242,7 +273,7 @@ static void push_check(lua_State *L, smtp_conn *c, relay *r) {
 /* ---------------- driving sessions ---------------- */
 
 static void on_send_done(smtp_conn *c, smtp_txn *t, void *ud);
-static void start_op(relay *r, send_op *op, smtp_conn *c);
+static int start_op(relay *r, send_op *op, smtp_conn *c);
 
 static void quit_done(smtp_conn *c, void *ud) {
   relay *r = ud;
@@ -267,13 +298,31 @@ static void quit_extra(relay *r, smtp_conn *c) {
   smtp_conn_free(c);
 }
 
+static void queue_unlink(relay *r, send_op *op, send_op *prev) {
+  if (prev) prev->qnext = op->qnext; else r->queue_head = op->qnext;
+  if (r->queue_tail == op) r->queue_tail = prev;
+  op->qnext = NULL;
+}
+
+/* The first send in line that may start (one whose gate is closed waits, and lets the ones
+ * behind it pass); NULL: none. */
+static send_op *queue_first(relay *r, send_op **prev_out) {
+  send_op *prev = NULL;
+  for (send_op *op = r->queue_head; op; prev = op, op = op->qnext)
+    if (!op_held(op)) { if (prev_out) *prev_out = prev; return op; }
+  return NULL;
+}
+
 static send_op *queue_pop(relay *r) {
+  send_op *prev = NULL, *op = queue_first(r, &prev);
+  if (op) queue_unlink(r, op, prev);
+  return op;
+}
+
+/* Every send in line, held or not (the login was refused: they all end). */
+static send_op *queue_pop_any(relay *r) {
   send_op *op = r->queue_head;
-  if (op) {
-    r->queue_head = op->qnext;
-    if (!r->queue_head) r->queue_tail = NULL;
-    op->qnext = NULL;
-  }
+  if (op) queue_unlink(r, op, NULL);
   return op;
 }
 
@@ -310,11 +359,11 @@ static void next_waiter(relay *r, smtp_conn *c) {
   if (c && smtp_conn_dead(c)) { pool_remove(r, c); smtp_conn_free(c); c = NULL; }
   if (r->auth_refused) {             /* no new session, no new login: the waiting sends end here */
     send_op *op;
-    while ((op = queue_pop(r)) != NULL) refuse_waiter(r, op);
+    while ((op = queue_pop_any(r)) != NULL) refuse_waiter(r, op);
     return;
   }
-  while (r->queue_head && c && smtp_conn_can_take(c)) start_op(r, queue_pop(r), c);
-  while (r->queue_head && r->nconns < r->max_connections) {
+  while (c && smtp_conn_can_take(c) && queue_first(r, NULL)) start_op(r, queue_pop(r), c);
+  while (queue_first(r, NULL) && r->nconns < r->max_connections) {
     smtp_conn *fresh = smtp_conn_new(r->loop, &r->cfg);
     if (!fresh || pool_add(r, fresh) < 0) { smtp_conn_free(fresh); return; }
     start_op(r, queue_pop(r), fresh);
@@ -338,14 +387,16 @@ static void on_send_result(smtp_conn *c, smtp_txn *t, void *ud) {
   on_send_done(c, t, ud);
 }
 
-static void start_op(relay *r, send_op *op, smtp_conn *c) {
+static int start_op(relay *r, send_op *op, smtp_conn *c) {
   op->conn = c;
   if (smtp_conn_send(c, op->txn, on_send_result, op) < 0) {
     /* the session cannot take it after all: back to the head of the line */
     op->qnext = r->queue_head;
     r->queue_head = op;
     if (!r->queue_tail) r->queue_tail = op;
+    return -1;
   }
+  return 0;
 }
 
 /* The session for a new send: an idle one, a new one while under max_connections, then one
@@ -365,6 +416,14 @@ static smtp_conn *pick_session(relay *r) {
     smtp_conn_free(c);
   }
   return pipelined;
+}
+
+/* Start the sends in line that may start, while sessions take them (a gate opened). */
+static void dispatch(relay *r) {
+  while (queue_first(r, NULL)) {
+    smtp_conn *c = pick_session(r);
+    if (!c || start_op(r, queue_pop(r), c) < 0) return;
+  }
 }
 
 static void on_check_done(smtp_conn *c, void *ud) {
@@ -576,7 +635,9 @@ static void push_invalid(lua_State *L, relay *r, const char *stage, const char *
   push_result(L, &res, NULL, r);
 }
 
-/* relay:send{ from=, to=, data= } -> result */
+static void push_gate_refusal(lua_State *L, relay *r, const gate *g);
+
+/* relay:send{ from=, to=, data=, gate= } -> result */
 static int l_relay_send(lua_State *L) {
   relay *r = check_relay(L);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -604,6 +665,9 @@ static int l_relay_send(lua_State *L) {
    * permanent failure, like any bad envelope, before any network */
   if (l_has_nul(L, from_idx)) { push_invalid(L, r, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
   if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, r, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
+  gate *g = NULL;
+  if (lua_getfield(L, 2, "gate") != LUA_TNIL) g = *(gate **)luaL_checkudata(L, -1, GATE_MT);
+  lua_pop(L, 1);
   smtp_result why;
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
   if (!txn) { push_result(L, &why, NULL, r); return 1; }   /* a bad envelope: no network */
@@ -613,6 +677,11 @@ static int l_relay_send(lua_State *L) {
     push_auth_refusal(L, r);
     return 1;
   }
+  if (g && g->state == GATE_REFUSED) {  /* nothing goes out */
+    smtp_txn_free(txn);
+    push_gate_refusal(L, r, g);
+    return 1;
+  }
   if (!task_can_wait(L)) { smtp_txn_free(txn); return task_suspend(L); /* raises */ }
   send_op *op = calloc(1, sizeof *op);
   if (!op) { smtp_txn_free(txn); return luaL_error(L, "out of memory"); }
@@ -620,7 +689,14 @@ static int l_relay_send(lua_State *L) {
   op->txn = txn;
   op_link(r, op);
   task_wait_begin(L, &op->wait, "relay:send");   /* before start_op: it may finish at once */
-  smtp_conn *c = r->queue_head ? NULL : pick_session(r);   /* no overtaking those already waiting */
+  if (g && g->state == GATE_CLOSED) {  /* in line, without a session, until the gate opens */
+    op->gate = g;
+    g->refs++;
+    g->op = op;
+    queue_push(r, op);
+    return task_suspend(L);
+  }
+  smtp_conn *c = queue_first(r, NULL) ? NULL : pick_session(r);   /* no overtaking those already waiting */
   if (c) start_op(r, op, c); else queue_push(r, op);
   return task_suspend(L);
 }
@@ -717,6 +793,105 @@ static int l_log(lua_State *L) {
   return 1;
 }
 
+/* ---------------- gates ---------------- */
+
+static void refusal_result(const gate *g, smtp_result *res) {
+  memset(res, 0, sizeof *res);
+  res->error = SMTP_ERR_LOCAL;
+  res->temporary = 1;
+  res->stage = "gate";
+  snprintf(res->message, sizeof res->message, "not sent: %s", g->why);
+}
+
+static void push_gate_refusal(lua_State *L, relay *r, const gate *g) {
+  smtp_result res;
+  refusal_result(g, &res);
+  push_result(L, &res, NULL, r);
+}
+
+static gate *check_gate(lua_State *L) { return *(gate **)luaL_checkudata(L, 1, GATE_MT); }
+
+/* smtp.gate() -> a closed gate */
+static int l_gate_new(lua_State *L) {
+  gate **box = lua_newuserdatauv(L, sizeof *box, 0);
+  *box = calloc(1, sizeof **box);
+  if (!*box) return luaL_error(L, "out of memory");
+  (*box)->refs = 1;
+  luaL_setmetatable(L, GATE_MT);
+  return 1;
+}
+
+/* A task in g:wait() learns the answer: true, or false and why. */
+static void gate_wake(gate *g) {
+  lua_State *co = task_wait_target(&g->waiter);
+  if (!co || !lua_checkstack(co, 2)) { task_wait_done(&g->waiter, 0); return; }
+  lua_pushboolean(co, g->state == GATE_OPEN);
+  if (g->state == GATE_OPEN) { task_wait_done(&g->waiter, 1); return; }
+  lua_pushstring(co, g->why);
+  task_wait_done(&g->waiter, 2);
+}
+
+/* g:open(): the send it holds takes its turn in its relay's line */
+static int l_gate_open(lua_State *L) {
+  gate *g = check_gate(L);
+  if (g->state != GATE_CLOSED) return luaL_error(L, "gate:open(): the gate was already %s",
+                                                 g->state == GATE_OPEN ? "opened" : "refused");
+  g->state = GATE_OPEN;
+  gate_wake(g);
+  if (g->op) dispatch(g->op->relay);
+  return 0;
+}
+
+/* g:refuse(why): the send it holds ends unsent, with why in its result's message */
+static int l_gate_refuse(lua_State *L) {
+  gate *g = check_gate(L);
+  const char *why = luaL_optstring(L, 2, "refused");
+  if (g->state != GATE_CLOSED) return luaL_error(L, "gate:refuse(): the gate was already %s",
+                                                 g->state == GATE_OPEN ? "opened" : "refused");
+  g->state = GATE_REFUSED;
+  snprintf(g->why, sizeof g->why, "%s", why);
+  gate_wake(g);
+  send_op *op = g->op;
+  if (op) {                            /* still in line (a held send never has a session) */
+    relay *r = op->relay;
+    send_op *prev = NULL;
+    for (send_op *q = r->queue_head; q && q != op; q = q->qnext) prev = q;
+    queue_unlink(r, op, prev);
+    smtp_result res;
+    refusal_result(g, &res);
+    complete_op(r, op, &res, NULL);
+  }
+  return 0;
+}
+
+/* g:wait() -> true | false, why: at once when the gate is open or refused, else when it is */
+static int l_gate_wait(lua_State *L) {
+  gate *g = check_gate(L);
+  if (g->state == GATE_OPEN) { lua_pushboolean(L, 1); return 1; }
+  if (g->state == GATE_REFUSED) { lua_pushboolean(L, 0); lua_pushstring(L, g->why); return 2; }
+  if (g->waiter.co) return luaL_error(L, "gate:wait(): another task already waits on this gate");
+  if (!task_can_wait(L)) return task_suspend(L);   /* raises */
+  task_wait_begin(L, &g->waiter, "gate:wait");
+  return task_suspend(L);
+}
+
+/* g:state() -> "closed" | "open" | "refused", why */
+static int l_gate_state(lua_State *L) {
+  gate *g = check_gate(L);
+  static const char *const names[] = { "closed", "open", "refused" };
+  lua_pushstring(L, names[g->state]);
+  if (g->state != GATE_REFUSED) return 1;
+  lua_pushstring(L, g->why);
+  return 2;
+}
+
+static int l_gate_gc(lua_State *L) {
+  gate **box = luaL_checkudata(L, 1, GATE_MT);
+  gate_unref(*box);
+  *box = NULL;
+  return 0;
+}
+
 int luaopen_mailshot_smtp(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "send", l_relay_send }, { "check", l_relay_check }, { "close", l_relay_close },
@@ -725,7 +900,17 @@ int luaopen_mailshot_smtp(lua_State *L) {
   static const luaL_Reg meta[] = {
     { "__gc", l_relay_gc }, { "__close", l_relay_gc }, { "__tostring", l_relay_tostring }, { NULL, NULL }
   };
-  static const luaL_Reg funcs[] = { { "relay", l_relay_new }, { "log", l_log }, { NULL, NULL } };
+  static const luaL_Reg funcs[] = { { "relay", l_relay_new }, { "gate", l_gate_new }, { "log", l_log }, { NULL, NULL } };
+  static const luaL_Reg gate_methods[] = {
+    { "open", l_gate_open }, { "refuse", l_gate_refuse }, { "wait", l_gate_wait }, { "state", l_gate_state },
+    { NULL, NULL }
+  };
+  luaL_newmetatable(L, GATE_MT);
+  lua_pushcfunction(L, l_gate_gc);
+  lua_setfield(L, -2, "__gc");
+  luaL_newlib(L, gate_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
   luaL_newmetatable(L, RELAY_MT);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);

@@ -27,6 +27,7 @@
 -- fields (result.RECORD, status first), tab-separated, with \t \n \r \\ escaped.
 
 local core = require("mailshot.core")
+local smtp = require("mailshot.smtp")
 local util = require("mailshot.util")
 local tsv_record = require("mailshot.text").tsv_record
 local RECORD = require("mailshot.result").RECORD
@@ -591,15 +592,18 @@ function Cluster:claim_retry(line)
   return r[1] == 1
 end
 
---- Mark a row of this worker's in flight, right before its message goes out; from a task, which waits
---- for Redis's answer (the other tasks go on meanwhile).  The rows that tasks start in one turn
---- of the loop go in one script call.  -> true | false (another worker took the row over: do
---- not send it) | nil, err (Redis is lost)
-function Cluster:start_row(line)
-  if self.lost then return nil, self.lost end
+--- Mark a row of this worker's in flight, right before its message goes out -> a gate
+--- (mailshot.smtp.gate) that opens once Redis has the mark, or is refused: another worker took
+--- the row over (this one's lease ran out while it was stalled: do not send it), or Redis is
+--- lost (cl.lost says why).  The rows that tasks mark in one turn of the loop go in one script
+--- call.  A relay send given the gate (msg.gate) waits in its relay's line meanwhile, without a
+--- session, so the round trip to Redis overlaps the wait for a session.
+function Cluster:mark(line)
+  local gate = smtp.gate()
+  if self.lost then gate:refuse("Redis is lost: " .. self.lost); return gate end
   local q = self.startq
   if not q then
-    q = { lines = {}, tasks = {} }
+    q = { lines = {}, gates = {} }
     self.startq = q
     core.spawn(function()
       coroutine.yield()                   -- the other tasks of this turn join the batch
@@ -608,15 +612,25 @@ function Cluster:start_row(line)
       table.move(q.lines, 1, #q.lines, 3, args)
       local r, err, kind = START_ROWS:run(self.redis, { self.k.claim, self.k.flight, self.k.blocks }, args)
       if not r then self:fail(err, kind) end
-      q.result, q.err = r, err
-      for _, t in ipairs(q.tasks) do core.wake(t) end
+      for i, g in ipairs(q.gates) do
+        if r and r[i] == 1 then g:open()
+        elseif r then g:refuse("another worker took this row over (this worker's lease ran out)")
+        else g:refuse("Redis is lost: " .. tostring(err)) end
+      end
     end)
   end
   local i = #q.lines + 1
-  q.lines[i], q.tasks[i] = line, core.current()
-  core.suspend()
-  if not q.result then return nil, q.err end
-  return q.result[i] == 1
+  q.lines[i], q.gates[i] = line, gate
+  return gate
+end
+
+--- mark(line), then wait for Redis's answer -> true | false (another worker took the row over:
+--- do not send it) | nil, err (Redis is lost).  From a task.
+function Cluster:start_row(line)
+  local ok, why = self:mark(line):wait()
+  if ok then return true end
+  if self.lost then return nil, self.lost end
+  return false, why
 end
 
 --- A report row's record (the value kept in Redis).

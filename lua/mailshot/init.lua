@@ -98,6 +98,7 @@ function M.relay(opts)
   local relay, err = smtp.relay(o)
   if not relay then error("mailshot.relay: " .. err, 2) end
   relays[relay] = true
+  sender.passes_gate(relay)
   if rules and #rules > 0 then
     local limited = sender.limited_relay(relay, M.rate.new(rules, { name = "relay " .. tostring(relay) }))
     relay_limits[limited] = limited.limiter
@@ -137,7 +138,7 @@ end
 function M.direct_sender(opts)
   local d = direct.new(opts)
   directs[d] = true
-  return d
+  return sender.passes_gate(d)
 end
 
 local direct_by_options = {}
@@ -195,7 +196,9 @@ function M.fallback(senders, opts)
     end
   end
   local when = (opts and opts.when) or M.should_fall_back
-  return function(msg, row)
+  local gated = true
+  for _, s in ipairs(senders) do gated = gated and sender.gated(s) end
+  local function fallback(msg, row)
     local tries, result = {}, nil
     for i, s in ipairs(senders) do
       result = sender.call(s, msg, row)
@@ -208,6 +211,8 @@ function M.fallback(senders, opts)
     if #tries > 1 then result.first_response = M.answer(tries[1]) end
     return result
   end
+  if gated then sender.passes_gate(fallback) end
+  return fallback
 end
 
 -- Campaigns --------------------------------------------------------------------------------

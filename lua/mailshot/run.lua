@@ -133,17 +133,26 @@ end
 -- Under the rate slots: the journal says "in flight", then the campaign's send.
 function Run:send_one(msg, row, line, email)
   self.sink:in_flight(line, email)
-  if self.cluster then
-    -- the row's in-flight mark is in Redis before its message goes out: a worker killed from
-    -- here on leaves it reported in-flight, never sent twice (before, it is only reserved, and
-    -- another worker sends it)
-    local ok, err = self.cluster:start_row(line)
-    if ok == false then return TAKEN_OVER end
-    -- Redis is lost (the run stops): not started, in this worker's report (the command that
-    -- continues is printed at the end)
-    if not ok then error(STOPPED, 0) end
+  local cl = self.cluster
+  if not cl then return sender.call(self.send, msg, row) end
+  -- the row's in-flight mark is in Redis before its message goes out: a worker killed from here
+  -- on leaves it reported in-flight, never sent twice (before, it is only reserved, and another
+  -- worker sends it).  mailshot's own senders take the mark's gate and wait in their relay's
+  -- line meanwhile; any other send is called once Redis has answered.
+  local gate = cl:mark(line)
+  local res
+  if self.gated then
+    msg.gate = gate
+    res = sender.call(self.send, msg, row)
+    msg.gate = nil
   end
-  return sender.call(self.send, msg, row)
+  if not gate:wait() then
+    -- not sent: another worker took the row over (this worker was stalled past its lease), or
+    -- Redis is lost (the run stops: not started, in this worker's report)
+    if cl.lost then error(STOPPED, 0) end
+    return TAKEN_OVER
+  end
+  return res or sender.call(self.send, msg, row)
 end
 
 --- One row through classify, render and deliver -> its report row.
@@ -301,6 +310,7 @@ function M.new(c, opts, columns)
     self.limiters.campaign = self.limiter
   end
   self.send, self.send_limiter = sender.unwrap(c.send)
+  self.gated = sender.gated(self.send)                -- passes msg.gate on (mailshot.sender)
   self.campaign_limiters = (self.limiter or self.send_limiter) and { self.limiter or false, self.send_limiter or false }
                            or sender.NONE
   if jrn and previous then

@@ -86,6 +86,24 @@ function M.share(limiter, other)
   return other
 end
 
+-- Senders that hand the message table, unchanged, to relay:send (mailshot's own relays, direct
+-- senders, rate-limited relays, fallbacks of those): a gate in msg.gate holds their message back
+-- until it opens (a cluster worker's in-flight mark, mailshot.cluster).  Any other sender (a
+-- campaign's own function) is only called once the gate is open.
+local passes = setmetatable({}, { __mode = "k" })
+
+--- Record that `send` passes msg.gate on -> send.
+function M.passes_gate(send)
+  passes[send] = true
+  return send
+end
+
+--- Does `send` pass msg.gate on to every relay:send it makes?
+function M.gated(send)
+  if passes[send] then return true end
+  return getmetatable(send) == Limited and M.gated(send.relay)
+end
+
 --- unwrap(send) -> what to call, its own limiter (nil for any other sender).  The runner takes
 --- a limited relay's limiter into its own list, so a message passes `limited` once.
 function M.unwrap(send)
