@@ -81,8 +81,10 @@ The recipients CSV must be UTF-8 unless the campaign declares encoding = "latin-
   --cluster URL     with --send: share the campaign with other workers (other mailshot
                     processes, on any machines, running the same script and CSV) through
                     Redis: redis://[USER@]HOST:PORT/DB, or rediss:// for TLS (certificate
-                    verified).  Each row is claimed in Redis before it is sent, so no one gets
-                    it twice; a dead worker's in-flight rows are reported in-flight by another.
+                    verified).  Redis hands each worker blocks of rows (cluster.read_ahead
+                    lines each); each row is marked in flight there before it is sent, so
+                    no one gets it twice.  Another worker reports a dead worker's in-flight
+                    rows in-flight and sends its other rows.
                     Run the same command again to continue (no --resume; no local journal)
   --worker NAME     this worker's name in the cluster (default: HOST:PID)
   --redis-password-file F  the Redis password, from the first line of F (else the environment
@@ -239,11 +241,13 @@ Usage: mailshot cluster status SCRIPT --cluster URL [--redis-password-file F]
        mailshot cluster report SCRIPT --cluster URL [--redis-password-file F] [--report FILE]
 
 A campaign run by several workers (`mailshot run SCRIPT --send --cluster URL`) keeps its state
-in Redis.  `status` prints its progress across the workers: final rows by status, deferred and
-claimed (in flight) rows, and each worker with its counts and whether it is alive, dead or
-finished.  `report` writes the merged report: one row per CSV data line, in line order, with
-the run's report columns; a row no worker has reached is `not-started`, a row held by a worker
-that stopped is `in-flight`.  Nothing is changed in Redis.
+in Redis.  `status` prints its progress across the workers: final rows by status, deferred
+rows and rows in flight now, and each worker with its counts, its rows in flight, the blocks of
+rows it holds and whether it is alive, dead or finished.  `report` writes the merged report: one
+row per CSV data line, in line order, with the run's report columns; a row with no outcome yet
+is `in-flight` when a worker marked it in flight (alive: being sent; stopped: possibly sent),
+`not-started` when a worker only reserved it or no worker has reached it.  Nothing is changed
+in Redis.
 
   --cluster URL     redis://[USER@]HOST:PORT/DB or rediss://... (default: the campaign's
                     cluster.url)
@@ -433,8 +437,9 @@ function commands.run(args)
   if cl and cl.lost then
     say(("mailshot: %s: Redis was lost (%s); worker %s stopped taking rows and finished the ones in flight. "
          .. "%d outcome%s could not reach Redis (they are in this worker's report %s); in Redis those rows stay "
-         .. "claimed by %s and are reported in-flight (possibly sent) by the next worker once its lease runs out. "
-         .. "The rows not reached are untouched in Redis. When Redis is back, continue with:"):format(
+         .. "marked in flight by %s: once its lease runs out, the next worker takes its blocks over, reports those "
+         .. "rows in-flight (possibly sent) and sends the ones it had not started. The rows in no block are "
+         .. "untouched in Redis. When Redis is back, continue with:"):format(
       c.name, cl.lost, cl.worker, cl.unsettled, cl.unsettled == 1 and "" or "s", run.report, cl.worker))
     say(("  mailshot run %s --send%s"):format(pos[1], again))
     return 75

@@ -1,26 +1,37 @@
 -- mailshot.cluster: several mailshot processes (workers) share one campaign through Redis.
 --
 -- Every worker reads the same CSV file in order (the campaign's fingerprint, stored in Redis by
--- the first worker, must match) and claims each row's CSV line in a Redis script before doing
--- anything with it: the claim is the row's in-flight mark, as the journal's I record is on one
--- machine.  A worker keeps a lease (its score in the `alive` sorted set, refreshed every lease/3);
--- a row claimed by a worker whose lease ran out is that worker's in-flight row, and the first
--- live worker that comes across it reports it `in-flight` (possibly sent), or sends it again
--- with resend_in_flight.  Outcomes go to Redis in batches (with every claim batch and every
--- 0.1 s), each worker's report keeps the rows it did, and `mailshot cluster report` writes the
--- merged report.
+-- the first worker, must match).  The file is cut into blocks of `block` lines (a line's block:
+-- line // block; the first worker's size, cluster.read_ahead, is the campaign's), handed out in
+-- file order by a counter in Redis (NEXT_BLOCK, one call per block); a worker takes only the rows
+-- that start in its blocks, though it reads every row (the duplicate check sees every address).
+-- Right before a row's message goes out its task marks the line in flight (START_ROWS), as the
+-- journal's I record is on one machine; the mark is refused when the row's holder is no longer
+-- this worker.  A worker keeps a lease (its score in the `alive` sorted set, refreshed every
+-- lease/3); at the end of its pass a live worker takes what workers whose lease ran out held
+-- (SWEEP: their blocks, their claimed lines, their deferred rows), reports the rows they had
+-- marked in flight `in-flight` (possibly sent; sent again with resend_in_flight) and sends the
+-- others.  Outcomes go to Redis in batches (SETTLE, every 0.1 s), each worker's report keeps the
+-- rows it did, and `mailshot cluster report` writes the merged report.
 --
 -- Keys, all under "mailshot:{KEY}:" (KEY: the campaign's cluster.key, else its name; the braces
 -- are a Redis Cluster hash tag: every key of a campaign lives in one slot, so one script may
 -- touch them all):
---   meta     HASH  fingerprint, name, created (unix seconds), lease_ms
+--   meta     HASH  fingerprint, name, created (unix seconds), lease_ms, block (lines per block)
 --   alive    ZSET  worker -> the end of its lease (Redis TIME, ms).  One sorted set rather than a
 --                  key per worker so that a script sees every lease through one KEYS entry
 --   workers  HASH  worker -> "state\tstarted\tpid@host" (state: running, finished, lost)
---   claim    HASH  line -> worker: in flight (claimed, not settled)
+--   cursor   STRING  the number of blocks handed out (INCR: the next one)
+--   blocks   HASH  block -> the worker holding it; released (HDEL) once every row the worker
+--                  took from it is final or deferred and its reading went past it
+--   claim    HASH  line -> worker: a row claimed on its own, not through its block: a worker's
+--                  own retry claimed again (CLAIM_RETRY), a line the sweep took over alone.  A
+--                  line's holder is its `claim` entry if any, else its block's holder
+--   flight   HASH  line -> worker: marked in flight (its message may have gone out), until its
+--                  outcome is settled
 --   retry    HASH  line -> a record: deferred (a temporary failure), waiting for its holder's
 --                  retry queue; a dead or finished holder's rows are taken over by the next
---                  worker that comes across them (they were not sent: sending them is safe)
+--                  worker to end a pass (they were not sent: sending them is safe)
 --   done     HASH  line -> a record: the final outcome (sent, failed, skipped, in-flight)
 --   counts   HASH  status -> n, and "worker\tstatus" -> n (final outcomes only)
 -- A record is a journal-style line without its newline: worker, line, email, then the report's
@@ -306,8 +317,8 @@ return out
 ]])
 
 -- Outcomes: KEYS claim done retry counts flight blocks; ARGV worker, then (op, line, record)
--- triples.  op "F": final (done; the row's claim, if any, released); "D": deferred (to retry);
--- "B": the block numbered `line` is finished (every row of it this worker took is final or
+-- triples.  op "F": final (done); "D": deferred (to retry; both release the row's own claim, if
+-- any); "B": the block numbered `line` is finished (every row of it this worker took is final or
 -- deferred): released.  A final outcome replaces an earlier one of the line (a worker that took
 -- over this one's block while its lease had run out reported it in-flight): the counts move
 -- with it.  -> the number of records written
@@ -765,7 +776,8 @@ local function hscan(conn, key, each)
 end
 
 --- The campaign's state in Redis -> { meta, workers = { {name, state, alive, lease_left, started,
---- info, counts} }, counts, claimed, deferred, now } | nil, err
+--- info, counts, claimed, blocks} }, counts, claimed, deferred, done, now } | nil, err.  claimed:
+--- the rows marked in flight now (`flight`); blocks: the blocks a worker holds.
 function Cluster:state()
   local k, conn = self.k, self.redis
   local r, err = conn:pipeline {
@@ -842,7 +854,9 @@ function M.status_text(st, name, total)
 end
 
 --- Write the merged report: every row of the campaign's CSV file, in line order, with its
---- outcome in Redis (final, deferred, claimed: in-flight) or `not-started`.  -> counts | nil, err
+--- outcome in Redis (final, deferred), else from its holder (its `claim` entry, else its block's):
+--- `in-flight` when marked in flight, `not-started` when only reserved or held by no one.
+--- -> counts | nil, err
 function Cluster:write_report(c, path, columns)
   local outcome = require("mailshot.outcome")
   local rows = require("mailshot.rows")

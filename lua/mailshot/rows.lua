@@ -168,7 +168,8 @@ end
 
 --- rows.new(c, reader, o): o = { sink, previous (journal records), limit, resend_in_flight,
 --- retry (the schedule, or false), stopped = function() -> true once no new row may start,
---- cluster (mailshot.cluster: every row is claimed in Redis first; nil on one machine) }.
+--- cluster (mailshot.cluster: the rows of this worker's blocks only, each marked in flight in
+--- Redis before it is sent; nil on one machine) }.
 function M.new(c, reader, o)
   return setmetatable({
     c = c, reader = reader, sink = o.sink, previous = o.previous, limit = o.limit, cluster = o.cluster,
@@ -220,8 +221,9 @@ function Rows:next()
   while not self.stopped() do
     if queue[1] and queue[1].due <= core.now() then
       local item = table.remove(queue, 1)
-      -- in a cluster, claimed again first (the retry is in flight again); a worker that took it
-      -- over while this one's lease had run out reports it instead
+      -- in a cluster, claimed again first (this worker's again, in `claim`; it is marked in flight
+      -- when it starts); a worker that took it over while this one's lease had run out reports it
+      -- instead
       if not self.cluster or self.cluster:claim_retry(item.line) then
         return item.row, item.line, item
       end
@@ -446,11 +448,12 @@ function Rows:release_ready()
 end
 
 -- At the end of a pass over the file: take what workers whose lease ran out held (their blocks,
--- and their deferred rows), and read the file again for those only.  While live workers still
--- hold blocks, look again
--- every 0.1 s (a worker killed now is found once its lease runs out), for at most two leases
--- and a second: every row is then final in Redis, or held by a live worker (or, if that one
--- dies later, shown in-flight by `mailshot cluster report` and taken by the next worker).
+-- their claimed lines and their deferred rows), and read the file again for those only.  While
+-- live workers still hold blocks or claimed lines, look again every 0.1 s (a worker killed now
+-- is found once its lease runs out), for at most two leases and a second: every row is then
+-- final in Redis, or held by a live worker (or, if that one dies later, shown by `mailshot
+-- cluster report` in-flight when marked, not-started when only reserved, and taken by the next
+-- worker).
 -- -> true when a new pass starts.  One task sweeps; the others wait for it.
 function Rows:next_pass()
   if self.sweeping then                   -- another task sweeps: read again after it
@@ -492,7 +495,7 @@ M.NOT_STARTED = NOT_STARTED
 --- as `not-started`, and nothing in the journal, so --resume sends it.
 function Rows:not_started(row, line)
   self.sink.report:add { line = line, email = row[self.c.email_field], status = "not-started", response = NOT_STARTED }
-  if self.cluster then self.cluster:settle("U", { line = line }) end   -- the claim is given back
+  if self.cluster then self.cluster:settle("U", { line = line }) end   -- its block stays held
 end
 
 --- After a stop (SIGINT/SIGTERM): the rest of the file goes to the report, so that it names

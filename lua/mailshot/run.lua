@@ -469,7 +469,7 @@ function Run:go()
   -- the report names everyone (a cluster worker's report: the rows it did; `mailshot cluster
   -- report` names everyone)
   if self.stopping and not self.failure and not self.cluster then self.rows:rest() end
-  if self.cluster then self.rows:release_ready() end  -- claimed ahead, never started: given back
+  if self.cluster then self.rows:release_ready() end  -- read ahead, never started: their blocks stay held
   if opts.signals then util.stop_signals() end
   self.flushing = false
   self:save_rates()
