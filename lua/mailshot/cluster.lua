@@ -229,7 +229,7 @@ local function status_of(rec) return rec:match('^[^\t]*\t[^\t]*\t[^\t]*\t([^\t]*
 local function worker_of(rec) return rec:match('^([^\t]*)') end
 ]]
 
--- KEYS meta alive workers; ARGV fingerprint name worker lease_ms info block
+-- KEYS meta alive workers blocks claim retry flight; ARGV fingerprint name worker lease_ms info block
 -- -> {"ok", block} | {"fingerprint", stored} | {"alive", ms left}.  The first worker's block size
 -- (lines per block) is the campaign's: every worker must cut the file the same way.
 local START = M.script(PRELUDE .. [[
@@ -242,6 +242,23 @@ if s and tonumber(s) > now then return { 'alive', tostring(tonumber(s) - now) } 
 if not stored then
   redis.call('HSET', meta, 'fingerprint', fp, 'name', name, 'created', t[1], 'lease_ms', lease, 'block', ARGV[6])
 end
+-- A worker that starts again under its name (after kill -9, SIGINT, a lost Redis) finds what
+-- its earlier run held: blocks, claimed and deferred rows, in-flight marks.  They pass to a name
+-- no live worker has, so that the sweep at the end of a pass takes them like a dead worker's
+-- (this worker's own included): its blocks' unsent rows are sent, its marked rows reported.
+local earlier = me .. ' (earlier run)'
+local function hand_over(key, rewrite)
+  local kv = redis.call('HGETALL', key)
+  for i = 1, #kv, 2 do
+    local v = kv[i + 1]
+    if rewrite then
+      if worker_of(v) == me then redis.call('HSET', key, kv[i], earlier .. v:sub(#me + 1)) end
+    elseif v == me then
+      redis.call('HSET', key, kv[i], earlier)
+    end
+  end
+end
+hand_over(KEYS[4]); hand_over(KEYS[5]); hand_over(KEYS[7]); hand_over(KEYS[6], true)
 redis.call('ZADD', alive, now + lease, me)
 redis.call('HSET', workers, me, 'running\t' .. t[1] .. '\t' .. info)
 return { 'ok', redis.call('HGET', meta, 'block') or ARGV[6] }
@@ -480,7 +497,7 @@ function Cluster:start(fingerprint, name, block)
   local host = read_first_line("/proc/sys/kernel/hostname") or "?"
   local pid = (read_first_line("/proc/self/stat") or ""):match("^(%d+)") or "?"
   self.info = pid .. "@" .. host
-  local r, err = START:run(self.redis, { k.meta, k.alive, k.workers },
+  local r, err = START:run(self.redis, { k.meta, k.alive, k.workers, k.blocks, k.claim, k.retry, k.flight },
                            { fingerprint, name or "", self.worker, math.floor(self.lease * 1000), self.info,
                             block or M.DEFAULT_BLOCK })
   if not r then return nil, ("%s: %s"):format(where(self.spec), tostring(err)) end

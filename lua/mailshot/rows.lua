@@ -287,7 +287,7 @@ function Rows:fetch_block()
   core.spawn(function()
     f.b = self.cluster:next_block()
     f.done = true
-    if f.drop and f.b then self.cluster:block_done(f.b) end     -- the file ended meanwhile
+    if f.drop and f.b then self.cluster:block_done(f.b, f.keep) end     -- the pass ended meanwhile
     if f.waiter then core.wake(f.waiter) end
   end)
 end
@@ -308,19 +308,21 @@ end
 
 -- The end of a pass: this worker's blocks in it are read (each is released once its rows are
 -- settled), and a block asked for ahead is not needed.
-function Rows:end_of_pass()
+-- keep: the pass stopped before the end of the file (--limit): the blocks stay held, rows not
+-- read included, and the worker that sweeps them once this one has finished sends those.
+function Rows:end_of_pass(keep)
   local cl = self.cluster
   self.exhausted = true
   if self.only then
-    for b in pairs(self.only.blocks) do cl:block_done(b) end
+    for b in pairs(self.only.blocks) do cl:block_done(b, keep) end
   elseif self.block then
-    cl:block_done(self.block)
+    cl:block_done(self.block, keep)
   end
   self.block = nil
   local f = self.fetching
   if f then
     self.fetching = nil
-    if f.done then if f.b then cl:block_done(f.b) end else f.drop = true end
+    if f.done then if f.b then cl:block_done(f.b, keep) end else f.drop, f.keep = true, keep end
   end
 end
 
@@ -403,7 +405,7 @@ function Rows:refill()
       end
     end
   end
-  if n < self.ahead and not self.exhausted then self:end_of_pass() end
+  if n < self.ahead and not self.exhausted then self:end_of_pass(self.limit and self.seen >= self.limit) end
   self.reading = false
   local waiting = self.waiting_tasks
   self.waiting_tasks = {}
@@ -461,6 +463,7 @@ function Rows:next_pass()
     return true
   end
   if self.next_sweep and core.now() < self.next_sweep then return false end
+  if self.limit and self.seen >= self.limit then self.exhausted = true; return false end   -- --limit: no more
   self.sweeping = true
   local cl = self.cluster
   local deadline = core.now() + 2 * cl.lease + 1

@@ -221,6 +221,49 @@ class ClusterTests(MailshotTestCase):
         self.assertEqual(redis.cli("HLEN", "mailshot:{c}:blocks").strip(), "0", "blocks left held")
 
     @valgrind_redundant("its C paths are test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent's")
+    def test_a_worker_started_again_under_its_name_takes_what_its_earlier_run_held(self):
+        # a fixed name (--worker, cluster.worker) run again after kill -9: its earlier run's blocks are
+        # swept like a dead worker's, though the name is alive again
+        script = self.campaign(10, cluster="read_ahead = 4")
+        redis = self.start_redis()
+        smtp, log = self.start_sink()
+        self.dead_worker_holding(redis, in_flight=[3, 7], blocks=[0, 1])
+        p = self.worker(script, smtp, redis, "w0")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        rows, _ = self.merged(script, redis)
+        by_email = {r["email"]: r for r in rows}
+        for e in ("u1@example.com", "u5@example.com"):
+            self.assertEqual(by_email[e]["status"], "in-flight", by_email[e])
+            self.assertIn("worker w0 (earlier run)", by_email[e]["response"])
+        got = self.received(log)
+        self.assertEqual(got["u1@example.com"] + got["u5@example.com"], 0, "an in-flight row was sent again")
+        self.assertEqual(sorted(e for e in got), sorted(f"u{i}@example.com" for i in (0, 2, 3, 4, 6, 7, 8, 9)))
+        self.assertEqual(max(got.values()), 1)
+        self.assertEqual(redis.cli("HLEN", "mailshot:{c}:blocks").strip(), "0", "blocks left held")
+
+    @valgrind_redundant("Lua-side logic; test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent's C paths")
+    def test_a_worker_stopped_by_limit_leaves_the_rows_it_did_not_read_to_the_next(self):
+        # --limit stops a worker's reading inside a block (and with the next block asked for ahead):
+        # the lines it did not read are sent by the next worker, none lost
+        script = self.campaign(40, cluster="read_ahead = 4")
+        redis = self.start_redis()
+        smtp, log = self.start_sink()
+        p = self.worker(script, smtp, redis, "w1", "--limit", "5")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        first = sum(self.received(log).values())
+        self.assertLess(first, 40)
+        p = self.worker(script, smtp, redis, "w2")
+        out, err = p.communicate(timeout=scaled(60, 300))
+        self.assertEqual(p.returncode, 0, out + err)
+        rows, _ = self.merged(script, redis)
+        self.assertEqual([r["status"] for r in rows], ["sent"] * 40, [r for r in rows if r["status"] != "sent"])
+        got = self.received(log)
+        self.assertEqual(sorted(got), sorted(f"u{i}@example.com" for i in range(40)))
+        self.assertEqual(max(got.values()), 1)
+
+    @valgrind_redundant("its C paths are test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent's")
     def test_resend_in_flight_sends_a_dead_workers_in_flight_rows_again(self):
         script = self.campaign(10, cluster="read_ahead = 4")
         redis = self.start_redis()
