@@ -572,9 +572,6 @@ function Cluster:next_block()
   return b
 end
 
---- The block a line belongs to.
-function Cluster:block_of(line) return line // self.block end
-
 --- This worker took a row of one of its blocks (to send, or to settle at once).
 function Cluster:took(line)
   local b = line // self.block
