@@ -392,35 +392,31 @@ local SWEEP = M.script(PRELUDE .. [[
 local claim, retry, alive, flight, blocks, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local me, size = ARGV[1], tonumber(ARGV[2])
 local out = { 0 }
-local c = redis.call('HGETALL', claim)
-for i = 1, #c, 2 do
-  local line, h = c[i], c[i + 1]
-  if h ~= me then
-    if is_live(alive, h) then out[1] = out[1] + 1
-    else
-      redis.call('HSET', claim, line, me)
-      out[#out + 1] = redis.call('HEXISTS', flight, line) == 1 and 'I' or 'R'
-      out[#out + 1] = line; out[#out + 1] = h
+-- every entry of `hash` held by another worker: counted when that one is alive, else taken
+-- (the hash names this worker now) and given to take(key, holder)
+local function sweep(hash, take)
+  local kv = redis.call('HGETALL', hash)
+  for i = 1, #kv, 2 do
+    local k, h = kv[i], kv[i + 1]
+    if h ~= me then
+      if is_live(alive, h) then out[1] = out[1] + 1
+      else redis.call('HSET', hash, k, me); take(k, h) end
     end
   end
 end
-local bl = redis.call('HGETALL', blocks)
-for i = 1, #bl, 2 do
-  local b, h = bl[i], bl[i + 1]
-  if h ~= me then
-    if is_live(alive, h) then out[1] = out[1] + 1
-    else
-      redis.call('HSET', blocks, b, me)
-      local codes = {}
-      for line = tonumber(b) * size, tonumber(b) * size + size - 1 do
-        if redis.call('HEXISTS', done, line) == 1 then codes[#codes + 1] = '.'
-        elseif redis.call('HEXISTS', flight, line) == 1 then codes[#codes + 1] = 'I'
-        else codes[#codes + 1] = 'R' end
-      end
-      out[#out + 1] = 'B'; out[#out + 1] = b; out[#out + 1] = h .. '\t' .. table.concat(codes)
-    end
+sweep(claim, function(line, h)
+  out[#out + 1] = redis.call('HEXISTS', flight, line) == 1 and 'I' or 'R'
+  out[#out + 1] = line; out[#out + 1] = h
+end)
+sweep(blocks, function(b, h)
+  local codes = {}
+  for line = tonumber(b) * size, tonumber(b) * size + size - 1 do
+    if redis.call('HEXISTS', done, line) == 1 then codes[#codes + 1] = '.'
+    elseif redis.call('HEXISTS', flight, line) == 1 then codes[#codes + 1] = 'I'
+    else codes[#codes + 1] = 'R' end
   end
-end
+  out[#out + 1] = 'B'; out[#out + 1] = b; out[#out + 1] = h .. '\t' .. table.concat(codes)
+end)
 local r = redis.call('HGETALL', retry)
 for i = 1, #r, 2 do
   local line, h = r[i], worker_of(r[i + 1])
