@@ -7,9 +7,10 @@ The target (issue 15): three workers on this machine together within 10% of one 
 machine being the limit (three workers, Redis and the sink share its cores: three workers cannot be
 faster than one here, and must not be much slower).
 
-The last line runs the three with cluster.read_ahead 16 x the concurrency: a Redis round trip is
-slow on a loaded machine (the redis-server process waits for a core), and rows claimed further ahead
-hide it, at a price: a worker killed with kill -9 leaves that many claimed rows reported in-flight.
+The last line runs the three with cluster.read_ahead 16 x the concurrency: blocks of that many lines
+(the default is 1.5 x the concurrency), so fewer calls to hand them out, and longer stretches of the file
+that each worker skips; a worker killed with kill -9 leaves its blocks' unsent rows to the others, so the
+size costs nothing then.
 
 Environment: BENCH_CLUSTER_N (recipients, default 30000), BENCH_RUNS (3), BENCH_CONCURRENCY (24).
 Every server listens on 127.0.0.1 only.
