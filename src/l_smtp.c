@@ -670,8 +670,9 @@ static int l_relay_send(lua_State *L) {
     gate **box = luaL_testudata(L, -1, GATE_MT);
     if (!box || !*box) return luaL_error(L, "message field 'gate' must be a gate (mailshot.smtp.gate())");
     g = *box;
-    /* one send per gate: the gate wakes only the send it holds, so a second one would stay in
-     * line for ever once it opens or refuses (and, unheld, wedge its relay's line) */
+    /* one send per gate: the gate knows only the last send given it, so an earlier one would
+     * stay in line for ever once the gate is refused (or opened, on another relay), and, no
+     * longer held, wedge its relay's line */
     if (g->state == GATE_CLOSED && g->op)
       return luaL_error(L, "relay:send: this gate already holds a send (one gate per send)");
   }
