@@ -137,7 +137,7 @@ out("at_refuse", g:state(), relay:stats().connections, seen() - before, type(res
 g:refuse("another worker took this row over")
 assert(join(sending))
 assert(join(watcher))
-out("result", res.ok, res.stage, res.temporary, res.code, res.message, res.via, res.relay == tostring(relay):match("%((.*)%)"))
+out("result", res.ok, res.stage, res.error, res.temporary, res.code, res.message, res.via, res.relay == tostring(relay):match("%((.*)%)"))
 out("watched", watched.n, watched[1], watched[2])
 out("state", g:state())
 out("waiting", relay:stats().waiting, seen() - before)
@@ -146,7 +146,7 @@ local nxt = relay:send(msg("next@example.com"))
 out("next", nxt.ok, nxt.code, relay:stats().connections)
 """, env)
         self.assertEqual(r["at_refuse"], ["closed", "1", "0", "nil"], r)
-        self.assertEqual(r["result"], ["false", "gate", "true", "0", "not sent: another worker took this row over",
+        self.assertEqual(r["result"], ["false", "gate", "local", "true", "0", "not sent: another worker took this row over",
                                        "relay", "true"], r)
         self.assertEqual(r["watched"], ["2", "false", "another worker took this row over"], r)
         self.assertEqual(r["state"], ["refused", "another worker took this row over"], r)
