@@ -666,7 +666,16 @@ static int l_relay_send(lua_State *L) {
   if (l_has_nul(L, from_idx)) { push_invalid(L, r, "mail", "invalid sender address: it contains a NUL byte"); return 1; }
   if (any_nul(L, lua_gettop(L), nto)) { push_invalid(L, r, "rcpt", "invalid recipient address: it contains a NUL byte"); return 1; }
   gate *g = NULL;
-  if (lua_getfield(L, 2, "gate") != LUA_TNIL) g = *(gate **)luaL_checkudata(L, -1, GATE_MT);
+  if (lua_getfield(L, 2, "gate") != LUA_TNIL) {
+    gate **box = luaL_testudata(L, -1, GATE_MT);
+    if (!box || !*box) return luaL_error(L, "message field 'gate' must be a gate (mailshot.smtp.gate())");
+    g = *box;
+    /* one send per gate: the gate knows only the last send given it, so an earlier one would
+     * stay in line for ever once the gate is refused (or opened, on another relay), and, no
+     * longer held, wedge its relay's line */
+    if (g->state == GATE_CLOSED && g->op)
+      return luaL_error(L, "relay:send: this gate already holds a send (one gate per send)");
+  }
   lua_pop(L, 1);
   smtp_result why;
   smtp_txn *txn = smtp_txn_new(from, to, nto, data, len, &why);
