@@ -305,7 +305,7 @@ class ClusterSenderTests(MailshotTestCase):
         got, where = self.mx_received()
         rows = self.check_all_sent_once(script, emails, got, "direct")
         for r in rows:
-            self.assertRegex(r["first_response"], r"^relay: 451 (4\.7\.1 )?try again later$", r)
+            self.assertEqual(r["first_response"], "relay: 451 4.7.1 try again later", r)
             self.assertEqual(where[r["email"]], {SERVER_OF[r["email"].split("@")[1]]}, r)
         # each row was offered to the relay once (its gate open by then), refused there, and only then
         # delivered directly
