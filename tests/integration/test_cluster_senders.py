@@ -7,10 +7,11 @@ the mark as a gate (msg.gate) and pass it on to every relay:send they make; dire
 for each MX host it tries, a fallback for each path; a campaign's own function is called once Redis
 has answered.  Two workers share each campaign: every recipient is received exactly once, and the
 merged report (`mailshot cluster report`) has every row, with the status counts of `mailshot
-cluster status`.  Two cases stop a worker that delivers directly: a worker stalled past its lease
-(SIGSTOP) must not deliver the rows the other took over, which only its gate stops (its in-flight
-marks are refused while its direct sender already holds the messages); a worker killed with kill -9
-leaves its rows in flight reported, none sent twice.
+cluster status`.  Three cases stop a worker: stalled past its lease (SIGSTOP), a worker whose sender
+is a direct sender, or fallback{relay, direct}, must not deliver the rows the other took over
+meanwhile, which only the gate stops (the runner hands the message to the sender with the mark,
+before Redis refuses it); killed with kill -9 while delivering directly, its rows in flight are
+reported, none sent twice.
 
 Black-box, as test_cluster_stall: no Redis key is read or written here.  What is observed: the
 receivers (each SMTP server's stored messages and session log), each worker's own report, exit
@@ -29,7 +30,7 @@ from tests.integration import test_cluster
 # One script for both workers of a test (one fingerprint); its environment picks the sender:
 #   SEND=direct        a direct sender (DOMAIN_RATE: a rate for each recipient domain, which slows
 #                      a worker after its rows' marks: they wait in flight for their domain's turn)
-#   SEND=relay,direct  mailshot.fallback { relay RELAY, direct sender }
+#   SEND=relay,direct  mailshot.fallback { relay RELAY, direct sender (DOMAIN_RATE as above) }
 #   SEND=relay,relay   mailshot.fallback { relay RELAY, relay RELAY2 }
 #   SEND=function      the campaign's own function around relay RELAY (not gated)
 CAMPAIGN = r"""
@@ -161,8 +162,7 @@ class ClusterSenderTests(MailshotTestCase):
         wait_for(lambda: all(os.path.exists(self.path(f"ready-{name}")) or p.poll() is not None
                              for name, p in procs.items()), timeout=scaled(30, 120), what="both workers started")
         open(go, "w").close()
-        outs = {name: self.finish(p, name) for name, p in procs.items()}
-        return outs
+        return {name: self.finish(p, name) for name, p in procs.items()}
 
     # `cluster status` and `cluster report` load the script too: with the workers' environment
     def merged(self, script, redis):
