@@ -370,7 +370,10 @@ class ClusterSenderTests(MailshotTestCase):
         def w2_under_way():
             if w2.poll() is not None:
                 return True
-            m = re.search(r"(?m)^  w2 .* sent (\d+) .* in flight now (\d+)", self.status(script))
+            st = self.run_mailshot("cluster", "status", script, "--cluster", self.redis.url, env=env)
+            # exit 1: no worker has started the campaign yet
+            self.assertIn(st.returncode, (0, 1), st.stdout + st.stderr)
+            m = re.search(r"(?m)^  w2 .* sent (\d+) .* in flight now (\d+)", st.stdout)
             return m and int(m.group(1)) >= 5 and int(m.group(2)) > 0
         wait_for(w2_under_way, timeout=scaled(60, 300), interval=0.1, what="w2 has sent some and holds rows in flight")
         self.assertIsNone(w2.poll(), "w2 ended before it could be killed")
