@@ -173,12 +173,17 @@ function M.should_fall_back(result)
   return result.temporary == true or NO_VERDICT[result.stage] == true
 end
 
---- A result's answer in one line, naming its path: "relay: 451 4.7.1 greylisted" (the code is
---- added when the message does not start with it).  What a fallback keeps of the first path.
+--- A result's answer in one line, naming its path: "relay: 451 4.7.1 greylisted" (the code and
+--- the enhanced code are added when the message does not start with them: a relay's message is
+--- the reply's text alone).  What a fallback keeps of the first path.
 function M.answer(result)
   local msg = tostring(result.message or ""):gsub("[\r\n]+", " ")
   local code = math.tointeger(result.code)
-  if code and code ~= 0 and not msg:find("^" .. code) then msg = code .. " " .. msg end
+  if code and code ~= 0 and not msg:find("^" .. code) then
+    local enhanced = type(result.enhanced) == "string" and result.enhanced ~= "" and result.enhanced
+    if enhanced and msg:sub(1, #enhanced) ~= enhanced then msg = enhanced .. " " .. msg end
+    msg = code .. " " .. msg
+  end
   return ("%s: %s"):format(result.via or "sender", msg)
 end
 
@@ -186,8 +191,8 @@ end
 --- (the brief's "relay, then direct on error"), or the other way round.  A sender is a relay,
 --- a direct sender, anything with :send(msg), or a function(msg, row).  opts.when(result)
 --- decides whether to try the next one (default mailshot.should_fall_back).  The result is
---- the last sender's, with `fallback` listing every try { via, relay, ok, code, message, error,
---- stage }, and, when more than one was tried, `first_response`: the first one's answer (M.answer).
+--- the last sender's, with `fallback` listing every try { via, relay, ok, code, enhanced, message,
+--- error, stage }, and, when more than one was tried, `first_response`: the first one's answer (M.answer).
 function M.fallback(senders, opts)
   if type(senders) ~= "table" or #senders < 1 then error("mailshot.fallback: expected a list of senders", 2) end
   for i, s in ipairs(senders) do
@@ -204,7 +209,8 @@ function M.fallback(senders, opts)
       result = sender.call(s, msg, row)
       -- relay, error and stage: the run's relay-down rule sees a relay that failed before a fallback
       tries[#tries + 1] = { via = result.via, relay = result.relay, ok = result.ok, code = result.code,
-                            message = result.message, error = result.error, stage = result.stage }
+                            enhanced = result.enhanced, message = result.message, error = result.error,
+                            stage = result.stage }
       if result.ok or i == #senders or not when(result) then break end
     end
     result.fallback = tries
