@@ -10,7 +10,7 @@ import re
 import signal
 import shutil
 
-from tests.integration.harness import (MailshotTestCase, read_report, scaled, valgrind_redundant, wait_for,
+from tests.integration.harness import (MailshotTestCase, read_report, scaled, wait_for,
                                        write_csv)
 from tests.integration import test_cluster
 
@@ -59,8 +59,7 @@ class ClusterStallTests(MailshotTestCase):
         self.assertEqual(st.returncode, 0, st.stdout + st.stderr)
         return st.stdout
 
-    @valgrind_redundant("test_cluster's test_a_dead_workers_in_flight_rows_are_reported_and_its_reserved_rows_sent "
-                        "(the same C paths; a refused in-flight mark is Lua-side logic)")
+    # runs under valgrind too: the only test where the loop's epoll_wait returns EINTR (SIGSTOP, SIGCONT)
     def test_a_stalled_worker_does_not_send_the_rows_another_took_over(self):
         n = 200
         script = self.campaign(n)
