@@ -645,15 +645,6 @@ function Cluster:mark(line)
   return gate
 end
 
---- mark(line), then wait for Redis's answer -> true | false (another worker took the row over:
---- do not send it) | nil, err (Redis is lost).  From a task.
-function Cluster:start_row(line)
-  local ok, why = self:mark(line):wait()
-  if ok then return true end
-  if self.lost then return nil, self.lost end
-  return false, why
-end
-
 --- A report row's record (the value kept in Redis).
 function Cluster:record(rep)
   return (tsv_record(self.worker, rep.line, rep.email, rep, RECORD):sub(1, -2))
