@@ -27,8 +27,10 @@ return mailshot.campaign {
 """
 
 
-class ClusterTests(MailshotTestCase):
-    lease = "1s"
+class ClusterCase(MailshotTestCase):
+    """What every cluster test module uses: a skip without redis-server, the receiver that logs each
+    recipient, workers started in the background, the merged report.  No tests of its own, so that
+    the other modules subclass it without running these again."""
 
     def setUp(self):
         super().setUp()
@@ -55,17 +57,6 @@ class ClusterTests(MailshotTestCase):
         except FileNotFoundError:
             return collections.Counter()
 
-    def campaign(self, n, extra="", dup=False, cluster=""):
-        d = self.path("camp")
-        os.makedirs(d, exist_ok=True)
-        rows = [[f"u{i}@example.com", f"N{i}"] for i in range(n)]
-        if dup:
-            rows.append(["u0@example.com", "again"])
-        write_csv(os.path.join(d, "list.csv"), ["email", "name"], rows)
-        with open(os.path.join(d, "c.lua"), "w") as f:
-            f.write(CAMPAIGN % (self.lease, cluster, extra))
-        return os.path.join(d, "c.lua")
-
     def worker(self, script, smtp, redis, name, *extra, env=None):
         e = dict(os.environ, SMTP_SERVER=smtp)
         e.update(env or {})
@@ -80,6 +71,21 @@ class ClusterTests(MailshotTestCase):
         r = self.run_mailshot("cluster", "report", script, "--cluster", redis.url, "--report", self.path("merged.csv"))
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         return read_report(self.path("merged.csv")), r.stdout
+
+
+class ClusterTests(ClusterCase):
+    lease = "1s"
+
+    def campaign(self, n, extra="", dup=False, cluster=""):
+        d = self.path("camp")
+        os.makedirs(d, exist_ok=True)
+        rows = [[f"u{i}@example.com", f"N{i}"] for i in range(n)]
+        if dup:
+            rows.append(["u0@example.com", "again"])
+        write_csv(os.path.join(d, "list.csv"), ["email", "name"], rows)
+        with open(os.path.join(d, "c.lua"), "w") as f:
+            f.write(CAMPAIGN % (self.lease, cluster, extra))
+        return os.path.join(d, "c.lua")
 
     def done_count(self, redis):
         return int(redis.cli("HLEN", "mailshot:{c}:done").strip() or 0)

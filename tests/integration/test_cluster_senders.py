@@ -20,10 +20,9 @@ import collections
 import json
 import os
 import re
-import shutil
 import signal
 
-from tests.integration.harness import (MailshotTestCase, free_port, read_report, sanitizer_errors, scaled,
+from tests.integration.harness import (free_port, read_report, sanitizer_errors, scaled,
                                        valgrind_redundant, wait_for, write_csv)
 from tests.integration import test_cluster
 
@@ -92,15 +91,7 @@ TAKEN_OVER = re.compile(r"another worker\b.*\bover\b")
 SLOW = "delay 100ms"
 
 
-class ClusterSenderTests(MailshotTestCase):
-    # the black-box helpers of test_cluster (borrowed as functions: a subclass would run its tests again)
-    worker = test_cluster.ClusterTests.worker
-
-    def setUp(self):
-        super().setUp()
-        if not shutil.which("redis-server"):
-            self.skipTest("redis-server is not installed")
-
+class ClusterSenderTests(test_cluster.ClusterCase):
     # -- setting up ------------------------------------------------------------------------------
 
     def campaign(self, n):

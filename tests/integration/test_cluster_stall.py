@@ -8,10 +8,8 @@ import collections
 import os
 import re
 import signal
-import shutil
 
-from tests.integration.harness import (MailshotTestCase, read_report, scaled, wait_for,
-                                       write_csv)
+from tests.integration.harness import read_report, scaled, wait_for, write_csv
 from tests.integration import test_cluster
 
 # The same campaign for both workers (one fingerprint), but with SEND_PAUSE in its environment a
@@ -34,18 +32,7 @@ return mailshot.campaign {
 TAKEN_OVER = re.compile(r"another worker\b.*\bover\b")
 
 
-class ClusterStallTests(MailshotTestCase):
-    # the black-box helpers of test_cluster (borrowed as functions: a subclass would run its tests again)
-    start_sink = test_cluster.ClusterTests.start_sink
-    received = test_cluster.ClusterTests.received
-    worker = test_cluster.ClusterTests.worker
-    merged = test_cluster.ClusterTests.merged
-
-    def setUp(self):
-        super().setUp()
-        if not shutil.which("redis-server"):
-            self.skipTest("redis-server is not installed")
-
+class ClusterStallTests(test_cluster.ClusterCase):
     def campaign(self, n):
         d = self.path("camp")
         os.makedirs(d, exist_ok=True)
